@@ -1,0 +1,159 @@
+// The contract every backend implements. The model (src/model/llama.ts) is written
+// once against this interface; the CPU backend is its plainest implementation and
+// the oracle the others are tested against.
+//
+// Contract:
+// - Tensors are opaque handles owned by the backend that made them; whoever
+//   allocates frees (`free`). Views made by `rows` share storage and are never freed.
+// - Ops write into caller-provided outputs (so a GPU backend can preallocate and
+//   replay graphs). Row counts come from the tensors' first dimension.
+// - Ops run in issue order; `read` waits for everything issued before it.
+// - All math is fp32 (accumulate in fp32 even over bf16/f16 storage).
+
+import type { DType, Shape } from "./tensor.js";
+
+export interface Tensor {
+  readonly shape: Shape;
+  readonly dtype: DType;
+}
+
+/** Host data handed to a backend, with the dtype it is stored in on the host. */
+export interface HostTensor {
+  readonly shape: Shape;
+  readonly dtype: DType;
+  /** f32: Float32Array; bf16/f16: Uint16Array of raw bits; i32: Int32Array. */
+  readonly data: Float32Array | Uint16Array | Int32Array;
+}
+
+/**
+ * What one engine step computes, in host memory, built by the engine and turned into
+ * a backend-side `PreparedStep` once per step. Tokens of all sequences in the step
+ * are flattened: sequence s owns token rows [queryStart[s], queryStart[s+1]).
+ */
+export interface StepBatch {
+  readonly numTokens: number;
+  readonly numSeqs: number;
+  /** [numTokens] token ids. */
+  readonly tokenIds: Int32Array;
+  /** [numTokens] absolute positions (for RoPE and the causal mask). */
+  readonly positions: Int32Array;
+  /** [numTokens] flat KV-cache slot (block * blockSize + offset) each token writes. */
+  readonly slotMapping: Int32Array;
+  /** [numTokens] LoRA pool slot per token; -1 = no adapter. */
+  readonly loraSlots: Int32Array;
+  /** [numSeqs + 1] prefix sums of query lengths. */
+  readonly queryStart: Int32Array;
+  /** [numSeqs] tokens in the KV cache for the sequence once this step has written. */
+  readonly contextLens: Int32Array;
+  /** [numSeqs * maxBlocksPerSeq] block ids, row-major; unused entries are -1. */
+  readonly blockTables: Int32Array;
+  readonly maxBlocksPerSeq: number;
+  /** [numSample] token rows whose logits are needed (each a sequence's last token). */
+  readonly sampleRows: Int32Array;
+  readonly sampling: SamplingBatch;
+}
+
+/** Per sampled row: how to pick its next token. Row r corresponds to sampleRows[r]. */
+export interface SamplingBatch {
+  /** 0 = greedy (argmax). */
+  readonly temperature: Float32Array;
+  /** 1 = off. */
+  readonly topP: Float32Array;
+  /** 0 = off. */
+  readonly topK: Int32Array;
+  /** Per-row 32-bit seed and the index of the token being drawn: the draw is a pure
+   * function of (seed, counter), so a request's output never depends on its batch. */
+  readonly seeds: Uint32Array;
+  readonly counters: Uint32Array;
+  /** How many top logprobs the step must return per row (max over rows; 0 = none). */
+  readonly numTopLogprobs: number;
+}
+
+export interface SampleResult {
+  /** [numSample] chosen token ids. */
+  readonly tokens: Int32Array;
+  /** [numSample] log-softmax of the raw logits at the chosen token. */
+  readonly logprobs: Float32Array;
+  /** [numSample * numTopLogprobs] ids and log-probs of the most likely tokens, best first. */
+  readonly topIds: Int32Array;
+  readonly topLogprobs: Float32Array;
+}
+
+/** Backend-side copy of a step's metadata (device buffers on a GPU). */
+export interface PreparedStep {
+  readonly batch: StepBatch;
+}
+
+export interface KvCacheSpec {
+  readonly numLayers: number;
+  readonly numBlocks: number;
+  readonly blockSize: number;
+  readonly numKvHeads: number;
+  readonly headDim: number;
+}
+
+/** Paged KV cache for all layers: per layer K and V of [numBlocks, blockSize, numKvHeads, headDim]. */
+export interface KvCache {
+  readonly spec: KvCacheSpec;
+}
+
+/**
+ * LoRA weights of one target module (e.g. layer 3's q_proj) for every pool slot.
+ * A: [numSlots, maxRank, inDim], B: [numSlots, outDim, maxRank]; slot s uses the
+ * first ranks[s] rows of A and columns of B; scales[s] = lora_alpha / r (or rsLoRA's).
+ */
+export interface LoraStack {
+  readonly numSlots: number;
+  readonly maxRank: number;
+  readonly inDim: number;
+  readonly outDim: number;
+}
+
+export interface Backend {
+  readonly name: string;
+
+  // ---- memory
+  /** Copy host data to the backend, converting to `dtype` (default: the backend's weight dtype). */
+  upload(host: HostTensor, dtype?: DType): Tensor;
+  empty(shape: Shape, dtype: DType): Tensor;
+  /** View of the first `n` rows (dimension 0) of `t`; shares storage. */
+  rows(t: Tensor, n: number): Tensor;
+  /** Copy a tensor back to the host as f32 (or i32 for i32 tensors). */
+  read(t: Tensor): Float32Array | Int32Array;
+  free(t: Tensor): void;
+
+  // ---- per-step state
+  prepare(batch: StepBatch): PreparedStep;
+  createKvCache(spec: KvCacheSpec): KvCache;
+  freeKvCache(kv: KvCache): void;
+  createLoraStack(numSlots: number, maxRank: number, inDim: number, outDim: number): LoraStack;
+  /** Load one adapter's A [rank, inDim] and B [outDim, rank] (f32) into `slot`. rank 0 clears it. */
+  writeLoraSlot(stack: LoraStack, slot: number, rank: number, scale: number, a: Float32Array, b: Float32Array): void;
+  freeLoraStack(stack: LoraStack): void;
+
+  // ---- ops (semantics in comments; out may not alias inputs unless stated)
+  /** out[i] = table[tokenIds[i]]. out: [n, H], table: [V, H]. */
+  embedding(out: Tensor, table: Tensor, step: PreparedStep): void;
+  /** out[i] = x[i] / rms(x[i]) * w. */
+  rmsnorm(out: Tensor, x: Tensor, w: Tensor, eps: number): void;
+  /** residual += x (in place), then out = rmsnorm(residual) * w. */
+  addRmsnorm(out: Tensor, residual: Tensor, x: Tensor, w: Tensor, eps: number): void;
+  /** out = x @ w^T (+ bias). x: [n, K], w: [N, K], out: [n, N]. */
+  linear(out: Tensor, x: Tensor, w: Tensor, bias?: Tensor): void;
+  /** Semantics: for each row i with s = loraSlots[i] >= 0:
+   *   out[i] += scales[s] * B[s][:, :r_s] @ (A[s][:r_s, :] @ x[i]). */
+  lora(out: Tensor, x: Tensor, stack: LoraStack, step: PreparedStep): void;
+  /** Rotary embedding in place, rotate-half convention. q: [n, nH*D], k: [n, nKv*D];
+   * invFreq: [D/2] f32; positions from the step. */
+  rope(q: Tensor, k: Tensor, invFreq: Tensor, headDim: number, step: PreparedStep): void;
+  /** Writes k, v rows into layer `layer` of the cache at step.slotMapping, then
+   * out = causal softmax(q k^T * scale) v over each sequence's context, with GQA
+   * (query head h reads KV head h / (nH / nKv)). q/out: [n, nH*D], k/v: [n, nKv*D]. */
+  attention(out: Tensor, q: Tensor, k: Tensor, v: Tensor, kv: KvCache, layer: number, scale: number, step: PreparedStep): void;
+  /** out = silu(gate) * up, all [n, I]. */
+  siluMul(out: Tensor, gate: Tensor, up: Tensor): void;
+  /** out[r] = x[step.sampleRows[r]]. */
+  gatherRows(out: Tensor, x: Tensor, step: PreparedStep): void;
+  /** Picks one token per row of logits [numSample, V] as step.sampling says. */
+  sample(logits: Tensor, step: PreparedStep): SampleResult;
+}

@@ -1,0 +1,66 @@
+// The engine's public surface: what the server and CLI hand in and get back.
+
+export type FinishReason = "stop" | "length" | "abort" | "error";
+
+export interface SamplingParams {
+  /** New tokens to generate at most. */
+  readonly maxTokens: number;
+  /** 0 = greedy. */
+  readonly temperature: number;
+  /** 1 = off. */
+  readonly topP: number;
+  /** 0 = off. */
+  readonly topK: number;
+  /** Fixed seed for reproducible sampling; absent = a fresh random seed. */
+  readonly seed?: number;
+  /** Stop strings: output ends before the first occurrence and excludes it. */
+  readonly stop: readonly string[];
+  /** Keep generating past EOS (benchmarks). */
+  readonly ignoreEos: boolean;
+  /** Top log-probs to report per generated token (0 = only the chosen token's, -1 = none). */
+  readonly logprobs: number;
+}
+
+export interface GenerateRequest {
+  /** Unique per request; appears in errors and metrics. */
+  readonly id: string;
+  /** Tokenized prompt, including BOS when the tokenizer adds one. */
+  readonly promptIds: readonly number[];
+  /** Adapter name, or null for the base model. */
+  readonly adapter: string | null;
+  readonly params: SamplingParams;
+}
+
+export interface TokenLogprob {
+  readonly tokenId: number;
+  readonly logprob: number;
+  /** Most likely alternatives, best first (length = params.logprobs). */
+  readonly top: readonly { readonly tokenId: number; readonly logprob: number }[];
+}
+
+/** One increment of a request's output; the last one has `finishReason` set. */
+export interface GenerateOutput {
+  /** Text that became final with this increment (may be "" while UTF-8 or a possible stop string is held back). */
+  readonly text: string;
+  /** Tokens generated in this increment. */
+  readonly tokenIds: readonly number[];
+  /** One entry per token in tokenIds when logprobs >= 0. */
+  readonly logprobs: readonly TokenLogprob[];
+  readonly finishReason: FinishReason | null;
+  readonly promptTokens: number;
+  /** Generated tokens so far. */
+  readonly completionTokens: number;
+}
+
+/** Raised for requests that can never run (unknown adapter, too long...): the server maps `status`. */
+export class RequestError extends Error {
+  constructor(
+    message: string,
+    readonly status: 400 | 404 | 413 | 429 | 503,
+    readonly code: string,
+    readonly param: string | null = null,
+  ) {
+    super(message);
+    this.name = "RequestError";
+  }
+}
