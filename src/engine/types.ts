@@ -64,3 +64,41 @@ export class RequestError extends Error {
     this.name = "RequestError";
   }
 }
+
+export interface AdapterInfo {
+  readonly name: string;
+  readonly path: string;
+  readonly rank: number;
+}
+
+export interface EngineStats {
+  /** Requests in the running batch / queued, keyed by adapter name ("" = base model). */
+  readonly running: ReadonlyMap<string, number>;
+  readonly waiting: ReadonlyMap<string, number>;
+  readonly kvBlocksUsed: number;
+  readonly kvBlocksTotal: number;
+  readonly steps: number;
+}
+
+/** What the server and CLI need from an engine (src/engine/engine.ts implements it). */
+export interface ServingEngine {
+  /** Name of the base model (the `model` value that selects no adapter). */
+  readonly modelId: string;
+  /** Context window: prompt + generated tokens per sequence. */
+  readonly maxModelLen: number;
+  readonly tokenizer: import("../model/tokenizer.js").TextTokenizer;
+  /**
+   * Starts a request. Throws RequestError at once for requests that can never run
+   * (unknown adapter: 404; prompt + max_tokens beyond the context: 413/400; queue full: 429).
+   * The iterator yields increments and ends after the one with finishReason; aborting
+   * `signal` (client went away) finishes it with "abort" and frees its KV blocks.
+   */
+  generate(req: GenerateRequest, signal?: AbortSignal): AsyncIterable<GenerateOutput>;
+  listAdapters(): readonly AdapterInfo[];
+  /** Loads (or replaces) an adapter; throws AdapterLoadError with a clear message. */
+  loadAdapter(name: string, path: string): Promise<AdapterInfo>;
+  /** Throws RequestError 404 for an unknown name. Requests already running on it finish first. */
+  unloadAdapter(name: string): Promise<void>;
+  stats(): EngineStats;
+  close(): Promise<void>;
+}
