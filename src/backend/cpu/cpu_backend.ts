@@ -1,0 +1,250 @@
+// The plain TypeScript backend: every op in fp32 (sums in float64) over host memory.
+// It is the oracle the CUDA backend is tested against, so clarity beats speed here,
+// except in the matmul, which dominates and is blocked (matmul.ts).
+
+import type {
+  Backend, HostTensor, KvCache, KvCacheSpec, LoraStack, PreparedStep, SampleResult, StepBatch, Tensor,
+} from "../backend.js";
+import { numel, toF32, type DType, type Shape } from "../tensor.js";
+import { pagedAttention, writeKv, type PagedLayer } from "./attention.js";
+import { matmulNT } from "./matmul.js";
+import { logSoftmax, sampleRow, topK } from "./sample.js";
+import { CpuTensor, cpu, dims2 } from "./tensor.js";
+
+class CpuKvCache implements KvCache {
+  readonly layers: PagedLayer[];
+  constructor(readonly spec: KvCacheSpec) {
+    const n = spec.numBlocks * spec.blockSize * spec.numKvHeads * spec.headDim;
+    this.layers = Array.from({ length: spec.numLayers }, () => ({ k: new Float32Array(n), v: new Float32Array(n) }));
+  }
+}
+
+interface CpuLoraSlot {
+  rank: number;
+  scale: number;
+  a: Float32Array;
+  b: Float32Array;
+}
+
+class CpuLoraStack implements LoraStack {
+  readonly slots: CpuLoraSlot[];
+  constructor(readonly numSlots: number, readonly maxRank: number, readonly inDim: number, readonly outDim: number) {
+    this.slots = Array.from({ length: numSlots }, () => ({ rank: 0, scale: 0, a: new Float32Array(0), b: new Float32Array(0) }));
+  }
+}
+
+function kvOf(kv: KvCache): CpuKvCache {
+  if (!(kv instanceof CpuKvCache)) throw new Error("KV cache does not belong to the CPU backend");
+  return kv;
+}
+
+function stackOf(s: LoraStack): CpuLoraStack {
+  if (!(s instanceof CpuLoraStack)) throw new Error("LoRA stack does not belong to the CPU backend");
+  return s;
+}
+
+function rmsnormRow(out: Float32Array, x: Float32Array, w: Float32Array, o: number, H: number, eps: number): void {
+  let ss = 0;
+  for (let i = 0; i < H; i++) ss += x[o + i]! * x[o + i]!;
+  // HF computes the variance in fp32 and multiplies by the weight after casting back;
+  // in fp32 math both orders agree to rounding.
+  const inv = 1 / Math.sqrt(ss / H + eps);
+  for (let i = 0; i < H; i++) out[o + i] = Math.fround(x[o + i]! * inv) * w[i]!;
+}
+
+export class CpuBackend implements Backend {
+  readonly name = "cpu";
+
+  upload(host: HostTensor, dtype?: DType): Tensor {
+    const target = dtype ?? (host.dtype === "i32" ? "i32" : "f32");
+    if (target === "i32") {
+      if (host.dtype !== "i32") throw new Error(`cannot upload ${host.dtype} data as i32`);
+      return new CpuTensor(host.shape, "i32", Int32Array.from(host.data as Int32Array));
+    }
+    // Floats are held as f32 whatever they were stored as: fp32 math over bf16/f16/f32 weights.
+    const f = toF32(host.data, host.dtype);
+    return new CpuTensor(host.shape, "f32", f === host.data ? Float32Array.from(f) : f);
+  }
+
+  empty(shape: Shape, dtype: DType): Tensor {
+    const n = numel(shape);
+    return new CpuTensor(shape, dtype === "i32" ? "i32" : "f32", dtype === "i32" ? new Int32Array(n) : new Float32Array(n));
+  }
+
+  rows(t: Tensor, n: number): Tensor {
+    const c = cpu(t);
+    const [rows, cols] = dims2(c);
+    if (n > rows) throw new Error(`rows(${n}) of a tensor with ${rows} rows`);
+    return new CpuTensor([n, ...c.shape.slice(1)], c.dtype, c.data.subarray(0, n * cols), true);
+  }
+
+  read(t: Tensor): Float32Array | Int32Array {
+    const d = cpu(t).data;
+    return d instanceof Float32Array ? Float32Array.from(d) : Int32Array.from(d);
+  }
+
+  free(_t: Tensor): void {
+    // Garbage-collected; nothing to release.
+  }
+
+  prepare(batch: StepBatch): PreparedStep {
+    return { batch };
+  }
+
+  createKvCache(spec: KvCacheSpec): KvCache {
+    return new CpuKvCache(spec);
+  }
+
+  freeKvCache(_kv: KvCache): void {}
+
+  createLoraStack(numSlots: number, maxRank: number, inDim: number, outDim: number): LoraStack {
+    return new CpuLoraStack(numSlots, maxRank, inDim, outDim);
+  }
+
+  writeLoraSlot(stack: LoraStack, slot: number, rank: number, scale: number, a: Float32Array, b: Float32Array): void {
+    const s = stackOf(stack);
+    if (slot < 0 || slot >= s.numSlots) throw new Error(`LoRA slot ${slot} out of range (pool has ${s.numSlots})`);
+    if (rank > s.maxRank) throw new Error(`LoRA rank ${rank} > max rank ${s.maxRank} of the pool`);
+    if (a.length !== rank * s.inDim || b.length !== s.outDim * rank) {
+      throw new Error(`LoRA slot ${slot}: A must be [${rank}, ${s.inDim}] and B [${s.outDim}, ${rank}]`);
+    }
+    s.slots[slot] = { rank, scale, a: Float32Array.from(a), b: Float32Array.from(b) };
+  }
+
+  freeLoraStack(_stack: LoraStack): void {}
+
+  embedding(out: Tensor, table: Tensor, step: PreparedStep): void {
+    const o = cpu(out).f32, tb = cpu(table).f32;
+    const [V, H] = dims2(table);
+    const ids = step.batch.tokenIds;
+    for (let i = 0; i < step.batch.numTokens; i++) {
+      const id = ids[i]!;
+      if (id < 0 || id >= V) throw new Error(`token id ${id} outside the vocabulary (${V})`);
+      o.set(tb.subarray(id * H, (id + 1) * H), i * H);
+    }
+  }
+
+  rmsnorm(out: Tensor, x: Tensor, w: Tensor, eps: number): void {
+    const [n, H] = dims2(x);
+    const o = cpu(out).f32, xv = cpu(x).f32, wv = cpu(w).f32;
+    for (let r = 0; r < n; r++) rmsnormRow(o, xv, wv, r * H, H, eps);
+  }
+
+  addRmsnorm(out: Tensor, residual: Tensor, x: Tensor, w: Tensor, eps: number): void {
+    const [n, H] = dims2(x);
+    const o = cpu(out).f32, res = cpu(residual).f32, xv = cpu(x).f32, wv = cpu(w).f32;
+    for (let i = 0; i < n * H; i++) res[i] = res[i]! + xv[i]!;
+    for (let r = 0; r < n; r++) rmsnormRow(o, res, wv, r * H, H, eps);
+  }
+
+  linear(out: Tensor, x: Tensor, w: Tensor, bias?: Tensor): void {
+    const [n, K] = dims2(x);
+    const [N, Kw] = dims2(w);
+    if (K !== Kw) throw new Error(`linear: x has ${K} columns but the weight has ${Kw}`);
+    matmulNT(cpu(out).f32, cpu(x).f32, cpu(w).f32, n, K, N, bias ? cpu(bias).f32 : undefined);
+  }
+
+  lora(out: Tensor, x: Tensor, stack: LoraStack, step: PreparedStep): void {
+    const s = stackOf(stack);
+    const [n, K] = dims2(x);
+    const o = cpu(out).f32, xv = cpu(x).f32;
+    const N = s.outDim;
+    const tmp = new Float64Array(s.maxRank);
+    const slots = step.batch.loraSlots;
+    for (let i = 0; i < n; i++) {
+      const slot = slots[i]!;
+      if (slot < 0) continue;
+      const { rank, scale, a, b } = s.slots[slot]!;
+      for (let r = 0; r < rank; r++) {
+        let acc = 0;
+        for (let k = 0; k < K; k++) acc += a[r * K + k]! * xv[i * K + k]!;
+        tmp[r] = Math.fround(acc);
+      }
+      for (let j = 0; j < N; j++) {
+        let acc = 0;
+        for (let r = 0; r < rank; r++) acc += b[j * rank + r]! * tmp[r]!;
+        o[i * N + j] = o[i * N + j]! + scale * acc;
+      }
+    }
+  }
+
+  rope(q: Tensor, k: Tensor, invFreq: Tensor, headDim: number, step: PreparedStep): void {
+    const inv = cpu(invFreq).f32;
+    const half = headDim / 2;
+    const pos = step.batch.positions;
+    const cos = new Float64Array(half), sin = new Float64Array(half);
+    const rotate = (t: Float32Array, width: number, row: number): void => {
+      for (let o = row * width; o < (row + 1) * width; o += headDim) {
+        for (let i = 0; i < half; i++) {
+          const x1 = t[o + i]!, x2 = t[o + i + half]!;
+          t[o + i] = x1 * cos[i]! - x2 * sin[i]!;
+          t[o + i + half] = x2 * cos[i]! + x1 * sin[i]!;
+        }
+      }
+    };
+    const [n, qw] = dims2(q);
+    const kw = dims2(k)[1];
+    const qv = cpu(q).f32, kv = cpu(k).f32;
+    for (let r = 0; r < n; r++) {
+      for (let i = 0; i < half; i++) {
+        // HF computes the angle in fp32 before cos/sin.
+        const angle = Math.fround(pos[r]! * inv[i]!);
+        cos[i] = Math.fround(Math.cos(angle));
+        sin[i] = Math.fround(Math.sin(angle));
+      }
+      rotate(qv, qw, r);
+      rotate(kv, kw, r);
+    }
+  }
+
+  attention(out: Tensor, q: Tensor, k: Tensor, v: Tensor, kvCache: KvCache, layer: number, scale: number, step: PreparedStep): void {
+    const cache = kvOf(kvCache);
+    const { numKvHeads, headDim, blockSize } = cache.spec;
+    const numHeads = dims2(q)[1] / headDim;
+    const paged = cache.layers[layer]!;
+    writeKv(paged, cpu(k).f32, cpu(v).f32, numKvHeads * headDim, step.batch);
+    pagedAttention(cpu(out).f32, cpu(q).f32, paged, numHeads, numKvHeads, headDim, blockSize, scale, step.batch);
+  }
+
+  siluMul(out: Tensor, gate: Tensor, up: Tensor): void {
+    const o = cpu(out).f32, g = cpu(gate).f32, u = cpu(up).f32;
+    const n = numel(gate.shape);
+    for (let i = 0; i < n; i++) {
+      const x = g[i]!;
+      o[i] = Math.fround(x / (1 + Math.exp(-x))) * u[i]!;
+    }
+  }
+
+  gatherRows(out: Tensor, x: Tensor, step: PreparedStep): void {
+    const [, H] = dims2(x);
+    const o = cpu(out).f32, xv = cpu(x).f32;
+    const rows = step.batch.sampleRows;
+    for (let r = 0; r < rows.length; r++) o.set(xv.subarray(rows[r]! * H, (rows[r]! + 1) * H), r * H);
+  }
+
+  sample(logits: Tensor, step: PreparedStep): SampleResult {
+    const [m, V] = dims2(logits);
+    const lv = cpu(logits).f32;
+    const sp = step.batch.sampling;
+    const nTop = sp.numTopLogprobs;
+    const tokens = new Int32Array(m);
+    const logprobs = new Float32Array(m);
+    const topIds = new Int32Array(m * nTop);
+    const topLogprobs = new Float32Array(m * nTop);
+    for (let r = 0; r < m; r++) {
+      const row = lv.subarray(r * V, (r + 1) * V);
+      const tok = sampleRow(row, sp.temperature[r]!, sp.topP[r]!, sp.topK[r]!, sp.seeds[r]!, sp.counters[r]!);
+      const lsm = logSoftmax(row);
+      tokens[r] = tok;
+      logprobs[r] = lsm[tok]!;
+      if (nTop > 0) {
+        const best = topK(lsm, nTop);
+        for (let i = 0; i < nTop; i++) {
+          topIds[r * nTop + i] = best[i]!;
+          topLogprobs[r * nTop + i] = lsm[best[i]!]!;
+        }
+      }
+    }
+    return { tokens, logprobs, topIds, topLogprobs };
+  }
+}

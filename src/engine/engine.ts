@@ -1,0 +1,512 @@
+// The serving engine: continuous batching over a paged KV cache, with any mix of
+// adapters in every step. Requests join and leave between steps; each step runs one
+// forward over all running sequences (prefills and decodes together) and samples
+// one token per sequence.
+
+import { randomInt } from "node:crypto";
+import { basename, resolve } from "node:path";
+import type { Backend, KvCache, StepBatch } from "../backend/backend.js";
+import { createBackend, type DeviceName } from "../backend/select.js";
+import { AdapterPool } from "../lora/adapter_pool.js";
+import { AdapterRegistry } from "../lora/registry.js";
+import { loadModelConfig, type ModelConfig } from "../model/config.js";
+import { IncrementalDetokenizer } from "../model/detokenizer.js";
+import { LlamaModel } from "../model/llama.js";
+import { SafetensorsDir } from "../model/safetensors.js";
+import { TextTokenizer } from "../model/tokenizer.js";
+import { loadLlamaWeights } from "../model/weights.js";
+import { createPolicy } from "../scheduler/index.js";
+import type { SchedulingPolicy } from "../scheduler/policy.js";
+import { BlockManager } from "./block_manager.js";
+import { Channel } from "./channel.js";
+import { Sequence } from "./sequence.js";
+import { StopMatcher } from "./stop.js";
+import {
+  RequestError,
+  type AdapterInfo,
+  type EngineStats,
+  type FinishReason,
+  type GenerateOutput,
+  type GenerateRequest,
+  type ServingEngine,
+  type TokenLogprob,
+} from "./types.js";
+
+/** What a step needs to know about a sequence. */
+type BatchedSeq = Pick<Sequence, "computed" | "totalTokens" | "blocks" | "slot" | "seed" | "tokenAt"> & {
+  readonly outputIds: { readonly length: number };
+  readonly params: Pick<Sequence["params"], "temperature" | "topP" | "topK" | "logprobs">;
+};
+
+export interface EngineOptions {
+  /** HF model folder (config.json, *.safetensors, tokenizer.json). */
+  readonly modelDir: string;
+  /** name -> PEFT adapter folder, loaded at start. */
+  readonly adapters?: Readonly<Record<string, string>>;
+  readonly device?: DeviceName;
+  /** Name clients use for the base model (default: the model folder's name). */
+  readonly modelId?: string;
+  /** Most sequences in the running batch (default 256). */
+  readonly maxBatch?: number;
+  /** Most requests queued before new ones get 429 (default 4096). */
+  readonly maxWaiting?: number;
+  /** Context window (default: the config's max_position_embeddings). */
+  readonly maxModelLen?: number;
+  /** Most prompt tokens prefilled in one step (default max(maxModelLen, 1024)). */
+  readonly maxBatchedTokens?: number;
+  readonly blockSize?: number;
+  /** Memory for the KV cache (default: enough for maxBatch full contexts, at most 1 GiB). */
+  readonly kvCacheBytes?: number;
+  /** Adapter pool slots (default 16). */
+  readonly maxLoras?: number;
+  readonly maxLoraRank?: number;
+  readonly policy?: string;
+  /** Progress while loading. */
+  readonly onProgress?: (message: string) => void;
+}
+
+export class Engine implements ServingEngine {
+  readonly modelId: string;
+  readonly maxModelLen: number;
+  readonly maxBatch: number;
+  readonly maxWaiting: number;
+  readonly maxBatchedTokens: number;
+
+  readonly #backend: Backend;
+  readonly #model: LlamaModel;
+  readonly #kv: KvCache;
+  readonly #blocks: BlockManager;
+  readonly #registry: AdapterRegistry;
+  readonly #pool: AdapterPool;
+  readonly #policy: SchedulingPolicy;
+  readonly #eos: Set<number>;
+  readonly #maxBlocksPerSeq: number;
+
+  #waiting: Sequence[] = [];
+  #running: Sequence[] = [];
+  #nextSeqId = 0;
+  #steps = 0;
+  #closed = false;
+  #wake: (() => void) | null = null;
+  readonly #loop: Promise<void>;
+
+  constructor(
+    readonly config: ModelConfig,
+    readonly tokenizer: TextTokenizer,
+    backend: Backend,
+    model: LlamaModel,
+    registry: AdapterRegistry,
+    pool: AdapterPool,
+    opts: Required<Pick<EngineOptions, "maxBatch" | "maxWaiting" | "maxModelLen" | "maxBatchedTokens" | "blockSize">> & {
+      numBlocks: number;
+      modelId: string;
+      policy: SchedulingPolicy;
+    },
+  ) {
+    this.#backend = backend;
+    this.#model = model;
+    this.#registry = registry;
+    this.#pool = pool;
+    this.#policy = opts.policy;
+    this.modelId = opts.modelId;
+    this.maxModelLen = opts.maxModelLen;
+    this.maxBatch = opts.maxBatch;
+    this.maxWaiting = opts.maxWaiting;
+    this.maxBatchedTokens = opts.maxBatchedTokens;
+    this.#blocks = new BlockManager(opts.numBlocks, opts.blockSize);
+    this.#maxBlocksPerSeq = Math.ceil(opts.maxModelLen / opts.blockSize);
+    this.#kv = backend.createKvCache({
+      numLayers: config.numLayers,
+      numBlocks: opts.numBlocks,
+      blockSize: opts.blockSize,
+      numKvHeads: config.numKvHeads,
+      headDim: config.headDim,
+    });
+    this.#eos = new Set([...tokenizer.eosTokenIds, ...config.eosTokenIds]);
+    this.#loop = this.#run();
+  }
+
+  get backendName(): string {
+    return this.#backend.name;
+  }
+
+  // ------------------------------------------------------------------ requests
+
+  generate(req: GenerateRequest, signal?: AbortSignal): AsyncIterable<GenerateOutput> {
+    if (this.#closed) throw new RequestError("the engine is shutting down", 503, "engine_closed");
+    const p = req.params;
+    const adapterName = req.adapter ?? "";
+    const lora = req.adapter === null ? null : this.#registry.get(req.adapter) ?? null;
+    if (req.adapter !== null && !lora) {
+      throw new RequestError(`The model \`${req.adapter}\` does not exist.`, 404, "model_not_found", "model");
+    }
+    const n = req.promptIds.length;
+    if (n === 0) throw new RequestError("the prompt is empty", 400, "invalid_prompt", "prompt");
+    for (const id of req.promptIds) {
+      if (!Number.isInteger(id) || id < 0 || id >= this.config.vocabSize) {
+        throw new RequestError(`prompt token id ${id} is outside the vocabulary [0, ${this.config.vocabSize})`, 400, "invalid_prompt", "prompt");
+      }
+    }
+    if (n >= this.maxModelLen) {
+      throw new RequestError(
+        `This model's maximum context length is ${this.maxModelLen} tokens, but the prompt has ${n} tokens; shorten the prompt.`,
+        413, "context_length_exceeded", "prompt");
+    }
+    if (!Number.isInteger(p.maxTokens) || p.maxTokens < 1) {
+      throw new RequestError(`max_tokens must be a positive integer (got ${p.maxTokens})`, 400, "invalid_value", "max_tokens");
+    }
+    if (n + p.maxTokens > this.maxModelLen) {
+      throw new RequestError(
+        `This model's maximum context length is ${this.maxModelLen} tokens; the prompt has ${n} tokens and max_tokens is ${p.maxTokens}. ` +
+          `Lower max_tokens to at most ${this.maxModelLen - n}.`,
+        400, "context_length_exceeded", "max_tokens");
+    }
+    if (!(p.temperature >= 0) || !(p.topP > 0 && p.topP <= 1) || !(Number.isInteger(p.topK) && p.topK >= 0)) {
+      throw new RequestError("temperature must be >= 0, top_p in (0, 1], top_k a non-negative integer", 400, "invalid_value", null);
+    }
+    if (this.#waiting.length >= this.maxWaiting) {
+      throw new RequestError(`the server is overloaded (${this.#waiting.length} requests waiting); retry later`, 429, "overloaded");
+    }
+    const seed = p.seed !== undefined ? p.seed >>> 0 : randomInt(0, 2 ** 32);
+    let seq: Sequence | null = null;
+    const channel = new Channel<GenerateOutput>(() => this.#abort(seq!));
+    seq = new Sequence(
+      this.#nextSeqId++, req.id, adapterName, lora, [...req.promptIds], p, seed, performance.now(), channel,
+      new IncrementalDetokenizer(this.tokenizer, req.promptIds), new StopMatcher(p.stop),
+    );
+    if (signal) {
+      if (signal.aborted) this.#abort(seq);
+      else signal.addEventListener("abort", () => this.#abort(seq!), { once: true });
+    }
+    this.#waiting.push(seq);
+    this.#wakeUp();
+    return channel;
+  }
+
+  #abort(seq: Sequence): void {
+    if (seq.status === "finished") return;
+    seq.aborted = true;
+    this.#wakeUp();
+  }
+
+  // ------------------------------------------------------------------ adapters
+
+  listAdapters(): AdapterInfo[] {
+    return this.#registry.list().map((r) => ({ name: r.name, path: r.path, rank: r.adapter.maxRank }));
+  }
+
+  async loadAdapter(name: string, path: string): Promise<AdapterInfo> {
+    if (name === this.modelId) throw new RequestError(`'${name}' is the base model's name`, 400, "invalid_value", "lora_name");
+    const r = this.#registry.load(name, path);
+    return { name: r.name, path: r.path, rank: r.adapter.maxRank };
+  }
+
+  async unloadAdapter(name: string): Promise<void> {
+    const reg = this.#registry.remove(name);
+    if (!reg) throw new RequestError(`The model \`${name}\` does not exist.`, 404, "model_not_found", "lora_name");
+    // Running and queued requests keep their adapter id; its slot is freed once unpinned.
+    this.#pool.evict(reg.id);
+  }
+
+  stats(): EngineStats {
+    const count = (seqs: Sequence[]): Map<string, number> => {
+      const m = new Map<string, number>();
+      for (const s of seqs) m.set(s.adapter, (m.get(s.adapter) ?? 0) + 1);
+      return m;
+    };
+    return {
+      running: count(this.#running),
+      waiting: count(this.#waiting),
+      kvBlocksUsed: this.#blocks.usedBlocks,
+      kvBlocksTotal: this.#blocks.numBlocks,
+      steps: this.#steps,
+    };
+  }
+
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    for (const s of [...this.#running, ...this.#waiting]) s.aborted = true;
+    this.#wakeUp();
+    await this.#loop;
+    this.#backend.freeKvCache(this.#kv);
+    this.#pool.dispose();
+  }
+
+  /**
+   * Logits at the last position of `promptIds` with `adapter` (null = base), computed
+   * between engine steps with borrowed KV blocks. For tests and quality harnesses.
+   */
+  lastLogits(promptIds: readonly number[], adapter: string | null): Float32Array {
+    const lora = adapter === null ? null : this.#registry.get(adapter) ?? null;
+    if (adapter !== null && !lora) throw new RequestError(`The model \`${adapter}\` does not exist.`, 404, "model_not_found", "model");
+    if (promptIds.length === 0 || promptIds.length > this.maxModelLen) throw new Error(`prompt of ${promptIds.length} tokens`);
+    const blocks: number[] = [];
+    if (!this.#blocks.grow(blocks, promptIds.length)) throw new Error("no free KV blocks for lastLogits; call it while the engine is idle");
+    const slot = lora ? this.#pool.acquire(lora.id, lora.adapter) : -1;
+    try {
+      if (lora && slot < 0) throw new Error("no free adapter slot for lastLogits");
+      const view = { computed: 0, totalTokens: promptIds.length, blocks, slot, seed: 0, outputIds: [],
+        params: { temperature: 0, topP: 1, topK: 0, logprobs: -1 }, tokenAt: (i: number) => promptIds[i]! };
+      const batch = this.#buildBatch([view]);
+      const logits = this.#model.forward(this.#backend.prepare(batch), this.#kv);
+      return this.#backend.read(logits) as Float32Array;
+    } finally {
+      if (slot >= 0) this.#pool.release(slot);
+      this.#blocks.release(blocks);
+    }
+  }
+
+  // ------------------------------------------------------------------ the loop
+
+  #wakeUp(): void {
+    const w = this.#wake;
+    this.#wake = null;
+    w?.();
+  }
+
+  async #run(): Promise<void> {
+    for (;;) {
+      this.#reapAborted();
+      if (this.#closed && this.#running.length === 0 && this.#waiting.length === 0) return;
+      if (this.#running.length === 0 && this.#waiting.length === 0) {
+        await new Promise<void>((r) => (this.#wake = r));
+        continue;
+      }
+      try {
+        this.step();
+      } catch (err) {
+        // A failed step must not take the server down: fail the sequences in it and go on.
+        const msg = err instanceof Error ? err.message : String(err);
+        process.emitWarning(`inlaid: engine step failed: ${msg}`);
+        for (const s of this.#running) {
+          this.#free(s);
+          s.emit("", [], [], "error");
+        }
+        this.#running = [];
+      }
+      // Let I/O (new requests, disconnects, streaming writes) run between steps.
+      await new Promise<void>((r) => setImmediate(r));
+    }
+  }
+
+  #reapAborted(): void {
+    const done = (s: Sequence): boolean => {
+      if (!s.aborted) return false;
+      this.#free(s);
+      s.emit("", [], [], "abort");
+      return true;
+    };
+    this.#running = this.#running.filter((s) => !done(s));
+    this.#waiting = this.#waiting.filter((s) => !done(s));
+  }
+
+  #free(s: Sequence): void {
+    this.#blocks.release(s.blocks);
+    s.computed = 0;
+    if (s.slot >= 0) {
+      this.#pool.release(s.slot);
+      s.slot = -1;
+    }
+  }
+
+  /** Admits waiting sequences, makes room for decodes, runs one forward, samples. Public for tests and benchmarks. */
+  step(): void {
+    const admitted = this.#admit();
+    this.#reserveDecodeBlocks(admitted);
+    if (this.#running.length === 0) return;
+    const batch = this.#buildBatch(this.#running);
+    const prepared = this.#backend.prepare(batch);
+    const logits = this.#model.forward(prepared, this.#kv);
+    const result = this.#backend.sample(logits, prepared);
+    this.#steps++;
+    const nTop = batch.sampling.numTopLogprobs;
+    const finished: Sequence[] = [];
+    this.#running.forEach((s, r) => {
+      s.computed = s.totalTokens;
+      const tok = result.tokens[r]!;
+      s.outputIds.push(tok);
+      if (s.outputIds.length === 1) s.firstTokenAt = performance.now();
+      const lps: TokenLogprob[] = [];
+      if (s.params.logprobs >= 0) {
+        const top = [];
+        for (let i = 0; i < Math.min(s.params.logprobs, nTop); i++) {
+          top.push({ tokenId: result.topIds[r * nTop + i]!, logprob: result.topLogprobs[r * nTop + i]! });
+        }
+        lps.push({ tokenId: tok, logprob: result.logprobs[r]!, top });
+      }
+      if (this.#onToken(s, tok, lps)) finished.push(s);
+    });
+    if (finished.length > 0) {
+      for (const s of finished) this.#free(s);
+      this.#running = this.#running.filter((s) => s.status !== "finished");
+    }
+  }
+
+  /** Appends the output of one new token; true when the sequence is done. */
+  #onToken(s: Sequence, tok: number, lps: TokenLogprob[]): boolean {
+    let reason: FinishReason | null = null;
+    if (this.#eos.has(tok) && !s.params.ignoreEos) reason = "stop";
+    let text = s.stop.push(s.detok.push(tok));
+    if (text.stopped) {
+      s.emit(text.text, [tok], lps, "stop");
+      return true;
+    }
+    if (reason === null && (s.outputIds.length >= s.params.maxTokens || s.totalTokens >= this.maxModelLen)) reason = "length";
+    if (reason !== null) {
+      // End of stream: release text held back for UTF-8 or a possible stop string.
+      const tail = s.stop.push(s.detok.flush());
+      let out = text.text + tail.text;
+      if (tail.stopped) reason = "stop";
+      else out += s.stop.flush();
+      s.emit(out, [tok], lps, reason);
+      return true;
+    }
+    s.emit(text.text, [tok], lps, null);
+    return false;
+  }
+
+  /** Moves waiting sequences into the running batch while slots, blocks and the token budget allow. */
+  #admit(): Set<Sequence> {
+    const admitted = new Set<Sequence>();
+    if (this.#waiting.length === 0 || this.#running.length >= this.maxBatch) return admitted;
+    let budget = this.maxBatchedTokens;
+    const bySeqId = new Map(this.#waiting.map((s) => [s.seqId, s]));
+    for (const q of this.#policy.order(this.#waiting, this.#running)) {
+      if (this.#running.length >= this.maxBatch) break;
+      const s = bySeqId.get(q.seqId)!;
+      const tokens = s.totalTokens - s.computed;
+      if (tokens > budget && admitted.size > 0) break;
+      // Keep a block in hand for the decode that follows (and for the running sequences).
+      if (this.#blocks.missing(s.blocks, s.totalTokens + 1) > this.#blocks.freeBlocks - this.#running.length) break;
+      if (s.lora) {
+        const slot = this.#pool.acquire(s.lora.id, s.lora.adapter);
+        if (slot < 0) continue; // every slot is busy with other adapters; try requests for resident ones
+        s.slot = slot;
+      }
+      this.#blocks.grow(s.blocks, s.totalTokens);
+      budget -= tokens;
+      s.status = "running";
+      this.#running.push(s);
+      admitted.add(s);
+    }
+    if (admitted.size > 0) this.#waiting = this.#waiting.filter((s) => !admitted.has(s));
+    return admitted;
+  }
+
+  /** Each decoding sequence needs room for one more token; preempt the newest if the cache is full. */
+  #reserveDecodeBlocks(admitted: Set<Sequence>): void {
+    for (let i = 0; i < this.#running.length; i++) {
+      const s = this.#running[i]!;
+      if (admitted.has(s)) continue;
+      while (!this.#blocks.grow(s.blocks, s.totalTokens)) {
+        const victim = this.#running[this.#running.length - 1]!;
+        this.#preempt(victim);
+        if (victim === s) break;
+      }
+    }
+  }
+
+  /** Gives a sequence's blocks back; it is recomputed from its tokens when readmitted. */
+  #preempt(s: Sequence): void {
+    this.#free(s);
+    s.status = "waiting";
+    this.#running = this.#running.filter((x) => x !== s);
+    this.#waiting.unshift(s);
+  }
+
+  #buildBatch(seqs: readonly BatchedSeq[]): StepBatch {
+    let numTokens = 0;
+    for (const s of seqs) numTokens += s.totalTokens - s.computed;
+    const numSeqs = seqs.length;
+    const B = this.#maxBlocksPerSeq;
+    const bs = this.#blocks.blockSize;
+    const tokenIds = new Int32Array(numTokens);
+    const positions = new Int32Array(numTokens);
+    const slotMapping = new Int32Array(numTokens);
+    const loraSlots = new Int32Array(numTokens);
+    const queryStart = new Int32Array(numSeqs + 1);
+    const contextLens = new Int32Array(numSeqs);
+    const blockTables = new Int32Array(numSeqs * B).fill(-1);
+    const sampleRows = new Int32Array(numSeqs);
+    const temperature = new Float32Array(numSeqs);
+    const topP = new Float32Array(numSeqs);
+    const topK = new Int32Array(numSeqs);
+    const seeds = new Uint32Array(numSeqs);
+    const counters = new Uint32Array(numSeqs);
+    let numTopLogprobs = 0;
+    let t = 0;
+    seqs.forEach((s, i) => {
+      queryStart[i] = t;
+      for (let p = s.computed; p < s.totalTokens; p++, t++) {
+        tokenIds[t] = s.tokenAt(p);
+        positions[t] = p;
+        slotMapping[t] = s.blocks[Math.floor(p / bs)]! * bs + (p % bs);
+        loraSlots[t] = s.slot;
+      }
+      contextLens[i] = s.totalTokens;
+      blockTables.set(s.blocks, i * B);
+      sampleRows[i] = t - 1;
+      temperature[i] = s.params.temperature;
+      topP[i] = s.params.topP;
+      topK[i] = s.params.topK;
+      seeds[i] = s.seed;
+      counters[i] = s.outputIds.length;
+      numTopLogprobs = Math.max(numTopLogprobs, s.params.logprobs);
+    });
+    queryStart[numSeqs] = t;
+    return {
+      numTokens, numSeqs, tokenIds, positions, slotMapping, loraSlots, queryStart, contextLens, blockTables,
+      maxBlocksPerSeq: B, sampleRows,
+      sampling: { temperature, topP, topK, seeds, counters, numTopLogprobs },
+    };
+  }
+}
+
+/** Loads a model folder and its adapters and starts the engine loop. */
+export async function createEngine(opts: EngineOptions): Promise<Engine> {
+  const say = opts.onProgress ?? (() => {});
+  const dir = resolve(opts.modelDir);
+  const config = loadModelConfig(dir);
+  const tokenizer = TextTokenizer.load(dir);
+  const backend = await createBackend(opts.device ?? "auto");
+  const maxModelLen = opts.maxModelLen ?? config.maxPositionEmbeddings;
+  if (maxModelLen > config.maxPositionEmbeddings) {
+    throw new Error(`--max-model-len ${maxModelLen} exceeds the model's max_position_embeddings (${config.maxPositionEmbeddings})`);
+  }
+  const maxBatch = opts.maxBatch ?? 256;
+  const maxBatchedTokens = Math.max(opts.maxBatchedTokens ?? 1024, maxModelLen);
+  const blockSize = opts.blockSize ?? 16;
+  const bytesPerToken = config.numLayers * 2 * config.numKvHeads * config.headDim * 4;
+  const kvBytes = opts.kvCacheBytes ?? Math.min(2 ** 30, maxBatch * maxModelLen * bytesPerToken);
+  const numBlocks = Math.max(Math.ceil(maxModelLen / blockSize) + 1, Math.floor(kvBytes / (bytesPerToken * blockSize)));
+
+  say(`loading ${dir} (${config.architecture}, ${config.numLayers} layers) on ${backend.name}`);
+  const src = SafetensorsDir.open(dir);
+  let loaded = 0;
+  const total = src.names().length;
+  const weights = loadLlamaWeights(backend, config, src, () => {
+    loaded++;
+    if (loaded % 64 === 0 || loaded === total) say(`loaded ${loaded}/${total} tensors`);
+  });
+  src.close();
+
+  const maxLoraRank = opts.maxLoraRank ?? 64;
+  const registry = new AdapterRegistry(config, maxLoraRank);
+  for (const [name, path] of Object.entries(opts.adapters ?? {})) {
+    say(`loading adapter ${name} from ${path}`);
+    registry.load(name, resolve(path));
+  }
+  const pool = new AdapterPool(backend, config, opts.maxLoras ?? 16, maxLoraRank);
+  const model = new LlamaModel(backend, config, weights, { maxTokens: maxBatchedTokens + maxBatch, maxSeqs: maxBatch }, pool.wrap);
+  return new Engine(config, tokenizer, backend, model, registry, pool, {
+    maxBatch,
+    maxWaiting: opts.maxWaiting ?? 4096,
+    maxModelLen,
+    maxBatchedTokens,
+    blockSize,
+    numBlocks,
+    modelId: opts.modelId ?? basename(dir),
+    policy: createPolicy(opts.policy ?? "fcfs"),
+  });
+}

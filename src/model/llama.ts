@@ -1,0 +1,124 @@
+// The Llama-family decoder (Llama, Mistral, Qwen2), written once against the Backend
+// interface. It knows nothing about LoRA or weight formats: each projection is a
+// `Linear`, which a caller may wrap (see LinearWrapper).
+
+import type { Backend, KvCache, PreparedStep, Tensor } from "../backend/backend.js";
+import type { ModelConfig } from "./config.js";
+import { DenseLinear, PROJECTIONS, type Linear, type LinearWrapper, type Projection } from "./linear.js";
+import { ropeInvFreq } from "./rope.js";
+import type { LlamaWeights } from "./weights.js";
+
+interface Layer {
+  readonly inputNorm: Tensor;
+  readonly postAttnNorm: Tensor;
+  readonly proj: Readonly<Record<Projection, Linear>>;
+}
+
+/** Scratch activations, allocated once at the largest step the engine will run. */
+interface Workspace {
+  readonly residual: Tensor;
+  readonly normed: Tensor;
+  readonly q: Tensor;
+  readonly k: Tensor;
+  readonly v: Tensor;
+  readonly attn: Tensor;
+  readonly hidden: Tensor;
+  readonly gate: Tensor;
+  readonly up: Tensor;
+  readonly act: Tensor;
+  readonly lastHidden: Tensor;
+  readonly logits: Tensor;
+}
+
+export interface ModelLimits {
+  /** Most token rows in one step. */
+  readonly maxTokens: number;
+  /** Most sequences sampled in one step. */
+  readonly maxSeqs: number;
+}
+
+export class LlamaModel {
+  readonly #backend: Backend;
+  readonly #layers: Layer[];
+  readonly #ws: Workspace;
+  readonly #invFreq: Tensor;
+  readonly #attnScale: number;
+
+  constructor(
+    backend: Backend,
+    readonly config: ModelConfig,
+    readonly weights: LlamaWeights,
+    readonly limits: ModelLimits,
+    wrap?: LinearWrapper,
+  ) {
+    this.#backend = backend;
+    this.#layers = weights.layers.map((lw, l) => {
+      const proj = {} as Record<Projection, Linear>;
+      for (const p of PROJECTIONS) {
+        const base = new DenseLinear(backend, lw.proj[p], lw.bias[p]);
+        proj[p] = wrap ? wrap(l, p, base) : base;
+      }
+      return { inputNorm: lw.inputNorm, postAttnNorm: lw.postAttnNorm, proj };
+    });
+    const c = config;
+    const T = limits.maxTokens;
+    const e = (cols: number, rows = T): Tensor => backend.empty([rows, cols], "f32");
+    this.#ws = {
+      residual: e(c.hiddenSize),
+      normed: e(c.hiddenSize),
+      q: e(c.numHeads * c.headDim),
+      k: e(c.numKvHeads * c.headDim),
+      v: e(c.numKvHeads * c.headDim),
+      attn: e(c.numHeads * c.headDim),
+      hidden: e(c.hiddenSize),
+      gate: e(c.intermediateSize),
+      up: e(c.intermediateSize),
+      act: e(c.intermediateSize),
+      lastHidden: e(c.hiddenSize, limits.maxSeqs),
+      logits: e(c.vocabSize, limits.maxSeqs),
+    };
+    this.#invFreq = backend.upload({ shape: [c.headDim / 2], dtype: "f32", data: ropeInvFreq(c) });
+    this.#attnScale = 1 / Math.sqrt(c.headDim);
+  }
+
+  /** Runs one step; returns the logits [numSample, vocab] of the step's sample rows (a workspace view). */
+  forward(step: PreparedStep, kv: KvCache): Tensor {
+    const b = this.#backend;
+    const c = this.config;
+    const n = step.batch.numTokens;
+    const m = step.batch.sampleRows.length;
+    if (n > this.limits.maxTokens || m > this.limits.maxSeqs) {
+      throw new Error(`step of ${n} tokens / ${m} samples exceeds the model workspace (${this.limits.maxTokens} / ${this.limits.maxSeqs})`);
+    }
+    const r = (t: Tensor): Tensor => b.rows(t, n);
+    const ws = this.#ws;
+    const residual = r(ws.residual), normed = r(ws.normed), hidden = r(ws.hidden);
+    const q = r(ws.q), k = r(ws.k), v = r(ws.v), attn = r(ws.attn);
+    const gate = r(ws.gate), up = r(ws.up), act = r(ws.act);
+
+    b.embedding(residual, this.weights.embed, step);
+    for (let l = 0; l < this.#layers.length; l++) {
+      const layer = this.#layers[l]!;
+      // The previous layer's MLP output joins the residual stream here, fused with the norm.
+      if (l === 0) b.rmsnorm(normed, residual, layer.inputNorm, c.rmsNormEps);
+      else b.addRmsnorm(normed, residual, hidden, layer.inputNorm, c.rmsNormEps);
+      layer.proj.q_proj.forward(q, normed, step);
+      layer.proj.k_proj.forward(k, normed, step);
+      layer.proj.v_proj.forward(v, normed, step);
+      b.rope(q, k, this.#invFreq, c.headDim, step);
+      b.attention(attn, q, k, v, kv, l, this.#attnScale, step);
+      layer.proj.o_proj.forward(hidden, attn, step);
+      b.addRmsnorm(normed, residual, hidden, layer.postAttnNorm, c.rmsNormEps);
+      layer.proj.gate_proj.forward(gate, normed, step);
+      layer.proj.up_proj.forward(up, normed, step);
+      b.siluMul(act, gate, up);
+      layer.proj.down_proj.forward(hidden, act, step);
+    }
+    b.addRmsnorm(normed, residual, hidden, this.weights.norm, c.rmsNormEps);
+    const last = b.rows(ws.lastHidden, m);
+    const logits = b.rows(ws.logits, m);
+    b.gatherRows(last, normed, step);
+    b.linear(logits, last, this.weights.lmHead);
+    return logits;
+  }
+}
