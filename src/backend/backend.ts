@@ -111,6 +111,9 @@ export interface LoraStack {
 
 export interface Backend {
   readonly name: string;
+  /** Storage dtype for activations feeding matmuls (f32 on CPU, bf16 on GPUs). The
+   * residual stream and logits stay f32 everywhere. */
+  readonly activationDtype: DType;
 
   // ---- memory
   /** Copy host data to the backend, converting to `dtype` (default: the backend's weight dtype). */
@@ -156,4 +159,11 @@ export interface Backend {
   gatherRows(out: Tensor, x: Tensor, step: PreparedStep): void;
   /** Picks one token per row of logits [numSample, V] as step.sampling says. */
   sample(logits: Tensor, step: PreparedStep): SampleResult;
+
+  /**
+   * Optional: run `forward` so that later calls with the same `key` replay it (a CUDA
+   * graph). The caller promises that the same key means the same op sequence over the
+   * same tensors, with only the prepared step's contents changing.
+   */
+  replay?(key: string, forward: () => Tensor): Tensor;
 }

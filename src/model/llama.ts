@@ -62,9 +62,10 @@ export class LlamaModel {
     });
     const c = config;
     const T = limits.maxTokens;
-    const e = (cols: number, rows = T): Tensor => backend.empty([rows, cols], "f32");
+    const act = backend.activationDtype;
+    const e = (cols: number, rows = T, dtype = act): Tensor => backend.empty([rows, cols], dtype);
     this.#ws = {
-      residual: e(c.hiddenSize),
+      residual: e(c.hiddenSize, T, "f32"),
       normed: e(c.hiddenSize),
       q: e(c.numHeads * c.headDim),
       k: e(c.numKvHeads * c.headDim),
@@ -75,7 +76,7 @@ export class LlamaModel {
       up: e(c.intermediateSize),
       act: e(c.intermediateSize),
       lastHidden: e(c.hiddenSize, limits.maxSeqs),
-      logits: e(c.vocabSize, limits.maxSeqs),
+      logits: e(c.vocabSize, limits.maxSeqs, "f32"),
     };
     this.#invFreq = backend.upload({ shape: [c.headDim / 2], dtype: "f32", data: ropeInvFreq(c) });
     this.#attnScale = 1 / Math.sqrt(c.headDim);

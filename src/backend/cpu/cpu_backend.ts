@@ -54,6 +54,7 @@ function rmsnormRow(out: Float32Array, x: Float32Array, w: Float32Array, o: numb
 
 export class CpuBackend implements Backend {
   readonly name = "cpu";
+  readonly activationDtype = "f32";
 
   upload(host: HostTensor, dtype?: DType): Tensor {
     const target = dtype ?? (host.dtype === "i32" ? "i32" : "f32");
