@@ -163,4 +163,31 @@ describe("CpuBackend", () => {
     // top_p tiny keeps only the best token.
     for (let c = 0; c < 20; c++) expect(be.sample(L, mk(1, 1e-6, 0, 7, c)).tokens[0]).toBe(order[0]);
   });
+
+  it("sampled tokens follow softmax(logits / T) restricted to the keep set", async () => {
+    const { sampleRow } = await import("./sample.js");
+    const logits = Float32Array.from([2, 1, 0.5, 0, -1]);
+    const draw = (T: number, p: number, k: number) => {
+      const counts = new Array(5).fill(0);
+      for (let c = 0; c < 8000; c++) counts[sampleRow(logits, T, p, k, 99, c)]++;
+      return counts.map((x) => x / 8000);
+    };
+    const softmax = (xs: number[]) => {
+      const e = xs.map(Math.exp);
+      const z = e.reduce((a, b) => a + b, 0);
+      return e.map((x) => x / z);
+    };
+    const full = softmax(Array.from(logits, (x) => x / 0.7));
+    draw(0.7, 1, 0).forEach((f, i) => expect(Math.abs(f - full[i]!)).toBeLessThan(0.02));
+    // top-k 2: only the two best, renormalized.
+    const two = softmax([2, 1]);
+    const f2 = draw(1, 1, 2);
+    expect(f2[0]! + f2[1]!).toBe(1);
+    expect(Math.abs(f2[0]! - two[0]!)).toBeLessThan(0.02);
+    // top-p 0.8 of softmax([2,1,.5,0,-1]) = [.55,.20,.12,.08,.03]: keeps the three best (cum .87).
+    const f3 = draw(1, 0.8, 0);
+    expect(f3[3]).toBe(0);
+    expect(f3[4]).toBe(0);
+    expect(f3[2]!).toBeGreaterThan(0.05);
+  });
 });

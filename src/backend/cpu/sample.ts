@@ -34,6 +34,14 @@ export function topK(x: ArrayLike<number>, k: number): number[] {
   return idx.slice(0, k);
 }
 
+/**
+ * Greedy when temperature is 0. Otherwise: p_i = exp((l_i - max) / T); the keep set is
+ * every token whose logit reaches the k-th largest logit (top-k) and whose p reaches
+ * the smallest p inside the most likely set that covers top_p of the (top-k)
+ * probability mass (top-p). A draw u in [0, sum of kept p) then scans the kept tokens
+ * in vocabulary order. The GPU sampler implements exactly this, with thresholds found
+ * by bisection, so both backends pick the same token from the same (seed, counter).
+ */
 export function sampleRow(
   logits: Float32Array,
   temperature: number,
@@ -44,34 +52,38 @@ export function sampleRow(
 ): number {
   if (temperature <= 0) return argmax(logits);
   const V = logits.length;
-  // Candidates sorted by logit, then cut by top-k and top-p.
   const order = topK(logits, V);
-  let keep = topKLimit > 0 ? Math.min(topKLimit, V) : V;
+  const k = topKLimit > 0 ? Math.min(topKLimit, V) : V;
+  const minLogit = logits[order[k - 1]!]!;
   const max = logits[order[0]!]!;
-  const probs = new Float64Array(keep);
-  let sum = 0;
-  for (let i = 0; i < keep; i++) {
-    const p = Math.exp((logits[order[i]!]! - max) / temperature);
-    probs[i] = p;
-    sum += p;
+  const probs = new Float64Array(V);
+  let massK = 0;
+  for (let i = 0; i < V; i++) {
+    if (logits[i]! < minLogit) continue;
+    probs[i] = Math.exp((logits[i]! - max) / temperature);
+    massK += probs[i]!;
   }
+  let minProb = 0;
   if (topP < 1) {
     let cum = 0;
-    for (let i = 0; i < keep; i++) {
-      cum += probs[i]! / sum;
-      if (cum >= topP) {
-        keep = i + 1;
-        break;
-      }
+    for (const i of order) {
+      if (logits[i]! < minLogit) break;
+      cum += probs[i]!;
+      minProb = probs[i]!;
+      if (cum >= topP * massK) break;
     }
-    sum = 0;
-    for (let i = 0; i < keep; i++) sum += probs[i]!;
   }
-  const u = uniform(seed, counter) * sum;
+  let kept = 0;
+  for (let i = 0; i < V; i++) if (probs[i]! < minProb) probs[i] = 0;
+  for (let i = 0; i < V; i++) kept += probs[i]!;
+  const u = uniform(seed, counter) * kept;
   let cum = 0;
-  for (let i = 0; i < keep; i++) {
+  let last = order[0]!;
+  for (let i = 0; i < V; i++) {
+    if (probs[i] === 0) continue;
     cum += probs[i]!;
-    if (u < cum) return order[i]!;
+    last = i;
+    if (u < cum) return i;
   }
-  return order[keep - 1]!;
+  return last;
 }
