@@ -14,6 +14,9 @@ export interface LoadOptions {
   readonly maxWaiting?: number;
   readonly maxModelLen?: number;
   readonly policy?: string;
+  readonly modelId?: string;
+  readonly maxLoras?: number;
+  readonly maxLoraRank?: number;
 }
 
 /** Raised for problems in what the user passed (missing folders...): printed as one line, exit 1. */
@@ -48,6 +51,9 @@ export async function loadEngine(opts: LoadOptions, progress: ProgressReporter):
     ...(opts.maxWaiting !== undefined && { maxWaiting: opts.maxWaiting }),
     ...(opts.maxModelLen !== undefined && { maxModelLen: opts.maxModelLen }),
     ...(opts.policy !== undefined && { policy: opts.policy }),
+    ...(opts.modelId !== undefined && { modelId: opts.modelId }),
+    ...(opts.maxLoras !== undefined && { maxLoras: opts.maxLoras }),
+    ...(opts.maxLoraRank !== undefined && { maxLoraRank: opts.maxLoraRank }),
     onProgress: (msg) => progress.note(msg),
   });
   const secs = ((performance.now() - t0) / 1000).toFixed(1);

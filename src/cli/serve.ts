@@ -28,6 +28,9 @@ interface ServeFlags {
   maxBatch?: number;
   policy: string;
   maxModelLen?: number;
+  servedModelName?: string;
+  maxLoras?: number;
+  maxLoraRank?: number;
 }
 
 /** A second signal while shutting down gives up waiting after this long. */
@@ -49,6 +52,9 @@ export function addServeCommand(program: Command): Command {
     .addOption(maxBatchOption())
     .addOption(new Option("--policy <name>", "scheduling policy").choices(POLICIES).default("fcfs"))
     .addOption(new Option("--max-model-len <n>", "context window (default: the model's)").argParser(parsePositiveInt("--max-model-len")))
+    .option("--served-model-name <name>", "the `model` name that selects the base model (default: the model folder's name)")
+    .addOption(new Option("--max-loras <n>", "adapter slots resident at once; others wait in host memory (LRU)").argParser(parsePositiveInt("--max-loras")))
+    .addOption(new Option("--max-lora-rank <n>", "largest adapter rank accepted (default 64)").argParser(parsePositiveInt("--max-lora-rank")))
     .action(async (flags: ServeFlags) => {
       await serve(flags);
     });
@@ -67,6 +73,9 @@ async function serve(flags: ServeFlags): Promise<void> {
       policy: flags.policy,
       ...(flags.maxBatch !== undefined && { maxBatch: flags.maxBatch }),
       ...(flags.maxModelLen !== undefined && { maxModelLen: flags.maxModelLen }),
+      ...(flags.servedModelName !== undefined && { modelId: flags.servedModelName }),
+      ...(flags.maxLoras !== undefined && { maxLoras: flags.maxLoras }),
+      ...(flags.maxLoraRank !== undefined && { maxLoraRank: flags.maxLoraRank }),
     },
     progress,
   );

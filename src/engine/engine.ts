@@ -197,6 +197,9 @@ export class Engine implements ServingEngine {
 
   async loadAdapter(name: string, path: string): Promise<AdapterInfo> {
     if (name === this.modelId) throw new RequestError(`'${name}' is the base model's name`, 400, "invalid_value", "lora_name");
+    if (this.#registry.get(name)) {
+      throw new RequestError(`The lora adapter '${name}' has already been loaded; unload it first to replace it.`, 400, "adapter_exists", "lora_name");
+    }
     const r = this.#registry.load(name, path);
     return { name: r.name, path: r.path, rank: r.adapter.maxRank };
   }

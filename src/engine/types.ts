@@ -95,7 +95,7 @@ export interface ServingEngine {
    */
   generate(req: GenerateRequest, signal?: AbortSignal): AsyncIterable<GenerateOutput>;
   listAdapters(): readonly AdapterInfo[];
-  /** Loads (or replaces) an adapter; throws AdapterLoadError with a clear message. */
+  /** Loads an adapter under a new name (RequestError 400 if the name is taken); AdapterLoadError says what is wrong with the files. */
   loadAdapter(name: string, path: string): Promise<AdapterInfo>;
   /** Throws RequestError 404 for an unknown name. Requests already running on it finish first. */
   unloadAdapter(name: string): Promise<void>;

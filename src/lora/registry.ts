@@ -2,7 +2,7 @@
 // (adapter_pool.ts) copies them into device slots on demand.
 
 import type { ModelConfig } from "../model/config.js";
-import { loadPeftAdapter, type PeftAdapter } from "./peft.js";
+import { AdapterLoadError, loadPeftAdapter, type PeftAdapter } from "./peft.js";
 
 export interface RegisteredAdapter {
   /** Unique for the server's lifetime: a reloaded name gets a new id. */
@@ -29,14 +29,12 @@ export class AdapterRegistry {
     return [...this.#byName.values()];
   }
 
-  /** Reads and validates the adapter; throws AdapterLoadError (or a rank-limit error) without changing anything. */
+  /** Reads and validates the adapter; throws AdapterLoadError without changing anything. The caller checks the name is free. */
   load(name: string, path: string): RegisteredAdapter {
-    if (this.#byName.has(name)) {
-      throw new Error(`adapter '${name}' is already loaded; unload it first to replace it`);
-    }
+    if (this.#byName.has(name)) throw new Error(`adapter '${name}' is already registered`);
     const adapter = loadPeftAdapter(path, this.config);
     if (adapter.maxRank > this.maxRank) {
-      throw new Error(`adapter '${name}' has rank ${adapter.maxRank} > max LoRA rank ${this.maxRank}; restart with a larger --max-lora-rank`);
+      throw new AdapterLoadError(path, `rank ${adapter.maxRank} > max LoRA rank ${this.maxRank}; restart with a larger --max-lora-rank`);
     }
     const reg = { id: this.#nextId++, name, path, adapter };
     this.#byName.set(name, reg);
