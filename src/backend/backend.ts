@@ -121,6 +121,9 @@ export interface Backend {
   empty(shape: Shape, dtype: DType): Tensor;
   /** View of the first `n` rows (dimension 0) of `t`; shares storage. */
   rows(t: Tensor, n: number): Tensor;
+  /** Fills a float tensor with uniform noise of standard deviation `std` (random weights for
+   * `--load-format dummy`), deterministic in `seed`; on the device, without host work. */
+  fillRandom(t: Tensor, seed: number, std: number): void;
   /** Copy a tensor back to the host as f32 (or i32 for i32 tensors). */
   read(t: Tensor): Float32Array | Int32Array;
   free(t: Tensor): void;

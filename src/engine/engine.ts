@@ -14,7 +14,7 @@ import { IncrementalDetokenizer } from "../model/detokenizer.js";
 import { LlamaModel } from "../model/llama.js";
 import { SafetensorsDir } from "../model/safetensors.js";
 import { TextTokenizer } from "../model/tokenizer.js";
-import { loadLlamaWeights } from "../model/weights.js";
+import { DUMMY, loadLlamaWeights } from "../model/weights.js";
 import { createPolicy } from "../scheduler/index.js";
 import type { SchedulingPolicy } from "../scheduler/policy.js";
 import { BlockManager } from "./block_manager.js";
@@ -61,6 +61,8 @@ export interface EngineOptions {
   readonly maxLoras?: number;
   readonly maxLoraRank?: number;
   readonly policy?: string;
+  /** "safetensors" (default) reads the checkpoint; "dummy" makes random weights from config.json alone. */
+  readonly loadFormat?: "safetensors" | "dummy";
   /** Progress while loading. */
   readonly onProgress?: (message: string) => void;
 }
@@ -485,14 +487,14 @@ export async function createEngine(opts: EngineOptions): Promise<Engine> {
   const numBlocks = Math.max(Math.ceil(maxModelLen / blockSize) + 1, Math.floor(kvBytes / (bytesPerToken * blockSize)));
 
   say(`loading ${dir} (${config.architecture}, ${config.numLayers} layers) on ${backend.name}`);
-  const src = SafetensorsDir.open(dir);
+  const src = opts.loadFormat === "dummy" ? DUMMY : SafetensorsDir.open(dir);
   let loaded = 0;
-  const total = src.names().length;
+  const total = src === DUMMY ? 0 : src.names().length;
   const weights = loadLlamaWeights(backend, config, src, () => {
     loaded++;
-    if (loaded % 64 === 0 || loaded === total) say(`loaded ${loaded}/${total} tensors`);
+    if (loaded % 64 === 0 || loaded === total) say(`loaded ${loaded}${total ? `/${total}` : ""} tensors`);
   });
-  src.close();
+  if (src !== DUMMY) src.close();
 
   const maxLoraRank = opts.maxLoraRank ?? 64;
   const registry = new AdapterRegistry(config, maxLoraRank);

@@ -50,13 +50,25 @@ function hasBias(cfg: ModelConfig, p: Projection): boolean {
   return cfg.mlpBias;
 }
 
+/** `--load-format dummy`: random weights of the config's shapes, made on the device. */
+export const DUMMY = "dummy";
+
 export function loadLlamaWeights(
   backend: Backend,
   cfg: ModelConfig,
-  src: TensorSource,
+  src: TensorSource | typeof DUMMY,
   onTensor?: (name: string) => void,
 ): LlamaWeights {
+  let seed = 0;
   const take = (name: string, shape: readonly number[]): Tensor => {
+    if (src === DUMMY) {
+      onTensor?.(name);
+      // Norm weights near 1 keep activations in range; matrices and biases get small noise.
+      if (name.endsWith("norm.weight")) return backend.upload({ shape, dtype: "f32", data: new Float32Array(shape[0]!).fill(1) });
+      const t = backend.empty(shape, cfg.dtype === "f32" ? "f32" : "bf16");
+      backend.fillRandom(t, ++seed, 0.02);
+      return t;
+    }
     if (!src.has(name)) throw new Error(`checkpoint has no tensor ${name}; is this a ${cfg.architecture} model?`);
     const host = src.get(name);
     if (host.shape.length !== shape.length || host.shape.some((d, i) => d !== shape[i])) {
@@ -85,7 +97,8 @@ export function loadLlamaWeights(
     });
   }
   const norm = take("model.norm.weight", [H]);
-  const lmHead = cfg.tieWordEmbeddings || !src.has("lm_head.weight") ? embed : take("lm_head.weight", [cfg.vocabSize, H]);
+  const hasHead = src === DUMMY ? !cfg.tieWordEmbeddings : src.has("lm_head.weight");
+  const lmHead = cfg.tieWordEmbeddings || !hasHead ? embed : take("lm_head.weight", [cfg.vocabSize, H]);
   if (!cfg.tieWordEmbeddings && lmHead === embed) {
     throw new Error("checkpoint has no lm_head.weight and config.json says tie_word_embeddings is false");
   }

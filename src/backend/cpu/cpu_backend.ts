@@ -6,6 +6,7 @@ import type {
   Backend, HostTensor, KvCache, KvCacheSpec, LoraStack, PreparedStep, SampleResult, StepBatch, Tensor,
 } from "../backend.js";
 import { numel, toF32, type DType, type Shape } from "../tensor.js";
+import { uniform } from "../rng.js";
 import { pagedAttention, writeKv, type PagedLayer } from "./attention.js";
 import { matmulNT } from "./matmul.js";
 import { logSoftmax, sampleRow, topK } from "./sample.js";
@@ -77,6 +78,12 @@ export class CpuBackend implements Backend {
     const [rows, cols] = dims2(c);
     if (n > rows) throw new Error(`rows(${n}) of a tensor with ${rows} rows`);
     return new CpuTensor([n, ...c.shape.slice(1)], c.dtype, c.data.subarray(0, n * cols), true);
+  }
+
+  fillRandom(t: Tensor, seed: number, std: number): void {
+    const d = cpu(t).f32;
+    const a = std * Math.sqrt(3);
+    for (let i = 0; i < d.length; i++) d[i] = a * (2 * uniform(seed, i) - 1);
   }
 
   read(t: Tensor): Float32Array | Int32Array {
