@@ -1,0 +1,1062 @@
+// The CUDA backend: the Backend contract (backend.ts) over one GPU, reached through
+// koffi (ffi/). Kernels come from ops.ts through DeviceOps (device_ops.ts); `linear`
+// is cuBLASLt; decode steps replay CUDA graphs.
+//
+// Contract, beyond backend.ts:
+//
+// Memory. Nothing is allocated per step. Weights (`upload`), the model's workspace
+// (`empty`), the KV cache (`createKvCache`: every layer's K and V in one allocation)
+// and LoRA stacks (`createLoraStack`) are allocated once by their owners. The backend
+// allocates at creation: the cuBLASLt workspace (32 MiB) and a table of row-count
+// constants; at the first step (and again only when a step exceeds it): the step
+// metadata buffer and its pinned host staging twin, sized at capacity; at first use
+// (outside graphs): LoRA and sampling scratch, sized at capacity. `memoryInfo()`
+// reports the device's free/total bytes so the engine can size the KV cache after
+// weights and workspace exist.
+//
+// Dtypes. Float uploads become bf16 unless `f32` is asked for (the residual stream,
+// logits and RoPE frequencies are f32; pass dtype "f32" when uploading invFreq);
+// i32 stays i32; f16 is not a device dtype here. `read` returns f32 (bf16 widened
+// exactly) or i32, and waits for all issued work.
+//
+// Steps. `prepare(batch)` packs the step's metadata (token ids, positions, slots,
+// LoRA slots, query starts, context lengths, block tables, sample rows, sampling
+// parameters, and counts [numTokens, numSeqs, numSample, padTokens]) into the pinned
+// staging buffer and uploads it with ONE host-to-device copy into fixed device
+// addresses (step_layout.ts). Token rows are padded to bucket(numTokens) (1, 2, 4, 8,
+// 16, 24, 32, 48, 64, 96, 128, 192, 256, then multiples of 64): padded rows have token
+// 0, slot -1 (no KV write), adapter -1. Only the most recently prepared step may be
+// run: its metadata occupies the device buffer.
+//
+// Views. `rows(t, n)` returns a view whose shape is [n, ...] (what `read` returns)
+// and whose launch capacity is bucket(n) (capped at t's rows). Kernels are launched
+// over the capacity and read the live count from device memory: the step's counts
+// when n is the step's numTokens or numSample, else a constant. So the launches of a
+// forward depend only on the buckets, never on the exact counts.
+//
+// Graphs. `replay(key, forward)` on a step whose buckets (tokens, sequences, samples)
+// were seen with this key before launches the captured graph; otherwise it runs
+// `forward` eagerly once (which also warms up cuBLASLt plans and lazy scratch), then
+// captures a second `forward` on the stream and instantiates it. The result is the
+// forward's output tensor, re-viewed at the current step's row count. The engine
+// calls it for decode-only steps (decodeGraphKey in step_layout.ts):
+//   const key = decodeGraphKey(batch);   // "decode:<bucket>" or null
+//   const logits = key && backend.replay ? backend.replay(key, () => model.forward(prepared, kv))
+//                                        : model.forward(prepared, kv);
+// Graphs bake device addresses in, so every free of a device buffer, a KV cache or a
+// LoRA stack, and every metadata re-layout, drops all captured graphs (they are
+// re-captured on next use). INLAID_CUDA_GRAPHS=0 (or `graphs: false`) runs eagerly.
+//
+// Errors. Every failing CUDA, NVRTC or cuBLASLt status is a CudaError; none aborts the
+// process. A kernel fault (illegal address and the like) leaves the CUDA context
+// unusable: the backend then refuses all further work with that first error.
+
+import type {
+  Backend, HostTensor, KvCache, KvCacheSpec, LoraStack, PreparedStep, SampleResult, StepBatch, Tensor,
+} from "../backend.js";
+import { uniform } from "../rng.js";
+import { bf16ToF32, f16ToF32, f32ToBf16, numel, toF32, type DType, type Shape } from "../tensor.js";
+import type { DeviceKv, DeviceLora, DeviceOps, DeviceStep, Operand, Scratch, StepRun } from "./device_ops.js";
+import { CublasLt } from "./ffi/cublaslt.js";
+import {
+  CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+  CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+  CU_EVENT_DEFAULT, CU_EVENT_DISABLE_TIMING, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL, CU_STREAM_NON_BLOCKING,
+  cudaDriver, cudaUnavailableReason, isStickyError, type CudaDriver, type PinnedBuffer,
+} from "./ffi/driver.js";
+import { buildKernels, type KernelImage } from "./ffi/nvrtc.js";
+import { KernelLauncher } from "./launcher.js";
+import { loadOpsModule } from "./ops_adapter.js";
+import {
+  bucketRows, capacityShortfall, packStep, stagingViews, stepLayout,
+  type PackedStep, type StagingViews, type StepCapacity, type StepLayout,
+} from "./step_layout.js";
+import { CudaTensor, type DeviceDType, type RowTrack } from "./tensor.js";
+
+export { decodeGraphKey, bucketRows } from "./step_layout.js";
+export { CudaError, NvrtcCompileError } from "./ffi/errors.js";
+
+export interface CudaBackendOptions {
+  /** Device ordinal (default INLAID_CUDA_DEVICE or 0). */
+  readonly device?: number;
+  /** Initial step capacity; the metadata buffer grows (dropping graphs) when a step exceeds it. */
+  readonly maxTokens?: number;
+  readonly maxSeqs?: number;
+  readonly maxBlocksPerSeq?: number;
+  /** Kernel architecture (default INLAID_CUDA_ARCH, else sm_<major><minor> of the device). */
+  readonly arch?: string;
+  /** Folder for cached CUBINs (default $INLAID_CACHE_DIR/kernels or ~/.cache/inlaid/kernels). */
+  readonly cacheDir?: string;
+  /** Kernel files and their folder (default: ops.ts's KERNEL_FILES in src/backend/cuda/kernels). */
+  readonly kernelFiles?: readonly string[];
+  readonly kernelsDir?: string;
+  /** cuBLASLt workspace (default 32 MiB). */
+  readonly workspaceBytes?: number;
+  /** Capture and replay CUDA graphs (default true unless INLAID_CUDA_GRAPHS=0). */
+  readonly graphs?: boolean;
+}
+
+export interface CudaDeviceInfo {
+  readonly ordinal: number;
+  readonly name: string;
+  readonly computeCapability: readonly [number, number];
+  readonly smCount: number;
+  readonly maxSharedPerBlockOptin: number;
+  readonly driverVersion: number;
+  readonly arch: string;
+}
+
+interface CudaPrepared extends PreparedStep {
+  readonly owner: CudaBackend;
+  readonly id: number;
+  readonly packed: PackedStep;
+  readonly run: StepRun;
+}
+
+class CudaKvCache implements KvCache {
+  #freed = false;
+  constructor(
+    readonly owner: CudaBackend,
+    readonly spec: KvCacheSpec,
+    readonly ptr: bigint,
+    /** Bytes of one layer's K (or V). */
+    readonly layerBytes: number,
+    readonly layers: readonly DeviceKv[],
+  ) {}
+  get freed(): boolean {
+    return this.#freed;
+  }
+  markFreed(): void {
+    this.#freed = true;
+  }
+}
+
+class CudaLoraStack implements LoraStack {
+  #freed = false;
+  constructor(
+    readonly owner: CudaBackend,
+    readonly numSlots: number,
+    readonly maxRank: number,
+    readonly inDim: number,
+    readonly outDim: number,
+    /** One allocation: A, then B, then ranks, then scales. */
+    readonly ptr: bigint,
+    readonly a: bigint,
+    readonly b: bigint,
+    readonly ranks: bigint,
+    readonly scales: bigint,
+    /** Host copy of ranks (to know whether a slot is in use). */
+    readonly hostRanks: Int32Array,
+  ) {}
+  get freed(): boolean {
+    return this.#freed;
+  }
+  markFreed(): void {
+    this.#freed = true;
+  }
+}
+
+interface Graph {
+  readonly exec: bigint;
+  readonly out: CudaTensor;
+}
+
+/** Most rows a constant-count operand may have (the liveRows table's size). */
+const ROW_CONST_MAX = 1 << 16;
+const DEFAULT_WORKSPACE = 32 << 20;
+const align256 = (x: number): number => Math.ceil(x / 256) * 256;
+
+export class CudaBackend implements Backend {
+  readonly name = "cuda";
+  readonly activationDtype = "bf16";
+  readonly device: CudaDeviceInfo;
+  /** How each kernel file was obtained at creation (cache hit or compile, and time). */
+  readonly kernelImages: readonly KernelImage[];
+  /** Why the kernels are unavailable (ops.ts missing), or null. */
+  readonly kernelsUnavailable: string | null;
+
+  static #active: CudaBackend | null = null;
+
+  readonly #d: CudaDriver;
+  readonly #ordinal: number;
+  readonly #ctx: bigint;
+  readonly #stream: bigint;
+  readonly #launcher: KernelLauncher;
+  readonly #blas: CublasLt;
+  readonly #ops: DeviceOps;
+  readonly #workspace: bigint;
+  readonly #rowConsts: bigint;
+  readonly #graphsEnabled: boolean;
+  readonly #stagingEvent: bigint;
+  readonly #timing: [bigint, bigint];
+
+  readonly #owned = new Set<CudaTensor>();
+  readonly #kvCaches = new Set<CudaKvCache>();
+  readonly #loraStacks = new Set<CudaLoraStack>();
+  readonly #graphs = new Map<string, Graph>();
+
+  // Step metadata: device buffer, pinned staging twin, layout. Null until the first step.
+  #layout: StepLayout | null = null;
+  #meta = 0n;
+  #staging: PinnedBuffer | null = null;
+  #stagingViews: StagingViews | null = null;
+  #stagingBusy = false;
+  #deviceStep: DeviceStep | null = null;
+  #initialCapacity: Partial<StepCapacity>;
+
+  #current: CudaPrepared | null = null;
+  #stepId = 0;
+  #capturing = false;
+  #kvBlockSize = 0;
+
+  // Scratch by use ("lora", "attention", "sample"), sized at capacity; never allocated while capturing.
+  readonly #scratch = new Map<string, Scratch>();
+  #sampleHost: PinnedBuffer | null = null;
+
+  #lost: Error | null = null;
+  #disposed = false;
+
+  private constructor(init: {
+    driver: CudaDriver; ordinal: number; ctx: bigint; stream: bigint; launcher: KernelLauncher; blas: CublasLt;
+    ops: DeviceOps; workspace: bigint; rowConsts: bigint; device: CudaDeviceInfo; images: readonly KernelImage[];
+    kernelsUnavailable: string | null; graphs: boolean; stagingEvent: bigint; timing: [bigint, bigint];
+    capacity: Partial<StepCapacity>;
+  }) {
+    this.#d = init.driver;
+    this.#ordinal = init.ordinal;
+    this.#ctx = init.ctx;
+    this.#stream = init.stream;
+    this.#launcher = init.launcher;
+    this.#blas = init.blas;
+    this.#ops = init.ops;
+    this.#workspace = init.workspace;
+    this.#rowConsts = init.rowConsts;
+    this.device = init.device;
+    this.kernelImages = init.images;
+    this.kernelsUnavailable = init.kernelsUnavailable;
+    this.#graphsEnabled = init.graphs;
+    this.#stagingEvent = init.stagingEvent;
+    this.#timing = init.timing;
+    this.#initialCapacity = init.capacity;
+    CudaBackend.#active = this;
+  }
+
+  // ------------------------------------------------------------------ creation
+
+  /** Whether libcuda loads and reports at least one device. Never throws; loads nothing at import. */
+  static available(): boolean {
+    return cudaUnavailableReason() === null;
+  }
+
+  /** Why `available()` is false, or null. */
+  static unavailableReason(): string | null {
+    return cudaUnavailableReason();
+  }
+
+  static async create(opts: CudaBackendOptions = {}): Promise<CudaBackend> {
+    const d = cudaDriver();
+    const count = d.deviceCount();
+    const ordinal = opts.device ?? Number(process.env.INLAID_CUDA_DEVICE ?? 0);
+    if (!Number.isInteger(ordinal) || ordinal < 0 || ordinal >= count) {
+      throw new Error(`CUDA device ${ordinal} does not exist (this machine has ${count}: 0..${count - 1})`);
+    }
+    const dev = d.device(ordinal);
+    const undo: (() => void)[] = [];
+    const cleanup = (): void => {
+      for (const f of undo.reverse()) {
+        try {
+          f();
+        } catch {
+          // best effort while unwinding a failed creation
+        }
+      }
+    };
+    try {
+      const ctx = d.primaryCtxRetain(dev);
+      undo.push(() => d.primaryCtxRelease(dev));
+      d.ctxSetCurrent(ctx);
+      const major = d.deviceAttribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev);
+      const minor = d.deviceAttribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev);
+      const arch = opts.arch ?? process.env.INLAID_CUDA_ARCH ?? `sm_${major}${minor}`;
+      const device: CudaDeviceInfo = {
+        ordinal,
+        name: d.deviceName(dev),
+        computeCapability: [major, minor],
+        smCount: d.deviceAttribute(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev),
+        maxSharedPerBlockOptin: d.deviceAttribute(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, dev),
+        driverVersion: d.driverVersion(),
+        arch,
+      };
+      const stream = d.streamCreate(CU_STREAM_NON_BLOCKING);
+      undo.push(() => d.streamDestroy(stream));
+      const stagingEvent = d.eventCreate(CU_EVENT_DISABLE_TIMING);
+      undo.push(() => d.eventDestroy(stagingEvent));
+      const t0 = d.eventCreate(CU_EVENT_DEFAULT);
+      undo.push(() => d.eventDestroy(t0));
+      const t1 = d.eventCreate(CU_EVENT_DEFAULT);
+      undo.push(() => d.eventDestroy(t1));
+
+      // Kernels: ops.ts names the files; NVRTC builds them (or the cache has them).
+      const opsModule = await loadOpsModule();
+      const files = opts.kernelFiles ?? opsModule.kernelFiles;
+      const images = files.length > 0
+        ? await buildKernels({ files, arch, ...(opts.kernelsDir ? { dir: opts.kernelsDir } : {}), ...(opts.cacheDir ? { cacheDir: opts.cacheDir } : {}) })
+        : [];
+      d.ctxSetCurrent(ctx); // the awaits above ran on this thread, but keep the invariant explicit
+      const launcher = new KernelLauncher(d, stream, images, device.maxSharedPerBlockOptin);
+      undo.push(() => launcher.dispose());
+
+      const wsBytes = opts.workspaceBytes ?? DEFAULT_WORKSPACE;
+      const workspace = d.memAlloc(wsBytes);
+      undo.push(() => d.memFree(workspace));
+      const blas = CublasLt.open(stream, workspace, wsBytes);
+      undo.push(() => blas.dispose());
+
+      // rowConsts[i] = i: the live-row count of an operand whose size is fixed.
+      const consts = new Int32Array(ROW_CONST_MAX + 1);
+      for (let i = 0; i <= ROW_CONST_MAX; i++) consts[i] = i;
+      const rowConsts = d.memAlloc(consts.byteLength);
+      undo.push(() => d.memFree(rowConsts));
+      d.memcpyHtoDAsync(rowConsts, consts, consts.byteLength, stream);
+      d.streamSynchronize(stream);
+
+      const graphs = opts.graphs ?? process.env.INLAID_CUDA_GRAPHS !== "0";
+      const capacity: Partial<StepCapacity> = {
+        ...(opts.maxTokens ? { tokens: bucketRows(opts.maxTokens) } : {}),
+        ...(opts.maxSeqs ? { seqs: bucketRows(opts.maxSeqs) } : {}),
+        ...(opts.maxBlocksPerSeq ? { blocksPerSeq: opts.maxBlocksPerSeq } : {}),
+      };
+      return new CudaBackend({
+        driver: d, ordinal, ctx, stream, launcher, blas, ops: opsModule.make(launcher, { smCount: device.smCount }), workspace, rowConsts, device, images,
+        kernelsUnavailable: opsModule.unavailable, graphs, stagingEvent, timing: [t0, t1], capacity,
+      });
+    } catch (e) {
+      cleanup();
+      throw e;
+    }
+  }
+
+  // ------------------------------------------------------------------ internal guards
+
+  /** Makes this backend's context current (several backends may share the process). */
+  #enter(): void {
+    if (this.#disposed) throw new Error("the CUDA backend has been disposed");
+    if (this.#lost) throw this.#lost;
+    if (CudaBackend.#active !== this) {
+      this.#d.ctxSetCurrent(this.#ctx);
+      CudaBackend.#active = this;
+    }
+  }
+
+  /** Remembers a sticky error (the context is gone) so later calls fail fast with it. */
+  #note(e: unknown): void {
+    if (isStickyError(e) && !this.#lost) {
+      const err = e as Error;
+      this.#lost = new Error(`the CUDA context is unusable after an earlier kernel fault (${err.message}); restart the process`);
+    }
+  }
+
+  #t(t: Tensor): CudaTensor {
+    if (!(t instanceof CudaTensor) || t.owner !== this) throw new Error("tensor does not belong to this CUDA backend");
+    if (t.freed) throw new Error("use of a freed CUDA tensor");
+    return t;
+  }
+
+  #prep(step: PreparedStep): CudaPrepared {
+    const p = step as CudaPrepared;
+    if (p.owner !== this) throw new Error("prepared step does not belong to this CUDA backend");
+    if (p !== this.#current) throw new Error("a prepared step is only valid until the next prepare() on the CUDA backend");
+    return p;
+  }
+
+  #liveRows(t: CudaTensor): bigint {
+    if (t.track !== "fixed" && this.#deviceStep) {
+      return this.#deviceStep.counts + (t.track === "tokens" ? 0n : 8n);
+    }
+    if (t.rows > ROW_CONST_MAX) throw new Error(`operand of ${t.rows} rows exceeds the constant-count table (${ROW_CONST_MAX})`);
+    return this.#rowConsts + BigInt(4 * t.rows);
+  }
+
+  #operand(t: Tensor): Operand {
+    const c = this.#t(t);
+    return { ptr: c.ptr, dtype: c.dtype, rowsCap: c.capRows, cols: c.cols, liveRows: this.#liveRows(c) };
+  }
+
+  #alloc(bytes: number): bigint {
+    try {
+      return this.#d.memAlloc(bytes);
+    } catch (e) {
+      const m = this.memoryInfo();
+      if (e instanceof Error) e.message += ` (device memory: ${(m.free / 2 ** 20).toFixed(0)} MiB free of ${(m.total / 2 ** 20).toFixed(0)} MiB)`;
+      throw e;
+    }
+  }
+
+  /** Frees device memory after the stream has finished with it, dropping graphs that may point at it. */
+  #release(ptr: bigint): void {
+    this.#dropGraphs();
+    this.#d.streamSynchronize(this.#stream);
+    this.#d.memFree(ptr);
+  }
+
+  #dropGraphs(): void {
+    for (const g of this.#graphs.values()) this.#d.graphExecDestroy(g.exec);
+    this.#graphs.clear();
+  }
+
+  // ------------------------------------------------------------------ memory
+
+  /** Free and total device memory in bytes (cuMemGetInfo). */
+  memoryInfo(): { free: number; total: number } {
+    this.#enter();
+    return this.#d.memGetInfo();
+  }
+
+  upload(host: HostTensor, dtype?: DType): Tensor {
+    this.#enter();
+    if (this.#capturing) throw new Error("upload() while capturing a CUDA graph");
+    const n = numel(host.shape);
+    if (host.data.length !== n) throw new Error(`upload: shape [${host.shape.join(", ")}] needs ${n} elements, data has ${host.data.length}`);
+    const target: DType = dtype ?? (host.dtype === "i32" ? "i32" : "bf16");
+    let data: Float32Array | Uint16Array | Int32Array;
+    switch (target) {
+      case "i32":
+        if (host.dtype !== "i32") throw new Error(`cannot upload ${host.dtype} data as i32`);
+        data = host.data;
+        break;
+      case "bf16":
+        if (host.dtype === "i32") throw new Error("cannot upload i32 data as bf16");
+        data = host.dtype === "bf16" ? host.data : f32ToBf16(host.dtype === "f16" ? f16ToF32(host.data as Uint16Array) : (host.data as Float32Array));
+        break;
+      case "f32":
+        if (host.dtype === "i32") throw new Error("cannot upload i32 data as f32");
+        data = toF32(host.data, host.dtype);
+        break;
+      case "f16":
+        throw new Error("the CUDA backend keeps floats as bf16 or f32; upload with dtype 'bf16' or 'f32'");
+      default:
+        return target satisfies never;
+    }
+    const t = this.#newTensor(host.shape, target);
+    if (data.byteLength > 0) this.#d.memcpyHtoDAsync(t.ptr, data, data.byteLength, this.#stream);
+    return t;
+  }
+
+  #newTensor(shape: Shape, dtype: DeviceDType): CudaTensor {
+    const bytes = numel(shape) * (dtype === "bf16" ? 2 : 4);
+    const ptr = this.#alloc(bytes);
+    const t = new CudaTensor(this, [...shape], dtype, ptr, shape[0] ?? 1);
+    this.#owned.add(t);
+    return t;
+  }
+
+  empty(shape: Shape, dtype: DType): Tensor {
+    this.#enter();
+    if (dtype === "f16") throw new Error("the CUDA backend keeps floats as bf16 or f32; ask for 'bf16' or 'f32'");
+    if (this.#capturing) throw new Error("empty() while capturing a CUDA graph: allocate before replay()");
+    const t = this.#newTensor(shape, dtype);
+    // Zeroed like the CPU backend's, once at allocation (never per step).
+    if (t.bytes > 0) this.#d.memsetD8Async(t.ptr, 0, t.bytes, this.#stream);
+    return t;
+  }
+
+  rows(t: Tensor, n: number): Tensor {
+    const c = this.#t(t);
+    const base = c.base ?? c;
+    if (!Number.isInteger(n) || n < 0 || n > base.rows) throw new Error(`rows(${n}) of a tensor with ${base.rows} rows`);
+    let track: RowTrack = "fixed";
+    const cur = this.#current;
+    if (cur) {
+      if (n === cur.batch.numTokens) track = "tokens";
+      else if (n === cur.batch.sampleRows.length) track = "sample";
+    }
+    return new CudaTensor(this, [n, ...base.shape.slice(1)], base.dtype, base.ptr, Math.min(bucketRows(n), base.rows), track, base);
+  }
+
+  fillRandom(t: Tensor, seed: number, std: number): void {
+    this.#enter();
+    if (this.#capturing) throw new Error("fillRandom() while capturing a CUDA graph");
+    const c = this.#t(t);
+    if (c.dtype === "i32") throw new Error("fillRandom: the tensor must be bf16 or f32");
+    const n = numel(c.shape);
+    if (this.#ops.fillRandom) {
+      this.#ops.fillRandom(this.#operand(c), n, seed, std);
+      return;
+    }
+    // Host fallback (ops.ts has no fill kernel): the CPU backend's formula, in chunks.
+    const a = std * Math.sqrt(3);
+    const CHUNK = 1 << 22;
+    const f = new Float32Array(Math.min(n, CHUNK));
+    const bits = c.dtype === "bf16" ? new Uint16Array(f.length) : null;
+    for (let start = 0; start < n; start += CHUNK) {
+      const len = Math.min(CHUNK, n - start);
+      const part = f.subarray(0, len);
+      for (let i = 0; i < len; i++) part[i] = a * (2 * uniform(seed, start + i) - 1);
+      const src = bits ? f32ToBf16(part, bits.subarray(0, len)) : part;
+      const esize = bits ? 2 : 4;
+      this.#d.memcpyHtoDAsync(c.ptr + BigInt(start * esize), src, len * esize, this.#stream);
+    }
+  }
+
+  read(t: Tensor): Float32Array | Int32Array {
+    this.#enter();
+    const c = this.#t(t);
+    if (this.#capturing) throw new Error("read() while capturing a CUDA graph");
+    const n = numel(c.shape);
+    try {
+      this.#d.streamSynchronize(this.#stream);
+      if (c.dtype === "bf16") {
+        const bits = new Uint16Array(n);
+        if (n > 0) this.#d.memcpyDtoHAsync(bits, c.ptr, n * 2, this.#stream);
+        this.#d.streamSynchronize(this.#stream);
+        return bf16ToF32(bits);
+      }
+      const out = c.dtype === "i32" ? new Int32Array(n) : new Float32Array(n);
+      if (n > 0) this.#d.memcpyDtoHAsync(out, c.ptr, n * 4, this.#stream);
+      this.#d.streamSynchronize(this.#stream);
+      return out;
+    } catch (e) {
+      this.#note(e);
+      throw e;
+    }
+  }
+
+  free(t: Tensor): void {
+    this.#enter();
+    const c = this.#t(t);
+    if (c.isView) return; // views share storage and are never freed
+    if (this.#capturing) throw new Error("free() while capturing a CUDA graph");
+    this.#owned.delete(c);
+    c.markFreed();
+    this.#release(c.ptr);
+  }
+
+  // ------------------------------------------------------------------ per-step state
+
+  prepare(batch: StepBatch): PreparedStep {
+    this.#enter();
+    if (this.#capturing) throw new Error("prepare() while capturing a CUDA graph");
+    try {
+      if (!this.#layout || capacityShortfall(batch, this.#layout.capacity) !== null) this.#relayout(this.#fit(batch));
+      const layout = this.#layout!;
+      // The previous upload may still be reading the staging buffer (pinned copies are truly async).
+      if (this.#stagingBusy) this.#d.eventSynchronize(this.#stagingEvent);
+      const packed = packStep(batch, layout, this.#stagingViews!);
+      this.#d.memcpyHtoDAsyncPinned(this.#meta, this.#staging!.addr, packed.copyWords * 4, this.#stream);
+      this.#d.eventRecord(this.#stagingEvent, this.#stream);
+      this.#stagingBusy = true;
+      const run: StepRun = {
+        step: this.#deviceStep!,
+        padTokens: packed.padTokens,
+        padSeqs: packed.padSeqs,
+        padSample: packed.padSample,
+        maxContext: layout.capacity.blocksPerSeq * this.#kvBlockSize,
+        hasPrefill: packed.hasPrefill,
+        hasDecode: packed.hasDecode,
+      };
+      const p: CudaPrepared = { batch, owner: this, id: ++this.#stepId, packed, run };
+      this.#current = p;
+      return p;
+    } catch (e) {
+      this.#note(e);
+      throw e;
+    }
+  }
+
+  /** The smallest capacity that holds the current one, the creation hint and `batch`. */
+  #fit(batch: StepBatch): StepCapacity {
+    const old = this.#layout?.capacity;
+    const init = this.#initialCapacity;
+    return {
+      tokens: Math.max(old?.tokens ?? 0, init.tokens ?? 0, bucketRows(Math.max(1, batch.numTokens))),
+      seqs: Math.max(old?.seqs ?? 0, init.seqs ?? 0, bucketRows(Math.max(1, batch.numSeqs, batch.sampleRows.length))),
+      blocksPerSeq: Math.max(1, batch.maxBlocksPerSeq),
+    };
+  }
+
+  /** (Re)allocates the metadata buffers at `capacity`. Drops graphs (addresses change). */
+  #relayout(capacity: StepCapacity): void {
+    const layout = stepLayout(capacity);
+    this.#d.streamSynchronize(this.#stream);
+    this.#stagingBusy = false;
+    if (this.#meta !== 0n) {
+      this.#release(this.#meta);
+      this.#meta = 0n;
+    }
+    if (this.#staging) {
+      this.#d.memFreeHost(this.#staging);
+      this.#staging = null;
+    }
+    this.#dropGraphs();
+    const bytes = layout.totalWords * 4;
+    this.#meta = this.#alloc(bytes);
+    this.#d.memsetD8Async(this.#meta, 0, bytes, this.#stream);
+    this.#staging = this.#d.memAllocHost(bytes);
+    this.#stagingViews = stagingViews(this.#staging.buffer, 0, layout.totalWords);
+    this.#layout = layout;
+    const at = (words: number): bigint => this.#meta + BigInt(words * 4);
+    this.#deviceStep = {
+      counts: at(layout.counts), tokenIds: at(layout.tokenIds), positions: at(layout.positions),
+      slotMapping: at(layout.slotMapping), loraSlots: at(layout.loraSlots), queryStart: at(layout.queryStart),
+      contextLens: at(layout.contextLens), sampleRows: at(layout.sampleRows), blockTables: at(layout.blockTables),
+      temperature: at(layout.temperature), topP: at(layout.topP), topK: at(layout.topK), seeds: at(layout.seeds),
+      counters: at(layout.counters), blocksPerSeq: capacity.blocksPerSeq, capTokens: capacity.tokens, capSeqs: capacity.seqs,
+    };
+    this.#current = null;
+    this.#ensureLoraScratch();
+  }
+
+  /**
+   * Allocates, before the KV cache is sized from free memory, everything later steps
+   * would otherwise allocate on first use: step metadata at capacity, LoRA and
+   * attention scratch, and sampling buffers. Call it once the model and adapter pool
+   * exist; a later larger step still works (it grows the buffers and drops graphs).
+   */
+  reserve(r: {
+    readonly maxTokens: number;
+    readonly maxSeqs: number;
+    readonly maxBlocksPerSeq: number;
+    readonly numHeads?: number;
+    readonly headDim?: number;
+    readonly vocabSize?: number;
+    /** Most top logprobs one request may ask for (default 20, OpenAI's limit). */
+    readonly maxTopLogprobs?: number;
+  }): void {
+    this.#enter();
+    if (this.#capturing) throw new Error("reserve() while capturing a CUDA graph");
+    const old = this.#layout?.capacity;
+    const capacity: StepCapacity = {
+      tokens: Math.max(old?.tokens ?? 0, bucketRows(Math.max(1, r.maxTokens))),
+      seqs: Math.max(old?.seqs ?? 0, bucketRows(Math.max(1, r.maxSeqs))),
+      blocksPerSeq: Math.max(1, r.maxBlocksPerSeq),
+    };
+    if (!old || old.tokens !== capacity.tokens || old.seqs !== capacity.seqs || old.blocksPerSeq !== capacity.blocksPerSeq) {
+      this.#relayout(capacity);
+    }
+    this.#ensureLoraScratch();
+    if (r.numHeads && r.headDim) this.#ensureAttentionScratch(r.numHeads, r.headDim);
+    if (r.vocabSize) this.#ensureSampleBuffers(r.vocabSize, r.maxTopLogprobs ?? 20);
+  }
+
+  /** Device addresses of the step metadata (null before the first step; fixed until a re-layout). */
+  get deviceStep(): DeviceStep | null {
+    return this.#deviceStep;
+  }
+
+  /** Step capacity of the metadata buffer (null before the first step). */
+  get stepCapacity(): StepCapacity | null {
+    return this.#layout?.capacity ?? null;
+  }
+
+  createKvCache(spec: KvCacheSpec): KvCache {
+    this.#enter();
+    const { numLayers, numBlocks, blockSize, numKvHeads, headDim } = spec;
+    const layerBytes = align256(numBlocks * blockSize * numKvHeads * headDim * 2);
+    const total = 2 * numLayers * layerBytes;
+    const ptr = this.#alloc(total);
+    this.#d.memsetD8Async(ptr, 0, total, this.#stream);
+    const layers: DeviceKv[] = [];
+    for (let l = 0; l < numLayers; l++) {
+      layers.push({
+        k: ptr + BigInt(2 * l * layerBytes),
+        v: ptr + BigInt((2 * l + 1) * layerBytes),
+        numBlocks, blockSize, numKvHeads, headDim,
+      });
+    }
+    const kv = new CudaKvCache(this, { ...spec }, ptr, layerBytes, layers);
+    this.#kvCaches.add(kv);
+    this.#kvBlockSize = blockSize;
+    return kv;
+  }
+
+  freeKvCache(kv: KvCache): void {
+    this.#enter();
+    const c = this.#kv(kv);
+    this.#kvCaches.delete(c);
+    c.markFreed();
+    this.#release(c.ptr);
+  }
+
+  #kv(kv: KvCache): CudaKvCache {
+    if (!(kv instanceof CudaKvCache) || kv.owner !== this) throw new Error("KV cache does not belong to this CUDA backend");
+    if (kv.freed) throw new Error("use of a freed KV cache");
+    return kv;
+  }
+
+  createLoraStack(numSlots: number, maxRank: number, inDim: number, outDim: number): LoraStack {
+    this.#enter();
+    if (numSlots < 1 || maxRank < 1) throw new Error(`a LoRA stack needs at least one slot and rank 1 (got ${numSlots}, ${maxRank})`);
+    const aBytes = align256(numSlots * maxRank * inDim * 2);
+    const bBytes = align256(numSlots * outDim * maxRank * 2);
+    const rBytes = align256(numSlots * 4);
+    const total = aBytes + bBytes + 2 * rBytes;
+    const ptr = this.#alloc(total);
+    this.#d.memsetD8Async(ptr, 0, total, this.#stream);
+    const a = ptr, b = ptr + BigInt(aBytes), ranks = b + BigInt(bBytes), scales = ranks + BigInt(rBytes);
+    const s = new CudaLoraStack(this, numSlots, maxRank, inDim, outDim, ptr, a, b, ranks, scales, new Int32Array(numSlots));
+    this.#loraStacks.add(s);
+    this.#ensureLoraScratch();
+    return s;
+  }
+
+  writeLoraSlot(stack: LoraStack, slot: number, rank: number, scale: number, a: Float32Array, b: Float32Array): void {
+    this.#enter();
+    if (this.#capturing) throw new Error("writeLoraSlot() while capturing a CUDA graph");
+    const s = this.#lora(stack);
+    if (!Number.isInteger(slot) || slot < 0 || slot >= s.numSlots) throw new Error(`LoRA slot ${slot} out of range (pool has ${s.numSlots})`);
+    if (rank > s.maxRank) throw new Error(`LoRA rank ${rank} > max rank ${s.maxRank} of the pool`);
+    if (a.length !== rank * s.inDim || b.length !== s.outDim * rank) {
+      throw new Error(`LoRA slot ${slot}: A must be [${rank}, ${s.inDim}] and B [${s.outDim}, ${rank}]`);
+    }
+    const R = s.maxRank;
+    // A [rank, inDim] goes into the slot's first rank rows; B [outDim, rank] is
+    // re-strided to [outDim, maxRank]; everything past the rank stays zero.
+    const aSlot = new Uint16Array(R * s.inDim);
+    if (rank > 0) f32ToBf16(a, aSlot.subarray(0, rank * s.inDim));
+    const bSlot = new Uint16Array(s.outDim * R);
+    if (rank > 0) {
+      const bBits = f32ToBf16(b);
+      for (let o = 0; o < s.outDim; o++) bSlot.set(bBits.subarray(o * rank, (o + 1) * rank), o * R);
+    }
+    const st = this.#stream;
+    this.#d.memcpyHtoDAsync(s.a + BigInt(slot * aSlot.byteLength), aSlot, aSlot.byteLength, st);
+    this.#d.memcpyHtoDAsync(s.b + BigInt(slot * bSlot.byteLength), bSlot, bSlot.byteLength, st);
+    this.#d.memcpyHtoDAsync(s.ranks + BigInt(4 * slot), new Int32Array([rank]), 4, st);
+    this.#d.memcpyHtoDAsync(s.scales + BigInt(4 * slot), new Float32Array([rank > 0 ? scale : 0]), 4, st);
+    s.hostRanks[slot] = rank;
+  }
+
+  freeLoraStack(stack: LoraStack): void {
+    this.#enter();
+    const s = this.#lora(stack);
+    this.#loraStacks.delete(s);
+    s.markFreed();
+    this.#release(s.ptr);
+  }
+
+  #lora(stack: LoraStack): CudaLoraStack {
+    if (!(stack instanceof CudaLoraStack) || stack.owner !== this) throw new Error("LoRA stack does not belong to this CUDA backend");
+    if (stack.freed) throw new Error("use of a freed LoRA stack");
+    return stack;
+  }
+
+  /**
+   * Scratch `name` of at least `bytes`, allocated outside graphs. Growing frees the old
+   * buffer, which drops captured graphs (they may point at it).
+   */
+  #ensureScratch(name: string, bytes: number): Scratch {
+    const have = this.#scratch.get(name);
+    if (have && have.bytes >= bytes) return have;
+    if (this.#capturing) {
+      throw new Error(`the ${name} scratch would have to grow to ${bytes} bytes while capturing a CUDA graph; call reserve() first`);
+    }
+    if (have) {
+      this.#scratch.delete(name);
+      this.#release(have.ptr);
+    }
+    const size = align256(Math.max(256, bytes));
+    const s: Scratch = { ptr: this.#alloc(size), bytes: size };
+    this.#scratch.set(name, s);
+    return s;
+  }
+
+  /** The shrink intermediate: f32 [capTokens, largest maxRank]. */
+  #ensureLoraScratch(): Scratch | null {
+    let rank = 0;
+    for (const s of this.#loraStacks) rank = Math.max(rank, s.maxRank);
+    const tokens = this.#layout?.capacity.tokens ?? 0;
+    if (rank === 0 || tokens === 0) return null;
+    return this.#ensureScratch("lora", tokens * rank * 4);
+  }
+
+  #ensureAttentionScratch(numHeads: number, headDim: number): Scratch {
+    const seqs = this.#layout?.capacity.seqs ?? 1;
+    return this.#ensureScratch("attention", this.#ops.attentionScratchBytes(seqs, numHeads, headDim));
+  }
+
+  // ------------------------------------------------------------------ ops
+
+  embedding(out: Tensor, table: Tensor, step: PreparedStep): void {
+    this.#enter();
+    const p = this.#prep(step);
+    this.#ops.embedding(this.#operand(out), this.#operand(table), p.run);
+  }
+
+  rmsnorm(out: Tensor, x: Tensor, w: Tensor, eps: number): void {
+    this.#enter();
+    this.#ops.rmsnorm(this.#operand(out), this.#operand(x), this.#operand(w), eps);
+  }
+
+  addRmsnorm(out: Tensor, residual: Tensor, x: Tensor, w: Tensor, eps: number): void {
+    this.#enter();
+    this.#ops.addRmsnorm(this.#operand(out), this.#operand(residual), this.#operand(x), this.#operand(w), eps);
+  }
+
+  linear(out: Tensor, x: Tensor, w: Tensor, bias?: Tensor): void {
+    this.#enter();
+    const o = this.#t(out), xi = this.#t(x), wi = this.#t(w);
+    const K = xi.cols, N = wi.rows;
+    if (wi.cols !== K) throw new Error(`linear: x has ${K} columns but the weight has ${wi.cols}`);
+    if (o.cols !== N) throw new Error(`linear: out has ${o.cols} columns, the weight has ${N} rows`);
+    if (o.rows !== xi.rows) throw new Error(`linear: out has ${o.rows} rows, x has ${xi.rows}`);
+    if (xi.dtype !== "bf16" || wi.dtype !== "bf16") throw new Error(`linear: x and w must be bf16 (got ${xi.dtype}, ${wi.dtype})`);
+    if (o.dtype === "i32") throw new Error("linear: out must be bf16 or f32");
+    let b = 0n;
+    if (bias) {
+      const bi = this.#t(bias);
+      if (bi.dtype !== o.dtype) throw new Error(`linear: bias must have the output's dtype (${o.dtype}); got ${bi.dtype}`);
+      if (numel(bi.shape) !== N) throw new Error(`linear: bias has ${numel(bi.shape)} elements, expected ${N}`);
+      b = bi.ptr;
+    }
+    // Rows: the launch capacity (bucket) so eager and replayed steps run the same GEMM.
+    const n = Math.min(o.capRows, xi.capRows);
+    this.#blas.matmul(o.ptr, o.dtype, xi.ptr, wi.ptr, n, N, K, b);
+  }
+
+  lora(out: Tensor, x: Tensor, stack: LoraStack, step: PreparedStep): void {
+    this.#enter();
+    const p = this.#prep(step);
+    const s = this.#lora(stack);
+    // Sized here, before the skip below, so that an eager warm-up always allocates it.
+    const scratch = this.#ensureLoraScratch()!;
+    // Eagerly, a step without adapters skips the launches; a captured graph always has them.
+    if (!this.#capturing && !p.packed.anyLora) return;
+    const dl: DeviceLora = {
+      a: s.a, b: s.b, ranks: s.ranks, scales: s.scales, numSlots: s.numSlots, maxRank: s.maxRank,
+      inDim: s.inDim, outDim: s.outDim, scratch: scratch.ptr,
+    };
+    this.#ops.lora(this.#operand(out), this.#operand(x), dl, p.run);
+  }
+
+  rope(q: Tensor, k: Tensor, invFreq: Tensor, headDim: number, step: PreparedStep): void {
+    this.#enter();
+    const p = this.#prep(step);
+    const f = this.#t(invFreq);
+    if (f.dtype !== "f32") throw new Error("rope: invFreq must be an f32 tensor (upload it with dtype 'f32')");
+    this.#ops.rope(this.#operand(q), this.#operand(k), this.#operand(f), headDim, p.run);
+  }
+
+  attention(out: Tensor, q: Tensor, k: Tensor, v: Tensor, kv: KvCache, layer: number, scale: number, step: PreparedStep): void {
+    this.#enter();
+    const p = this.#prep(step);
+    const cache = this.#kv(kv);
+    const l = cache.layers[layer];
+    if (!l) throw new Error(`attention: layer ${layer} outside the KV cache's ${cache.layers.length} layers`);
+    const qo = this.#operand(q);
+    const scratch = this.#ensureAttentionScratch(qo.cols / l.headDim, l.headDim);
+    this.#ops.attention(this.#operand(out), qo, this.#operand(k), this.#operand(v), l, scale, p.run, scratch);
+  }
+
+  siluMul(out: Tensor, gate: Tensor, up: Tensor): void {
+    this.#enter();
+    this.#ops.siluMul(this.#operand(out), this.#operand(gate), this.#operand(up));
+  }
+
+  gatherRows(out: Tensor, x: Tensor, step: PreparedStep): void {
+    this.#enter();
+    const p = this.#prep(step);
+    this.#ops.gatherRows(this.#operand(out), this.#operand(x), p.run);
+  }
+
+  sample(logits: Tensor, step: PreparedStep): SampleResult {
+    this.#enter();
+    if (this.#capturing) throw new Error("sample() while capturing a CUDA graph: sample after replay()");
+    const p = this.#prep(step);
+    const lg = this.#t(logits);
+    const m = p.batch.sampleRows.length;
+    const K = p.batch.sampling.numTopLogprobs;
+    if (m === 0) return { tokens: new Int32Array(0), logprobs: new Float32Array(0), topIds: new Int32Array(0), topLogprobs: new Float32Array(0) };
+    if (lg.dtype !== "f32") throw new Error("sample: logits must be f32");
+    try {
+      // Output words: tokens [m], logprobs [m], topIds [m*K], topLogprobs [m*K], contiguous: one copy back.
+      const { out, scratch } = this.#ensureSampleBuffers(lg.cols, K);
+      const base = out.ptr;
+      const outs = {
+        tokens: base,
+        logprobs: base + BigInt(4 * m),
+        topIds: base + BigInt(8 * m),
+        topLogprobs: base + BigInt(8 * m + 4 * m * K),
+        numTop: K,
+        scratch: scratch.ptr,
+        scratchBytes: scratch.bytes,
+      };
+      this.#ops.sample(this.#operand(lg), p.run, outs);
+      const words = m * (2 + 2 * K);
+      const host = this.#sampleHost!;
+      this.#d.memcpyDtoHAsyncPinned(host.addr, base, words * 4, this.#stream);
+      this.#d.streamSynchronize(this.#stream);
+      const i32 = new Int32Array(host.buffer, 0, words);
+      const f32 = new Float32Array(host.buffer, 0, words);
+      return {
+        tokens: i32.slice(0, m),
+        logprobs: f32.slice(m, 2 * m),
+        topIds: i32.slice(2 * m, 2 * m + m * K),
+        topLogprobs: f32.slice(2 * m + m * K, words),
+      };
+    } catch (e) {
+      this.#note(e);
+      throw e;
+    }
+  }
+
+  /** Sampling outputs (device and pinned host, capSeqs rows of 2 + 2*numTop words) and the sampler's scratch. */
+  #ensureSampleBuffers(vocab: number, numTop: number): { out: Scratch; scratch: Scratch } {
+    const cap = this.#layout?.capacity.seqs ?? 1;
+    const bytes = cap * (2 + 2 * numTop) * 4;
+    const out = this.#ensureScratch("sample", bytes);
+    const scratch = this.#ensureScratch("sampler", this.#ops.sampleScratchBytes(cap, vocab));
+    if (!this.#sampleHost || bytes > this.#sampleHost.bytes) {
+      if (this.#sampleHost) this.#d.memFreeHost(this.#sampleHost);
+      this.#sampleHost = this.#d.memAllocHost(Math.max(bytes, 4096));
+    }
+    return { out, scratch };
+  }
+
+  // ------------------------------------------------------------------ graphs
+
+  replay(key: string, forward: () => Tensor): Tensor {
+    this.#enter();
+    if (this.#capturing) throw new Error("replay() inside a capture");
+    const cur = this.#current;
+    if (!this.#graphsEnabled || !cur) return forward();
+    const pk = cur.packed;
+    const k = `${key}|t${pk.padTokens}|s${pk.padSeqs}|m${pk.padSample}|${pk.hasPrefill ? "P" : ""}${pk.hasDecode ? "D" : ""}`;
+    try {
+      const g = this.#graphs.get(k);
+      if (g) {
+        this.#d.graphLaunch(g.exec, this.#stream);
+        return this.#retrack(g.out, cur);
+      }
+      // First time for this key: run eagerly (warms up plans and scratch, and is this
+      // step's result), then record the same forward into a graph for later steps.
+      const eager = this.#t(forward());
+      const exec = this.#capture(forward, eager);
+      this.#graphs.set(k, { exec: exec.exec, out: exec.out });
+      return eager;
+    } catch (e) {
+      this.#note(e);
+      throw e;
+    }
+  }
+
+  #capture(forward: () => Tensor, eager: CudaTensor): Graph {
+    this.#d.streamBeginCapture(this.#stream, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL);
+    this.#capturing = true;
+    let out: CudaTensor;
+    try {
+      out = this.#t(forward());
+    } catch (e) {
+      this.#capturing = false;
+      try {
+        this.#d.graphDestroy(this.#d.streamEndCapture(this.#stream));
+      } catch {
+        // the capture was invalidated by the failure; the stream has left capture mode
+      }
+      throw e;
+    }
+    this.#capturing = false;
+    const graph = this.#d.streamEndCapture(this.#stream);
+    try {
+      if (out.ptr !== eager.ptr || out.capRows !== eager.capRows) {
+        throw new Error("replay(): forward returned a different tensor when captured than when run; it cannot be replayed");
+      }
+      return { exec: this.#d.graphInstantiate(graph), out };
+    } finally {
+      this.#d.graphDestroy(graph);
+    }
+  }
+
+  /** A replayed graph's output, viewed at the current step's row count. */
+  #retrack(out: CudaTensor, cur: CudaPrepared): CudaTensor {
+    if (!out.base || out.track === "fixed") return out;
+    const n = out.track === "tokens" ? cur.batch.numTokens : cur.batch.sampleRows.length;
+    if (n === out.rows) return out;
+    return new CudaTensor(this, [n, ...out.shape.slice(1)], out.dtype, out.ptr, out.capRows, out.track, out.base);
+  }
+
+  /** Captured graphs (for tests and diagnostics). */
+  get graphCount(): number {
+    return this.#graphs.size;
+  }
+
+  // ------------------------------------------------------------------ diagnostics and teardown
+
+  /** Kernel launches issued through the launcher so far. */
+  get kernelLaunches(): number {
+    return this.#launcher.launches;
+  }
+
+  /** The launcher (for tests that launch their own kernels). */
+  get launcher(): KernelLauncher {
+    return this.#launcher;
+  }
+
+  /** Waits for all issued work. */
+  synchronize(): void {
+    this.#enter();
+    try {
+      this.#d.streamSynchronize(this.#stream);
+    } catch (e) {
+      this.#note(e);
+      throw e;
+    }
+  }
+
+  /** Device milliseconds of the work `fn` issues (events around it; waits for completion). */
+  timeMs(fn: () => void): number {
+    this.#enter();
+    const [a, b] = this.#timing;
+    this.#d.eventRecord(a, this.#stream);
+    fn();
+    this.#d.eventRecord(b, this.#stream);
+    this.#d.eventSynchronize(b);
+    return this.#d.eventElapsedTime(a, b);
+  }
+
+  /** Frees everything this backend allocated and releases the device. Tensors become invalid. */
+  dispose(): void {
+    if (this.#disposed) return;
+    const d = this.#d;
+    const quiet = (f: () => void): void => {
+      try {
+        f();
+      } catch {
+        // tearing down: keep going
+      }
+    };
+    quiet(() => d.ctxSetCurrent(this.#ctx));
+    quiet(() => d.streamSynchronize(this.#stream));
+    for (const g of this.#graphs.values()) quiet(() => d.graphExecDestroy(g.exec));
+    this.#graphs.clear();
+    for (const t of this.#owned) {
+      t.markFreed();
+      quiet(() => d.memFree(t.ptr));
+    }
+    this.#owned.clear();
+    for (const kv of this.#kvCaches) {
+      kv.markFreed();
+      quiet(() => d.memFree(kv.ptr));
+    }
+    this.#kvCaches.clear();
+    for (const s of this.#loraStacks) {
+      s.markFreed();
+      quiet(() => d.memFree(s.ptr));
+    }
+    this.#loraStacks.clear();
+    for (const sc of this.#scratch.values()) quiet(() => d.memFree(sc.ptr));
+    this.#scratch.clear();
+    for (const p of [this.#meta, this.#rowConsts, this.#workspace]) {
+      if (p !== 0n) quiet(() => d.memFree(p));
+    }
+    if (this.#staging) quiet(() => d.memFreeHost(this.#staging!));
+    if (this.#sampleHost) quiet(() => d.memFreeHost(this.#sampleHost!));
+    quiet(() => this.#blas.dispose());
+    quiet(() => this.#launcher.dispose());
+    quiet(() => d.eventDestroy(this.#stagingEvent));
+    for (const e of this.#timing) quiet(() => d.eventDestroy(e));
+    quiet(() => d.streamDestroy(this.#stream));
+    quiet(() => d.primaryCtxRelease(d.device(this.#ordinal)));
+    this.#disposed = true;
+    if (CudaBackend.#active === this) CudaBackend.#active = null;
+  }
+}

@@ -1,0 +1,123 @@
+// The driver side of the Launcher seam (launch.ts): resolves kernels by name in the
+// loaded modules and launches them on the backend's stream.
+//
+// cuLaunchKernel takes `void **kernelParams`: an array whose i-th entry points at the
+// i-th argument's value. Building that per launch in JS would allocate; instead one
+// native block is allocated once:
+//   [0, 8*MAX)        argument slots, 8 bytes each (a pointer, or a 4-byte i32/u32/f32)
+//   [8*MAX, 16*MAX)   the pointer table: entry i = address of slot i, written once
+// A launch writes its values into the slots through typed-array views over that
+// block and passes the table's address. The driver copies the values during the call,
+// so the block is reused by the next launch at once (and captured graphs keep their
+// own copies of the values).
+
+import koffi from "koffi";
+import { CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, type CudaDriver } from "./ffi/driver.js";
+import type { KernelImage } from "./ffi/nvrtc.js";
+import type { Dim3, KernelArg, Launcher } from "./launch.js";
+
+const MAX_ARGS = 64;
+/** Default per-block dynamic shared memory; more needs cuFuncSetAttribute first. */
+const DEFAULT_MAX_DYNAMIC_SMEM = 48 * 1024;
+
+interface Kernel {
+  readonly fn: bigint;
+  /** Largest dynamic shared memory this function has been allowed so far. */
+  smemLimit: number;
+}
+
+export class KernelLauncher implements Launcher {
+  readonly #driver: CudaDriver;
+  readonly #stream: bigint;
+  readonly #modules: { file: string; mod: bigint }[] = [];
+  readonly #kernels = new Map<string, Kernel>();
+  readonly #block: unknown;
+  readonly #table: bigint;
+  readonly #slots64: BigUint64Array;
+  readonly #slotsI32: Int32Array;
+  readonly #slotsU32: Uint32Array;
+  readonly #slotsF32: Float32Array;
+  /** Launches issued (diagnostics: launches per step). */
+  launches = 0;
+
+  constructor(driver: CudaDriver, stream: bigint, images: readonly KernelImage[], readonly maxSharedOptin: number) {
+    this.#driver = driver;
+    this.#stream = stream;
+    try {
+      for (const img of images) this.#modules.push({ file: img.file, mod: driver.moduleLoadData(img.image, img.file) });
+    } catch (e) {
+      this.dispose();
+      throw e;
+    }
+    this.#block = koffi.alloc("uint8_t", 16 * MAX_ARGS);
+    const base = koffi.address(this.#block);
+    const buf = koffi.view(this.#block, 16 * MAX_ARGS);
+    this.#slots64 = new BigUint64Array(buf, 0, MAX_ARGS);
+    this.#slotsI32 = new Int32Array(buf, 0, 2 * MAX_ARGS);
+    this.#slotsU32 = new Uint32Array(buf, 0, 2 * MAX_ARGS);
+    this.#slotsF32 = new Float32Array(buf, 0, 2 * MAX_ARGS);
+    const table = new BigUint64Array(buf, 8 * MAX_ARGS, MAX_ARGS);
+    for (let i = 0; i < MAX_ARGS; i++) table[i] = base + BigInt(8 * i);
+    this.#table = base + BigInt(8 * MAX_ARGS);
+  }
+
+  /** Kernel files loaded, in order. */
+  get files(): string[] {
+    return this.#modules.map((m) => m.file);
+  }
+
+  /** Whether some loaded module defines `name`. */
+  has(name: string): boolean {
+    return this.#find(name) !== null;
+  }
+
+  #find(name: string): Kernel | null {
+    const k = this.#kernels.get(name);
+    if (k) return k;
+    for (const m of this.#modules) {
+      const fn = this.#driver.moduleGetFunction(m.mod, name);
+      if (fn !== null) {
+        const kernel = { fn, smemLimit: DEFAULT_MAX_DYNAMIC_SMEM };
+        this.#kernels.set(name, kernel);
+        return kernel;
+      }
+    }
+    return null;
+  }
+
+  launch(name: string, grid: Dim3, block: Dim3, sharedBytes: number, args: readonly KernelArg[]): void {
+    const k = this.#kernels.get(name) ?? this.#find(name);
+    if (!k) {
+      throw new Error(`CUDA kernel '${name}' is not defined in any loaded module (${this.files.join(", ") || "none loaded"}); is it extern "C"?`);
+    }
+    if (args.length > MAX_ARGS) throw new Error(`kernel '${name}': ${args.length} arguments > ${MAX_ARGS}`);
+    if (sharedBytes > k.smemLimit) {
+      if (sharedBytes > this.maxSharedOptin) {
+        throw new Error(`kernel '${name}' asks for ${sharedBytes} bytes of shared memory; the device allows ${this.maxSharedOptin} per block`);
+      }
+      this.#driver.funcSetAttribute(k.fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, sharedBytes, name);
+      k.smemLimit = sharedBytes;
+    }
+    for (let i = 0; i < args.length; i++) {
+      const a = args[i]!;
+      if ("ptr" in a) this.#slots64[i] = a.ptr;
+      else if ("i32" in a) this.#slotsI32[2 * i] = a.i32;
+      else if ("f32" in a) this.#slotsF32[2 * i] = a.f32;
+      else this.#slotsU32[2 * i] = a.u32;
+    }
+    this.launches++;
+    this.#driver.launchKernel(k.fn, grid[0], grid[1], grid[2], block[0], block[1], block[2], sharedBytes, this.#stream, this.#table, name);
+  }
+
+  dispose(): void {
+    for (const m of this.#modules.splice(0)) {
+      try {
+        this.#driver.moduleUnload(m.mod);
+      } catch {
+        // context already gone
+      }
+    }
+    this.#kernels.clear();
+    if (this.#block) koffi.free(this.#block);
+  }
+}

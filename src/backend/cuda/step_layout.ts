@@ -1,0 +1,231 @@
+// How one engine step's metadata is laid out in device memory, padded to a bucket,
+// and packed on the host. Pure logic (no CUDA): unit-tested on the CPU.
+//
+// The metadata of a step lives in ONE device buffer of fixed layout, sized at
+// capacity (most tokens, most sequences, blocks per sequence). `packStep` writes a
+// step into a host staging buffer with the same layout, and the backend uploads the
+// prefix [0, copyWords) with a single host-to-device copy. Because offsets depend only
+// on the capacity, every kernel argument that points into metadata is the same on
+// every step, which is what lets a captured CUDA graph be replayed with new contents.
+//
+// Layout (4-byte words; each region starts on a 256-byte boundary; blockTables last
+// so that the copy can stop after the live sequences' rows):
+//   counts       [4]            numTokens, numSeqs, numSample, padTokens
+//   tokenIds     [tokens]       i32; padded rows: 0
+//   positions    [tokens]       i32; padded rows: 0
+//   slotMapping  [tokens]       i32; padded rows: -1 (no KV write)
+//   loraSlots    [tokens]       i32; padded rows: -1 (no adapter)
+//   queryStart   [seqs + 1]     i32; padded sequences are empty (start = end = numTokens)
+//   contextLens  [seqs]         i32; padded: 0
+//   sampleRows   [seqs]         i32; padded: 0 (a valid row; never sampled)
+//   temperature  [seqs]         f32; padded: 0
+//   topP         [seqs]         f32; padded: 1
+//   topK         [seqs]         i32; padded: 0
+//   seeds        [seqs]         u32; padded: 0
+//   counters     [seqs]         u32; padded: 0
+//   blockTables  [seqs * B]     i32, row stride B = blocksPerSeq; rows of padded
+//                               sequences are not uploaded (their context is 0)
+
+import type { StepBatch } from "../backend.js";
+
+/** Most rows, sequences and blocks per sequence the metadata buffer holds. */
+export interface StepCapacity {
+  readonly tokens: number;
+  readonly seqs: number;
+  readonly blocksPerSeq: number;
+}
+
+/** Word offsets of each region in the metadata buffer. */
+export interface StepLayout {
+  readonly capacity: StepCapacity;
+  readonly counts: number;
+  readonly tokenIds: number;
+  readonly positions: number;
+  readonly slotMapping: number;
+  readonly loraSlots: number;
+  readonly queryStart: number;
+  readonly contextLens: number;
+  readonly sampleRows: number;
+  readonly temperature: number;
+  readonly topP: number;
+  readonly topK: number;
+  readonly seeds: number;
+  readonly counters: number;
+  readonly blockTables: number;
+  readonly totalWords: number;
+}
+
+/** Words per 256 bytes: every region is aligned for vector loads and cuBLAS-style alignment. */
+const ALIGN_WORDS = 64;
+const alignUp = (x: number, a: number): number => Math.ceil(x / a) * a;
+
+/** Batch-size buckets up to 256; above it, multiples of 64. */
+export const SMALL_BUCKETS: readonly number[] = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256];
+
+/**
+ * Rows a step of `n` rows is padded to: 1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192,
+ * 256, then the next multiple of 64. Kernels see the bucket as their capacity and read
+ * the live count from device metadata, so all steps of a bucket share one CUDA graph.
+ */
+export function bucketRows(n: number): number {
+  if (!(n >= 0) || !Number.isInteger(n)) throw new Error(`row count must be a non-negative integer (got ${n})`);
+  if (n === 0) return 0;
+  for (const b of SMALL_BUCKETS) if (n <= b) return b;
+  return alignUp(n, 64);
+}
+
+/**
+ * The graph key for a step, or null when the step must run eagerly. Only decode-only
+ * steps replay graphs: every sequence contributes exactly one token and is sampled
+ * (numTokens == numSeqs == numSample); the key is its bucket.
+ */
+export function decodeGraphKey(batch: Pick<StepBatch, "numTokens" | "numSeqs" | "sampleRows">): string | null {
+  const n = batch.numTokens;
+  if (n === 0 || batch.numSeqs !== n || batch.sampleRows.length !== n) return null;
+  return `decode:${bucketRows(n)}`;
+}
+
+export function stepLayout(capacity: StepCapacity): StepLayout {
+  const { tokens, seqs, blocksPerSeq } = capacity;
+  if (tokens < 1 || seqs < 1 || blocksPerSeq < 1) {
+    throw new Error(`step capacity needs at least one token, sequence and block (got ${tokens}, ${seqs}, ${blocksPerSeq})`);
+  }
+  let at = 0;
+  const region = (words: number): number => {
+    const start = at;
+    at = alignUp(at + words, ALIGN_WORDS);
+    return start;
+  };
+  const counts = region(4);
+  const tokenIds = region(tokens);
+  const positions = region(tokens);
+  const slotMapping = region(tokens);
+  const loraSlots = region(tokens);
+  const queryStart = region(seqs + 1);
+  const contextLens = region(seqs);
+  const sampleRows = region(seqs);
+  const temperature = region(seqs);
+  const topP = region(seqs);
+  const topK = region(seqs);
+  const seeds = region(seqs);
+  const counters = region(seqs);
+  const blockTables = region(seqs * blocksPerSeq);
+  return {
+    capacity, counts, tokenIds, positions, slotMapping, loraSlots, queryStart, contextLens, sampleRows,
+    temperature, topP, topK, seeds, counters, blockTables, totalWords: at,
+  };
+}
+
+/** What packing decided about a step. */
+export interface PackedStep {
+  /** Token rows kernels are launched over (bucket of numTokens). */
+  readonly padTokens: number;
+  /** Sequence slots kernels are launched over (bucket of numSeqs). */
+  readonly padSeqs: number;
+  /** Sampled rows kernels are launched over (bucket of numSample). */
+  readonly padSample: number;
+  /** Words to upload, from offset 0. */
+  readonly copyWords: number;
+  /** Whether any token uses an adapter (eager runs may skip LoRA launches otherwise). */
+  readonly anyLora: boolean;
+  /** Some sequence has more than one query row (prefill kernels have work). */
+  readonly hasPrefill: boolean;
+  /** Some sequence has exactly one query row (decode kernels have work). */
+  readonly hasDecode: boolean;
+}
+
+/** The three views of one staging buffer that packing writes through. */
+export interface StagingViews {
+  readonly i32: Int32Array;
+  readonly u32: Uint32Array;
+  readonly f32: Float32Array;
+}
+
+export function stagingViews(buffer: ArrayBuffer, byteOffset = 0, words = (buffer.byteLength - byteOffset) >> 2): StagingViews {
+  return {
+    i32: new Int32Array(buffer, byteOffset, words),
+    u32: new Uint32Array(buffer, byteOffset, words),
+    f32: new Float32Array(buffer, byteOffset, words),
+  };
+}
+
+/** Why `batch` does not fit `capacity`, or null when it fits. */
+export function capacityShortfall(batch: StepBatch, capacity: StepCapacity): string | null {
+  const numSample = batch.sampleRows.length;
+  if (bucketRows(batch.numTokens) > capacity.tokens) return `${batch.numTokens} tokens (bucket ${bucketRows(batch.numTokens)}) > capacity ${capacity.tokens}`;
+  if (bucketRows(Math.max(batch.numSeqs, numSample)) > capacity.seqs) return `${batch.numSeqs} sequences > capacity ${capacity.seqs}`;
+  if (batch.maxBlocksPerSeq !== capacity.blocksPerSeq) return `${batch.maxBlocksPerSeq} blocks per sequence != layout's ${capacity.blocksPerSeq}`;
+  return null;
+}
+
+/**
+ * Writes `batch` into the staging views at `layout`'s offsets, padding tokens to
+ * bucket(numTokens) and sequences to bucket(numSeqs). Allocates nothing. The caller
+ * checks `capacityShortfall` first.
+ */
+export function packStep(batch: StepBatch, layout: StepLayout, v: StagingViews): PackedStep {
+  const { i32, u32, f32 } = v;
+  const T = batch.numTokens, S = batch.numSeqs, M = batch.sampleRows.length;
+  const B = layout.capacity.blocksPerSeq;
+  const padTokens = bucketRows(T);
+  const padSeqs = bucketRows(Math.max(S, M));
+  const padSample = bucketRows(M);
+  if (batch.tokenIds.length < T || batch.positions.length < T || batch.slotMapping.length < T || batch.loraSlots.length < T) {
+    throw new Error(`step batch arrays are shorter than numTokens (${T})`);
+  }
+  if (batch.queryStart.length < S + 1 || batch.contextLens.length < S || batch.blockTables.length < S * B) {
+    throw new Error(`step batch arrays are shorter than numSeqs (${S}) requires`);
+  }
+
+  const c = layout.counts;
+  i32[c] = T;
+  i32[c + 1] = S;
+  i32[c + 2] = M;
+  i32[c + 3] = padTokens;
+
+  const tok = (off: number, src: Int32Array, pad: number): void => {
+    i32.set(T === src.length ? src : src.subarray(0, T), off);
+    i32.fill(pad, off + T, off + padTokens);
+  };
+  tok(layout.tokenIds, batch.tokenIds, 0);
+  tok(layout.positions, batch.positions, 0);
+  tok(layout.slotMapping, batch.slotMapping, -1);
+  tok(layout.loraSlots, batch.loraSlots, -1);
+  let anyLora = false;
+  const ls = batch.loraSlots;
+  for (let t = 0; t < T; t++) {
+    if (ls[t]! >= 0) {
+      anyLora = true;
+      break;
+    }
+  }
+
+  const qs = batch.queryStart;
+  let hasPrefill = false, hasDecode = false;
+  for (let s = 0; s < S; s++) {
+    const len = qs[s + 1]! - qs[s]!;
+    if (len > 1) hasPrefill = true;
+    else if (len === 1) hasDecode = true;
+  }
+  i32.set(qs.subarray(0, S + 1), layout.queryStart);
+  i32.fill(T, layout.queryStart + S + 1, layout.queryStart + padSeqs + 1);
+  i32.set(batch.contextLens.subarray(0, S), layout.contextLens);
+  i32.fill(0, layout.contextLens + S, layout.contextLens + padSeqs);
+
+  const sp = batch.sampling;
+  i32.set(batch.sampleRows, layout.sampleRows);
+  i32.fill(0, layout.sampleRows + M, layout.sampleRows + padSeqs);
+  f32.set(sp.temperature.subarray(0, M), layout.temperature);
+  f32.fill(0, layout.temperature + M, layout.temperature + padSeqs);
+  f32.set(sp.topP.subarray(0, M), layout.topP);
+  f32.fill(1, layout.topP + M, layout.topP + padSeqs);
+  i32.set(sp.topK.subarray(0, M), layout.topK);
+  i32.fill(0, layout.topK + M, layout.topK + padSeqs);
+  u32.set(sp.seeds.subarray(0, M), layout.seeds);
+  u32.fill(0, layout.seeds + M, layout.seeds + padSeqs);
+  u32.set(sp.counters.subarray(0, M), layout.counters);
+  u32.fill(0, layout.counters + M, layout.counters + padSeqs);
+
+  i32.set(batch.blockTables.subarray(0, S * B), layout.blockTables);
+  return { padTokens, padSeqs, padSample, copyWords: layout.blockTables + S * B, anyLora, hasPrefill, hasDecode };
+}
