@@ -1,0 +1,376 @@
+// Batched multi-LoRA: out[i] += scales[s] * B_s[:, :r_s] @ (A_s[:r_s, :] @ x[i]) for every
+// live row i (< counts[0]) whose adapter slot s = loraSlots[i] is >= 0; ranks mixed freely.
+// Reference: src/backend/cpu/cpu_backend.ts (lora).
+//
+// Layouts: x bf16 [cap, K]; out bf16 [cap, N] (read-modify-write: f32 math, one rounding);
+// A bf16 [numSlots, maxRank, K]; B bf16 [numSlots, N, maxRank]; ranks i32 [numSlots];
+// scales f32 [numSlots]; t f32 [cap, maxRank] scratch holding A_s x_i between the halves.
+// K % 8 == 0 and N % 8 == 0 (16-byte vectors). A slot's rows / columns past its rank are
+// masked in the kernels, so their contents never reach a sum.
+//
+// Two paths. Which one a row takes depends only on its own sequence (query length 1: a
+// decode row; more: a prefill row), never on the batch, so a request's result is the same
+// whatever it is batched with. mode = 0 finds each row's sequence in queryStart (a step
+// mixing both kinds); mode = 1 means every live row belongs to the kernel's kind (the host
+// knows the step is decode-only or prefill-only) and skips that lookup.
+//
+//   BGMV (decode rows): memory-bound gathered GEMV, each row reads its own adapter.
+//     lora_bgmv_shrink   grid (rowCap, ceil(maxRank / 4)), 256 threads: one CTA computes 4
+//                        ranks of one row; the K reduction spreads over the CTA with 16-byte
+//                        loads of x and of the 4 A rows in flight together.
+//     lora_bgmv_expand   grid (rowCap, ceil(N / 1024)), 128 threads, dynamic smem maxRank*4:
+//                        each thread makes 8 consecutive outputs (16-byte out RMW) from 8
+//                        contiguous rows of its slot's B.
+//   SGMV (prefill rows): a CTA owns a tile of 64 consecutive rows and runs once per distinct
+//     slot in it (usually one: a tile spans one or two sequences), masking the other rows,
+//     so each slot's A / B is read once per tile. Tensor cores (mma.sync m16n8k16 bf16,
+//     f32 accumulate); each row's result is independent of its tile-mates.
+//     lora_sgmv_shrink_r{16,32,64}  grid (ceil(rowCap / 64), ceil(maxRank / RW)), 128 threads:
+//                        a 64 x RW block of t, K streamed in cp.async double-buffered 64-wide tiles.
+//     lora_sgmv_expand   grid (ceil(rowCap / 64), ceil(N / 128)), 128 threads: a 64 x 128 block of
+//                        out; t is rounded to bf16 as the tensor-core operand (as Punica / vLLM do).
+//
+// counts: i32 {numTokens, numSeqs, ...}; queryStart i32 [seqCap + 1].
+//
+// Build check: nvcc -arch=sm_90 -std=c++17 -cubin -o /tmp/lora.cubin lora.cu
+
+#include "common.cuh"
+
+using namespace inlaid;
+
+namespace {
+
+constexpr int kTile = 64;  // SGMV rows per CTA
+
+__device__ __forceinline__ bool is_decode_row(const int* __restrict__ queryStart, int numSeqs, int t) {
+  const int s = seq_of_row(queryStart, numSeqs, t);
+  return queryStart[s + 1] - queryStart[s] == 1;
+}
+
+// The slot a row contributes to this kernel, or -1 (dead row, no adapter, other path).
+__device__ __forceinline__ int row_slot(const int* __restrict__ loraSlots, const int* __restrict__ queryStart,
+                                        const int* __restrict__ counts, int seqCap, int cap, int t, int mode,
+                                        bool decodeKernel) {
+  if (t >= min(counts[0], cap)) return -1;
+  const int slot = loraSlots[t];
+  if (slot < 0) return -1;
+  if (mode == 0 && is_decode_row(queryStart, min(counts[1], seqCap), t) != decodeKernel) return -1;
+  return slot;
+}
+
+// Fills rs[0..64) with the SGMV slot of each row of this CTA's tile (-1 when none).
+__device__ __forceinline__ void tile_slots(int* rs, const int* __restrict__ loraSlots, const int* __restrict__ queryStart,
+                                           const int* __restrict__ counts, int seqCap, int cap, int mode) {
+  if (threadIdx.x < kTile) {
+    rs[threadIdx.x] = row_slot(loraSlots, queryStart, counts, seqCap, cap, blockIdx.x * kTile + threadIdx.x, mode, false);
+  }
+  __syncthreads();
+}
+
+// The smallest slot in rs greater than prev, or -1. Every thread computes the same value.
+__device__ __forceinline__ int next_slot(const int* rs, int prev) {
+  int best = 0x7fffffff;
+  for (int r = 0; r < kTile; r++) {
+    const int v = rs[r];
+    if (v > prev && v < best) best = v;
+  }
+  return best == 0x7fffffff ? -1 : best;
+}
+
+template <int RW>
+__device__ __forceinline__ void sgmv_shrink(float* __restrict__ t, const bf16* __restrict__ x, const bf16* __restrict__ A,
+                                            const int* __restrict__ ranks, const int* __restrict__ loraSlots,
+                                            const int* __restrict__ queryStart, const int* __restrict__ counts,
+                                            int seqCap, int cap, int K, int maxRank, int mode) {
+  constexpr int BM = kTile, BK = 64, LD = BK + 8, NT = RW / 8, CPR = BK / 8;
+  __shared__ __align__(16) bf16 xs[2][BM * LD];
+  __shared__ __align__(16) bf16 as[2][RW * LD];
+  __shared__ int rs[kTile];
+  tile_slots(rs, loraSlots, queryStart, counts, seqCap, cap, mode);
+  const int row0 = blockIdx.x * kTile;
+  const int rN0 = blockIdx.y * RW;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c4 = lane & 3;
+  const int nK = (K + BK - 1) / BK;
+  const unsigned xsA = smem_addr(xs), asA = smem_addr(as);
+
+  for (int slot = next_slot(rs, -1); slot >= 0; slot = next_slot(rs, slot)) {
+    const int rank = ranks[slot];
+    if (rN0 >= rank) continue;
+    const bf16* aSlot = A + (long long)slot * maxRank * K;
+    auto load = [&](int stage, int k0) {
+#pragma unroll
+      for (int i = 0; i < BM * CPR / 128; i++) {
+        const int ci = tid + i * 128, r = ci / CPR, part = ci % CPR, col = k0 + part * 8;
+        const bool valid = rs[r] == slot && col < K;
+        cp_async16(xsA + 2u * (stage * BM * LD + r * LD + part * 8), valid ? x + (long long)(row0 + r) * K + col : x, valid);
+      }
+#pragma unroll
+      for (int i = 0; i < (RW * CPR + 127) / 128; i++) {
+        const int ci = tid + i * 128;
+        if (ci < RW * CPR) {
+          const int r = ci / CPR, part = ci % CPR, col = k0 + part * 8;
+          const bool valid = rN0 + r < rank && col < K;
+          cp_async16(asA + 2u * (stage * RW * LD + r * LD + part * 8), valid ? aSlot + (long long)(rN0 + r) * K + col : A, valid);
+        }
+      }
+    };
+
+    float acc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+    load(0, 0);
+    cp_async_commit();
+    for (int kt = 0; kt < nK; kt++) {
+      if (kt + 1 < nK) {
+        load((kt + 1) & 1, (kt + 1) * BK);
+        cp_async_commit();
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();
+      const unsigned xb = xsA + 2u * (kt & 1) * BM * LD;
+      const unsigned ab = asA + 2u * (kt & 1) * RW * LD;
+#pragma unroll
+      for (int kk = 0; kk < BK / 16; kk++) {
+        unsigned af[4];
+        ldmatrix_x4(af, a_frag(xb, LD, warp * 16, kk * 16, lane));
+#pragma unroll
+        for (int np = 0; np < NT / 2; np++) {
+          unsigned b[4];
+          ldmatrix_x4(b, bt_frag(ab, LD, np * 16, kk * 16, lane));
+          mma_bf16(acc[2 * np], af, b[0], b[1]);
+          mma_bf16(acc[2 * np + 1], af, b[2], b[3]);
+        }
+      }
+      __syncthreads();
+    }
+
+    // Columns rank..maxRank of this block come out as zeros (their A rows were zero-filled).
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+      const int r = warp * 16 + g + 8 * i;
+      if (rs[r] != slot) continue;
+      float* dst = t + (long long)(row0 + r) * maxRank;
+#pragma unroll
+      for (int nt = 0; nt < NT; nt++) {
+        const int col = rN0 + nt * 8 + 2 * c4;
+        if (col < maxRank) dst[col] = acc[nt][2 * i];
+        if (col + 1 < maxRank) dst[col + 1] = acc[nt][2 * i + 1];
+      }
+    }
+  }
+}
+
+}  // namespace
+
+#define SGMV_SHRINK(RW)                                                                                             \
+  extern "C" __global__ void __launch_bounds__(128) lora_sgmv_shrink_r##RW(                                       \
+      float* t, const bf16* x, const bf16* A, const int* ranks, const int* loraSlots, const int* queryStart,       \
+      const int* counts, int seqCap, int cap, int K, int maxRank, int mode) {                                     \
+    sgmv_shrink<RW>(t, x, A, ranks, loraSlots, queryStart, counts, seqCap, cap, K, maxRank, mode);               \
+  }
+SGMV_SHRINK(16)
+SGMV_SHRINK(32)
+SGMV_SHRINK(64)
+
+extern "C" __global__ void __launch_bounds__(128) lora_sgmv_expand(bf16* __restrict__ out, const float* __restrict__ t,
+                                                                   const bf16* __restrict__ B, const int* __restrict__ ranks,
+                                                                   const float* __restrict__ scales,
+                                                                   const int* __restrict__ loraSlots,
+                                                                   const int* __restrict__ queryStart,
+                                                                   const int* __restrict__ counts, int seqCap, int cap,
+                                                                   int N, int maxRank, int mode) {
+  constexpr int BM = kTile, BN = 128, RC = 64, LD = RC + 8, NT = BN / 8;
+  __shared__ __align__(16) bf16 ts[BM * LD];
+  __shared__ __align__(16) bf16 bs[BN * LD];
+  __shared__ int rs[kTile];
+  tile_slots(rs, loraSlots, queryStart, counts, seqCap, cap, mode);
+  const int row0 = blockIdx.x * kTile;
+  const int n0 = blockIdx.y * BN;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c4 = lane & 3;
+  const unsigned tsA = smem_addr(ts), bsA = smem_addr(bs);
+
+  for (int slot = next_slot(rs, -1); slot >= 0; slot = next_slot(rs, slot)) {
+    const int rank = ranks[slot];
+    if (rank <= 0) continue;
+    const float scale = scales[slot];
+    const bf16* bSlot = B + (long long)slot * N * maxRank;
+    float acc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+
+    for (int rc0 = 0; rc0 < rank; rc0 += RC) {
+      for (int ci = tid; ci < BM * RC; ci += 128) {
+        const int r = ci / RC, cc = ci % RC;
+        const float v = (rs[r] == slot && rc0 + cc < rank) ? t[(long long)(row0 + r) * maxRank + rc0 + cc] : 0.f;
+        ts[r * LD + cc] = __float2bfloat16_rn(v);
+      }
+      if (maxRank % 8 == 0) {
+        for (int ci = tid; ci < BN * (RC / 8); ci += 128) {
+          const int n = ci / (RC / 8), col = rc0 + (ci % (RC / 8)) * 8;
+          uint4 v = make_uint4(0u, 0u, 0u, 0u);
+          if (n0 + n < N && col < rank) {
+            v = *reinterpret_cast<const uint4*>(bSlot + (long long)(n0 + n) * maxRank + col);
+            unsigned short* h = reinterpret_cast<unsigned short*>(&v);
+#pragma unroll
+            for (int q = 0; q < 8; q++)
+              if (col + q >= rank) h[q] = 0;
+          }
+          *reinterpret_cast<uint4*>(bs + n * LD + (ci % (RC / 8)) * 8) = v;
+        }
+      } else {
+        for (int ci = tid; ci < BN * RC; ci += 128) {
+          const int n = ci / RC, cc = ci % RC;
+          bs[n * LD + cc] = (n0 + n < N && rc0 + cc < rank) ? bSlot[(long long)(n0 + n) * maxRank + rc0 + cc]
+                                                            : __float2bfloat16_rn(0.f);
+        }
+      }
+      __syncthreads();
+      const int ksteps = (min(RC, rank - rc0) + 15) / 16;
+#pragma unroll
+      for (int kk = 0; kk < RC / 16; kk++) {
+        if (kk < ksteps) {
+          unsigned af[4];
+          ldmatrix_x4(af, a_frag(tsA, LD, warp * 16, kk * 16, lane));
+#pragma unroll
+          for (int np = 0; np < NT / 2; np++) {
+            unsigned b[4];
+            ldmatrix_x4(b, bt_frag(bsA, LD, np * 16, kk * 16, lane));
+            mma_bf16(acc[2 * np], af, b[0], b[1]);
+            mma_bf16(acc[2 * np + 1], af, b[2], b[3]);
+          }
+        }
+      }
+      __syncthreads();
+    }
+
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+      const int r = warp * 16 + g + 8 * i;
+      if (rs[r] != slot) continue;
+      bf16* dst = out + (long long)(row0 + r) * N;
+#pragma unroll
+      for (int nt = 0; nt < NT; nt++) {
+        const int n = n0 + nt * 8 + 2 * c4;
+        if (n < N) {
+          __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(dst + n);
+          const float2 o = __bfloat1622float2(*p);
+          *p = __floats2bfloat162_rn(o.x + scale * acc[nt][2 * i], o.y + scale * acc[nt][2 * i + 1]);
+        }
+      }
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(256) lora_bgmv_shrink(float* __restrict__ t, const bf16* __restrict__ x,
+                                                                   const bf16* __restrict__ A, const int* __restrict__ ranks,
+                                                                   const int* __restrict__ loraSlots,
+                                                                   const int* __restrict__ queryStart,
+                                                                   const int* __restrict__ counts, int seqCap, int cap, int K,
+                                                                   int maxRank, int mode) {
+  constexpr int RG = 4;
+  __shared__ float partial[RG][8];
+  const int row = blockIdx.x;
+  const int slot = row_slot(loraSlots, queryStart, counts, seqCap, cap, row, mode, true);
+  if (slot < 0) return;
+  const int rank = ranks[slot];
+  const int r0 = blockIdx.y * RG;
+  if (r0 >= rank) return;
+  const int nr = min(RG, rank - r0);
+  const uint4* xr = reinterpret_cast<const uint4*>(x + (long long)row * K);
+  const bf16* a0 = A + ((long long)slot * maxRank + r0) * K;
+  float acc[RG] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 2
+  for (int c = threadIdx.x; c < K / 8; c += blockDim.x) {
+    uint4 av[RG];
+#pragma unroll
+    for (int j = 0; j < RG; j++) {
+      if (j < nr) av[j] = reinterpret_cast<const uint4*>(a0 + (long long)j * K)[c];
+    }
+    float xf[8];
+    unpack8(xr[c], xf);
+#pragma unroll
+    for (int j = 0; j < RG; j++) {
+      if (j < nr) {
+        float af[8];
+        unpack8(av[j], af);
+#pragma unroll
+        for (int q = 0; q < 8; q++) acc[j] = fmaf(af[q], xf[q], acc[j]);
+      }
+    }
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int j = 0; j < RG; j++) {
+    const float v = warp_sum(acc[j]);
+    if (lane == 0) partial[j][warp] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < nr) {
+    float v = 0.f;
+    for (int w = 0; w < (int)(blockDim.x >> 5); w++) v += partial[threadIdx.x][w];
+    t[(long long)row * maxRank + r0 + threadIdx.x] = v;
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(128) lora_bgmv_expand(bf16* __restrict__ out, const float* __restrict__ t,
+                                                                   const bf16* __restrict__ B, const int* __restrict__ ranks,
+                                                                   const float* __restrict__ scales,
+                                                                   const int* __restrict__ loraSlots,
+                                                                   const int* __restrict__ queryStart,
+                                                                   const int* __restrict__ counts, int seqCap, int cap, int N,
+                                                                   int maxRank, int mode) {
+  extern __shared__ float tv[];  // [maxRank], zero past the slot's rank
+  const int row = blockIdx.x;
+  const int slot = row_slot(loraSlots, queryStart, counts, seqCap, cap, row, mode, true);
+  if (slot < 0) return;
+  const int rank = ranks[slot];
+  if (rank <= 0) return;
+  for (int r = threadIdx.x; r < maxRank; r += blockDim.x) tv[r] = r < rank ? t[(long long)row * maxRank + r] : 0.f;
+  __syncthreads();
+  const int n0 = (blockIdx.y * blockDim.x + threadIdx.x) * 8;
+  if (n0 >= N) return;
+  const float scale = scales[slot];
+  const bf16* bb = B + ((long long)slot * N + n0) * maxRank;
+  const int ne = min(8, N - n0);
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  if (maxRank % 8 == 0) {
+    for (int rc = 0; rc < rank; rc += 8) {
+      float tr[8];
+#pragma unroll
+      for (int q = 0; q < 8; q++) tr[q] = tv[rc + q];
+      uint4 bv[8];
+#pragma unroll
+      for (int e = 0; e < 8; e++) {
+        if (e < ne) bv[e] = *reinterpret_cast<const uint4*>(bb + (long long)e * maxRank + rc);
+      }
+#pragma unroll
+      for (int e = 0; e < 8; e++) {
+        if (e < ne) {
+          float bf[8];
+          unpack8(bv[e], bf);
+#pragma unroll
+          for (int q = 0; q < 8; q++) acc[e] = fmaf(rc + q < rank ? bf[q] : 0.f, tr[q], acc[e]);
+        }
+      }
+    }
+  } else {
+    for (int e = 0; e < ne; e++) {
+      for (int r = 0; r < rank; r++) acc[e] = fmaf(__bfloat162float(bb[(long long)e * maxRank + r]), tv[r], acc[e]);
+    }
+  }
+  bf16* dst = out + (long long)row * N + n0;
+  if (ne == 8) {
+    uint4 u = *reinterpret_cast<const uint4*>(dst);
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      const float2 o = __bfloat1622float2(h[j]);
+      h[j] = __floats2bfloat162_rn(o.x + scale * acc[2 * j], o.y + scale * acc[2 * j + 1]);
+    }
+    *reinterpret_cast<uint4*>(dst) = u;
+  } else {
+    for (int e = 0; e < ne; e++) dst[e] = __float2bfloat16_rn(__bfloat162float(dst[e]) + scale * acc[e]);
+  }
+}

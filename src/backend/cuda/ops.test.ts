@@ -1,0 +1,242 @@
+// CPU-runnable checks of the kernel seam: every launch ops.ts makes names a kernel that
+// the .cu sources define, with the argument count and kinds the kernel declares, and
+// grid / block shapes the hardware accepts; the .cu files only include what NVRTC has;
+// nvcc compiles them when it is on PATH (skipped otherwise). The kernels' numerics are
+// checked against the CPU backend on the GPU machine (test/gpu/ops.test.ts).
+
+import { spawnSync } from "node:child_process";
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { basename, dirname, join } from "node:path";
+import { describe, expect, it } from "vitest";
+import { uniform } from "../rng.js";
+import type { DeviceKv, DeviceLora, DeviceStep, Operand, StepRun } from "./device_ops.js";
+import type { Dim3, KernelArg, Launcher } from "./launch.js";
+import {
+  CudaOps, CudaOpsError, KERNEL_FILES, SUPPORTED_HEAD_DIMS, attentionScratchBytes, decodeSplit, dummyWeightValue, kernelNames,
+  type StepKinds,
+} from "./ops.js";
+
+const KERNEL_DIR = dirname(KERNEL_FILES[0]!);
+
+type Kind = "ptr" | "i32" | "u32" | "f32";
+
+/** Kernel name -> parameter kinds, from the sources with their one-argument macros expanded. */
+function parseKernels(): Map<string, Kind[]> {
+  const files = readdirSync(KERNEL_DIR).filter((f) => /\.(cu|cuh)$/.test(f));
+  let text = files.map((f) => readFileSync(join(KERNEL_DIR, f), "utf8")).join("\n");
+  text = text.replace(/\\\n/g, " ");
+  const macros = new Map<string, { arg: string; body: string }>();
+  for (const m of text.matchAll(/^#define\s+(\w+)\((\w+)\)\s+(.*)$/gm)) macros.set(m[1]!, { arg: m[2]!, body: m[3]! });
+  const expanded: string[] = [text.replace(/^#define.*$/gm, "")];
+  for (const m of text.matchAll(/^(\w+)\((\w+)\)\s*$/gm)) {
+    const mac = macros.get(m[1]!);
+    if (!mac) continue;
+    expanded.push(mac.body.replace(new RegExp(`##${mac.arg}\\b`, "g"), m[2]!).replace(new RegExp(`\\b${mac.arg}\\b`, "g"), m[2]!));
+  }
+  const all = expanded.join("\n");
+  const out = new Map<string, Kind[]>();
+  const re = /extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(([^)]*)\)/g;
+  for (const m of all.matchAll(re)) {
+    const params = m[2]!.split(",").map((p) => p.trim()).filter((p) => p.length > 0);
+    out.set(m[1]!, params.map((p): Kind => {
+      if (p.includes("*")) return "ptr";
+      if (/\bfloat\b/.test(p)) return "f32";
+      if (/\bunsigned\b/.test(p)) return "u32";
+      if (/\bint\b/.test(p)) return "i32";
+      throw new Error(`cannot classify kernel parameter '${p}' of ${m[1]}`);
+    }));
+  }
+  return out;
+}
+
+interface Launch {
+  name: string;
+  grid: Dim3;
+  block: Dim3;
+  smem: number;
+  args: readonly KernelArg[];
+}
+
+class RecordingLauncher implements Launcher {
+  readonly launches: Launch[] = [];
+  launch(name: string, grid: Dim3, block: Dim3, smem: number, args: readonly KernelArg[]): void {
+    this.launches.push({ name, grid, block, smem, args });
+  }
+}
+
+const kindOf = (a: KernelArg): Kind => ("ptr" in a ? "ptr" : "i32" in a ? "i32" : "u32" in a ? "u32" : "f32");
+
+let nextPtr = 0x10000n;
+function operand(dtype: Operand["dtype"], rowsCap: number, cols: number): Operand {
+  nextPtr += 0x100000n;
+  return { ptr: nextPtr, dtype, rowsCap, cols, liveRows: nextPtr + 8n };
+}
+
+function run(padTokens: number, padSeqs: number, kinds: StepKinds = {}): StepRun & StepKinds {
+  const step: DeviceStep = {
+    counts: 0x100n, tokenIds: 0x200n, positions: 0x300n, slotMapping: 0x400n, loraSlots: 0x500n, queryStart: 0x600n,
+    contextLens: 0x700n, sampleRows: 0x800n, blockTables: 0x900n, temperature: 0xa00n, topP: 0xb00n, topK: 0xc00n,
+    seeds: 0xd00n, counters: 0xe00n, blocksPerSeq: 64, capTokens: padTokens, capSeqs: padSeqs,
+  };
+  return { step, padTokens, padSeqs, padSample: padSeqs, maxContext: 64 * 16, ...kinds };
+}
+
+/** Calls every op over a model-like set of shapes. */
+function exerciseAll(ops: CudaOps, o: { T: number; S: number; H: number; nH: number; nKv: number; D: number; I: number; V: number; R: number; kinds?: StepKinds }): void {
+  const r = run(o.T, o.S, o.kinds);
+  const resid = operand("f32", o.T, o.H), normed = operand("bf16", o.T, o.H), w = operand("bf16", 1, o.H);
+  ops.embedding(resid, operand("bf16", o.V, o.H), r);
+  ops.rmsnorm(normed, resid, w, 1e-5);
+  ops.addRmsnorm(normed, resid, operand("bf16", o.T, o.H), w, 1e-5);
+  const q = operand("bf16", o.T, o.nH * o.D), k = operand("bf16", o.T, o.nKv * o.D), v = operand("bf16", o.T, o.nKv * o.D);
+  ops.rope(q, k, operand("f32", 1, o.D / 2), o.D, r);
+  const kv: DeviceKv = { k: 0x7000000n, v: 0x8000000n, numBlocks: 100, blockSize: 16, numKvHeads: o.nKv, headDim: o.D };
+  ops.attention(operand("bf16", o.T, o.nH * o.D), q, k, v, kv, 0.1, r);
+  ops.attention(operand("bf16", o.T, o.nH * o.D), q, k, v, kv, 0.1, r,
+    { ptr: 0x9000000n, bytes: ops.attentionScratchBytes(o.S, o.nH, o.D) });
+  const gate = operand("bf16", o.T, o.I);
+  ops.siluMul(operand("bf16", o.T, o.I), gate, operand("bf16", o.T, o.I));
+  const stack = (inDim: number, outDim: number): DeviceLora => ({
+    a: 0xa000000n, b: 0xb000000n, ranks: 0xc000000n, scales: 0xd000000n, numSlots: 4, maxRank: o.R, inDim, outDim, scratch: 0xe000000n,
+  });
+  ops.lora(q, normed, stack(o.H, o.nH * o.D), r);
+  ops.lora(normed, operand("bf16", o.T, o.I), stack(o.I, o.H), r);
+  const last = operand("bf16", o.S, o.H);
+  ops.gatherRows(last, normed, r);
+  ops.sample(operand("f32", o.S, o.V), r, {
+    tokens: 0x1n << 40n, logprobs: 0x2n << 40n, topIds: 0x3n << 40n, topLogprobs: 0x4n << 40n, numTop: 5, scratch: 0n, scratchBytes: 0,
+  });
+  ops.fillRandom(operand("bf16", o.V, o.H), o.V * o.H, 7, 0.02);
+  ops.fillRandom(operand("f32", 1, o.H), o.H, 7, 0.02);
+  ops.convertF32ToBf16(0x1000n, 0x2000n, 1000);
+  ops.convertBf16ToF32(0x1000n, 0x2000n, 1000);
+  ops.convertF16ToBf16(0x1000n, 0x2000n, 1000);
+  ops.convertF16ToF32(0x1000n, 0x2000n, 1000);
+  ops.fillU32(0x1000n, 10, 0);
+  ops.fillU16(0x1000n, 10, 0x3f80);
+}
+
+const SHAPES = [
+  { T: 8, S: 8, H: 256, nH: 8, nKv: 4, D: 32, I: 704, V: 512, R: 8 }, // the demo model
+  { T: 256, S: 64, H: 4096, nH: 32, nKv: 32, D: 128, I: 11008, V: 32000, R: 16 }, // Llama-2-7B (MHA)
+  { T: 2048, S: 256, H: 4096, nH: 32, nKv: 8, D: 128, I: 14336, V: 128256, R: 64 }, // Llama-3-8B (GQA 4)
+  { T: 24, S: 24, H: 896, nH: 14, nKv: 2, D: 64, I: 4864, V: 151936, R: 32 }, // Qwen2-0.5B (GQA 7)
+  { T: 96, S: 4, H: 3584, nH: 28, nKv: 4, D: 128, I: 18944, V: 152064, R: 128 }, // Qwen2-7B, rank 128
+];
+
+describe("CUDA ops seam (CPU checks)", () => {
+  const kernels = parseKernels();
+
+  it("KERNEL_FILES are the .cu files of the kernels folder, absolute", () => {
+    const onDisk = readdirSync(KERNEL_DIR).filter((f) => f.endsWith(".cu")).sort();
+    expect(KERNEL_FILES.map((f) => basename(f)).sort()).toEqual(onDisk);
+    for (const f of KERNEL_FILES) expect(f.startsWith("/")).toBe(true);
+  });
+
+  it("every kernel name ops.ts may launch is defined, extern \"C\", in the sources", () => {
+    const missing = kernelNames().filter((n) => !kernels.has(n));
+    expect(missing).toEqual([]);
+  });
+
+  it("sources include only headers NVRTC has (cuda_bf16.h, cuda_fp16.h) and the folder's own .cuh", () => {
+    for (const f of readdirSync(KERNEL_DIR).filter((n) => /\.(cu|cuh)$/.test(n))) {
+      const text = readFileSync(join(KERNEL_DIR, f), "utf8");
+      for (const m of text.matchAll(/^\s*#\s*include\s*([<"])([^>"]+)[>"]/gm)) {
+        const ok = m[1] === "<" ? ["cuda_bf16.h", "cuda_fp16.h"].includes(m[2]!) : /^\w+\.cuh$/.test(m[2]!);
+        expect(ok, `${f} includes ${m[2]}`).toBe(true);
+      }
+      // No host-only types or macros NVRTC lacks without headers.
+      expect(/\b(u?int(8|16|32|64)_t|size_t|INFINITY|FLT_MAX|std::)\b/.test(text.replace(/\/\/.*$/gm, "")), `${f} uses a host header's name`).toBe(false);
+    }
+  });
+
+  for (const shape of SHAPES) {
+    for (const kinds of [{}, { hasPrefill: true, hasDecode: false }, { hasPrefill: false, hasDecode: true }] as StepKinds[]) {
+      it(`launches match kernel signatures and hardware limits: H=${shape.H} nH=${shape.nH}/${shape.nKv} D=${shape.D} r=${shape.R} ${JSON.stringify(kinds)}`, () => {
+        const rec = new RecordingLauncher();
+        exerciseAll(new CudaOps(rec, { smCount: 132 }), { ...shape, kinds });
+        expect(rec.launches.length).toBeGreaterThan(10);
+        for (const l of rec.launches) {
+          const params = kernels.get(l.name);
+          expect(params, `kernel ${l.name}`).toBeDefined();
+          expect(l.args.map(kindOf), `arguments of ${l.name}`).toEqual(params);
+          const [gx, gy, gz] = l.grid;
+          const [bx, by, bz] = l.block;
+          for (const g of l.grid) expect(Number.isInteger(g) && g >= 1).toBe(true);
+          expect(gx).toBeLessThan(2 ** 31);
+          expect(gy).toBeLessThanOrEqual(65535);
+          expect(gz).toBeLessThanOrEqual(65535);
+          expect(bx * by * bz).toBeLessThanOrEqual(1024);
+          expect(bx % 32).toBe(0);
+          // Static tiles use up to ~39 KB; dynamic shared memory must leave them room in 48 KB.
+          expect(l.smem).toBeLessThanOrEqual(9 * 1024);
+        }
+        const names = new Set(rec.launches.map((l) => l.name));
+        if (kinds.hasDecode === false) {
+          expect(names.has(`attn_decode_d${shape.D}`)).toBe(false);
+          expect(names.has("lora_bgmv_shrink")).toBe(false);
+        }
+        if (kinds.hasPrefill === false) {
+          expect(names.has(`attn_prefill_d${shape.D}`)).toBe(false);
+          expect([...names].some((n) => n.startsWith("lora_sgmv"))).toBe(false);
+        }
+      });
+    }
+  }
+
+  it("launch parameters depend only on capacities (a graph replays any step of the bucket)", () => {
+    const a = new RecordingLauncher(), b = new RecordingLauncher();
+    exerciseAll(new CudaOps(a), { ...SHAPES[2]!, kinds: { hasPrefill: false, hasDecode: true } });
+    exerciseAll(new CudaOps(b), { ...SHAPES[2]!, kinds: { hasPrefill: false, hasDecode: true } });
+    const strip = (ls: Launch[]) => ls.map((l) => ({ ...l, args: l.args.map((x) => ("ptr" in x ? "p" : x)) }));
+    expect(strip(a.launches)).toEqual(strip(b.launches));
+  });
+
+  it("rejects shapes the kernels do not handle, naming the limit", () => {
+    const ops = new CudaOps(new RecordingLauncher());
+    const r = run(8, 8);
+    const kv: DeviceKv = { k: 1n, v: 2n, numBlocks: 4, blockSize: 16, numKvHeads: 2, headDim: 48 };
+    const attn = () => ops.attention(operand("bf16", 8, 96), operand("bf16", 8, 96), operand("bf16", 8, 96), operand("bf16", 8, 96), kv, 1, r);
+    expect(attn).toThrow(CudaOpsError);
+    expect(attn).toThrow(/head dim 48/);
+    expect(() => ops.rmsnorm(operand("bf16", 8, 100), operand("f32", 8, 100), operand("bf16", 1, 100), 1e-5)).toThrow(/multiple of 8/);
+    expect(() => ops.rmsnorm(operand("bf16", 8, 64), operand("bf16", 8, 64), operand("bf16", 1, 64), 1e-5)).toThrow(/x must be f32/);
+  });
+
+  it("decode splits depend only on the context: at most 16 chunks of 64-key multiples covering it", () => {
+    expect(SUPPORTED_HEAD_DIMS.every((d) => d % 16 === 0)).toBe(true);
+    for (let ctx = 1; ctx < 40000; ctx += ctx < 600 ? 1 : 97) {
+      const { chunks, chunkLen } = decodeSplit(ctx);
+      expect(chunkLen % 64).toBe(0);
+      expect(chunks).toBeGreaterThanOrEqual(1);
+      expect(chunks).toBeLessThanOrEqual(16);
+      expect(chunks * chunkLen).toBeGreaterThanOrEqual(ctx);
+      expect((chunks - 1) * chunkLen).toBeLessThan(ctx);
+      if (ctx <= 256) expect(chunks).toBe(1);
+      expect(decodeSplit(ctx, 1).chunks).toBe(1);
+    }
+    expect(decodeSplit(3000).chunks).toBe(12);
+    expect(attentionScratchBytes(2, 4, 32)).toBe(2 * 16 * 4 * 34 * 4);
+  });
+
+  it("dummyWeightValue is the CPU backend's fillRandom formula", () => {
+    for (const [seed, i, std] of [[0, 0, 0.02], [7, 12345, 1], [0xffffffff, 4e9, 0.5]] as const) {
+      expect(dummyWeightValue(seed, i, std)).toBe(Math.fround(std * Math.sqrt(3) * (2 * uniform(seed, i) - 1)));
+    }
+  });
+
+  const nvcc = spawnSync("nvcc", ["--version"], { encoding: "utf8" });
+  const hasNvcc = nvcc.status === 0;
+  it.skipIf(!hasNvcc)(`nvcc compiles every kernel file for sm_90${hasNvcc ? "" : " (skipped: nvcc is not on PATH)"}`, () => {
+    const dir = mkdtempSync(join(tmpdir(), "inlaid-cu-"));
+    try {
+      for (const f of KERNEL_FILES) {
+        const res = spawnSync("nvcc", ["-arch=sm_90", "-std=c++17", "-cubin", "-DINLAID_NVRTC=1", "-o", join(dir, `${basename(f)}.cubin`), f], { encoding: "utf8" });
+        expect(res.status, `${basename(f)}:\n${res.stderr}`).toBe(0);
+      }
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }, 300_000);
+});

@@ -1,0 +1,413 @@
+// The kernels' side of the Launcher seam: one method per Backend op (DeviceOps,
+// device_ops.ts), each checking shapes, choosing grid / block / shared memory, and
+// launching the kernels of kernels/*.cu by name. No FFI here; the driver layer compiles
+// KERNEL_FILES with NVRTC and implements Launcher.
+//
+// Graph safety: every launch parameter is a function of capacities (Operand.rowsCap,
+// StepRun.padSeqs, stack and model dims), never of live counts; kernels read the live
+// counts from device memory (Operand.liveRows, DeviceStep.counts =
+// [numTokens, numSeqs, numSample, padTokens]) and skip rows / sequences past them.
+//
+// Batch invariance: a sequence's attention and LoRA results depend only on the sequence
+// itself. Decode rows (a sequence with one query row) and prefill rows (more) take fixed
+// kernel paths, and the flash-decoding split depends only on the context length.
+//
+// Optional inputs the driver layer may add (each has a correct fallback):
+// - StepRun.hasPrefill / hasDecode (StepKinds): host facts about the step; a false one
+//   skips the launches that would find nothing to do (decode-only graphs then carry no
+//   prefill attention / SGMV nodes). Absent: both paths launch and sort rows on the device.
+// - attention's `scratch` (attentionScratchBytes): f32 room for split decode partials.
+//   Absent or too small: every decode context runs in one pass per CTA (slower for long
+//   contexts). Keep it the same for the life of a deployment: it decides the split.
+
+import { existsSync } from "node:fs";
+import { fileURLToPath } from "node:url";
+import type { DeviceKv, DeviceLora, DeviceOps, Operand, SampleOutputs, Scratch, StepRun } from "./device_ops.js";
+import type { DevicePtr, Dim3, KernelArg, Launcher } from "./launch.js";
+import { uniform } from "../rng.js";
+
+// ------------------------------------------------------------------ files and names
+
+const FILES = ["activation.cu", "attention.cu", "embedding.cu", "lora.cu", "norm.cu", "rope.cu", "sample.cu", "utility.cu"] as const;
+
+/** The kernels folder: beside this module in the source tree; from dist/, the source tree's. */
+function kernelsFolder(): string {
+  const here = fileURLToPath(new URL("./kernels/", import.meta.url));
+  const fromDist = fileURLToPath(new URL("../../../src/backend/cuda/kernels/", import.meta.url));
+  return existsSync(here) || !existsSync(fromDist) ? here : fromDist;
+}
+
+/** Absolute paths of the .cu files the driver layer compiles (kernels/common.cuh is their shared header). */
+export const KERNEL_FILES: string[] = FILES.map((f) => kernelsFolder() + f);
+
+/** Head dims with attention kernels (attn_*_d{D}); each must be a multiple of 16. */
+export const SUPPORTED_HEAD_DIMS: readonly number[] = [32, 64, 80, 96, 128];
+
+/** Most heads sharing one KV head in the prefill kernel (its 64-row tile holds at least one token). */
+export const MAX_GQA_GROUP = 64;
+
+/** Most sequence slots (StepRun.padSeqs) the attention kernels take. */
+export const MAX_SEQS = 2048;
+
+/** Flash-decoding: most chunks per sequence, and the shortest context that splits (kernels/attention.cu). */
+export const DECODE_MAX_SPLITS = 16;
+export const DECODE_MIN_CHUNK = 256;
+
+/** Every kernel name ops.ts may launch (a CPU test checks each is defined in the .cu sources). */
+export function kernelNames(): string[] {
+  const attn = SUPPORTED_HEAD_DIMS.flatMap((d) => [`attn_prefill_d${d}`, `attn_decode_d${d}`, `attn_decode_reduce_d${d}`]);
+  return [
+    "embedding_bf16_f32", "gather_rows_bf16", "rmsnorm_f32_bf16", "add_rmsnorm_f32_bf16", "rope_bf16", "silu_mul_bf16",
+    "kv_cache_write", ...attn,
+    "lora_bgmv_shrink", "lora_bgmv_expand", "lora_sgmv_shrink_r16", "lora_sgmv_shrink_r32", "lora_sgmv_shrink_r64", "lora_sgmv_expand",
+    "sample_rows",
+    "convert_f32_to_bf16", "convert_bf16_to_f32", "convert_f16_to_bf16", "convert_f16_to_f32", "fill_u32", "fill_u16",
+    "fill_random_bf16", "fill_random_f32",
+  ];
+}
+
+// ------------------------------------------------------------------ host mirrors of kernel math
+
+/** How the decode kernel splits a context of `ctx` keys (kernels/attention.cu decode_split). */
+export function decodeSplit(ctx: number, maxSplits = DECODE_MAX_SPLITS): { chunks: number; chunkLen: number } {
+  let n = Math.ceil(ctx / DECODE_MIN_CHUNK);
+  n = Math.max(1, Math.min(maxSplits, n));
+  const per = Math.ceil(Math.ceil(ctx / n) / 64) * 64;
+  return { chunks: Math.max(1, Math.ceil(ctx / per)), chunkLen: per };
+}
+
+/** Bytes of the split-decode scratch for `seqs` sequence slots (StepRun.padSeqs at most). */
+export function attentionScratchBytes(seqs: number, numHeads: number, headDim: number): number {
+  return seqs * DECODE_MAX_SPLITS * numHeads * (headDim + 2) * 4;
+}
+
+/** The value fill_random_* writes at element i (before the bf16 rounding): the CPU backend's fillRandom. */
+export function dummyWeightValue(seed: number, i: number, std: number): number {
+  return Math.fround(std * Math.sqrt(3) * (2 * uniform(seed, i) - 1));
+}
+
+// ------------------------------------------------------------------ errors and helpers
+
+/** A shape or dtype the kernels do not handle; `limit` names what was exceeded. */
+export class CudaOpsError extends Error {
+  constructor(readonly op: string, readonly limit: string, message: string) {
+    super(`${op}: ${message}`);
+    this.name = "CudaOpsError";
+  }
+}
+
+/** Host facts about a step the driver layer may add to StepRun (see the header). */
+export interface StepKinds {
+  /** Some sequence has more than one query row this step. */
+  readonly hasPrefill?: boolean;
+  /** Some sequence has exactly one query row this step. */
+  readonly hasDecode?: boolean;
+}
+
+export interface DeviceInfo {
+  /** Streaming multiprocessors (132 on an H100 SXM): sizes the persistent decode grid. */
+  readonly smCount: number;
+}
+
+const ptr = (p: DevicePtr): KernelArg => ({ ptr: p });
+const i32 = (v: number): KernelArg => ({ i32: v });
+const u32 = (v: number): KernelArg => ({ u32: v >>> 0 });
+const f32 = (v: number): KernelArg => ({ f32: v });
+const cdiv = (a: number, b: number): number => Math.ceil(a / b);
+/** Threads for `work` items: a multiple of 32 in [32, max]. */
+const threadsFor = (work: number, max: number): number => Math.min(max, Math.max(32, Math.ceil(work / 32) * 32));
+
+function need(cond: boolean, op: string, limit: string, message: string): asserts cond {
+  if (!cond) throw new CudaOpsError(op, limit, message);
+}
+
+function dtype(op: string, name: string, t: Operand, want: Operand["dtype"]): void {
+  need(t.dtype === want, op, "dtype", `${name} must be ${want} (got ${t.dtype})`);
+}
+
+function vec8(op: string, what: string, n: number): void {
+  need(n % 8 === 0, op, "multiple of 8", `${what} = ${n} must be a multiple of 8 (16-byte vectors)`);
+}
+
+// ------------------------------------------------------------------ the ops
+
+export class CudaOps implements DeviceOps {
+  readonly #l: Launcher;
+  readonly #sm: number;
+
+  constructor(launcher: Launcher, device: DeviceInfo = { smCount: 132 }) {
+    this.#l = launcher;
+    this.#sm = Math.max(1, device.smCount);
+  }
+
+  #launch(name: string, grid: Dim3, block: Dim3, smem: number, args: KernelArg[]): void {
+    if (grid[0] === 0 || grid[1] === 0 || grid[2] === 0) return;
+    this.#l.launch(name, grid, block, smem, args);
+  }
+
+  /** out f32 [cap, H] = table bf16 [V, H] rows by the step's token ids; padded rows become zeros. */
+  embedding(out: Operand, table: Operand, run: StepRun): void {
+    const op = "embedding";
+    dtype(op, "out", out, "f32");
+    dtype(op, "table", table, "bf16");
+    need(out.cols === table.cols, op, "shape", `out has ${out.cols} columns, the table ${table.cols}`);
+    vec8(op, "hidden size", out.cols);
+    // One CTA per row; each thread moves 8 elements (16 bytes in, 32 out) per step.
+    this.#launch("embedding_bf16_f32", [out.rowsCap, 1, 1], [threadsFor(out.cols / 8, 256), 1, 1], 0, [
+      ptr(out.ptr), ptr(table.ptr), ptr(run.step.tokenIds), ptr(out.liveRows), i32(out.rowsCap), i32(out.cols), i32(table.rowsCap),
+    ]);
+  }
+
+  /** out bf16 = rmsnorm(x f32) * w. */
+  rmsnorm(out: Operand, x: Operand, w: Operand, eps: number): void {
+    const op = "rmsnorm";
+    this.#normChecks(op, out, x, w);
+    dtype(op, "x", x, "f32");
+    const rows = Math.min(out.rowsCap, x.rowsCap);
+    // One CTA per row, one 16-byte chunk of 8 elements per thread (H = 4096: 512 threads),
+    // so the row is read once from memory and once more from L1 for the scaling pass.
+    this.#launch("rmsnorm_f32_bf16", [rows, 1, 1], [threadsFor(x.cols / 8, 1024), 1, 1], 0, [
+      ptr(out.ptr), ptr(x.ptr), ptr(w.ptr), ptr(x.liveRows), i32(rows), i32(x.cols), f32(eps),
+    ]);
+  }
+
+  /** residual f32 += x bf16; out bf16 = rmsnorm(residual) * w. */
+  addRmsnorm(out: Operand, residual: Operand, x: Operand, w: Operand, eps: number): void {
+    const op = "addRmsnorm";
+    this.#normChecks(op, out, residual, w);
+    dtype(op, "residual", residual, "f32");
+    dtype(op, "x", x, "bf16");
+    need(x.cols === residual.cols, op, "shape", `x has ${x.cols} columns, the residual ${residual.cols}`);
+    const rows = Math.min(out.rowsCap, residual.rowsCap, x.rowsCap);
+    // As rmsnorm: one CTA per row, one 8-element chunk per thread.
+    this.#launch("add_rmsnorm_f32_bf16", [rows, 1, 1], [threadsFor(x.cols / 8, 1024), 1, 1], 0, [
+      ptr(out.ptr), ptr(residual.ptr), ptr(x.ptr), ptr(w.ptr), ptr(residual.liveRows), i32(rows), i32(x.cols), f32(eps),
+    ]);
+  }
+
+  #normChecks(op: string, out: Operand, x: Operand, w: Operand): void {
+    dtype(op, "out", out, "bf16");
+    dtype(op, "w", w, "bf16");
+    need(out.cols === x.cols && w.rowsCap * w.cols === x.cols, op, "shape",
+      `out (${out.cols}), input (${x.cols}) and weight (${w.rowsCap * w.cols}) widths differ`);
+    vec8(op, "hidden size", x.cols);
+  }
+
+  /** Rotary embedding in place on q [cap, nH*D] and k [cap, nKv*D] (bf16), rotate-half. */
+  rope(q: Operand, k: Operand, invFreq: Operand, headDim: number, run: StepRun): void {
+    const op = "rope";
+    dtype(op, "q", q, "bf16");
+    dtype(op, "k", k, "bf16");
+    dtype(op, "invFreq", invFreq, "f32");
+    need(headDim % 2 === 0 && headDim / 2 <= 256, op, "head dim", `head dim ${headDim} must be even and at most 512`);
+    need(q.cols % headDim === 0 && k.cols % headDim === 0, op, "shape", `q (${q.cols}) and k (${k.cols}) widths must be multiples of the head dim ${headDim}`);
+    need(invFreq.rowsCap * invFreq.cols === headDim / 2, op, "shape", `invFreq has ${invFreq.rowsCap * invFreq.cols} entries, expected ${headDim / 2}`);
+    const nH = q.cols / headDim, nKv = k.cols / headDim;
+    const rows = Math.min(q.rowsCap, k.rowsCap);
+    // One CTA per token row: the D/2 angles are computed once (f64 sin/cos, as the CPU) into
+    // shared memory and reused by all nH + nKv heads; a thread rotates 8 pairs (16-byte vectors).
+    const items = (nH + nKv) * ((headDim / 2) % 8 === 0 ? headDim / 16 : headDim / 2);
+    this.#launch("rope_bf16", [rows, 1, 1], [threadsFor(items, 256), 1, 1], 0, [
+      ptr(q.ptr), ptr(k.ptr), ptr(invFreq.ptr), ptr(run.step.positions), ptr(q.liveRows), i32(rows), i32(nH), i32(nKv), i32(headDim),
+    ]);
+  }
+
+  /**
+   * Writes k, v into the layer's cache at the step's slots, then causal GQA attention over
+   * each sequence's paged context. `scratch` (optional) enables split decoding.
+   */
+  attention(out: Operand, q: Operand, k: Operand, v: Operand, kv: DeviceKv, scale: number, run: StepRun, scratch?: Scratch): void {
+    const op = "attention";
+    for (const [n, t] of [["out", out], ["q", q], ["k", k], ["v", v]] as const) dtype(op, n, t, "bf16");
+    const D = kv.headDim, nKv = kv.numKvHeads;
+    need(SUPPORTED_HEAD_DIMS.includes(D), op, "head dim", `head dim ${D} has no kernel (supported: ${SUPPORTED_HEAD_DIMS.join(", ")})`);
+    need(k.cols === nKv * D && v.cols === nKv * D, op, "shape", `k / v must have ${nKv * D} columns (got ${k.cols}, ${v.cols})`);
+    need(q.cols % D === 0 && out.cols === q.cols, op, "shape", `q (${q.cols}) and out (${out.cols}) must be the same multiple of the head dim ${D}`);
+    const nH = q.cols / D;
+    need(nH % nKv === 0, op, "GQA", `${nH} query heads do not divide into ${nKv} KV heads`);
+    const G = nH / nKv;
+    need(G <= MAX_GQA_GROUP, op, "GQA group", `${G} query heads per KV head > ${MAX_GQA_GROUP}`);
+    const rows = Math.min(q.rowsCap, k.rowsCap, out.rowsCap);
+    const st = run.step;
+    const seqCap = run.padSeqs;
+    const kinds = run as StepRun & StepKinds;
+    // The per-CTA sequence prefix shares the 48 KB of default shared memory with the tiles.
+    need(seqCap <= MAX_SEQS, op, "sequences", `${seqCap} sequence slots > ${MAX_SEQS}`);
+
+    // K/V rows into the cache: one CTA per token row, 16-byte copies.
+    this.#launch("kv_cache_write", [rows, 1, 1], [threadsFor((nKv * D) / 8, 256), 1, 1], 0, [
+      ptr(kv.k), ptr(kv.v), ptr(k.ptr), ptr(v.ptr), ptr(st.slotMapping), ptr(k.liveRows), i32(rows), i32(nKv * D),
+    ]);
+    if (seqCap === 0) return;
+    // Both kernels find their work from the live counts with a per-CTA prefix over the
+    // sequences, held in dynamic shared memory: 4 * (seqCap + 1) bytes.
+    const prefixBytes = 4 * (seqCap + 1);
+    const common = [ptr(st.queryStart), ptr(st.positions), ptr(st.blockTables), ptr(st.counts), i32(seqCap), i32(st.blocksPerSeq), i32(kv.blockSize), i32(nH), i32(nKv), f32(scale)];
+
+    if (kinds.hasPrefill !== false) {
+      // 64-row tiles of (token, head-of-group) pairs, 4 warps: a sequence of q tokens needs
+      // ceil(q / TQ) tiles with TQ = floor(64 / G) tokens each, so ceil(rows / TQ) + seqCap
+      // bounds the tiles of any step within these capacities (extra CTAs exit at once).
+      const TQ = Math.floor(64 / G);
+      this.#launch(`attn_prefill_d${D}`, [cdiv(rows, TQ) + seqCap, nKv, 1], [128, 1, 1], prefixBytes, [
+        ptr(out.ptr), ptr(q.ptr), ptr(kv.k), ptr(kv.v), ...common,
+      ]);
+    }
+    if (kinds.hasDecode !== false) {
+      const split = scratch !== undefined && scratch.ptr !== 0n && scratch.bytes >= attentionScratchBytes(seqCap, nH, D);
+      const maxSplits = split ? DECODE_MAX_SPLITS : 1;
+      // Persistent grid: work items are (sequence, chunk, 16-head group); three 128-thread CTAs
+      // fit an SM (registers), so 3 per SM run in one wave and loop over the items.
+      const groups = nKv * Math.ceil(G / 16);
+      const grid = Math.max(1, Math.min(this.#sm * 3, seqCap * groups * maxSplits));
+      this.#launch(`attn_decode_d${D}`, [grid, 1, 1], [128, 1, 1], prefixBytes, [
+        ptr(out.ptr), ptr(split ? scratch!.ptr : 0n), ptr(q.ptr), ptr(kv.k), ptr(kv.v), ...common, i32(maxSplits),
+      ]);
+      if (split) {
+        // One CTA per sequence slot merges its chunks (unsplit sequences exit at once); the
+        // per-(head, chunk) weights sit in shared memory: nH * MAX_SPLITS floats.
+        this.#launch(`attn_decode_reduce_d${D}`, [seqCap, 1, 1], [256, 1, 1], 4 * nH * DECODE_MAX_SPLITS, [
+          ptr(out.ptr), ptr(scratch!.ptr), ptr(st.queryStart), ptr(st.positions), ptr(st.counts), i32(seqCap), i32(nH), i32(maxSplits),
+        ]);
+      }
+    }
+  }
+
+  /** Split-decode scratch for `seqs` sequence slots; a smaller (or no) scratch makes decode single-pass. */
+  attentionScratchBytes(seqs: number, numHeads: number, headDim: number): number {
+    return attentionScratchBytes(seqs, numHeads, headDim);
+  }
+
+  /** out = silu(gate) * up, all bf16 [cap, I]. */
+  siluMul(out: Operand, gate: Operand, up: Operand): void {
+    const op = "siluMul";
+    for (const [n, t] of [["out", out], ["gate", gate], ["up", up]] as const) dtype(op, n, t, "bf16");
+    need(out.cols === gate.cols && out.cols === up.cols, op, "shape", `widths differ (${out.cols}, ${gate.cols}, ${up.cols})`);
+    const rows = Math.min(out.rowsCap, gate.rowsCap, up.rowsCap);
+    // grid (row, column chunk of 256 threads x 8 elements): one 16-byte vector per thread.
+    this.#launch("silu_mul_bf16", [rows, cdiv(out.cols, 8 * 256), 1], [256, 1, 1], 0, [
+      ptr(out.ptr), ptr(gate.ptr), ptr(up.ptr), ptr(out.liveRows), i32(rows), i32(out.cols),
+    ]);
+  }
+
+  /** out[r] = x[sampleRows[r]] for r < numSample (bf16 rows). */
+  gatherRows(out: Operand, x: Operand, run: StepRun): void {
+    const op = "gatherRows";
+    dtype(op, "out", out, "bf16");
+    dtype(op, "x", x, "bf16");
+    need(out.cols === x.cols, op, "shape", `out has ${out.cols} columns, x ${x.cols}`);
+    vec8(op, "width", x.cols);
+    // One CTA per sampled row, 16-byte copies; the live count is the step's numSample.
+    this.#launch("gather_rows_bf16", [out.rowsCap, 1, 1], [threadsFor(x.cols / 8, 256), 1, 1], 0, [
+      ptr(out.ptr), ptr(x.ptr), ptr(run.step.sampleRows), ptr(run.step.counts + 8n), i32(out.rowsCap), i32(x.cols),
+    ]);
+  }
+
+  /** out[i] += scale_s * B_s (A_s x[i]) for rows with an adapter slot s >= 0 (see kernels/lora.cu). */
+  lora(out: Operand, x: Operand, stack: DeviceLora, run: StepRun): void {
+    const op = "lora";
+    dtype(op, "out", out, "bf16");
+    dtype(op, "x", x, "bf16");
+    const K = stack.inDim, N = stack.outDim, R = stack.maxRank;
+    need(x.cols === K && out.cols === N, op, "shape", `x must have ${K} columns and out ${N} (got ${x.cols}, ${out.cols})`);
+    vec8(op, "in dim", K);
+    vec8(op, "out dim", N);
+    need(R >= 1, op, "max rank", "the stack has no rank");
+    const rows = Math.min(x.rowsCap, out.rowsCap);
+    const st = run.step;
+    const seqCap = run.padSeqs;
+    const kinds = run as StepRun & StepKinds;
+    const hasPrefill = kinds.hasPrefill !== false, hasDecode = kinds.hasDecode !== false;
+    const rowArgs: KernelArg[] = [ptr(st.loraSlots), ptr(st.queryStart), ptr(st.counts), i32(seqCap), i32(rows)];
+
+    if (hasDecode) {
+      const mode = hasPrefill ? 0 : 1;
+      // BGMV shrink: a CTA per (row, 4 ranks), 256 threads sharing the K reduction; grid.y
+      // covers the pool's max rank, CTAs past a slot's rank exit.
+      this.#launch("lora_bgmv_shrink", [rows, cdiv(R, 4), 1], [256, 1, 1], 0, [
+        ptr(stack.scratch), ptr(x.ptr), ptr(stack.a), ptr(stack.ranks), ...rowArgs, i32(K), i32(R), i32(mode),
+      ]);
+      // BGMV expand: 128 threads x 8 outputs per CTA; the row's rank vector in shared memory.
+      this.#launch("lora_bgmv_expand", [rows, cdiv(N, 1024), 1], [128, 1, 1], 4 * R, [
+        ptr(out.ptr), ptr(stack.scratch), ptr(stack.b), ptr(stack.ranks), ptr(stack.scales), ...rowArgs, i32(N), i32(R), i32(mode),
+      ]);
+    }
+    if (hasPrefill) {
+      const mode = hasDecode ? 0 : 1;
+      // SGMV shrink: 64-row tiles x RW ranks (RW = the pool's max rank rounded to 16, at most 64).
+      const RW = R <= 16 ? 16 : R <= 32 ? 32 : 64;
+      this.#launch(`lora_sgmv_shrink_r${RW}`, [cdiv(rows, 64), cdiv(R, RW), 1], [128, 1, 1], 0, [
+        ptr(stack.scratch), ptr(x.ptr), ptr(stack.a), ptr(stack.ranks), ...rowArgs, i32(K), i32(R), i32(mode),
+      ]);
+      // SGMV expand: 64-row x 128-column output tiles.
+      this.#launch("lora_sgmv_expand", [cdiv(rows, 64), cdiv(N, 128), 1], [128, 1, 1], 0, [
+        ptr(out.ptr), ptr(stack.scratch), ptr(stack.b), ptr(stack.ranks), ptr(stack.scales), ...rowArgs, i32(N), i32(R), i32(mode),
+      ]);
+    }
+  }
+
+  /** Picks a token per sampled row of logits f32 [cap, V] (kernels/sample.cu). */
+  sample(logits: Operand, run: StepRun, out: SampleOutputs): void {
+    const op = "sample";
+    dtype(op, "logits", logits, "f32");
+    need(out.numTop >= 0 && Number.isInteger(out.numTop), op, "top logprobs", `numTop must be a non-negative integer (got ${out.numTop})`);
+    const st = run.step;
+    // One 1024-thread CTA per row: every pass over the vocabulary is spread over the
+    // whole CTA, and block-wide reductions replace sorting (see the kernel's header).
+    this.#launch("sample_rows", [logits.rowsCap, 1, 1], [1024, 1, 1], 0, [
+      ptr(out.tokens), ptr(out.logprobs), ptr(out.topIds), ptr(out.topLogprobs), ptr(logits.ptr),
+      ptr(st.temperature), ptr(st.topP), ptr(st.topK), ptr(st.seeds), ptr(st.counters), ptr(st.counts + 8n),
+      i32(logits.rowsCap), i32(logits.cols), i32(out.numTop),
+    ]);
+  }
+
+  sampleScratchBytes(_rows: number, _vocab: number): number {
+    return 0; // the sampler works in shared memory
+  }
+
+  /** t[i] = f32(std * sqrt(3) * (2 * uniform(seed, i) - 1)) (then bf16 for bf16 tensors), as the CPU's fillRandom. */
+  fillRandom(t: Operand, numel: number, seed: number, std: number): void {
+    const op = "fillRandom";
+    need(t.dtype === "bf16" || t.dtype === "f32", op, "dtype", `the tensor must be bf16 or f32 (got ${t.dtype})`);
+    need(numel < 2 ** 32, op, "elements", `${numel} elements exceed the u32 element index of the fill kernel`);
+    const a = new Float64Array([std * Math.sqrt(3)]);
+    const [lo, hi] = new Uint32Array(a.buffer);
+    this.#launch(t.dtype === "bf16" ? "fill_random_bf16" : "fill_random_f32", this.#gridFor(numel), [256, 1, 1], 0, [
+      ptr(t.ptr), u32(numel), u32(seed), u32(hi!), u32(lo!),
+    ]);
+  }
+
+  // ---- buffer utilities (grid-stride kernels; any grid covers any n)
+
+  convertF32ToBf16(out: DevicePtr, src: DevicePtr, n: number): void {
+    this.#launch("convert_f32_to_bf16", this.#gridFor(n), [256, 1, 1], 0, [ptr(out), ptr(src), u32(n)]);
+  }
+
+  convertBf16ToF32(out: DevicePtr, src: DevicePtr, n: number): void {
+    this.#launch("convert_bf16_to_f32", this.#gridFor(n), [256, 1, 1], 0, [ptr(out), ptr(src), u32(n)]);
+  }
+
+  convertF16ToBf16(out: DevicePtr, src: DevicePtr, n: number): void {
+    this.#launch("convert_f16_to_bf16", this.#gridFor(n), [256, 1, 1], 0, [ptr(out), ptr(src), u32(n)]);
+  }
+
+  convertF16ToF32(out: DevicePtr, src: DevicePtr, n: number): void {
+    this.#launch("convert_f16_to_f32", this.#gridFor(n), [256, 1, 1], 0, [ptr(out), ptr(src), u32(n)]);
+  }
+
+  /** Sets n 32-bit words to `value` (0: zero fill of 4n bytes). */
+  fillU32(p: DevicePtr, n: number, value: number): void {
+    this.#launch("fill_u32", this.#gridFor(n), [256, 1, 1], 0, [ptr(p), u32(n), u32(value)]);
+  }
+
+  /** Sets n 16-bit words to `value` (e.g. a bf16 constant's bits). */
+  fillU16(p: DevicePtr, n: number, value: number): void {
+    this.#launch("fill_u16", this.#gridFor(n), [256, 1, 1], 0, [ptr(p), u32(n), u32(value & 0xffff)]);
+  }
+
+  /** Grid-stride kernels: enough 256-thread CTAs to fill the GPU (32 per SM), never more than the work. */
+  #gridFor(n: number): Dim3 {
+    need(n < 2 ** 32, "utility", "elements", `${n} elements exceed the u32 count of the utility kernels`);
+    return [Math.max(0, Math.min(cdiv(n, 256), this.#sm * 32)), 1, 1];
+  }
+}
