@@ -7,12 +7,12 @@
 // Memory. Nothing is allocated per step. Weights (`upload`), the model's workspace
 // (`empty`), the KV cache (`createKvCache`: every layer's K and V in one allocation)
 // and LoRA stacks (`createLoraStack`) are allocated once by their owners. The backend
-// allocates at creation: the cuBLASLt workspace (32 MiB) and a table of row-count
-// constants; at the first step (and again only when a step exceeds it): the step
-// metadata buffer and its pinned host staging twin, sized at capacity; at first use
-// (outside graphs): LoRA and sampling scratch, sized at capacity. `memoryInfo()`
-// reports the device's free/total bytes so the engine can size the KV cache after
-// weights and workspace exist.
+// allocates the cuBLASLt workspace (32 MiB) at creation, and at capacity: the step
+// metadata buffer with its pinned host staging twin, the LoRA shrink and attention
+// split-K scratch, and the sampling buffers. `reserve(...)` allocates all of those up
+// front; without it they are allocated by the first step that needs them (and grown,
+// rarely, by a larger one). `memoryInfo()` reports the device's free/total bytes, so
+// the engine sizes the KV cache after weights, workspace and `reserve` exist.
 //
 // Dtypes. Float uploads become bf16 unless `f32` is asked for (the residual stream,
 // logits and RoPE frequencies are f32; pass dtype "f32" when uploading invFreq);
@@ -28,11 +28,13 @@
 // 0, slot -1 (no KV write), adapter -1. Only the most recently prepared step may be
 // run: its metadata occupies the device buffer.
 //
-// Views. `rows(t, n)` returns a view whose shape is [n, ...] (what `read` returns)
-// and whose launch capacity is bucket(n) (capped at t's rows). Kernels are launched
-// over the capacity and read the live count from device memory: the step's counts
-// when n is the step's numTokens or numSample, else a constant. So the launches of a
-// forward depend only on the buckets, never on the exact counts.
+// Views. `rows(t, n)` returns a view whose shape is [n, ...] (what `read` returns).
+// When n is the current step's numTokens or numSample, the view is step-sized: kernels
+// are launched over bucket(n) rows (capped at t's rows) and read the live count from
+// the step's counts in device memory, so the launches of a forward depend only on the
+// buckets, never on the exact counts. Any other view is launched over exactly n rows.
+// A step-sized view follows the counts of whatever step runs it (that is what lets a
+// replayed graph serve every step of its bucket).
 //
 // Graphs. `replay(key, forward)` on a step whose buckets (tokens, sequences, samples)
 // were seen with this key before launches the captured graph; otherwise it runs
@@ -45,7 +47,9 @@
 //                                        : model.forward(prepared, kv);
 // Graphs bake device addresses in, so every free of a device buffer, a KV cache or a
 // LoRA stack, and every metadata re-layout, drops all captured graphs (they are
-// re-captured on next use). INLAID_CUDA_GRAPHS=0 (or `graphs: false`) runs eagerly.
+// re-captured on next use). Whoever swaps a tensor inside the model for another
+// without freeing the old one calls `invalidateGraphs()`. INLAID_CUDA_GRAPHS=0 (or
+// `graphs: false`) runs everything eagerly.
 //
 // Errors. Every failing CUDA, NVRTC or cuBLASLt status is a CudaError; none aborts the
 // process. A kernel fault (illegal address and the like) leaves the CUDA context
@@ -161,8 +165,6 @@ interface Graph {
   readonly out: CudaTensor;
 }
 
-/** Most rows a constant-count operand may have (the liveRows table's size). */
-const ROW_CONST_MAX = 1 << 16;
 const DEFAULT_WORKSPACE = 32 << 20;
 const align256 = (x: number): number => Math.ceil(x / 256) * 256;
 
@@ -185,7 +187,6 @@ export class CudaBackend implements Backend {
   readonly #blas: CublasLt;
   readonly #ops: DeviceOps;
   readonly #workspace: bigint;
-  readonly #rowConsts: bigint;
   readonly #graphsEnabled: boolean;
   readonly #stagingEvent: bigint;
   readonly #timing: [bigint, bigint];
@@ -218,7 +219,7 @@ export class CudaBackend implements Backend {
 
   private constructor(init: {
     driver: CudaDriver; ordinal: number; ctx: bigint; stream: bigint; launcher: KernelLauncher; blas: CublasLt;
-    ops: DeviceOps; workspace: bigint; rowConsts: bigint; device: CudaDeviceInfo; images: readonly KernelImage[];
+    ops: DeviceOps; workspace: bigint; device: CudaDeviceInfo; images: readonly KernelImage[];
     kernelsUnavailable: string | null; graphs: boolean; stagingEvent: bigint; timing: [bigint, bigint];
     capacity: Partial<StepCapacity>;
   }) {
@@ -230,7 +231,6 @@ export class CudaBackend implements Backend {
     this.#blas = init.blas;
     this.#ops = init.ops;
     this.#workspace = init.workspace;
-    this.#rowConsts = init.rowConsts;
     this.device = init.device;
     this.kernelImages = init.images;
     this.kernelsUnavailable = init.kernelsUnavailable;
@@ -312,13 +312,6 @@ export class CudaBackend implements Backend {
       const blas = CublasLt.open(stream, workspace, wsBytes);
       undo.push(() => blas.dispose());
 
-      // rowConsts[i] = i: the live-row count of an operand whose size is fixed.
-      const consts = new Int32Array(ROW_CONST_MAX + 1);
-      for (let i = 0; i <= ROW_CONST_MAX; i++) consts[i] = i;
-      const rowConsts = d.memAlloc(consts.byteLength);
-      undo.push(() => d.memFree(rowConsts));
-      d.memcpyHtoDAsync(rowConsts, consts, consts.byteLength, stream);
-      d.streamSynchronize(stream);
 
       const graphs = opts.graphs ?? process.env.INLAID_CUDA_GRAPHS !== "0";
       const capacity: Partial<StepCapacity> = {
@@ -327,7 +320,7 @@ export class CudaBackend implements Backend {
         ...(opts.maxBlocksPerSeq ? { blocksPerSeq: opts.maxBlocksPerSeq } : {}),
       };
       return new CudaBackend({
-        driver: d, ordinal, ctx, stream, launcher, blas, ops: opsModule.make(launcher, { smCount: device.smCount }), workspace, rowConsts, device, images,
+        driver: d, ordinal, ctx, stream, launcher, blas, ops: opsModule.make(launcher, { smCount: device.smCount }), workspace, device, images,
         kernelsUnavailable: opsModule.unavailable, graphs, stagingEvent, timing: [t0, t1], capacity,
       });
     } catch (e) {
@@ -369,12 +362,10 @@ export class CudaBackend implements Backend {
     return p;
   }
 
+  /** The step's live count for step-sized views; 0n (all `capRows` rows live) otherwise. */
   #liveRows(t: CudaTensor): bigint {
-    if (t.track !== "fixed" && this.#deviceStep) {
-      return this.#deviceStep.counts + (t.track === "tokens" ? 0n : 8n);
-    }
-    if (t.rows > ROW_CONST_MAX) throw new Error(`operand of ${t.rows} rows exceeds the constant-count table (${ROW_CONST_MAX})`);
-    return this.#rowConsts + BigInt(4 * t.rows);
+    if (t.track === "fixed" || !this.#deviceStep) return 0n;
+    return this.#deviceStep.counts + (t.track === "tokens" ? 0n : 8n);
   }
 
   #operand(t: Tensor): Operand {
@@ -470,7 +461,9 @@ export class CudaBackend implements Backend {
       if (n === cur.batch.numTokens) track = "tokens";
       else if (n === cur.batch.sampleRows.length) track = "sample";
     }
-    return new CudaTensor(this, [n, ...base.shape.slice(1)], base.dtype, base.ptr, Math.min(bucketRows(n), base.rows), track, base);
+    // Step-sized views launch over the bucket and read the live count; any other view is exact.
+    const cap = track === "fixed" ? n : Math.min(bucketRows(n), base.rows);
+    return new CudaTensor(this, [n, ...base.shape.slice(1)], base.dtype, base.ptr, cap, track, base);
   }
 
   fillRandom(t: Tensor, seed: number, std: number): void {
@@ -974,6 +967,13 @@ export class CudaBackend implements Backend {
     return new CudaTensor(this, [n, ...out.shape.slice(1)], out.dtype, out.ptr, out.capRows, out.track, out.base);
   }
 
+  /** Drops every captured graph (they are re-captured on next use). */
+  invalidateGraphs(): void {
+    this.#enter();
+    if (this.#capturing) throw new Error("invalidateGraphs() while capturing a CUDA graph");
+    this.#dropGraphs();
+  }
+
   /** Captured graphs (for tests and diagnostics). */
   get graphCount(): number {
     return this.#graphs.size;
@@ -1045,7 +1045,7 @@ export class CudaBackend implements Backend {
     this.#loraStacks.clear();
     for (const sc of this.#scratch.values()) quiet(() => d.memFree(sc.ptr));
     this.#scratch.clear();
-    for (const p of [this.#meta, this.#rowConsts, this.#workspace]) {
+    for (const p of [this.#meta, this.#workspace]) {
       if (p !== 0n) quiet(() => d.memFree(p));
     }
     if (this.#staging) quiet(() => d.memFreeHost(this.#staging!));

@@ -18,7 +18,7 @@ export interface Operand {
   readonly rowsCap: number;
   /** Elements per row. */
   readonly cols: number;
-  /** Device address of an i32 holding the live row count (<= rowsCap). */
+  /** Device address of an i32 holding the live row count (<= rowsCap), or 0n when all rowsCap rows are live. */
   readonly liveRows: bigint;
 }
 
@@ -59,11 +59,12 @@ export interface StepRun {
   readonly maxContext: number;
   /**
    * Host facts about the step: some sequence has more than one query row (prefill) /
-   * exactly one (decode). An op may skip the launches of a path with no work; they are
-   * part of the graph key, so a replayed graph always saw the same values.
+   * exactly one (decode). An op may skip the launches of a path with no work (absent:
+   * both paths run). CudaBackend always sets them and makes them part of the graph key,
+   * so a replayed graph always saw the same values.
    */
-  readonly hasPrefill: boolean;
-  readonly hasDecode: boolean;
+  readonly hasPrefill?: boolean;
+  readonly hasDecode?: boolean;
 }
 
 /** One layer of the paged KV cache: K and V, each [numBlocks, blockSize, numKvHeads, headDim] bf16. */

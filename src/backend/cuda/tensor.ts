@@ -4,11 +4,12 @@
 //
 // Views made by `rows(t, n)` share the base's storage and carry two row counts:
 // `shape[0]` is the n the caller asked for (what `read` returns), and `capRows` is the
-// bucket of n (capped at the base's rows) that kernels are launched over. Kernels read
-// the live count from the step metadata, so a view's launch parameters depend only on
-// the bucket, which is what a CUDA graph replay needs. `track` records which live
-// count a view follows, so a replayed graph's output can be re-viewed at the current
-// step's size.
+// number of rows kernels are launched over. For a step-sized view (n is the step's
+// token or sample count) that is the bucket of n, and kernels read the live count from
+// the step metadata, so its launch parameters depend only on the bucket, which is what
+// a CUDA graph replay needs; `track` records which count it follows, so a replayed
+// graph's output can be re-viewed at the current step's size. Other views have
+// capRows = n.
 
 import type { Tensor } from "../backend.js";
 import { bytesPerElement, numel, type DType, type Shape } from "../tensor.js";
