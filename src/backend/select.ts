@@ -24,12 +24,7 @@ export async function createBackend(device: DeviceName): Promise<Backend> {
       // CUDA when libcuda loads and a device exists, else the CPU reference backend.
       const m = await cudaModule();
       if ("error" in m || !m.CudaBackend.available()) return new CpuBackend();
-      const b = await m.CudaBackend.create();
-      if (b.kernelsUnavailable === null) return b;
-      // A GPU without the kernels cannot run a model; say so and use the CPU.
-      process.emitWarning(`inlaid: CUDA device found but its kernels are unavailable (${b.kernelsUnavailable}); using the CPU`);
-      b.dispose();
-      return new CpuBackend();
+      return m.CudaBackend.create();
     }
     case "cuda": {
       const m = await cudaModule();

@@ -70,7 +70,7 @@ import {
 } from "./ffi/driver.js";
 import { buildKernels, type KernelImage } from "./ffi/nvrtc.js";
 import { KernelLauncher } from "./launcher.js";
-import { loadOpsModule } from "./ops_adapter.js";
+import { CudaOps, KERNEL_FILES } from "./ops.js";
 import {
   bucketRows, capacityShortfall, packStep, stagingViews, stepLayout,
   type PackedStep, type StagingViews, type StepCapacity, type StepLayout,
@@ -174,8 +174,6 @@ export class CudaBackend implements Backend {
   readonly device: CudaDeviceInfo;
   /** How each kernel file was obtained at creation (cache hit or compile, and time). */
   readonly kernelImages: readonly KernelImage[];
-  /** Why the kernels are unavailable (ops.ts missing), or null. */
-  readonly kernelsUnavailable: string | null;
 
   static #active: CudaBackend | null = null;
 
@@ -220,7 +218,7 @@ export class CudaBackend implements Backend {
   private constructor(init: {
     driver: CudaDriver; ordinal: number; ctx: bigint; stream: bigint; launcher: KernelLauncher; blas: CublasLt;
     ops: DeviceOps; workspace: bigint; device: CudaDeviceInfo; images: readonly KernelImage[];
-    kernelsUnavailable: string | null; graphs: boolean; stagingEvent: bigint; timing: [bigint, bigint];
+    graphs: boolean; stagingEvent: bigint; timing: [bigint, bigint];
     capacity: Partial<StepCapacity>;
   }) {
     this.#d = init.driver;
@@ -233,7 +231,6 @@ export class CudaBackend implements Backend {
     this.#workspace = init.workspace;
     this.device = init.device;
     this.kernelImages = init.images;
-    this.kernelsUnavailable = init.kernelsUnavailable;
     this.#graphsEnabled = init.graphs;
     this.#stagingEvent = init.stagingEvent;
     this.#timing = init.timing;
@@ -297,8 +294,7 @@ export class CudaBackend implements Backend {
       undo.push(() => d.eventDestroy(t1));
 
       // Kernels: ops.ts names the files; NVRTC builds them (or the cache has them).
-      const opsModule = await loadOpsModule();
-      const files = opts.kernelFiles ?? opsModule.kernelFiles;
+      const files = opts.kernelFiles ?? KERNEL_FILES;
       const images = files.length > 0
         ? await buildKernels({ files, arch, ...(opts.kernelsDir ? { dir: opts.kernelsDir } : {}), ...(opts.cacheDir ? { cacheDir: opts.cacheDir } : {}) })
         : [];
@@ -320,8 +316,8 @@ export class CudaBackend implements Backend {
         ...(opts.maxBlocksPerSeq ? { blocksPerSeq: opts.maxBlocksPerSeq } : {}),
       };
       return new CudaBackend({
-        driver: d, ordinal, ctx, stream, launcher, blas, ops: opsModule.make(launcher, { smCount: device.smCount }), workspace, device, images,
-        kernelsUnavailable: opsModule.unavailable, graphs, stagingEvent, timing: [t0, t1], capacity,
+        driver: d, ordinal, ctx, stream, launcher, blas, ops: new CudaOps(launcher, { smCount: device.smCount }), workspace, device, images,
+        graphs, stagingEvent, timing: [t0, t1], capacity,
       });
     } catch (e) {
       cleanup();

@@ -27,7 +27,34 @@ export function toolkitLibDirs(): string[] {
     // no /usr/local: nothing to add
   }
   dirs.push("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/local/nvidia/lib64", "/usr/lib/wsl/lib");
+  dirs.push(...pipNvidiaLibDirs());
   return [...new Set(dirs)];
+}
+
+/**
+ * Last resort: the CUDA libraries pip ships (nvidia-cuda-nvrtc, nvidia-cublas) inside a
+ * Python environment: $VIRTUAL_ENV, /opt/<name>/.venv, and the system site folders.
+ */
+function pipNvidiaLibDirs(): string[] {
+  const ls = (d: string): string[] => {
+    try {
+      return readdirSync(d);
+    } catch {
+      return [];
+    }
+  };
+  const envs = [process.env.VIRTUAL_ENV, ...ls("/opt").map((o) => join("/opt", o, ".venv")), "/usr/local", "/usr"]
+    .filter((e): e is string => !!e);
+  const out: string[] = [];
+  for (const env of envs) {
+    for (const py of ls(join(env, "lib")).filter((n) => n.startsWith("python3"))) {
+      for (const site of ["site-packages", "dist-packages"]) {
+        const nv = join(env, "lib", py, site, "nvidia");
+        for (const pkg of ls(nv)) out.push(join(nv, pkg, "lib"));
+      }
+    }
+  }
+  return out;
 }
 
 /**
