@@ -559,7 +559,7 @@ export class CudaBackend implements Backend {
     return {
       tokens: Math.max(old?.tokens ?? 0, init.tokens ?? 0, bucketRows(Math.max(1, batch.numTokens))),
       seqs: Math.max(old?.seqs ?? 0, init.seqs ?? 0, bucketRows(Math.max(1, batch.numSeqs, batch.sampleRows.length))),
-      blocksPerSeq: Math.max(1, batch.maxBlocksPerSeq),
+      blocksPerSeq: Math.max(old?.blocksPerSeq ?? 0, init.blocksPerSeq ?? 0, batch.maxBlocksPerSeq, 1),
     };
   }
 
@@ -617,7 +617,7 @@ export class CudaBackend implements Backend {
     const capacity: StepCapacity = {
       tokens: Math.max(old?.tokens ?? 0, bucketRows(Math.max(1, r.maxTokens))),
       seqs: Math.max(old?.seqs ?? 0, bucketRows(Math.max(1, r.maxSeqs))),
-      blocksPerSeq: Math.max(1, r.maxBlocksPerSeq),
+      blocksPerSeq: Math.max(old?.blocksPerSeq ?? 0, r.maxBlocksPerSeq, 1),
     };
     if (!old || old.tokens !== capacity.tokens || old.seqs !== capacity.seqs || old.blocksPerSeq !== capacity.blocksPerSeq) {
       this.#relayout(capacity);

@@ -163,6 +163,14 @@ describe("packStep", () => {
     expect(capacityShortfall(batch([1, 1], [1, 1], B), layout.capacity)).toBeNull();
     expect(capacityShortfall(batch([40, 30], [40, 30], B), layout.capacity)).toMatch(/70 tokens \(bucket 96\) > capacity 64/);
     expect(capacityShortfall(batch(new Array(17).fill(1), new Array(17).fill(1), B), layout.capacity)).toMatch(/17 sequences/);
-    expect(capacityShortfall(batch([1], [1], 8), layout.capacity)).toMatch(/blocks per sequence/);
+    expect(capacityShortfall(batch([1], [1], 8), layout.capacity)).toMatch(/8 blocks per sequence > capacity 4/);
+    expect(capacityShortfall(batch([1], [1], 2), layout.capacity)).toBeNull();
+  });
+
+  it("re-strides block tables of a step with fewer blocks per sequence than the layout", () => {
+    const b = batch([1, 1], [20, 40], 3);
+    const { packed, v } = pack(b, layout);
+    expect(packed.copyWords).toBe(layout.blockTables + 2 * B);
+    expect(Array.from(v.i32.subarray(layout.blockTables, layout.blockTables + 2 * B))).toEqual([0, 1, -1, -1, 10, 11, 12, -1]);
   });
 });

@@ -23,8 +23,9 @@
 //   topK         [seqs]         i32; padded: 0
 //   seeds        [seqs]         u32; padded: 0
 //   counters     [seqs]         u32; padded: 0
-//   blockTables  [seqs * B]     i32, row stride B = blocksPerSeq; rows of padded
-//                               sequences are not uploaded (their context is 0)
+//   blockTables  [seqs * B]     i32, row stride B = the capacity's blocksPerSeq (a step
+//                               with fewer blocks per sequence is re-strided, -1 filled);
+//                               rows of padded sequences are not uploaded (context 0)
 
 import type { StepBatch } from "../backend.js";
 
@@ -154,7 +155,7 @@ export function capacityShortfall(batch: StepBatch, capacity: StepCapacity): str
   const numSample = batch.sampleRows.length;
   if (bucketRows(batch.numTokens) > capacity.tokens) return `${batch.numTokens} tokens (bucket ${bucketRows(batch.numTokens)}) > capacity ${capacity.tokens}`;
   if (bucketRows(Math.max(batch.numSeqs, numSample)) > capacity.seqs) return `${batch.numSeqs} sequences > capacity ${capacity.seqs}`;
-  if (batch.maxBlocksPerSeq !== capacity.blocksPerSeq) return `${batch.maxBlocksPerSeq} blocks per sequence != layout's ${capacity.blocksPerSeq}`;
+  if (batch.maxBlocksPerSeq > capacity.blocksPerSeq) return `${batch.maxBlocksPerSeq} blocks per sequence > capacity ${capacity.blocksPerSeq}`;
   return null;
 }
 
@@ -173,7 +174,9 @@ export function packStep(batch: StepBatch, layout: StepLayout, v: StagingViews):
   if (batch.tokenIds.length < T || batch.positions.length < T || batch.slotMapping.length < T || batch.loraSlots.length < T) {
     throw new Error(`step batch arrays are shorter than numTokens (${T})`);
   }
-  if (batch.queryStart.length < S + 1 || batch.contextLens.length < S || batch.blockTables.length < S * B) {
+  const Bb = batch.maxBlocksPerSeq;
+  if (Bb > B) throw new Error(`step has ${Bb} blocks per sequence, the layout ${B}`);
+  if (batch.queryStart.length < S + 1 || batch.contextLens.length < S || batch.blockTables.length < S * Bb) {
     throw new Error(`step batch arrays are shorter than numSeqs (${S}) requires`);
   }
 
@@ -226,6 +229,14 @@ export function packStep(batch: StepBatch, layout: StepLayout, v: StagingViews):
   u32.set(sp.counters.subarray(0, M), layout.counters);
   u32.fill(0, layout.counters + M, layout.counters + padSeqs);
 
-  i32.set(batch.blockTables.subarray(0, S * B), layout.blockTables);
+  if (Bb === B) {
+    i32.set(batch.blockTables.subarray(0, S * B), layout.blockTables);
+  } else {
+    for (let s = 0; s < S; s++) {
+      const row = layout.blockTables + s * B;
+      i32.set(batch.blockTables.subarray(s * Bb, (s + 1) * Bb), row);
+      i32.fill(-1, row + Bb, row + B);
+    }
+  }
   return { padTokens, padSeqs, padSample, copyWords: layout.blockTables + S * B, anyLora, hasPrefill, hasDecode };
 }
