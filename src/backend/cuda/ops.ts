@@ -234,9 +234,10 @@ export class CudaOps implements DeviceOps {
     // The per-CTA sequence prefix shares the 48 KB of default shared memory with the tiles.
     need(seqCap <= MAX_SEQS, op, "sequences", `${seqCap} sequence slots > ${MAX_SEQS}`);
 
-    // K/V rows into the cache: one CTA per token row, 16-byte copies.
+    // K/V rows into the cache: one CTA per token row, 16-byte copies. Bounded by the step's
+    // numTokens (counts[0]), not k's own live count: slots past the step are stale.
     this.#launch("kv_cache_write", [rows, 1, 1], [threadsFor((nKv * D) / 8, 256), 1, 1], 0, [
-      ptr(kv.k), ptr(kv.v), ptr(k.ptr), ptr(v.ptr), ptr(st.slotMapping), ptr(k.liveRows), i32(rows), i32(nKv * D),
+      ptr(kv.k), ptr(kv.v), ptr(k.ptr), ptr(v.ptr), ptr(st.slotMapping), ptr(st.counts), i32(rows), i32(nKv * D),
     ]);
     if (seqCap === 0) return;
     // Both kernels find their work from the live counts with a per-CTA prefix over the

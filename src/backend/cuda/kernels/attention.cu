@@ -1,7 +1,7 @@
 // Paged causal GQA attention. Reference: src/backend/cpu/attention.ts (writeKv, pagedAttention).
 //
 // Semantics (per layer):
-//   kv_cache_write: for t < *live (numTokens) with slot = slotMapping[t] >= 0:
+//   kv_cache_write: for t < *live (the step's numTokens, counts[0]) with slot = slotMapping[t] >= 0:
 //       kCache[slot] = k[t], vCache[slot] = v[t]            (rows of nKv*D bf16)
 //   attention, for every live sequence s (s < counts[1]) and query row t in
 //   [queryStart[s], queryStart[s+1]), query head h (KV head h / G, G = nH / nKv):
