@@ -109,6 +109,16 @@ export interface LoraStack {
   readonly outDim: number;
 }
 
+export interface StepCapacities {
+  readonly maxTokens: number;
+  readonly maxSeqs: number;
+  readonly maxBlocksPerSeq: number;
+  readonly numHeads: number;
+  readonly headDim: number;
+  readonly vocabSize: number;
+  readonly maxTopLogprobs: number;
+}
+
 export interface Backend {
   readonly name: string;
   /** Storage dtype for activations feeding matmuls (f32 on CPU, bf16 on GPUs). The
@@ -162,6 +172,12 @@ export interface Backend {
   gatherRows(out: Tensor, x: Tensor, step: PreparedStep): void;
   /** Picks one token per row of logits [numSample, V] as step.sampling says. */
   sample(logits: Tensor, step: PreparedStep): SampleResult;
+
+  /** Optional: allocate every per-step buffer at these capacities now (so memory is
+   * known before the KV cache is sized, and no step allocates). */
+  reserve?(r: StepCapacities): void;
+  /** Optional: device memory, for sizing the KV cache. */
+  memoryInfo?(): { free: number; total: number };
 
   /**
    * Optional: run `forward` so that later calls with the same `key` replay it (a CUDA

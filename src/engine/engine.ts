@@ -5,8 +5,9 @@
 
 import { randomInt } from "node:crypto";
 import { basename, resolve } from "node:path";
-import type { Backend, KvCache, StepBatch } from "../backend/backend.js";
+import type { Backend, KvCache, StepBatch, Tensor } from "../backend/backend.js";
 import { createBackend, type DeviceName } from "../backend/select.js";
+import { bytesPerElement } from "../backend/tensor.js";
 import { AdapterPool } from "../lora/adapter_pool.js";
 import { AdapterRegistry } from "../lora/registry.js";
 import { loadModelConfig, type ModelConfig } from "../model/config.js";
@@ -57,6 +58,8 @@ export interface EngineOptions {
   readonly blockSize?: number;
   /** Memory for the KV cache (default: enough for maxBatch full contexts, at most 1 GiB). */
   readonly kvCacheBytes?: number;
+  /** Fraction of device memory the engine may use in all (GPU; default 0.9). */
+  readonly gpuMemoryUtilization?: number;
   /** Adapter pool slots (default 16). */
   readonly maxLoras?: number;
   readonly maxLoraRank?: number;
@@ -322,7 +325,11 @@ export class Engine implements ServingEngine {
     if (this.#running.length === 0) return;
     const batch = this.#buildBatch(this.#running);
     const prepared = this.#backend.prepare(batch);
-    const logits = this.#model.forward(prepared, this.#kv);
+    // Decode-only steps (one token per sequence) have the same op sequence every time:
+    // a backend with graphs replays them (keyed further by its own batch buckets).
+    const decodeOnly = batch.numTokens === batch.numSeqs;
+    const forward = (): Tensor => this.#model.forward(prepared, this.#kv);
+    const logits = decodeOnly && this.#backend.replay ? this.#backend.replay("decode", forward) : forward();
     const result = this.#backend.sample(logits, prepared);
     this.#steps++;
     const nTop = batch.sampling.numTopLogprobs;
@@ -482,9 +489,6 @@ export async function createEngine(opts: EngineOptions): Promise<Engine> {
   const maxBatch = opts.maxBatch ?? 256;
   const maxBatchedTokens = Math.max(opts.maxBatchedTokens ?? 1024, maxModelLen);
   const blockSize = opts.blockSize ?? 16;
-  const bytesPerToken = config.numLayers * 2 * config.numKvHeads * config.headDim * 4;
-  const kvBytes = opts.kvCacheBytes ?? Math.min(2 ** 30, maxBatch * maxModelLen * bytesPerToken);
-  const numBlocks = Math.max(Math.ceil(maxModelLen / blockSize) + 1, Math.floor(kvBytes / (bytesPerToken * blockSize)));
 
   say(`loading ${dir} (${config.architecture}, ${config.numLayers} layers) on ${backend.name}`);
   const src = opts.loadFormat === "dummy" ? DUMMY : SafetensorsDir.open(dir);
@@ -503,7 +507,32 @@ export async function createEngine(opts: EngineOptions): Promise<Engine> {
     registry.load(name, resolve(path));
   }
   const pool = new AdapterPool(backend, config, opts.maxLoras ?? 16, maxLoraRank);
-  const model = new LlamaModel(backend, config, weights, { maxTokens: maxBatchedTokens + maxBatch, maxSeqs: maxBatch }, pool.wrap);
+  const maxTokens = maxBatchedTokens + maxBatch;
+  const model = new LlamaModel(backend, config, weights, { maxTokens, maxSeqs: maxBatch }, pool.wrap);
+  backend.reserve?.({
+    maxTokens, maxSeqs: maxBatch, maxBlocksPerSeq: Math.ceil(maxModelLen / blockSize),
+    numHeads: config.numHeads, headDim: config.headDim, vocabSize: config.vocabSize, maxTopLogprobs: 20,
+  });
+  // The KV cache takes what is left: on a GPU, up to --gpu-memory-utilization of the
+  // device once weights, workspace and step buffers exist; on the CPU, enough for
+  // maxBatch full contexts, at most 1 GiB.
+  const bytesPerToken = config.numLayers * 2 * config.numKvHeads * config.headDim * bytesPerElement(backend.activationDtype);
+  let kvBytes = opts.kvCacheBytes;
+  if (kvBytes === undefined) {
+    const mem = backend.memoryInfo?.();
+    const util = opts.gpuMemoryUtilization ?? 0.9;
+    kvBytes = mem
+      ? Math.min(mem.free - mem.total * (1 - util), maxBatch * maxModelLen * bytesPerToken)
+      : Math.min(2 ** 30, maxBatch * maxModelLen * bytesPerToken);
+  }
+  const minBlocks = Math.ceil(maxModelLen / blockSize) + 1;
+  const numBlocks = Math.floor(kvBytes / (bytesPerToken * blockSize));
+  if (numBlocks < minBlocks) {
+    throw new Error(
+      `not enough memory for the KV cache: ${(kvBytes / 2 ** 20).toFixed(0)} MiB holds ${numBlocks} blocks, one full context needs ${minBlocks}; ` +
+        "lower --max-model-len or --max-batch, or raise --gpu-memory-utilization");
+  }
+  say(`KV cache: ${numBlocks} blocks of ${blockSize} tokens (${((numBlocks * blockSize * bytesPerToken) / 2 ** 20).toFixed(0)} MiB)`);
   return new Engine(config, tokenizer, backend, model, registry, pool, {
     maxBatch,
     maxWaiting: opts.maxWaiting ?? 4096,

@@ -78,7 +78,7 @@ export class LlamaModel {
       lastHidden: e(c.hiddenSize, limits.maxSeqs),
       logits: e(c.vocabSize, limits.maxSeqs, "f32"),
     };
-    this.#invFreq = backend.upload({ shape: [c.headDim / 2], dtype: "f32", data: ropeInvFreq(c) });
+    this.#invFreq = backend.upload({ shape: [c.headDim / 2], dtype: "f32", data: ropeInvFreq(c) }, "f32");
     this.#attnScale = 1 / Math.sqrt(c.headDim);
   }
 

@@ -118,7 +118,7 @@ export class Nvrtc {
       this.#check("nvrtcGetCUBINSize", this.#f.nvrtcGetCUBINSize(prog, size), file);
       const cubin = new Uint8Array(Number(size[0]!));
       if (cubin.length === 0) {
-        throw new CudaError("nvrtc", "nvrtcGetCUBINSize", 0, "NO_CUBIN", `${file}: NVRTC produced no CUBIN; is --gpu-arch a real architecture (sm_XX, not compute_XX)?`);
+        throw new CudaError("nvrtc", "nvrtcGetCUBINSize", 0, "NO_CUBIN", `${file}: NVRTC produced no CUBIN; is --gpu-architecture a real architecture (sm_XX, not compute_XX)?`);
       }
       this.#check("nvrtcGetCUBIN", this.#f.nvrtcGetCUBIN(prog, cubin), file);
       return cubin;
@@ -211,7 +211,7 @@ export interface BuildKernelsOptions {
 /** The options every kernel is compiled with. */
 export function nvrtcOptions(arch: string, extra: readonly string[] = []): string[] {
   if (!/^sm_\d+[a-z]?$/.test(arch)) throw new Error(`kernel arch must look like sm_90 or sm_90a (got ${arch})`);
-  return [`--gpu-arch=${arch}`, "-default-device", "-std=c++17", "-DINLAID_NVRTC=1", ...extra];
+  return [`--gpu-architecture=${arch}`, "-default-device", "-std=c++17", "-DINLAID_NVRTC=1", ...extra];
 }
 
 /**
