@@ -4,6 +4,7 @@
 // bad flag value), 130 interrupted.
 
 import { Command, CommanderError } from "commander";
+import { addBenchCommand } from "./bench.js";
 import { addEvalCommand } from "./eval.js";
 import { addGenerateCommand } from "./generate.js";
 import { UsageError } from "./options.js";
@@ -24,6 +25,7 @@ function buildProgram(): Command {
   addServeCommand(program);
   addGenerateCommand(program);
   addEvalCommand(program);
+  addBenchCommand(program);
   return program;
 }
 
