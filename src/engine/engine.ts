@@ -517,15 +517,15 @@ export async function createEngine(opts: EngineOptions): Promise<Engine> {
   // device once weights, workspace and step buffers exist; on the CPU, enough for
   // maxBatch full contexts, at most 1 GiB.
   const bytesPerToken = config.numLayers * 2 * config.numKvHeads * config.headDim * bytesPerElement(backend.activationDtype);
+  const minBlocks = Math.ceil(maxModelLen / blockSize) + 1;
+  // Enough for every sequence of a full batch at full context (no preemption), plus one.
+  const wanted = (Math.ceil((maxBatch * maxModelLen) / blockSize) + 1) * blockSize * bytesPerToken;
   let kvBytes = opts.kvCacheBytes;
   if (kvBytes === undefined) {
     const mem = backend.memoryInfo?.();
     const util = opts.gpuMemoryUtilization ?? 0.9;
-    kvBytes = mem
-      ? Math.min(mem.free - mem.total * (1 - util), maxBatch * maxModelLen * bytesPerToken)
-      : Math.min(2 ** 30, maxBatch * maxModelLen * bytesPerToken);
+    kvBytes = mem ? Math.min(mem.free - mem.total * (1 - util), wanted) : Math.min(Math.max(2 ** 30, minBlocks * blockSize * bytesPerToken), wanted);
   }
-  const minBlocks = Math.ceil(maxModelLen / blockSize) + 1;
   const numBlocks = Math.floor(kvBytes / (bytesPerToken * blockSize));
   if (numBlocks < minBlocks) {
     throw new Error(

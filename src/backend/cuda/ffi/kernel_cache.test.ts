@@ -9,7 +9,7 @@ const base: KernelCacheInput = {
   file: "rmsnorm.cu",
   source: 'extern "C" __global__ void k() {}',
   headers: [["common.cuh", "#pragma once"], ["bf16.cuh", "// bf16 helpers"]],
-  options: ["--gpu-arch=sm_90", "-default-device", "-std=c++17"],
+  options: ["--gpu-architecture=sm_90", "-default-device", "-std=c++17"],
   nvrtcVersion: "13.0",
 };
 
@@ -26,7 +26,7 @@ describe("kernel cache key", () => {
       { ...base, source: base.source + " " },
       { ...base, headers: [["common.cuh", "#pragma once "], base.headers[1]!] },
       { ...base, headers: [base.headers[0]!] },
-      { ...base, options: ["--gpu-arch=sm_90a", ...base.options.slice(1)] },
+      { ...base, options: ["--gpu-architecture=sm_90a", ...base.options.slice(1)] },
       { ...base, options: [...base.options, "-lineinfo"] },
       { ...base, nvrtcVersion: "13.1" },
     ];
@@ -69,7 +69,7 @@ describe("kernel cache folder and writes", () => {
 
 describe("NVRTC options", () => {
   it("target the device's real architecture with the default-device flag", () => {
-    expect(nvrtcOptions("sm_90")).toEqual(["--gpu-arch=sm_90", "-default-device", "-std=c++17", "-DINLAID_NVRTC=1"]);
+    expect(nvrtcOptions("sm_90")).toEqual(["--gpu-architecture=sm_90", "-default-device", "-std=c++17", "-DINLAID_NVRTC=1"]);
     expect(nvrtcOptions("sm_90a", ["-lineinfo"])).toContain("-lineinfo");
     expect(() => nvrtcOptions("compute_90")).toThrow(/sm_90/);
   });
