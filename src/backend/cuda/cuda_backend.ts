@@ -69,6 +69,7 @@ import {
   cudaDriver, cudaUnavailableReason, isStickyError, type CudaDriver, type PinnedBuffer,
 } from "./ffi/driver.js";
 import { buildKernels, type KernelImage } from "./ffi/nvrtc.js";
+import type { Launcher } from "./launch.js";
 import { KernelLauncher } from "./launcher.js";
 import { CudaOps, KERNEL_FILES } from "./ops.js";
 import {
@@ -98,6 +99,8 @@ export interface CudaBackendOptions {
   readonly workspaceBytes?: number;
   /** Capture and replay CUDA graphs (default true unless INLAID_CUDA_GRAPHS=0). */
   readonly graphs?: boolean;
+  /** Another kernel set behind the DeviceOps seam (default: ops.ts's CudaOps over KERNEL_FILES). */
+  readonly ops?: (launcher: Launcher, device: CudaDeviceInfo) => DeviceOps;
 }
 
 export interface CudaDeviceInfo {
@@ -316,7 +319,8 @@ export class CudaBackend implements Backend {
         ...(opts.maxBlocksPerSeq ? { blocksPerSeq: opts.maxBlocksPerSeq } : {}),
       };
       return new CudaBackend({
-        driver: d, ordinal, ctx, stream, launcher, blas, ops: new CudaOps(launcher, { smCount: device.smCount }), workspace, device, images,
+        driver: d, ordinal, ctx, stream, launcher, blas, workspace, device, images,
+        ops: opts.ops ? opts.ops(launcher, device) : new CudaOps(launcher, { smCount: device.smCount }),
         graphs, stagingEvent, timing: [t0, t1], capacity,
       });
     } catch (e) {
