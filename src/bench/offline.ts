@@ -93,6 +93,8 @@ export interface OfflineBenchResult {
   readonly decode_step_ms: { readonly mean: number; readonly p50: number; readonly p99: number; readonly n: number } | null;
   /** batch / mean decode step: the steady-state decode rate. */
   readonly decode_tokens_per_s: number | null;
+  /** Mean host time of a decode step (building, launching, handling tokens), excluding the wait for the device. */
+  readonly host_us_per_decode_step: number;
   readonly roofline: {
     readonly bytes_per_step: number;
     readonly weights_bytes: number;
@@ -353,6 +355,7 @@ export async function runOfflineBench(opts: OfflineBenchOptions, progress: Progr
       ? { mean: round(mean, 3), p50: round(percentile(sorted, 50), 3), p99: round(percentile(sorted, 99), 3), n: stepMs.length }
       : null,
     decode_tokens_per_s: stepMs.length > 0 ? round(B / (mean / 1000), 1) : null,
+    host_us_per_decode_step: round(engine.stats().decodeHostUsMean, 1),
     roofline: {
       bytes_per_step: Math.round(bytes.total),
       weights_bytes: bytes.weights,

@@ -91,6 +91,8 @@ export class Engine implements ServingEngine {
   #running: Sequence[] = [];
   #nextSeqId = 0;
   #steps = 0;
+  #decodeSteps = 0;
+  #decodeHostMs = 0;
   #closed = false;
   #wake: (() => void) | null = null;
   readonly #loop: Promise<void>;
@@ -228,6 +230,8 @@ export class Engine implements ServingEngine {
       kvBlocksUsed: this.#blocks.usedBlocks,
       kvBlocksTotal: this.#blocks.numBlocks,
       steps: this.#steps,
+      decodeSteps: this.#decodeSteps,
+      decodeHostUsMean: this.#decodeSteps ? (this.#decodeHostMs * 1000) / this.#decodeSteps : 0,
     };
   }
 
@@ -320,6 +324,7 @@ export class Engine implements ServingEngine {
 
   /** Admits waiting sequences, makes room for decodes, runs one forward, samples. Public for tests and benchmarks. */
   step(): void {
+    const t0 = performance.now();
     const admitted = this.#admit();
     this.#reserveDecodeBlocks(admitted);
     if (this.#running.length === 0) return;
@@ -330,7 +335,9 @@ export class Engine implements ServingEngine {
     const decodeOnly = batch.numTokens === batch.numSeqs;
     const forward = (): Tensor => this.#model.forward(prepared, this.#kv);
     const logits = decodeOnly && this.#backend.replay ? this.#backend.replay("decode", forward) : forward();
+    const t1 = performance.now();
     const result = this.#backend.sample(logits, prepared);
+    const t2 = performance.now();
     this.#steps++;
     const nTop = batch.sampling.numTopLogprobs;
     const finished: Sequence[] = [];
@@ -352,6 +359,12 @@ export class Engine implements ServingEngine {
     if (finished.length > 0) {
       for (const s of finished) this.#free(s);
       this.#running = this.#running.filter((s) => s.status !== "finished");
+    }
+    if (decodeOnly) {
+      // Host time: building and launching the step, and handling its tokens; the wait
+      // for the device inside sample() is excluded (sample's own launch is not).
+      this.#decodeSteps++;
+      this.#decodeHostMs += t1 - t0 + (performance.now() - t2);
     }
   }
 

@@ -78,6 +78,9 @@ export interface EngineStats {
   readonly kvBlocksUsed: number;
   readonly kvBlocksTotal: number;
   readonly steps: number;
+  /** Decode-only steps run so far, and their mean host time (microseconds) excluding the wait for the device. */
+  readonly decodeSteps: number;
+  readonly decodeHostUsMean: number;
 }
 
 /** What the server and CLI need from an engine (src/engine/engine.ts implements it). */
