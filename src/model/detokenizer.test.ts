@@ -1,8 +1,19 @@
-import { describe, expect, it } from "vitest";
+import { beforeAll, describe, expect, it } from "vitest";
 import { IncrementalDetokenizer } from "./detokenizer.js";
 import { TextTokenizer } from "./tokenizer.js";
 
-const tok = TextTokenizer.load("examples/demo/base");
+const byteLevel = TextTokenizer.load("examples/demo/base");
+// The same tokenizer without its byte table, so the general (decode-window) path runs too.
+// (#private fields rule out Object.create/Proxy, so delegate the members in use.)
+const windowed = {
+  tokenBytes: null,
+  specialIds: byteLevel.specialIds,
+  eosTokenIds: byteLevel.eosTokenIds,
+  vocabSize: byteLevel.vocabSize,
+  encode: (text: string, addSpecial?: boolean) => byteLevel.encode(text, addSpecial),
+  decode: (ids: readonly number[], skipSpecial?: boolean) => byteLevel.decode(ids, skipSpecial),
+} as unknown as TextTokenizer;
+let tok: TextTokenizer = byteLevel;
 
 /** Small deterministic PRNG (mulberry32) so failures reproduce. */
 function rng(seed: number): () => number {
@@ -38,7 +49,12 @@ const TEXTS = [
 ];
 const PROMPTS = ["", "oabd pvufk", "prompt ending in CJK 日本語", "emoji prompt 😀"];
 
-describe("IncrementalDetokenizer", () => {
+for (const [label, variant] of [["byte-level fast path", byteLevel], ["decode-window path", windowed]] as const)
+describe(`IncrementalDetokenizer (${label})`, () => {
+  beforeAll(() => {
+    tok = variant;
+  });
+
   it("streams valid text without U+FFFD and matches a full decode", () => {
     for (const p of PROMPTS) {
       const promptIds = tok.encode(p, p !== "");

@@ -186,6 +186,8 @@ export class TextTokenizer {
     for (const id of generationEosIds) eos.add(id);
     this.eosTokenIds = [...eos];
 
+    this.tokenBytes = byteLevelTable(tokenizerJson, this.#tok, special, this.vocabSize);
+
     this.hasChatTemplate = chatTemplate !== null;
     try {
       this.#template = chatTemplate === null ? null : new Template(chatTemplate);
@@ -205,6 +207,14 @@ export class TextTokenizer {
    * Loads dir/tokenizer.json, with dir/tokenizer_config.json (optional), the chat template
    * (see findChatTemplate) and dir/generation_config.json's eos_token_id (optional).
    */
+  /**
+   * For byte-level BPE tokenizers (decoder "ByteLevel": GPT-2, Llama-3, Qwen2 and the
+   * demo): the UTF-8 bytes each id stands for, null for special tokens and unknown ids.
+   * decode(ids, skipSpecial) is then exactly the lossy UTF-8 decoding of the concatenated
+   * bytes, which lets the detokenizer stream in O(1) per token. Null for other tokenizers.
+   */
+  readonly tokenBytes: readonly (Uint8Array | null)[] | null;
+
   static load(dir: string): TextTokenizer {
     const tokPath = join(dir, "tokenizer.json");
     if (!existsSync(tokPath)) {
@@ -320,3 +330,55 @@ function messageText(content: ChatMessage["content"]): string {
     })
     .join("\n");
 }
+
+/** GPT-2's byte <-> printable character map that byte-level BPE vocabularies are written in. */
+function byteLevelCharToByte(): Map<string, number> {
+  const bytes: number[] = [];
+  for (let b = 0x21; b <= 0x7e; b++) bytes.push(b);
+  for (let b = 0xa1; b <= 0xac; b++) bytes.push(b);
+  for (let b = 0xae; b <= 0xff; b++) bytes.push(b);
+  const chars = [...bytes];
+  let n = 0;
+  for (let b = 0; b < 256; b++) {
+    if (!bytes.includes(b)) {
+      bytes.push(b);
+      chars.push(256 + n++);
+    }
+  }
+  return new Map(bytes.map((b, i) => [String.fromCodePoint(chars[i]!), b]));
+}
+
+function byteLevelTable(
+  json: Record<string, unknown>,
+  tok: HfTokenizer,
+  special: ReadonlySet<number>,
+  size: number,
+): (Uint8Array | null)[] | null {
+  const decoder = json["decoder"] as { type?: unknown } | null | undefined;
+  const model = json["model"] as { type?: unknown } | undefined;
+  if (decoder?.type !== "ByteLevel" || model?.type !== "BPE") return null;
+  const toByte = byteLevelCharToByte();
+  const added = tok.get_added_tokens_decoder();
+  const enc = new TextEncoder();
+  const table: (Uint8Array | null)[] = new Array(size).fill(null);
+  for (let id = 0; id < size; id++) {
+    if (special.has(id)) continue;
+    const a = added.get(id);
+    // Added (non-special) tokens decode to their content as written, not through the byte map.
+    if (a) {
+      table[id] = enc.encode(a.content);
+      continue;
+    }
+    const piece = tok.id_to_token(id);
+    if (piece === undefined) continue;
+    const out: number[] = [];
+    for (const ch of piece) {
+      const b = toByte.get(ch);
+      if (b === undefined) return null; // not a byte-level vocabulary after all: use the general path
+      out.push(b);
+    }
+    table[id] = Uint8Array.from(out);
+  }
+  return table;
+}
+
