@@ -121,8 +121,13 @@ export interface StepCapacities {
 
 export interface Backend {
   readonly name: string;
-  /** Storage dtype for activations feeding matmuls (f32 on CPU, bf16 on GPUs). The
-   * residual stream and logits stay f32 everywhere. */
+  /** Storage dtype for activations feeding matmuls (f32 on CPU, bf16 on GPUs).
+   * The rule: matmul inputs are stored in activationDtype; matmul outputs, the residual
+   * stream and logits are f32. So normed hidden states, the attention output and the
+   * silu-mul output (and the KV cache) are activationDtype; q/k/v (through RoPE into
+   * attention), gate/up, the o_proj / down_proj outputs (and the LoRA deltas added to
+   * them, and linear biases) are f32. One rounding per matmul input, none anywhere else:
+   * with bf16 everywhere the rounding errors of the outputs compound across layers. */
   readonly activationDtype: DType;
 
   // ---- memory

@@ -14,7 +14,12 @@ interface Layer {
   readonly proj: Readonly<Record<Projection, Linear>>;
 }
 
-/** Scratch activations, allocated once at the largest step the engine will run. */
+/**
+ * Scratch activations, allocated once at the largest step the engine will run. Dtypes
+ * follow backend.ts: matmul inputs (normed, attn, act, lastHidden) in the backend's
+ * activation dtype; matmul outputs (q, k, v, gate, up, hidden), the residual stream and
+ * the logits in f32.
+ */
 interface Workspace {
   readonly residual: Tensor;
   readonly normed: Tensor;
@@ -67,13 +72,13 @@ export class LlamaModel {
     this.#ws = {
       residual: e(c.hiddenSize, T, "f32"),
       normed: e(c.hiddenSize),
-      q: e(c.numHeads * c.headDim),
-      k: e(c.numKvHeads * c.headDim),
-      v: e(c.numKvHeads * c.headDim),
+      q: e(c.numHeads * c.headDim, T, "f32"),
+      k: e(c.numKvHeads * c.headDim, T, "f32"),
+      v: e(c.numKvHeads * c.headDim, T, "f32"),
       attn: e(c.numHeads * c.headDim),
-      hidden: e(c.hiddenSize),
-      gate: e(c.intermediateSize),
-      up: e(c.intermediateSize),
+      hidden: e(c.hiddenSize, T, "f32"),
+      gate: e(c.intermediateSize, T, "f32"),
+      up: e(c.intermediateSize, T, "f32"),
       act: e(c.intermediateSize),
       lastHidden: e(c.hiddenSize, limits.maxSeqs),
       logits: e(c.vocabSize, limits.maxSeqs, "f32"),

@@ -60,12 +60,14 @@ export function loadLlamaWeights(
   onTensor?: (name: string) => void,
 ): LlamaWeights {
   let seed = 0;
-  const take = (name: string, shape: readonly number[]): Tensor => {
+  // `dtype` overrides the backend's weight dtype: biases are added to f32 matmul outputs
+  // (backend.ts's activation rule), so they are stored in f32.
+  const take = (name: string, shape: readonly number[], dtype?: "f32"): Tensor => {
     if (src === DUMMY) {
       onTensor?.(name);
       // Norm weights near 1 keep activations in range; matrices and biases get small noise.
       if (name.endsWith("norm.weight")) return backend.upload({ shape, dtype: "f32", data: new Float32Array(shape[0]!).fill(1) });
-      const t = backend.empty(shape, cfg.dtype === "f32" ? "f32" : "bf16");
+      const t = backend.empty(shape, dtype ?? (cfg.dtype === "f32" ? "f32" : "bf16"));
       backend.fillRandom(t, ++seed, 0.02);
       return t;
     }
@@ -75,7 +77,7 @@ export function loadLlamaWeights(
       throw new Error(`tensor ${name} has shape [${host.shape.join(", ")}], config.json implies [${shape.join(", ")}]`);
     }
     onTensor?.(name);
-    return backend.upload(host);
+    return dtype ? backend.upload(host, dtype) : backend.upload(host);
   };
   const H = cfg.hiddenSize;
   const embed = take("model.embed_tokens.weight", [cfg.vocabSize, H]);
@@ -87,7 +89,7 @@ export function loadLlamaWeights(
     for (const p of PROJECTIONS) {
       const { inDim, outDim } = projDims(cfg, p);
       proj[p] = take(`${pre}.${PROJ_PREFIX[p]}.${p}.weight`, [outDim, inDim]);
-      if (hasBias(cfg, p)) bias[p] = take(`${pre}.${PROJ_PREFIX[p]}.${p}.bias`, [outDim]);
+      if (hasBias(cfg, p)) bias[p] = take(`${pre}.${PROJ_PREFIX[p]}.${p}.bias`, [outDim], "f32");
     }
     layers.push({
       inputNorm: take(`${pre}.input_layernorm.weight`, [H]),

@@ -173,6 +173,10 @@ describe.skipIf(reason !== null)(`CUDA backend smoke${reason ? ` (skipped: ${rea
     [300, 4096, 1024, true, "bf16"],
     [7, 512, 32000, false, "f32"],
     [33, 2048, 256, false, "f32"],
+    // The model's projections since matmul outputs are f32: bf16 x / w, f32 out and an f32
+    // bias through the epilogue (Qwen2's q/k/v bias), at decode and prefill row counts.
+    [1, 896, 128, true, "f32"],
+    [300, 4096, 1024, true, "f32"],
   ];
   for (const [n, K, N, withBias, out] of shapes) {
     it(`cuBLASLt linear n=${n} K=${K} N=${N}${withBias ? " +bias" : ""} -> ${out} matches the CPU backend`, () => {

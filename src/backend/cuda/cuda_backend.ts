@@ -14,9 +14,13 @@
 // rarely, by a larger one). `memoryInfo()` reports the device's free/total bytes, so
 // the engine sizes the KV cache after weights, workspace and `reserve` exist.
 //
-// Dtypes. Float uploads become bf16 unless `f32` is asked for (the residual stream,
-// logits and RoPE frequencies are f32; pass dtype "f32" when uploading invFreq);
-// i32 stays i32; f16 is not a device dtype here. `read` returns f32 (bf16 widened
+// Dtypes. Float uploads become bf16 unless `f32` is asked for (pass dtype "f32" when
+// uploading invFreq, and for biases of linears with f32 outputs); i32 stays i32; f16 is
+// not a device dtype here. Activations follow backend.ts's rule: matmul inputs bf16,
+// matmul outputs (and everything computed from them up to the next matmul input: q/k/v
+// after RoPE, gate/up, the o_proj / down_proj outputs), the residual stream and logits
+// f32. `linear` writes bf16 or f32; every other op has one dtype form, listed in ops.ts,
+// and names the operand and the dtype it wants when given another. `read` returns f32 (bf16 widened
 // exactly) or i32, and waits for all issued work.
 //
 // Steps. `prepare(batch)` packs the step's metadata (token ids, positions, slots,
@@ -797,7 +801,11 @@ export class CudaBackend implements Backend {
     let b = 0n;
     if (bias) {
       const bi = this.#t(bias);
-      if (bi.dtype !== o.dtype) throw new Error(`linear: bias must have the output's dtype (${o.dtype}); got ${bi.dtype}`);
+      // cuBLASLt's bias epilogue reads a vector of D's type.
+      if (bi.dtype !== o.dtype) {
+        throw new Error(`linear: bias must have the output's dtype (${o.dtype}); got ${bi.dtype}` +
+          (o.dtype === "f32" ? " (upload biases with dtype 'f32')" : ""));
+      }
       if (numel(bi.shape) !== N) throw new Error(`linear: bias has ${numel(bi.shape)} elements, expected ${N}`);
       b = bi.ptr;
     }

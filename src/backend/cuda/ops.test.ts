@@ -82,26 +82,27 @@ function run(padTokens: number, padSeqs: number, kinds: StepKinds = {}): StepRun
   return { step, padTokens, padSeqs, padSample: padSeqs, maxContext: 64 * 16, ...kinds };
 }
 
-/** Calls every op over a model-like set of shapes. */
+/** Calls every op over a model-like set of shapes, in the dtypes the model uses (llama.ts). */
 function exerciseAll(ops: CudaOps, o: { T: number; S: number; H: number; nH: number; nKv: number; D: number; I: number; V: number; R: number; kinds?: StepKinds }): void {
   const r = run(o.T, o.S, o.kinds);
   const resid = operand("f32", o.T, o.H), normed = operand("bf16", o.T, o.H), w = operand("bf16", 1, o.H);
   ops.embedding(resid, operand("bf16", o.V, o.H), r);
   ops.rmsnorm(normed, resid, w, 1e-5);
-  ops.addRmsnorm(normed, resid, operand("bf16", o.T, o.H), w, 1e-5);
-  const q = operand("bf16", o.T, o.nH * o.D), k = operand("bf16", o.T, o.nKv * o.D), v = operand("bf16", o.T, o.nKv * o.D);
+  const hidden = operand("f32", o.T, o.H);
+  ops.addRmsnorm(normed, resid, hidden, w, 1e-5);
+  const q = operand("f32", o.T, o.nH * o.D), k = operand("f32", o.T, o.nKv * o.D), v = operand("f32", o.T, o.nKv * o.D);
   ops.rope(q, k, operand("f32", 1, o.D / 2), o.D, r);
   const kv: DeviceKv = { k: 0x7000000n, v: 0x8000000n, numBlocks: 100, blockSize: 16, numKvHeads: o.nKv, headDim: o.D };
   ops.attention(operand("bf16", o.T, o.nH * o.D), q, k, v, kv, 0.1, r);
   ops.attention(operand("bf16", o.T, o.nH * o.D), q, k, v, kv, 0.1, r,
     { ptr: 0x9000000n, bytes: ops.attentionScratchBytes(o.S, o.nH, o.D) });
-  const gate = operand("bf16", o.T, o.I);
-  ops.siluMul(operand("bf16", o.T, o.I), gate, operand("bf16", o.T, o.I));
+  const gate = operand("f32", o.T, o.I), act = operand("bf16", o.T, o.I);
+  ops.siluMul(act, gate, operand("f32", o.T, o.I));
   const stack = (inDim: number, outDim: number): DeviceLora => ({
     a: 0xa000000n, b: 0xb000000n, ranks: 0xc000000n, scales: 0xd000000n, numSlots: 4, maxRank: o.R, inDim, outDim, scratch: 0xe000000n,
   });
   ops.lora(q, normed, stack(o.H, o.nH * o.D), r);
-  ops.lora(normed, operand("bf16", o.T, o.I), stack(o.I, o.H), r);
+  ops.lora(hidden, act, stack(o.I, o.H), r);
   const last = operand("bf16", o.S, o.H);
   ops.gatherRows(last, normed, r);
   ops.sample(operand("f32", o.S, o.V), r, {
@@ -197,11 +198,18 @@ describe("CUDA ops seam (CPU checks)", () => {
     const ops = new CudaOps(new RecordingLauncher());
     const r = run(8, 8);
     const kv: DeviceKv = { k: 1n, v: 2n, numBlocks: 4, blockSize: 16, numKvHeads: 2, headDim: 48 };
-    const attn = () => ops.attention(operand("bf16", 8, 96), operand("bf16", 8, 96), operand("bf16", 8, 96), operand("bf16", 8, 96), kv, 1, r);
+    const attn = () => ops.attention(operand("bf16", 8, 96), operand("f32", 8, 96), operand("f32", 8, 96), operand("f32", 8, 96), kv, 1, r);
     expect(attn).toThrow(CudaOpsError);
     expect(attn).toThrow(/head dim 48/);
     expect(() => ops.rmsnorm(operand("bf16", 8, 100), operand("f32", 8, 100), operand("bf16", 1, 100), 1e-5)).toThrow(/multiple of 8/);
     expect(() => ops.rmsnorm(operand("bf16", 8, 64), operand("bf16", 8, 64), operand("bf16", 1, 64), 1e-5)).toThrow(/x must be f32/);
+    // The pre-f32 forms (bf16 matmul outputs) are refused, naming the operand.
+    const kv2: DeviceKv = { ...kv, headDim: 32, numKvHeads: 3 };
+    const b16 = operand("bf16", 8, 96);
+    expect(() => ops.attention(b16, b16, b16, b16, kv2, 1, r)).toThrow(/q must be f32 \(got bf16\)/);
+    expect(() => ops.rope(b16, b16, operand("f32", 1, 16), 32, r)).toThrow(/q must be f32/);
+    expect(() => ops.siluMul(b16, b16, b16)).toThrow(/gate must be f32/);
+    expect(() => ops.addRmsnorm(operand("bf16", 8, 64), operand("f32", 8, 64), operand("bf16", 8, 64), operand("bf16", 1, 64), 1e-5)).toThrow(/x must be f32/);
   });
 
   it("decode splits depend only on the context: at most 16 chunks of 64-key multiples covering it", () => {

@@ -3,6 +3,19 @@
 // launching the kernels of kernels/*.cu by name. No FFI here; the driver layer compiles
 // KERNEL_FILES with NVRTC and implements Launcher.
 //
+// Dtypes (backend.ts: matmul inputs are stored in the activation dtype, bf16 here; matmul
+// outputs, the residual stream and logits are f32). Each op has exactly one dtype form:
+//   embedding   out f32            <- table bf16
+//   rmsnorm     out bf16           <- x f32, w bf16
+//   addRmsnorm  out bf16, residual f32 (in place) <- x f32, w bf16
+//   lora        out f32 (+=)       <- x bf16 (A, B bf16; shrink scratch f32)
+//   rope        q f32, k f32 (in place)
+//   attention   out bf16           <- q, k, v f32 (K/V cache bf16)
+//   siluMul     out bf16           <- gate, up f32
+//   gatherRows  out bf16           <- x bf16
+//   sample      logits f32
+// (`linear` is cuBLASLt's: x, w bf16 -> out f32 or bf16, bias of out's dtype.)
+//
 // Graph safety: every launch parameter is a function of capacities (Operand.rowsCap,
 // StepRun.padSeqs, stack and model dims), never of live counts; kernels read the live
 // counts from device memory (Operand.liveRows, DeviceStep.counts =
@@ -57,8 +70,8 @@ export const DECODE_MIN_CHUNK = 256;
 export function kernelNames(): string[] {
   const attn = SUPPORTED_HEAD_DIMS.flatMap((d) => [`attn_prefill_d${d}`, `attn_decode_d${d}`, `attn_decode_reduce_d${d}`]);
   return [
-    "embedding_bf16_f32", "gather_rows_bf16", "rmsnorm_f32_bf16", "add_rmsnorm_f32_bf16", "rope_bf16", "silu_mul_bf16",
-    "kv_cache_write", ...attn,
+    "embedding_bf16_f32", "gather_rows_bf16", "rmsnorm_f32_bf16", "add_rmsnorm_f32_bf16", "rope_f32", "silu_mul_f32_bf16",
+    "kv_cache_write_f32", ...attn,
     "lora_bgmv_shrink", "lora_bgmv_expand", "lora_sgmv_shrink_r16", "lora_sgmv_shrink_r32", "lora_sgmv_shrink_r64", "lora_sgmv_expand",
     "sample_rows",
     "convert_f32_to_bf16", "convert_bf16_to_f32", "convert_f16_to_bf16", "convert_f16_to_f32", "fill_u32", "fill_u16",
@@ -171,12 +184,12 @@ export class CudaOps implements DeviceOps {
     ]);
   }
 
-  /** residual f32 += x bf16; out bf16 = rmsnorm(residual) * w. */
+  /** residual f32 += x f32; out bf16 = rmsnorm(residual) * w. */
   addRmsnorm(out: Operand, residual: Operand, x: Operand, w: Operand, eps: number): void {
     const op = "addRmsnorm";
     this.#normChecks(op, out, residual, w);
     dtype(op, "residual", residual, "f32");
-    dtype(op, "x", x, "bf16");
+    dtype(op, "x", x, "f32");
     need(x.cols === residual.cols, op, "shape", `x has ${x.cols} columns, the residual ${residual.cols}`);
     const rows = Math.min(out.rowsCap, residual.rowsCap, x.rowsCap);
     // As rmsnorm: one CTA per row, one 8-element chunk per thread.
@@ -193,11 +206,11 @@ export class CudaOps implements DeviceOps {
     vec8(op, "hidden size", x.cols);
   }
 
-  /** Rotary embedding in place on q [cap, nH*D] and k [cap, nKv*D] (bf16), rotate-half. */
+  /** Rotary embedding in place on q [cap, nH*D] and k [cap, nKv*D] (f32), rotate-half. */
   rope(q: Operand, k: Operand, invFreq: Operand, headDim: number, run: StepRun): void {
     const op = "rope";
-    dtype(op, "q", q, "bf16");
-    dtype(op, "k", k, "bf16");
+    dtype(op, "q", q, "f32");
+    dtype(op, "k", k, "f32");
     dtype(op, "invFreq", invFreq, "f32");
     need(headDim % 2 === 0 && headDim / 2 <= 256, op, "head dim", `head dim ${headDim} must be even and at most 512`);
     need(q.cols % headDim === 0 && k.cols % headDim === 0, op, "shape", `q (${q.cols}) and k (${k.cols}) widths must be multiples of the head dim ${headDim}`);
@@ -205,20 +218,22 @@ export class CudaOps implements DeviceOps {
     const nH = q.cols / headDim, nKv = k.cols / headDim;
     const rows = Math.min(q.rowsCap, k.rowsCap);
     // One CTA per token row: the D/2 angles are computed once (f64 sin/cos, as the CPU) into
-    // shared memory and reused by all nH + nKv heads; a thread rotates 8 pairs (16-byte vectors).
+    // shared memory and reused by all nH + nKv heads; a thread rotates 8 pairs (4 float4).
     const items = (nH + nKv) * ((headDim / 2) % 8 === 0 ? headDim / 16 : headDim / 2);
-    this.#launch("rope_bf16", [rows, 1, 1], [threadsFor(items, 256), 1, 1], 0, [
+    this.#launch("rope_f32", [rows, 1, 1], [threadsFor(items, 256), 1, 1], 0, [
       ptr(q.ptr), ptr(k.ptr), ptr(invFreq.ptr), ptr(run.step.positions), ptr(q.liveRows), i32(rows), i32(nH), i32(nKv), i32(headDim),
     ]);
   }
 
   /**
-   * Writes k, v into the layer's cache at the step's slots, then causal GQA attention over
-   * each sequence's paged context. `scratch` (optional) enables split decoding.
+   * Writes k, v (f32) into the layer's bf16 cache at the step's slots, then causal GQA
+   * attention of q (f32) over each sequence's paged context into out (bf16). `scratch`
+   * (optional) enables split decoding.
    */
   attention(out: Operand, q: Operand, k: Operand, v: Operand, kv: DeviceKv, scale: number, run: StepRun, scratch?: Scratch): void {
     const op = "attention";
-    for (const [n, t] of [["out", out], ["q", q], ["k", k], ["v", v]] as const) dtype(op, n, t, "bf16");
+    dtype(op, "out", out, "bf16");
+    for (const [n, t] of [["q", q], ["k", k], ["v", v]] as const) dtype(op, n, t, "f32");
     const D = kv.headDim, nKv = kv.numKvHeads;
     need(SUPPORTED_HEAD_DIMS.includes(D), op, "head dim", `head dim ${D} has no kernel (supported: ${SUPPORTED_HEAD_DIMS.join(", ")})`);
     need(k.cols === nKv * D && v.cols === nKv * D, op, "shape", `k / v must have ${nKv * D} columns (got ${k.cols}, ${v.cols})`);
@@ -234,9 +249,10 @@ export class CudaOps implements DeviceOps {
     // The per-CTA sequence prefix shares the 48 KB of default shared memory with the tiles.
     need(seqCap <= MAX_SEQS, op, "sequences", `${seqCap} sequence slots > ${MAX_SEQS}`);
 
-    // K/V rows into the cache: one CTA per token row, 16-byte copies. Bounded by the step's
-    // numTokens (counts[0]), not k's own live count: slots past the step are stale.
-    this.#launch("kv_cache_write", [rows, 1, 1], [threadsFor((nKv * D) / 8, 256), 1, 1], 0, [
+    // K/V rows into the cache: one CTA per token row, 8 elements (f32 in, bf16 out) per
+    // thread and step. Bounded by the step's numTokens (counts[0]), not k's own live count:
+    // slots past the step are stale.
+    this.#launch("kv_cache_write_f32", [rows, 1, 1], [threadsFor((nKv * D) / 8, 256), 1, 1], 0, [
       ptr(kv.k), ptr(kv.v), ptr(k.ptr), ptr(v.ptr), ptr(st.slotMapping), ptr(st.counts), i32(rows), i32(nKv * D),
     ]);
     if (seqCap === 0) return;
@@ -279,14 +295,16 @@ export class CudaOps implements DeviceOps {
     return attentionScratchBytes(seqs, numHeads, headDim);
   }
 
-  /** out = silu(gate) * up, all bf16 [cap, I]. */
+  /** out bf16 [cap, I] = silu(gate) * up, gate and up f32 [cap, I]. */
   siluMul(out: Operand, gate: Operand, up: Operand): void {
     const op = "siluMul";
-    for (const [n, t] of [["out", out], ["gate", gate], ["up", up]] as const) dtype(op, n, t, "bf16");
+    dtype(op, "out", out, "bf16");
+    dtype(op, "gate", gate, "f32");
+    dtype(op, "up", up, "f32");
     need(out.cols === gate.cols && out.cols === up.cols, op, "shape", `widths differ (${out.cols}, ${gate.cols}, ${up.cols})`);
     const rows = Math.min(out.rowsCap, gate.rowsCap, up.rowsCap);
-    // grid (row, column chunk of 256 threads x 8 elements): one 16-byte vector per thread.
-    this.#launch("silu_mul_bf16", [rows, cdiv(out.cols, 8 * 256), 1], [256, 1, 1], 0, [
+    // grid (row, column chunk of 256 threads x 8 elements): 8 elements per thread.
+    this.#launch("silu_mul_f32_bf16", [rows, cdiv(out.cols, 8 * 256), 1], [256, 1, 1], 0, [
       ptr(out.ptr), ptr(gate.ptr), ptr(up.ptr), ptr(out.liveRows), i32(rows), i32(out.cols),
     ]);
   }
@@ -304,10 +322,10 @@ export class CudaOps implements DeviceOps {
     ]);
   }
 
-  /** out[i] += scale_s * B_s (A_s x[i]) for rows with an adapter slot s >= 0 (see kernels/lora.cu). */
+  /** out[i] (f32) += scale_s * B_s (A_s x[i]) (x bf16) for rows with an adapter slot s >= 0 (see kernels/lora.cu). */
   lora(out: Operand, x: Operand, stack: DeviceLora, run: StepRun): void {
     const op = "lora";
-    dtype(op, "out", out, "bf16");
+    dtype(op, "out", out, "f32");
     dtype(op, "x", x, "bf16");
     const K = stack.inDim, N = stack.outDim, R = stack.maxRank;
     need(x.cols === K && out.cols === N, op, "shape", `x must have ${K} columns and out ${N} (got ${x.cols}, ${out.cols})`);

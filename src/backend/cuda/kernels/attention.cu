@@ -1,19 +1,29 @@
 // Paged causal GQA attention. Reference: src/backend/cpu/attention.ts (writeKv, pagedAttention).
 //
 // Semantics (per layer):
-//   kv_cache_write: for t < *live (the step's numTokens, counts[0]) with slot = slotMapping[t] >= 0:
-//       kCache[slot] = k[t], vCache[slot] = v[t]            (rows of nKv*D bf16)
+//   kv_cache_write_f32: for t < *live (the step's numTokens, counts[0]) with slot = slotMapping[t] >= 0:
+//       kCache[slot] = bf16(k[t]), vCache[slot] = bf16(v[t])   (rows of nKv*D, f32 in, bf16 stored)
 //   attention, for every live sequence s (s < counts[1]) and query row t in
 //   [queryStart[s], queryStart[s+1]), query head h (KV head h / G, G = nH / nKv):
 //       out[t, h] = sum_j softmax_j(q[t, h] . K[j] * scale) V[j]   over j in 0..positions[t],
 //       K[j] / V[j] read through the block table: slot = blockTables[s*maxBlocksPerSeq + j/bs]*bs + j%bs.
 //
-// Layouts: q, out bf16 [cap, nH*D]; k, v bf16 [cap, nKv*D]; caches bf16
-// [numBlocks, blockSize, nKv, D] (a slot's row of nKv*D is contiguous); block tables,
-// positions, queryStart, slotMapping i32; counts i32 {numTokens, numSeqs, ...}.
+// Layouts: q f32 [cap, nH*D]; out bf16 [cap, nH*D] (the o_proj input); k, v f32
+// [cap, nKv*D]; caches bf16 [numBlocks, blockSize, nKv, D] (a slot's row of nKv*D is
+// contiguous); block tables, positions, queryStart, slotMapping i32; counts i32
+// {numTokens, numSeqs, ...}.
+//
+// Precision. q, k and v arrive in f32 (the projections' outputs after RoPE). K and V are
+// rounded to bf16 once, into the cache, and both kernels read them from there (so prefill
+// and decode see the same keys). Q never is: each thread reads its mma fragments of Q
+// straight from global memory and splits every value into hi = bf16(q) and
+// lo = bf16(q - hi) (kQSplit), and S = Q_hi K^T + Q_lo K^T on the tensor cores, which
+// carries ~16 bits of q's mantissa (error ~2^-17 |q|) instead of bf16's 8. The second
+// product costs one more mma per QK^T step (the K fragments are shared): nothing in
+// decode, which is bound by reading the cache; a few percent of prefill attention.
 //
 // Kernels (D = head dim, one instantiation per supported D: 32, 64, 80, 96, 128):
-//   kv_cache_write                 one CTA per token row, 16-byte copies.
+//   kv_cache_write_f32             one CTA per token row: 2 float4 in, one 16-byte bf16 vector out.
 //   attn_prefill_d{D}              sequences with more than one query row. FlashAttention-2
 //       style: a CTA owns 64 "rows" = (query token, head of one KV group) pairs of one
 //       sequence (GQA packing: the G heads sharing a KV head share every K/V tile), 4 warps
@@ -52,6 +62,7 @@ namespace {
 constexpr int kThreads = 128;    // 4 warps for both attention kernels
 constexpr int kMaxSplits = 16;   // flash-decoding: at most this many chunks per sequence
 constexpr int kMinChunk = 256;   // contexts up to this many keys run in one pass
+constexpr bool kQSplit = true;   // Q as hi + lo bf16 parts in QK^T (see "Precision" above)
 
 // Exclusive prefix sum over the CTA (blockDim.x <= 1024, multiple of 32); *total gets the sum.
 __device__ int block_exclusive_scan(int v, int* total) {
@@ -146,20 +157,31 @@ __device__ __forceinline__ void load_kv_tile(unsigned dst, const bf16* __restric
   }
 }
 
-// S[nt] = Q K^T for the 16 query rows in qf and keys kbase[0 .. 8*NT) (rows of LD elements).
-template <int D, int NT>
-__device__ __forceinline__ void qk_tile(float (*s)[4], const unsigned (*qf)[4], unsigned kbase, int lane) {
+// S[nt] = Q K^T for the 16 query rows in (qh + lo) and keys kbase[0 .. 8*NT) (rows of LD
+// elements). The lo part (kQSplit) comes from registers ql, or, when LO_SMEM, from a
+// 16 x D bf16 tile at shared address qlBase (LD-strided), fragment by fragment (the decode
+// kernel, whose register budget holds only one copy of Q).
+template <int D, int NT, bool LO_SMEM = false>
+__device__ __forceinline__ void qk_tile(float (*s)[4], const unsigned (*qh)[4], const unsigned (*ql)[4], unsigned kbase,
+                                        int lane, unsigned qlBase = 0) {
   constexpr int LD = D + 8;
 #pragma unroll
   for (int nt = 0; nt < NT; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
   for (int kk = 0; kk < D / 16; kk++) {
+    unsigned lf[4];
+    if constexpr (kQSplit && LO_SMEM) ldmatrix_x4(lf, a_frag(qlBase, LD, 0, kk * 16, lane));
 #pragma unroll
     for (int np = 0; np < NT / 2; np++) {
       unsigned b[4];
       ldmatrix_x4(b, bt_frag(kbase, LD, np * 16, kk * 16, lane));
-      mma_bf16(s[2 * np], qf[kk], b[0], b[1]);
-      mma_bf16(s[2 * np + 1], qf[kk], b[2], b[3]);
+      mma_bf16(s[2 * np], qh[kk], b[0], b[1]);
+      mma_bf16(s[2 * np + 1], qh[kk], b[2], b[3]);
+      if constexpr (kQSplit) {
+        const unsigned* lo = LO_SMEM ? lf : ql[kk];
+        mma_bf16(s[2 * np], lo, b[0], b[1]);
+        mma_bf16(s[2 * np + 1], lo, b[2], b[3]);
+      }
     }
   }
 }
@@ -226,13 +248,45 @@ __device__ __forceinline__ void softmax_update(float (*s)[4], float (*o)[4], flo
   }
 }
 
-// Loads the 16-row Q fragments of rows qbase[0..16) (shared, LD-strided) for every k-step.
-template <int D>
-__device__ __forceinline__ void load_q_frags(unsigned (*qf)[4], unsigned qbase, int lane) {
-  constexpr int LD = D + 8;
+// hi = bf16(v), lo = bf16(v - hi), each as a packed pair (low half: v.x).
+__device__ __forceinline__ void split_pair(float2 v, unsigned& hi, unsigned& lo) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(v.x, v.y);
+  const float2 hf = __bfloat1622float2(h);
+  hi = *reinterpret_cast<const unsigned*>(&h);
+  lo = pack_bf16x2(v.x - hf.x, v.y - hf.y);
+}
+
+// The A-operand fragments (m16n8k16, every k-step) of a 16-row f32 Q block, read from
+// global memory: this thread holds rows g (row0) and g + 8 (row1), columns 2*c4 + {0, 1}
+// and 2*c4 + 8 + {0, 1} of each 16-column step (the layout ldmatrix_x4 of a_frag gives).
+// A null row reads as zeros. qh = bf16(q), ql = bf16(q - qh) (only when kQSplit). When
+// LO_SMEM, lo goes to the 16 x D bf16 tile `loTile` (LD-strided; rows g and g + 8) instead
+// of ql, written only by warp 0 (every warp holds the same 16 rows).
+template <int D, bool LO_SMEM = false>
+__device__ __forceinline__ void load_q_frags_f32(unsigned (*qh)[4], unsigned (*ql)[4], const float* __restrict__ row0,
+                                                 const float* __restrict__ row1, int c4, bf16* loTile = nullptr,
+                                                 int g = 0) {
+  const float2 zero = make_float2(0.f, 0.f);
 #pragma unroll
   for (int kk = 0; kk < D / 16; kk++) {
-    ldmatrix_x4(qf[kk], a_frag(qbase, LD, 0, kk * 16, lane));
+    const int c = kk * 16 + 2 * c4;
+    const float2 v[4] = {
+        row0 ? *reinterpret_cast<const float2*>(row0 + c) : zero,
+        row1 ? *reinterpret_cast<const float2*>(row1 + c) : zero,
+        row0 ? *reinterpret_cast<const float2*>(row0 + c + 8) : zero,
+        row1 ? *reinterpret_cast<const float2*>(row1 + c + 8) : zero,
+    };
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      unsigned lo;
+      split_pair(v[j], qh[kk][j], lo);
+      if constexpr (kQSplit && !LO_SMEM) ql[kk][j] = lo;
+      if constexpr (kQSplit && LO_SMEM) {
+        // fragment j holds row g + 8 * (j & 1), columns c + 8 * (j >> 1) + {0, 1}
+        constexpr int LD = D + 8;
+        if (threadIdx.x < 32) *reinterpret_cast<unsigned*>(loTile + (g + 8 * (j & 1)) * LD + c + 8 * (j >> 1)) = lo;
+      }
+    }
   }
 }
 
@@ -240,7 +294,7 @@ __device__ __forceinline__ void load_q_frags(unsigned (*qf)[4], unsigned qbase, 
 // Prefill: one CTA per (sequence tile of 64 packed rows, KV head).
 
 template <int D>
-__device__ __forceinline__ void attn_prefill(bf16* __restrict__ out, const bf16* __restrict__ q,
+__device__ __forceinline__ void attn_prefill(bf16* __restrict__ out, const float* __restrict__ q,
                                              const bf16* __restrict__ kCache, const bf16* __restrict__ vCache,
                                              const int* __restrict__ queryStart, const int* __restrict__ positions,
                                              const int* __restrict__ blockTables, const int* __restrict__ counts,
@@ -289,20 +343,16 @@ __device__ __forceinline__ void attn_prefill(bf16* __restrict__ out, const bf16*
   }
   const int kvEnd = maxPos + 1;
 
-  // Stage Q (64 rows x D) through the K/V buffers, then keep it in registers.
-  for (int ci = tid; ci < BM * (D / 8); ci += kThreads) {
-    const int r = ci / (D / 8), part = ci % (D / 8);
-    const int tok = r / G;
-    const bool valid = tok < nTok;
-    const bf16* src = valid ? q + ((long long)(t0 + tok) * nH + hkv * G + r % G) * D + part * 8 : q;
-    cp_async16(ks + 2u * (r * LD + part * 8), src, valid);
-  }
+  const int nTiles = (kvEnd + BN - 1) / BN;
+  load_kv_tile<D, BN>(ks, kCache, table, 0, kvEnd, blockSize, nKv, hkv);
   cp_async_commit();
-  cp_async_wait<0>();
-  __syncthreads();
-  unsigned qf[D / 16][4];
-  load_q_frags<D>(qf, ks + 2u * warp * 16 * LD, lane);
-  __syncthreads();
+  load_kv_tile<D, BN>(vs, vCache, table, 0, kvEnd, blockSize, nKv, hkv);
+  cp_async_commit();
+
+  // This warp's 16 rows of Q (f32) straight into registers while the first tile lands.
+  unsigned qh[D / 16][4], ql[kQSplit ? D / 16 : 1][4];
+  load_q_frags_f32<D>(qh, ql, rowValid[0] ? q + ((long long)rowTok[0] * nH + rowHead[0]) * D : nullptr,
+                      rowValid[1] ? q + ((long long)rowTok[1] * nH + rowHead[1]) * D : nullptr, c4);
 
   float o[D / 8][4];
 #pragma unroll
@@ -310,19 +360,13 @@ __device__ __forceinline__ void attn_prefill(bf16* __restrict__ out, const bf16*
   float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};
   const float sl2 = scale * 1.4426950408889634f;
 
-  const int nTiles = (kvEnd + BN - 1) / BN;
-  load_kv_tile<D, BN>(ks, kCache, table, 0, kvEnd, blockSize, nKv, hkv);
-  cp_async_commit();
-  load_kv_tile<D, BN>(vs, vCache, table, 0, kvEnd, blockSize, nKv, hkv);
-  cp_async_commit();
-
   for (int jt = 0; jt < nTiles; jt++) {
     const int j0 = jt * BN;
     const bool more = jt + 1 < nTiles;
     cp_async_wait<1>();  // K of this tile has landed (V may still be in flight)
     __syncthreads();
     float s[NT][4];
-    qk_tile<D, NT>(s, qf, ks, lane);
+    qk_tile<D, NT>(s, qh, ql, ks, lane);
     __syncthreads();  // every warp is done with K: the next tile's K may overwrite it
     if (more) {
       load_kv_tile<D, BN>(ks, kCache, table, j0 + BN, kvEnd, blockSize, nKv, hkv);
@@ -371,7 +415,7 @@ __device__ __forceinline__ void attn_prefill(bf16* __restrict__ out, const bf16*
 // Decode: persistent CTAs over work items (sequence, chunk, head group).
 
 template <int D>
-__device__ __forceinline__ void attn_decode(bf16* __restrict__ out, float* __restrict__ scratch, const bf16* __restrict__ q,
+__device__ __forceinline__ void attn_decode(bf16* __restrict__ out, float* __restrict__ scratch, const float* __restrict__ q,
                                             const bf16* __restrict__ kCache, const bf16* __restrict__ vCache,
                                             const int* __restrict__ queryStart, const int* __restrict__ positions,
                                             const int* __restrict__ blockTables, const int* __restrict__ counts,
@@ -379,11 +423,11 @@ __device__ __forceinline__ void attn_decode(bf16* __restrict__ out, float* __res
                                             int maxSplits) {
   constexpr int NW = kThreads / 32, BN = 16 * NW, LD = D + 8;
   __shared__ __align__(16) bf16 kv[2 * BN * LD];
-  __shared__ __align__(16) bf16 qs[16 * LD];
+  __shared__ __align__(16) bf16 qlo[kQSplit ? 16 * LD : 8];  // Q's lo parts (see qk_tile)
   extern __shared__ int pre[];  // [seqCap + 1]
   const unsigned ks = smem_addr(kv);
   const unsigned vs = ks + 2u * BN * LD;
-  const unsigned qsA = smem_addr(qs);
+  const unsigned qloA = smem_addr(qlo);
 
   const int G = nH / nKv, gPerKv = (G + 15) / 16, nGroups = nKv * gPerKv;
   const int numSeqs = min(counts[1], seqCap);
@@ -412,22 +456,16 @@ __device__ __forceinline__ void attn_decode(bf16* __restrict__ out, float* __res
     const int nRows = min(16, G - (grp % gPerKv) * 16);
     const int* table = blockTables + (long long)s * maxBlocksPerSeq;
 
-    // Q rows (up to 16 heads of this KV group), zero rows past the group.
-    for (int ci2 = tid; ci2 < 16 * (D / 8); ci2 += kThreads) {
-      const int r = ci2 / (D / 8), part = ci2 % (D / 8);
-      const bool valid = r < nRows;
-      const bf16* src = valid ? q + ((long long)t * nH + head0 + r) * D + part * 8 : q;
-      cp_async16(qsA + 2u * (r * LD + part * 8), src, valid);
-    }
-    cp_async_commit();
     load_kv_tile<D, BN>(ks, kCache, table, jBegin, jEnd, blockSize, nKv, hkv);
     cp_async_commit();
     load_kv_tile<D, BN>(vs, vCache, table, jBegin, jEnd, blockSize, nKv, hkv);
     cp_async_commit();
-    cp_async_wait<2>();
-    __syncthreads();
-    unsigned qf[D / 16][4];
-    load_q_frags<D>(qf, qsA, lane);
+    // Q rows (up to 16 heads of this KV group; zeros past the group), f32 from global
+    // while the first K/V tile lands: hi parts into registers (every warp holds all 16
+    // rows), lo parts into shared memory (the tile loop's first barrier publishes them).
+    unsigned qh[D / 16][4];
+    load_q_frags_f32<D, true>(qh, nullptr, g < nRows ? q + ((long long)t * nH + head0 + g) * D : nullptr,
+                              g + 8 < nRows ? q + ((long long)t * nH + head0 + g + 8) * D : nullptr, c4, qlo, g);
 
     float o[D / 8][4];
 #pragma unroll
@@ -441,7 +479,7 @@ __device__ __forceinline__ void attn_decode(bf16* __restrict__ out, float* __res
       cp_async_wait<1>();
       __syncthreads();
       float sc[2][4];
-      qk_tile<D, 2>(sc, qf, ks + 2u * warp * 16 * LD, lane);
+      qk_tile<D, 2, true>(sc, qh, nullptr, ks + 2u * warp * 16 * LD, lane, qloA);
       __syncthreads();
       if (more) {
         load_kv_tile<D, BN>(ks, kCache, table, j0 + BN, jEnd, blockSize, nKv, hkv);
@@ -585,26 +623,30 @@ __device__ __forceinline__ void attn_decode_reduce(bf16* __restrict__ out, const
 
 }  // namespace
 
-extern "C" __global__ void kv_cache_write(bf16* __restrict__ kCache, bf16* __restrict__ vCache, const bf16* __restrict__ k,
-                                          const bf16* __restrict__ v, const int* __restrict__ slotMapping,
-                                          const int* __restrict__ live, int cap, int rowWidth) {
+extern "C" __global__ void kv_cache_write_f32(bf16* __restrict__ kCache, bf16* __restrict__ vCache,
+                                              const float* __restrict__ k, const float* __restrict__ v,
+                                              const int* __restrict__ slotMapping, const int* __restrict__ live, int cap,
+                                              int rowWidth) {
   const int t = blockIdx.x;
   if (t >= live_rows(live, cap)) return;
   const long long slot = slotMapping[t];
   if (slot < 0) return;
-  const uint4* ks = reinterpret_cast<const uint4*>(k + (long long)t * rowWidth);
-  const uint4* vs = reinterpret_cast<const uint4*>(v + (long long)t * rowWidth);
+  const float4* ks = reinterpret_cast<const float4*>(k + (long long)t * rowWidth);
+  const float4* vs = reinterpret_cast<const float4*>(v + (long long)t * rowWidth);
   uint4* kd = reinterpret_cast<uint4*>(kCache + slot * rowWidth);
   uint4* vd = reinterpret_cast<uint4*>(vCache + slot * rowWidth);
   for (int c = threadIdx.x; c < rowWidth / 8; c += blockDim.x) {
-    kd[c] = ks[c];
-    vd[c] = vs[c];
+    const float4 k0 = ks[2 * c], k1 = ks[2 * c + 1], v0 = vs[2 * c], v1 = vs[2 * c + 1];
+    const float kf[8] = {k0.x, k0.y, k0.z, k0.w, k1.x, k1.y, k1.z, k1.w};
+    const float vf[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+    kd[c] = pack8(kf);
+    vd[c] = pack8(vf);
   }
 }
 
 #define ATTN_INSTANTIATE(D)                                                                                            \
   extern "C" __global__ void __launch_bounds__(kThreads) attn_prefill_d##D(                                            \
-      bf16* __restrict__ out, const bf16* __restrict__ q, const bf16* __restrict__ kCache,                             \
+      bf16* __restrict__ out, const float* __restrict__ q, const bf16* __restrict__ kCache,                            \
       const bf16* __restrict__ vCache, const int* __restrict__ queryStart, const int* __restrict__ positions,          \
       const int* __restrict__ blockTables, const int* __restrict__ counts, int seqCap, int maxBlocksPerSeq,            \
       int blockSize, int nH, int nKv, float scale) {                                                                   \
@@ -612,7 +654,7 @@ extern "C" __global__ void kv_cache_write(bf16* __restrict__ kCache, bf16* __res
                     blockSize, nH, nKv, scale);                                                                        \
   }                                                                                                                    \
   extern "C" __global__ void __launch_bounds__(kThreads, 3) attn_decode_d##D(                                           \
-      bf16* __restrict__ out, float* __restrict__ scratch, const bf16* __restrict__ q,                                 \
+      bf16* __restrict__ out, float* __restrict__ scratch, const float* __restrict__ q,                                \
       const bf16* __restrict__ kCache, const bf16* __restrict__ vCache, const int* __restrict__ queryStart,            \
       const int* __restrict__ positions, const int* __restrict__ blockTables, const int* __restrict__ counts,          \
       int seqCap, int maxBlocksPerSeq, int blockSize, int nH, int nKv, float scale, int maxSplits) {                   \

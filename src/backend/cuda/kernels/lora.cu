@@ -2,7 +2,8 @@
 // live row i (< counts[0]) whose adapter slot s = loraSlots[i] is >= 0; ranks mixed freely.
 // Reference: src/backend/cpu/cpu_backend.ts (lora).
 //
-// Layouts: x bf16 [cap, K]; out bf16 [cap, N] (read-modify-write: f32 math, one rounding);
+// Layouts: x bf16 [cap, K] (a matmul input); out f32 [cap, N] (the base projection's f32
+// output, read-modify-write: the delta is added in f32, never rounded to bf16);
 // A bf16 [numSlots, maxRank, K]; B bf16 [numSlots, N, maxRank]; ranks i32 [numSlots];
 // scales f32 [numSlots]; t f32 [cap, maxRank] scratch holding A_s x_i between the halves.
 // K % 8 == 0 and N % 8 == 0 (16-byte vectors). A slot's rows / columns past its rank are
@@ -19,7 +20,7 @@
 //                        ranks of one row; the K reduction spreads over the CTA with 16-byte
 //                        loads of x and of the 4 A rows in flight together.
 //     lora_bgmv_expand   grid (rowCap, ceil(N / 1024)), 128 threads, dynamic smem maxRank*4:
-//                        each thread makes 8 consecutive outputs (16-byte out RMW) from 8
+//                        each thread makes 8 consecutive outputs (32-byte f32 out RMW) from 8
 //                        contiguous rows of its slot's B.
 //   SGMV (prefill rows): a CTA owns a tile of 64 consecutive rows and runs once per distinct
 //     slot in it (usually one: a tile spans one or two sequences), masking the other rows,
@@ -174,7 +175,7 @@ SGMV_SHRINK(16)
 SGMV_SHRINK(32)
 SGMV_SHRINK(64)
 
-extern "C" __global__ void __launch_bounds__(128) lora_sgmv_expand(bf16* __restrict__ out, const float* __restrict__ t,
+extern "C" __global__ void __launch_bounds__(128) lora_sgmv_expand(float* __restrict__ out, const float* __restrict__ t,
                                                                    const bf16* __restrict__ B, const int* __restrict__ ranks,
                                                                    const float* __restrict__ scales,
                                                                    const int* __restrict__ loraSlots,
@@ -249,14 +250,16 @@ extern "C" __global__ void __launch_bounds__(128) lora_sgmv_expand(bf16* __restr
     for (int i = 0; i < 2; i++) {
       const int r = warp * 16 + g + 8 * i;
       if (rs[r] != slot) continue;
-      bf16* dst = out + (long long)(row0 + r) * N;
+      float* dst = out + (long long)(row0 + r) * N;
 #pragma unroll
       for (int nt = 0; nt < NT; nt++) {
         const int n = n0 + nt * 8 + 2 * c4;
-        if (n < N) {
-          __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(dst + n);
-          const float2 o = __bfloat1622float2(*p);
-          *p = __floats2bfloat162_rn(o.x + scale * acc[nt][2 * i], o.y + scale * acc[nt][2 * i + 1]);
+        if (n < N) {  // N % 8 == 0: n + 1 < N too, and dst + n is 8-byte aligned
+          float2* p = reinterpret_cast<float2*>(dst + n);
+          float2 o = *p;
+          o.x += scale * acc[nt][2 * i];
+          o.y += scale * acc[nt][2 * i + 1];
+          *p = o;
         }
       }
     }
@@ -314,7 +317,7 @@ extern "C" __global__ void __launch_bounds__(256) lora_bgmv_shrink(float* __rest
   }
 }
 
-extern "C" __global__ void __launch_bounds__(128) lora_bgmv_expand(bf16* __restrict__ out, const float* __restrict__ t,
+extern "C" __global__ void __launch_bounds__(128) lora_bgmv_expand(float* __restrict__ out, const float* __restrict__ t,
                                                                    const bf16* __restrict__ B, const int* __restrict__ ranks,
                                                                    const float* __restrict__ scales,
                                                                    const int* __restrict__ loraSlots,
@@ -360,17 +363,15 @@ extern "C" __global__ void __launch_bounds__(128) lora_bgmv_expand(bf16* __restr
       for (int r = 0; r < rank; r++) acc[e] = fmaf(__bfloat162float(bb[(long long)e * maxRank + r]), tv[r], acc[e]);
     }
   }
-  bf16* dst = out + (long long)row * N + n0;
+  float* dst = out + (long long)row * N + n0;
   if (ne == 8) {
-    uint4 u = *reinterpret_cast<const uint4*>(dst);
-    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-      const float2 o = __bfloat1622float2(h[j]);
-      h[j] = __floats2bfloat162_rn(o.x + scale * acc[2 * j], o.y + scale * acc[2 * j + 1]);
-    }
-    *reinterpret_cast<uint4*>(dst) = u;
+    float4* d4 = reinterpret_cast<float4*>(dst);
+    float4 a = d4[0], b = d4[1];
+    a.x += scale * acc[0]; a.y += scale * acc[1]; a.z += scale * acc[2]; a.w += scale * acc[3];
+    b.x += scale * acc[4]; b.y += scale * acc[5]; b.z += scale * acc[6]; b.w += scale * acc[7];
+    d4[0] = a;
+    d4[1] = b;
   } else {
-    for (int e = 0; e < ne; e++) dst[e] = __float2bfloat16_rn(__bfloat162float(dst[e]) + scale * acc[e]);
+    for (int e = 0; e < ne; e++) dst[e] += scale * acc[e];
   }
 }

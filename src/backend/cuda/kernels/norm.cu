@@ -2,12 +2,13 @@
 // next matmul. Reference: src/backend/cpu/cpu_backend.ts (rmsnormRow, addRmsnorm).
 //
 //   rmsnorm_f32_bf16:      out[i] = bf16( f32(x[i] * inv_i) * w )
-//   add_rmsnorm_f32_bf16:  residual[i] += f32(x[i]);  out[i] = bf16( f32(residual[i] * inv_i) * w )
+//   add_rmsnorm_f32_bf16:  residual[i] += x[i];  out[i] = bf16( f32(residual[i] * inv_i) * w )
 //   with inv_i = 1 / sqrt(mean_j(r[i][j]^2) + eps), everything in f32 (HF semantics).
 //
-// Layouts (row-major): x / residual f32 [cap, H] (add_: x bf16 [cap, H]), w bf16 [H],
-// out bf16 [cap, H]. H % 8 == 0 (16-byte vectors). One CTA per row, one 8-element chunk
-// per thread when H / 8 <= 1024. Rows i >= *live are left untouched (live: device i32,
+// Layouts (row-major): x / residual f32 [cap, H] (add_: x is the o_proj / down_proj output,
+// also f32, so the residual stream never sees a bf16 rounding), w bf16 [H], out bf16
+// [cap, H]. H % 8 == 0 (16-byte vectors). One CTA per row, one 8-element chunk per thread
+// when H / 8 <= 1024. Rows i >= *live are left untouched (live: device i32,
 // the live row count of a padded launch; nullptr = all cap rows).
 //
 // Build check: nvcc -arch=sm_90 -std=c++17 -cubin -o /tmp/norm.cubin norm.cu
@@ -68,20 +69,20 @@ extern "C" __global__ void __launch_bounds__(1024) rmsnorm_f32_bf16(bf16* __rest
 }
 
 extern "C" __global__ void __launch_bounds__(1024) add_rmsnorm_f32_bf16(bf16* __restrict__ out, float* __restrict__ residual,
-                                                                        const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                                                        const float* __restrict__ x, const bf16* __restrict__ w,
                                                                         const int* __restrict__ live, int cap, int H, float eps) {
   const int row = blockIdx.x;
   if (row >= live_rows(live, cap)) return;
   float* rr = residual + (long long)row * H;
-  const bf16* xr = x + (long long)row * H;
+  const float* xr = x + (long long)row * H;
   float ss = 0.f;
   for (int c = threadIdx.x; c < H / 8; c += blockDim.x) {
     float4 a = reinterpret_cast<const float4*>(rr)[2 * c];
     float4 b = reinterpret_cast<const float4*>(rr)[2 * c + 1];
-    float xf[8];
-    unpack8(reinterpret_cast<const uint4*>(xr)[c], xf);
-    a.x += xf[0]; a.y += xf[1]; a.z += xf[2]; a.w += xf[3];
-    b.x += xf[4]; b.y += xf[5]; b.z += xf[6]; b.w += xf[7];
+    const float4 xa = reinterpret_cast<const float4*>(xr)[2 * c];
+    const float4 xb = reinterpret_cast<const float4*>(xr)[2 * c + 1];
+    a.x += xa.x; a.y += xa.y; a.z += xa.z; a.w += xa.w;
+    b.x += xb.x; b.y += xb.y; b.z += xb.z; b.w += xb.w;
     reinterpret_cast<float4*>(rr)[2 * c] = a;
     reinterpret_cast<float4*>(rr)[2 * c + 1] = b;
     ss += sumsq8(a, b);

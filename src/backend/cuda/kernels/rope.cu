@@ -1,18 +1,20 @@
 // Rotary position embedding, in place, rotate-half convention (HF Llama).
 // Reference: src/backend/cpu/cpu_backend.ts (rope).
 //
-//   rope_bf16: for each live row t (< *live) and each head of q [cap, nH*D] and
-//   k [cap, nKv*D] (bf16), for i < D/2:
+//   rope_f32: for each live row t (< *live) and each head of q [cap, nH*D] and
+//   k [cap, nKv*D] (f32: the q_proj / k_proj outputs, rounded to bf16 only where attention
+//   stores K in the cache), for i < D/2:
 //       a = f32(positions[t] * invFreq[i])           (one f32 rounding, as HF)
 //       c = f32(cos(a)), s = f32(sin(a))             (computed in f64, then rounded: the CPU's values)
 //       x1 = x[i], x2 = x[i + D/2]
-//       x[i]       = bf16(x1 * c - x2 * s)
-//       x[i + D/2] = bf16(x2 * c + x1 * s)
+//       x[i]       = f32(x1 * c - x2 * s)            (products and difference in f64, one rounding:
+//       x[i + D/2] = f32(x2 * c + x1 * s)             bit for bit the CPU backend's result)
 //   invFreq: f32 [D/2]. D even, D/2 <= 256. Rows >= *live (device i32; nullptr = cap) untouched.
 //
 // One CTA per row: the D/2 angles are computed once into shared memory and reused by every
-// head of q and k. Work items are (head, 8 consecutive i) so x1 and x2 move as 16-byte
-// vectors; a scalar path covers D/2 % 8 != 0.
+// head of q and k. Work items are (head, 8 consecutive i) so x1 and x2 move as two float4
+// each; a scalar path covers D/2 % 8 != 0. The f64 arithmetic is 6 flops per pair, far
+// below what the memory traffic costs.
 //
 // Build check: nvcc -arch=sm_90 -std=c++17 -cubin -o /tmp/rope.cubin rope.cu
 
@@ -20,9 +22,19 @@
 
 using namespace inlaid;
 
-extern "C" __global__ void rope_bf16(bf16* __restrict__ q, bf16* __restrict__ k, const float* __restrict__ invFreq,
-                                     const int* __restrict__ positions, const int* __restrict__ live,
-                                     int cap, int nH, int nKv, int D) {
+namespace {
+// (x1, x2) -> (x1 c - x2 s, x2 c + x1 s): f32 x f32 products are exact in f64, so this is
+// the CPU's JavaScript arithmetic exactly.
+__device__ __forceinline__ void rotate(float& x1, float& x2, float c, float s) {
+  const double a = (double)x1, b = (double)x2;
+  x1 = (float)(a * (double)c - b * (double)s);
+  x2 = (float)(b * (double)c + a * (double)s);
+}
+}  // namespace
+
+extern "C" __global__ void rope_f32(float* __restrict__ q, float* __restrict__ k, const float* __restrict__ invFreq,
+                                    const int* __restrict__ positions, const int* __restrict__ live,
+                                    int cap, int nH, int nKv, int D) {
   __shared__ float cs[256], sn[256];
   const int row = blockIdx.x;
   if (row >= live_rows(live, cap)) return;
@@ -41,30 +53,31 @@ extern "C" __global__ void rope_bf16(bf16* __restrict__ q, bf16* __restrict__ k,
     const int chunks = half / 8;
     for (int w = threadIdx.x; w < heads * chunks; w += blockDim.x) {
       const int h = w / chunks, i0 = (w % chunks) * 8;
-      bf16* base = h < nH ? q + ((long long)row * nH + h) * D : k + ((long long)row * nKv + (h - nH)) * D;
-      uint4* p1 = reinterpret_cast<uint4*>(base + i0);
-      uint4* p2 = reinterpret_cast<uint4*>(base + i0 + half);
-      uint4 u1 = *p1, u2 = *p2;
-      __nv_bfloat162* a = reinterpret_cast<__nv_bfloat162*>(&u1);
-      __nv_bfloat162* b = reinterpret_cast<__nv_bfloat162*>(&u2);
-#pragma unroll
-      for (int j = 0; j < 4; j++) {
-        const float2 x1 = __bfloat1622float2(a[j]), x2 = __bfloat1622float2(b[j]);
-        const int i = i0 + 2 * j;
-        const float c0 = cs[i], s0 = sn[i], c1 = cs[i + 1], s1 = sn[i + 1];
-        a[j] = __floats2bfloat162_rn(fmaf(x1.x, c0, -x2.x * s0), fmaf(x1.y, c1, -x2.y * s1));
-        b[j] = __floats2bfloat162_rn(fmaf(x2.x, c0, x1.x * s0), fmaf(x2.y, c1, x1.y * s1));
-      }
-      *p1 = u1;
-      *p2 = u2;
+      float* base = h < nH ? q + ((long long)row * nH + h) * D : k + ((long long)row * nKv + (h - nH)) * D;
+      float4* p1 = reinterpret_cast<float4*>(base + i0);
+      float4* p2 = reinterpret_cast<float4*>(base + i0 + half);
+      float4 a0 = p1[0], a1 = p1[1], b0 = p2[0], b1 = p2[1];
+      rotate(a0.x, b0.x, cs[i0 + 0], sn[i0 + 0]);
+      rotate(a0.y, b0.y, cs[i0 + 1], sn[i0 + 1]);
+      rotate(a0.z, b0.z, cs[i0 + 2], sn[i0 + 2]);
+      rotate(a0.w, b0.w, cs[i0 + 3], sn[i0 + 3]);
+      rotate(a1.x, b1.x, cs[i0 + 4], sn[i0 + 4]);
+      rotate(a1.y, b1.y, cs[i0 + 5], sn[i0 + 5]);
+      rotate(a1.z, b1.z, cs[i0 + 6], sn[i0 + 6]);
+      rotate(a1.w, b1.w, cs[i0 + 7], sn[i0 + 7]);
+      p1[0] = a0;
+      p1[1] = a1;
+      p2[0] = b0;
+      p2[1] = b1;
     }
   } else {
     for (int w = threadIdx.x; w < heads * half; w += blockDim.x) {
       const int h = w / half, i = w % half;
-      bf16* base = h < nH ? q + ((long long)row * nH + h) * D : k + ((long long)row * nKv + (h - nH)) * D;
-      const float x1 = __bfloat162float(base[i]), x2 = __bfloat162float(base[i + half]);
-      base[i] = __float2bfloat16_rn(fmaf(x1, cs[i], -x2 * sn[i]));
-      base[i + half] = __float2bfloat16_rn(fmaf(x2, cs[i], x1 * sn[i]));
+      float* base = h < nH ? q + ((long long)row * nH + h) * D : k + ((long long)row * nKv + (h - nH)) * D;
+      float x1 = base[i], x2 = base[i + half];
+      rotate(x1, x2, cs[i], sn[i]);
+      base[i] = x1;
+      base[i + half] = x2;
     }
   }
 }
