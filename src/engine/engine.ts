@@ -93,6 +93,10 @@ export class Engine implements ServingEngine {
   #steps = 0;
   #decodeSteps = 0;
   #decodeHostMs = 0;
+  /** INLAID_PROFILE_STEPS=1: where decode steps spend host time (printed at close, ms in total). */
+  readonly #phases = process.env.INLAID_PROFILE_STEPS === "1"
+    ? { schedule: 0, buildBatch: 0, prepare: 0, forward: 0, sampleWithWait: 0, outputs: 0 }
+    : null;
   #closed = false;
   #wake: (() => void) | null = null;
   readonly #loop: Promise<void>;
@@ -241,6 +245,7 @@ export class Engine implements ServingEngine {
     for (const s of [...this.#running, ...this.#waiting]) s.aborted = true;
     this.#wakeUp();
     await this.#loop;
+    if (this.#phases) process.stderr.write(`inlaid: decode step phases (${this.#decodeSteps} steps, ms): ${JSON.stringify(this.#phases)}\n`);
     this.#backend.freeKvCache(this.#kv);
     this.#pool.dispose();
   }
@@ -328,8 +333,11 @@ export class Engine implements ServingEngine {
     const admitted = this.#admit();
     this.#reserveDecodeBlocks(admitted);
     if (this.#running.length === 0) return;
+    const tA = performance.now();
     const batch = this.#buildBatch(this.#running);
+    const tB = performance.now();
     const prepared = this.#backend.prepare(batch);
+    const tC = performance.now();
     // Decode-only steps (one token per sequence) have the same op sequence every time:
     // a backend with graphs replays them (keyed further by its own batch buckets).
     const decodeOnly = batch.numTokens === batch.numSeqs;
@@ -363,8 +371,18 @@ export class Engine implements ServingEngine {
     if (decodeOnly) {
       // Host time: building and launching the step, and handling its tokens; the wait
       // for the device inside sample() is excluded (sample's own launch is not).
+      const t3 = performance.now();
       this.#decodeSteps++;
-      this.#decodeHostMs += t1 - t0 + (performance.now() - t2);
+      this.#decodeHostMs += t1 - t0 + (t3 - t2);
+      if (this.#phases) {
+        const p = this.#phases;
+        p.schedule += tA - t0;
+        p.buildBatch += tB - tA;
+        p.prepare += tC - tB;
+        p.forward += t1 - tC;
+        p.sampleWithWait += t2 - t1;
+        p.outputs += t3 - t2;
+      }
     }
   }
 
