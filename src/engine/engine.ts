@@ -235,7 +235,7 @@ export class Engine implements ServingEngine {
       kvBlocksTotal: this.#blocks.numBlocks,
       steps: this.#steps,
       decodeSteps: this.#decodeSteps,
-      decodeHostUsMean: this.#decodeSteps ? (this.#decodeHostMs * 1000) / this.#decodeSteps : 0,
+      decodeHostUs: this.#decodeHostMs * 1000,
     };
   }
 

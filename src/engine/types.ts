@@ -78,9 +78,10 @@ export interface EngineStats {
   readonly kvBlocksUsed: number;
   readonly kvBlocksTotal: number;
   readonly steps: number;
-  /** Decode-only steps run so far, and their mean host time (microseconds) excluding the wait for the device. */
+  /** Decode-only steps run so far, and their total host time (microseconds) excluding the
+   * wait for the device: differences between two readings give the host time of the steps between. */
   readonly decodeSteps: number;
-  readonly decodeHostUsMean: number;
+  readonly decodeHostUs: number;
 }
 
 /** What the server and CLI need from an engine (src/engine/engine.ts implements it). */
