@@ -87,6 +87,12 @@ export class Engine implements ServingEngine {
   readonly #eos: Set<number>;
   readonly #maxBlocksPerSeq: number;
 
+  readonly #stepArrays: {
+    tokenIds: Int32Array; positions: Int32Array; slotMapping: Int32Array; loraSlots: Int32Array;
+    queryStart: Int32Array; contextLens: Int32Array; blockTables: Int32Array; sampleRows: Int32Array;
+    temperature: Float32Array; topP: Float32Array; topK: Int32Array; seeds: Uint32Array; counters: Uint32Array;
+  };
+
   #waiting: Sequence[] = [];
   #running: Sequence[] = [];
   #nextSeqId = 0;
@@ -126,6 +132,13 @@ export class Engine implements ServingEngine {
     this.maxBatchedTokens = opts.maxBatchedTokens;
     this.#blocks = new BlockManager(opts.numBlocks, opts.blockSize);
     this.#maxBlocksPerSeq = Math.ceil(opts.maxModelLen / opts.blockSize);
+    const T = model.limits.maxTokens, S = model.limits.maxSeqs;
+    this.#stepArrays = {
+      tokenIds: new Int32Array(T), positions: new Int32Array(T), slotMapping: new Int32Array(T), loraSlots: new Int32Array(T),
+      queryStart: new Int32Array(S + 1), contextLens: new Int32Array(S), blockTables: new Int32Array(S * this.#maxBlocksPerSeq),
+      sampleRows: new Int32Array(S), temperature: new Float32Array(S), topP: new Float32Array(S), topK: new Int32Array(S),
+      seeds: new Uint32Array(S), counters: new Uint32Array(S),
+    };
     this.#kv = backend.createKvCache({
       numLayers: config.numLayers,
       numBlocks: opts.numBlocks,
@@ -464,19 +477,25 @@ export class Engine implements ServingEngine {
     const numSeqs = seqs.length;
     const B = this.#maxBlocksPerSeq;
     const bs = this.#blocks.blockSize;
-    const tokenIds = new Int32Array(numTokens);
-    const positions = new Int32Array(numTokens);
-    const slotMapping = new Int32Array(numTokens);
-    const loraSlots = new Int32Array(numTokens);
-    const queryStart = new Int32Array(numSeqs + 1);
-    const contextLens = new Int32Array(numSeqs);
-    const blockTables = new Int32Array(numSeqs * B).fill(-1);
-    const sampleRows = new Int32Array(numSeqs);
-    const temperature = new Float32Array(numSeqs);
-    const topP = new Float32Array(numSeqs);
-    const topK = new Int32Array(numSeqs);
-    const seeds = new Uint32Array(numSeqs);
-    const counters = new Uint32Array(numSeqs);
+    // Views of arrays allocated once (host time per step counts); a step's batch is
+    // consumed before the next one is built.
+    const a = this.#stepArrays;
+    if (numTokens > a.tokenIds.length || numSeqs > a.contextLens.length) {
+      throw new Error(`step of ${numTokens} tokens / ${numSeqs} sequences exceeds the engine's step capacity`);
+    }
+    const tokenIds = a.tokenIds.subarray(0, numTokens);
+    const positions = a.positions.subarray(0, numTokens);
+    const slotMapping = a.slotMapping.subarray(0, numTokens);
+    const loraSlots = a.loraSlots.subarray(0, numTokens);
+    const queryStart = a.queryStart.subarray(0, numSeqs + 1);
+    const contextLens = a.contextLens.subarray(0, numSeqs);
+    const blockTables = a.blockTables.subarray(0, numSeqs * B).fill(-1);
+    const sampleRows = a.sampleRows.subarray(0, numSeqs);
+    const temperature = a.temperature.subarray(0, numSeqs);
+    const topP = a.topP.subarray(0, numSeqs);
+    const topK = a.topK.subarray(0, numSeqs);
+    const seeds = a.seeds.subarray(0, numSeqs);
+    const counters = a.counters.subarray(0, numSeqs);
     let numTopLogprobs = 0;
     let t = 0;
     seqs.forEach((s, i) => {
