@@ -19,3 +19,15 @@ export function uniform(seed: number, counter: number): number {
   const h = hash32(hash32(seed) ^ Math.imul(counter + 1, 0x9e3779b9));
   return (h >>> 8) / 16777216;
 }
+
+/** mulberry32: a small sequential generator in [0, 1) for reproducible test and benchmark data. */
+export function mulberry32(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}

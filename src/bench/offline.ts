@@ -29,6 +29,7 @@ import { loadModelConfig, type ModelConfig } from "../model/config.js";
 import { measureBandwidth, type Bandwidth } from "./bandwidth.js";
 import { decodeStepBytes, storageBytes } from "./roofline.js";
 import { DEFAULT_ADAPTER_CACHE, syntheticAdapters } from "./synthetic_adapter.js";
+import { mulberry32 } from "../backend/rng.js";
 
 export interface OfflineBenchOptions {
   readonly modelDir: string;
@@ -127,21 +128,9 @@ export function percentile(sorted: readonly number[], p: number): number {
   return sorted[i]!;
 }
 
-/** mulberry32: a small seeded generator for reproducible prompts. */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 2 ** 32;
-  };
-}
-
 export function randomPrompts(count: number, length: number, vocab: number, seed = 0): number[][] {
   return Array.from({ length: count }, (_, i) => {
-    const next = rng(seed * 1_000_003 + i + 1);
+    const next = mulberry32(seed * 1_000_003 + i + 1);
     return Array.from({ length }, () => Math.floor(next() * vocab));
   });
 }

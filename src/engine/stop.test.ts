@@ -1,5 +1,6 @@
 import { describe, expect, it } from "vitest";
 import { StopMatcher } from "./stop.js";
+import { mulberry32 } from "../backend/rng.js";
 
 /** Feeds `deltas`, then flushes unless stopped; returns all emitted text and whether it stopped. */
 function run(stops: readonly string[], deltas: readonly string[]): { text: string; stopped: boolean } {
@@ -27,17 +28,6 @@ function expected(stops: readonly string[], text: string): { text: string; stopp
     }
   }
   return { text, stopped: false };
-}
-
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 describe("StopMatcher", () => {
@@ -90,7 +80,7 @@ describe("StopMatcher", () => {
   });
 
   it("matches a cut-at-first-occurrence reference over random splits", () => {
-    const rand = rng(42);
+    const rand = mulberry32(42);
     const alphabet = "abcx";
     for (let trial = 0; trial < 2000; trial++) {
       const word = (n: number) => Array.from({ length: n }, () => alphabet[Math.floor(rand() * alphabet.length)]).join("");
@@ -109,7 +99,7 @@ describe("StopMatcher", () => {
   });
 
   it("never emits text that later turns out to be part of a stop string", () => {
-    const rand = rng(5);
+    const rand = mulberry32(5);
     for (let trial = 0; trial < 500; trial++) {
       const stops = ["abab", "bc"];
       const text = Array.from({ length: 30 }, () => "abc"[Math.floor(rand() * 3)]).join("");

@@ -1,6 +1,7 @@
 import { beforeAll, describe, expect, it } from "vitest";
 import { IncrementalDetokenizer } from "./detokenizer.js";
 import { TextTokenizer } from "./tokenizer.js";
+import { mulberry32 } from "../backend/rng.js";
 
 const byteLevel = TextTokenizer.load("examples/demo/base");
 // The same tokenizer without its byte table, so the general (decode-window) path runs too.
@@ -14,18 +15,6 @@ const windowed = {
   decode: (ids: readonly number[], skipSpecial?: boolean) => byteLevel.decode(ids, skipSpecial),
 } as unknown as TextTokenizer;
 let tok: TextTokenizer = byteLevel;
-
-/** Small deterministic PRNG (mulberry32) so failures reproduce. */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** Pushes ids one at a time; returns each push's output and the flush. */
 function stream(promptIds: readonly number[], ids: readonly number[]): { pieces: string[]; tail: string } {
@@ -79,7 +68,7 @@ describe(`IncrementalDetokenizer (${label})`, () => {
   });
 
   it("streams random multibyte text identically to decode", () => {
-    const rand = rng(7);
+    const rand = mulberry32(7);
     const alphabet = [..."abc xyz.,é日本語한😀👍🏽∑\n"];
     for (let trial = 0; trial < 200; trial++) {
       const n = 1 + Math.floor(rand() * 30);
@@ -108,7 +97,7 @@ describe(`IncrementalDetokenizer (${label})`, () => {
   });
 
   it("matches decode on random token soup (invalid UTF-8 and specials included)", () => {
-    const rand = rng(11);
+    const rand = mulberry32(11);
     for (let trial = 0; trial < 100; trial++) {
       const n = 1 + Math.floor(rand() * 120);
       const ids = Array.from({ length: n }, () => Math.floor(rand() * tok.vocabSize));
@@ -123,7 +112,7 @@ describe(`IncrementalDetokenizer (${label})`, () => {
     const byteIds: number[] = [];
     for (let id = 0; id < tok.vocabSize; id++) if (tok.decode([id]) === "\uFFFD") byteIds.push(id);
     expect(byteIds.length).toBeGreaterThan(10);
-    const rand = rng(3);
+    const rand = mulberry32(3);
     for (let trial = 0; trial < 50; trial++) {
       const ids = Array.from({ length: 60 }, () =>
         rand() < 0.9 ? byteIds[Math.floor(rand() * byteIds.length)]! : tok.encode("a", false)[0]!,
