@@ -343,7 +343,7 @@ export async function runOfflineBench(opts: OfflineBenchOptions, progress: Progr
     adapters: K,
     rank: K > 0 ? r : 0,
     max_batched_tokens: Math.max(maxBatchedTokens, maxLen),
-    seconds: round(seconds, 3),
+    seconds: round(seconds, 4),
     output_tokens_per_s: round((B * G) / seconds, 1),
     total_tokens_per_s: round((B * (P + G)) / seconds, 1),
     prefill_s: round(prefillS, 3),
