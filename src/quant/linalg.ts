@@ -1,0 +1,155 @@
+// Dense linear algebra for the GPTQ family, as small pure functions over row-major
+// Float64Arrays (n x n matrices unless stated). They are written to be ported one by
+// one to the GPU for 7B-sized layers (K up to 14336), where each has a library twin:
+//   accumulateGram      -> cuBLAS syrk / gemm (X^T X, f32 in, f32 accumulate)
+//   choleskyLower       -> cuSOLVER potrf (returns info > 0 instead of false)
+//   invertLower + gram  -> cuSOLVER potri (inverse from the Cholesky factor)
+//   choleskyInverseUpper-> potrf + potri + potrf, the three calls GPTQ makes
+//   lazyBlockUpdate     -> one gemm per 128-column block
+// CPU sums run in float64 and in a fixed order, so results are bit-identical for
+// identical inputs (incremental quantization relies on it).
+
+/**
+ * h[i, j] += sum_t x[t, i] * x[t, j] for 0 <= i <= j < K (upper triangle only; see
+ * `mirrorUpper`). x: [rows, K] row-major f32. `scratch` (K * rows, reused between calls)
+ * holds X transposed so every dot product reads contiguous memory; 2 x 2 tiles of h
+ * share their loads (1.5x faster than one dot product at a time).
+ */
+export function accumulateGram(h: Float64Array, x: Float32Array, rows: number, K: number, scratch?: Float64Array): Float64Array {
+  const xt = scratch && scratch.length >= K * rows ? scratch : new Float64Array(K * rows);
+  for (let t = 0; t < rows; t++) for (let k = 0; k < K; k++) xt[k * rows + t] = x[t * K + k]!;
+  const even = K - (K % 2);
+  for (let i = 0; i < even; i += 2) {
+    const oi0 = i * rows, oi1 = oi0 + rows;
+    for (let j = i; j < even; j += 2) {
+      const oj0 = j * rows, oj1 = oj0 + rows;
+      let a00 = 0, a01 = 0, a10 = 0, a11 = 0;
+      for (let t = 0; t < rows; t++) {
+        const u0 = xt[oi0 + t]!, u1 = xt[oi1 + t]!, v0 = xt[oj0 + t]!, v1 = xt[oj1 + t]!;
+        a00 += u0 * v0; a01 += u0 * v1; a10 += u1 * v0; a11 += u1 * v1;
+      }
+      const r0 = i * K + j, r1 = r0 + K;
+      h[r0] = h[r0]! + a00;
+      h[r0 + 1] = h[r0 + 1]! + a01;
+      if (j > i) h[r1] = h[r1]! + a10; // on the diagonal tile this is below the diagonal
+      h[r1 + 1] = h[r1 + 1]! + a11;
+    }
+  }
+  if (even < K) {
+    // Odd K: the last column against every row.
+    const oj = even * rows;
+    for (let i = 0; i < K; i++) {
+      const oi = i * rows;
+      let a = 0;
+      for (let t = 0; t < rows; t++) a += xt[oi + t]! * xt[oj + t]!;
+      h[i * K + even] = h[i * K + even]! + a;
+    }
+  }
+  return xt;
+}
+
+/** Copies the upper triangle onto the lower one, in place. */
+export function mirrorUpper(a: Float64Array, n: number): void {
+  for (let i = 0; i < n; i++) for (let j = i + 1; j < n; j++) a[j * n + i] = a[i * n + j]!;
+}
+
+/**
+ * In-place lower Cholesky factor of a symmetric matrix (reads the lower triangle,
+ * writes L there and zeros above). Returns false, leaving `a` partly overwritten, when
+ * the matrix is not (numerically) positive definite.
+ */
+export function choleskyLower(a: Float64Array, n: number): boolean {
+  for (let j = 0; j < n; j++) {
+    const oj = j * n;
+    let s = a[oj + j]!;
+    for (let k = 0; k < j; k++) s -= a[oj + k]! * a[oj + k]!;
+    if (!(s > 0) || !Number.isFinite(s)) return false;
+    const d = Math.sqrt(s);
+    a[oj + j] = d;
+    for (let i = j + 1; i < n; i++) {
+      const oi = i * n;
+      let v = a[oi + j]!;
+      for (let k = 0; k < j; k++) v -= a[oi + k]! * a[oj + k]!;
+      a[oi + j] = v / d;
+    }
+    for (let k = j + 1; k < n; k++) a[oj + k] = 0;
+  }
+  return true;
+}
+
+/** Inverse of a lower-triangular matrix (a new lower-triangular matrix). */
+export function invertLower(l: Float64Array, n: number): Float64Array {
+  const inv = new Float64Array(n * n);
+  for (let j = 0; j < n; j++) {
+    inv[j * n + j] = 1 / l[j * n + j]!;
+    for (let i = j + 1; i < n; i++) {
+      const oi = i * n;
+      let s = 0;
+      for (let k = j; k < i; k++) s += l[oi + k]! * inv[k * n + j]!;
+      inv[oi + j] = -s / l[oi + i]!;
+    }
+  }
+  return inv;
+}
+
+/** m^T m for lower-triangular m (symmetric result, both triangles written). */
+export function gramOfLower(m: Float64Array, n: number): Float64Array {
+  const out = new Float64Array(n * n);
+  // (m^T m)[i, j] = sum_{k >= max(i, j)} m[k, i] m[k, j]: accumulate row by row of m.
+  for (let k = 0; k < n; k++) {
+    const ok = k * n;
+    for (let i = 0; i <= k; i++) {
+      const mi = m[ok + i]!;
+      if (mi === 0) continue;
+      const oi = i * n;
+      for (let j = i; j <= k; j++) out[oi + j] = out[oi + j]! + mi * m[ok + j]!;
+    }
+  }
+  mirrorUpper(out, n);
+  return out;
+}
+
+/** Inverse of a symmetric positive-definite matrix, or null when its Cholesky fails. */
+export function spdInverse(a: Float64Array, n: number): Float64Array | null {
+  const l = Float64Array.from(a);
+  if (!choleskyLower(l, n)) return null;
+  return gramOfLower(invertLower(l, n), n);
+}
+
+/**
+ * What GPTQ needs from H: the upper Cholesky factor U of H^-1 (H^-1 = U^T U), as
+ * torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).
+ * Row i of U holds the coefficients GPTQ uses to spread column i's error over later
+ * columns. Null when H (or, numerically, H^-1) is not positive definite.
+ */
+export function choleskyInverseUpper(h: Float64Array, n: number): Float64Array | null {
+  const inv = spdInverse(h, n);
+  if (!inv) return null;
+  if (!choleskyLower(inv, n)) return null;
+  // Transpose L (lower, H^-1 = L L^T) into U = L^T.
+  for (let i = 0; i < n; i++) {
+    for (let j = i + 1; j < n; j++) {
+      inv[i * n + j] = inv[j * n + i]!;
+      inv[j * n + i] = 0;
+    }
+  }
+  return inv;
+}
+
+/**
+ * GPTQ's lazy batch update: after columns [i1, i2) are quantized, push their scaled
+ * errors into every later column at once:
+ *   wt[j, :] -= sum_{i in [i1, i2)} hinv[i, j] * err[i - i1, :]   for j in [i2, K).
+ * wt: [K, N] (the weight transposed: row k = input k), err: [(i2 - i1), N], hinv: [K, K].
+ */
+export function lazyBlockUpdate(wt: Float64Array, err: Float64Array, hinv: Float64Array, K: number, N: number, i1: number, i2: number): void {
+  for (let j = i2; j < K; j++) {
+    const oj = j * N;
+    for (let i = i1; i < i2; i++) {
+      const c = hinv[i * K + j]!;
+      if (c === 0) continue;
+      const oe = (i - i1) * N;
+      for (let n = 0; n < N; n++) wt[oj + n] = wt[oj + n]! - c * err[oe + n]!;
+    }
+  }
+}
