@@ -14,6 +14,7 @@ import { loadModelConfig, type ModelConfig } from "../model/config.js";
 import { IncrementalDetokenizer } from "../model/detokenizer.js";
 import { LlamaModel } from "../model/llama.js";
 import { SafetensorsDir } from "../model/safetensors.js";
+import { openQuantizedSource, readQuantSpec } from "../quant/checkpoint.js";
 import { TextTokenizer } from "../model/tokenizer.js";
 import { DUMMY, loadLlamaWeights } from "../model/weights.js";
 import { createPolicy } from "../scheduler/index.js";
@@ -541,7 +542,7 @@ export async function createEngine(opts: EngineOptions): Promise<Engine> {
   const blockSize = opts.blockSize ?? 16;
 
   say(`loading ${dir} (${config.architecture}, ${config.numLayers} layers) on ${backend.name}`);
-  const src = opts.loadFormat === "dummy" ? DUMMY : SafetensorsDir.open(dir);
+  const src = opts.loadFormat === "dummy" ? DUMMY : readQuantSpec(dir) ? openQuantizedSource(dir) : SafetensorsDir.open(dir);
   let loaded = 0;
   const total = src === DUMMY ? 0 : src.names().length;
   const weights = loadLlamaWeights(backend, config, src, () => {
