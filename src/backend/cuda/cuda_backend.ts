@@ -65,10 +65,10 @@ import type {
 import { uniform } from "../rng.js";
 import { bf16ToF32, f16ToF32, f32ToBf16, numel, toF32, type DType, type Shape } from "../tensor.js";
 import type { DeviceKv, DeviceLora, DeviceOps, DeviceStep, Operand, Scratch, StepRun } from "./device_ops.js";
-import { CublasLt } from "./ffi/cublaslt.js";
+import { CublasLt, type GemmTuner } from "./ffi/cublaslt.js";
 import {
   CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
-  CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+  CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE,
   CU_EVENT_DEFAULT, CU_EVENT_DISABLE_TIMING, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL, CU_STREAM_NON_BLOCKING,
   cudaDriver, cudaUnavailableReason, isStickyError, type CudaDriver, type PinnedBuffer,
 } from "./ffi/driver.js";
@@ -113,6 +113,7 @@ export interface CudaDeviceInfo {
   readonly computeCapability: readonly [number, number];
   readonly smCount: number;
   readonly maxSharedPerBlockOptin: number;
+  readonly l2Bytes: number;
   readonly driverVersion: number;
   readonly arch: string;
 }
@@ -243,7 +244,40 @@ export class CudaBackend implements Backend {
     this.#timing = init.timing;
     this.#initialCapacity = init.capacity;
     CudaBackend.#active = this;
+    if (process.env.INLAID_GEMM_TUNE !== "0") this.#blas.setTuner(this.#gemmTuner());
   }
+
+  /** GEMM algorithm tuning (ffi/cublaslt.ts says why). The L2 flush writes a buffer of
+   * twice the L2 size, allocated for the duration of one plan's tuning only. */
+  #gemmTuner(): GemmTuner {
+    const flushBytes = Math.max(this.device.l2Bytes, 1 << 20) * 2;
+    let flush: bigint | null = null;
+    return {
+      canTune: () => !this.#capturing,
+      timeMs: (run) => this.timeMs(run),
+      flushL2: () => {
+        if (flush === null) {
+          try {
+            flush = this.#d.memAlloc(flushBytes);
+          } catch {
+            return; // no room: tune on a warm L2 rather than fail
+          }
+          // Freed once this plan's tuning is over (the next synchronous point).
+          queueMicrotask(() => {
+            if (flush !== null) this.#d.memFree(flush);
+            flush = null;
+          });
+        }
+        this.#d.memsetD8Async(flush, 0, flushBytes, this.#stream);
+      },
+      onTuned: (what, chosen, first, n) => {
+        this.gemmTuning.push({ what, chosenUs: chosen, firstUs: first, candidates: n });
+      },
+    };
+  }
+
+  /** The GEMM plans tuned so far: the chosen and the heuristic's first candidate's time. */
+  readonly gemmTuning: { what: string; chosenUs: number; firstUs: number; candidates: number }[] = [];
 
   // ------------------------------------------------------------------ creation
 
@@ -288,6 +322,7 @@ export class CudaBackend implements Backend {
         computeCapability: [major, minor],
         smCount: d.deviceAttribute(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev),
         maxSharedPerBlockOptin: d.deviceAttribute(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, dev),
+        l2Bytes: d.deviceAttribute(CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE, dev),
         driverVersion: d.driverVersion(),
         arch,
       };
@@ -324,7 +359,7 @@ export class CudaBackend implements Backend {
       };
       return new CudaBackend({
         driver: d, ordinal, ctx, stream, launcher, blas, workspace, device, images,
-        ops: opts.ops ? opts.ops(launcher, device) : new CudaOps(launcher, { smCount: device.smCount }),
+        ops: opts.ops ? opts.ops(launcher, device) : new CudaOps(launcher, { smCount: device.smCount, clusters: major >= 9 && process.env.INLAID_LORA_CLUSTERS !== "0" }),
         graphs, stagingEvent, timing: [t0, t1], capacity,
       });
     } catch (e) {

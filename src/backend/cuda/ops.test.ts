@@ -36,7 +36,7 @@ function parseKernels(): Map<string, Kind[]> {
   }
   const all = expanded.join("\n");
   const out = new Map<string, Kind[]>();
-  const re = /extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(([^)]*)\)/g;
+  const re = /extern\s+"C"\s+__global__\s+void\s+(?:__(?:launch_bounds|cluster_dims)__\([^)]*\)\s+)*(\w+)\s*\(([^)]*)\)/g;
   for (const m of all.matchAll(re)) {
     const params = m[2]!.split(",").map((p) => p.trim()).filter((p) => p.length > 0);
     out.set(m[1]!, params.map((p): Kind => {
@@ -153,10 +153,15 @@ describe("CUDA ops seam (CPU checks)", () => {
   });
 
   for (const shape of SHAPES) {
-    for (const kinds of [{}, { hasPrefill: true, hasDecode: false }, { hasPrefill: false, hasDecode: true }] as StepKinds[]) {
-      it(`launches match kernel signatures and hardware limits: H=${shape.H} nH=${shape.nH}/${shape.nKv} D=${shape.D} r=${shape.R} ${JSON.stringify(kinds)}`, () => {
+    for (const [kinds, clusters] of [
+      [{}, false], [{ hasPrefill: true, hasDecode: false }, false], [{ hasPrefill: false, hasDecode: true }, false], [{}, true],
+    ] as [StepKinds, boolean][]) {
+      it(`launches match kernel signatures and hardware limits: H=${shape.H} nH=${shape.nH}/${shape.nKv} D=${shape.D} r=${shape.R} ${JSON.stringify(kinds)}${clusters ? " clusters" : ""}`, () => {
         const rec = new RecordingLauncher();
-        exerciseAll(new CudaOps(rec, { smCount: 132 }), { ...shape, kinds });
+        exerciseAll(new CudaOps(rec, { smCount: 132, clusters }), { ...shape, kinds });
+        // Clustered kernels (8 CTAs per cluster, __cluster_dims__) need grids of whole clusters.
+        for (const l of rec.launches.filter((x) => x.name === "lora_bgmv_fused")) expect(l.grid[0] % 8).toBe(0);
+        if (clusters && shape.R <= 64) expect(rec.launches.some((x) => x.name === "lora_bgmv_fused")).toBe(true);
         expect(rec.launches.length).toBeGreaterThan(10);
         for (const l of rec.launches) {
           const params = kernels.get(l.name);
@@ -221,10 +226,13 @@ describe("CUDA ops seam (CPU checks)", () => {
       expect(chunks).toBeLessThanOrEqual(16);
       expect(chunks * chunkLen).toBeGreaterThanOrEqual(ctx);
       expect((chunks - 1) * chunkLen).toBeLessThan(ctx);
-      if (ctx <= 256) expect(chunks).toBe(1);
+      if (ctx <= 64) expect(chunks).toBe(1);
+      if (ctx <= 256) expect(decodeSplit(ctx).chunks).toBe(1);
+      if (ctx <= 256) expect(decodeSplit(ctx, 16, 256).chunks).toBe(1);
       expect(decodeSplit(ctx, 1).chunks).toBe(1);
     }
-    expect(decodeSplit(3000).chunks).toBe(12);
+    expect(decodeSplit(3000, 16, 256).chunks).toBe(12);
+    expect(decodeSplit(192, 16, 64)).toEqual({ chunks: 3, chunkLen: 64 });
     expect(attentionScratchBytes(2, 4, 32)).toBe(2 * 16 * 4 * 34 * 4);
   });
 

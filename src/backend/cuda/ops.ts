@@ -62,9 +62,15 @@ export const MAX_GQA_GROUP = 64;
 /** Most sequence slots (StepRun.padSeqs) the attention kernels take. */
 export const MAX_SEQS = 2048;
 
-/** Flash-decoding: most chunks per sequence, and the shortest context that splits (kernels/attention.cu). */
+/**
+ * Flash-decoding: most chunks per sequence, and the chunk length below which a context is
+ * not split further (kernels/attention.cu decode_split; INLAID_DECODE_MIN_CHUNK overrides
+ * it for experiments). Measured on an H100 (bench/kernels.ts, 32 MHA sequences of 192
+ * keys): 256-key chunks 67 us, 128 88 us, 64 97 us: each item's fixed costs outweigh
+ * the extra parallelism of short chunks.
+ */
 export const DECODE_MAX_SPLITS = 16;
-export const DECODE_MIN_CHUNK = 256;
+export const DECODE_MIN_CHUNK = Number(process.env.INLAID_DECODE_MIN_CHUNK ?? 256);
 
 /** Every kernel name ops.ts may launch (a CPU test checks each is defined in the .cu sources). */
 export function kernelNames(): string[] {
@@ -72,7 +78,7 @@ export function kernelNames(): string[] {
   return [
     "embedding_bf16_f32", "gather_rows_bf16", "rmsnorm_f32_bf16", "add_rmsnorm_f32_bf16", "rope_f32", "silu_mul_f32_bf16",
     "kv_cache_write_f32", ...attn,
-    "lora_bgmv_shrink", "lora_bgmv_expand", "lora_sgmv_shrink_r16", "lora_sgmv_shrink_r32", "lora_sgmv_shrink_r64", "lora_sgmv_expand",
+    "lora_bgmv_fused", "lora_bgmv_shrink", "lora_bgmv_expand", "lora_sgmv_shrink_r16", "lora_sgmv_shrink_r32", "lora_sgmv_shrink_r64", "lora_sgmv_expand",
     "sample_rows",
     "convert_f32_to_bf16", "convert_bf16_to_f32", "convert_f16_to_bf16", "convert_f16_to_f32", "fill_u32", "fill_u16",
     "fill_random_bf16", "fill_random_f32",
@@ -82,8 +88,8 @@ export function kernelNames(): string[] {
 // ------------------------------------------------------------------ host mirrors of kernel math
 
 /** How the decode kernel splits a context of `ctx` keys (kernels/attention.cu decode_split). */
-export function decodeSplit(ctx: number, maxSplits = DECODE_MAX_SPLITS): { chunks: number; chunkLen: number } {
-  let n = Math.ceil(ctx / DECODE_MIN_CHUNK);
+export function decodeSplit(ctx: number, maxSplits = DECODE_MAX_SPLITS, minChunk = DECODE_MIN_CHUNK): { chunks: number; chunkLen: number } {
+  let n = Math.ceil(ctx / minChunk);
   n = Math.max(1, Math.min(maxSplits, n));
   const per = Math.ceil(Math.ceil(ctx / n) / 64) * 64;
   return { chunks: Math.max(1, Math.ceil(ctx / per)), chunkLen: per };
@@ -120,7 +126,12 @@ export interface StepKinds {
 export interface DeviceInfo {
   /** Streaming multiprocessors (132 on an H100 SXM): sizes the persistent decode grid. */
   readonly smCount: number;
+  /** Thread-block clusters (sm_90+): decode LoRA runs as one clustered kernel (kernels/lora.cu). */
+  readonly clusters?: boolean;
 }
+
+/** Most rank the clustered decode LoRA kernel takes (kernels/lora.cu kFusedMaxRank). */
+export const FUSED_LORA_MAX_RANK = 64;
 
 const ptr = (p: DevicePtr): KernelArg => ({ ptr: p });
 const i32 = (v: number): KernelArg => ({ i32: v });
@@ -147,10 +158,12 @@ function vec8(op: string, what: string, n: number): void {
 export class CudaOps implements DeviceOps {
   readonly #l: Launcher;
   readonly #sm: number;
+  readonly #clusters: boolean;
 
   constructor(launcher: Launcher, device: DeviceInfo = { smCount: 132 }) {
     this.#l = launcher;
     this.#sm = Math.max(1, device.smCount);
+    this.#clusters = device.clusters === true;
   }
 
   #launch(name: string, grid: Dim3, block: Dim3, smem: number, args: KernelArg[]): void {
@@ -278,13 +291,13 @@ export class CudaOps implements DeviceOps {
       const groups = nKv * Math.ceil(G / 16);
       const grid = Math.max(1, Math.min(this.#sm * 3, seqCap * groups * maxSplits));
       this.#launch(`attn_decode_d${D}`, [grid, 1, 1], [128, 1, 1], prefixBytes, [
-        ptr(out.ptr), ptr(split ? scratch!.ptr : 0n), ptr(q.ptr), ptr(kv.k), ptr(kv.v), ...common, i32(maxSplits),
+        ptr(out.ptr), ptr(split ? scratch!.ptr : 0n), ptr(q.ptr), ptr(kv.k), ptr(kv.v), ...common, i32(maxSplits), i32(DECODE_MIN_CHUNK),
       ]);
       if (split) {
         // One CTA per sequence slot merges its chunks (unsplit sequences exit at once); the
         // per-(head, chunk) weights sit in shared memory: nH * MAX_SPLITS floats.
         this.#launch(`attn_decode_reduce_d${D}`, [seqCap, 1, 1], [256, 1, 1], 4 * nH * DECODE_MAX_SPLITS, [
-          ptr(out.ptr), ptr(scratch!.ptr), ptr(st.queryStart), ptr(st.positions), ptr(st.counts), i32(seqCap), i32(nH), i32(maxSplits),
+          ptr(out.ptr), ptr(scratch!.ptr), ptr(st.queryStart), ptr(st.positions), ptr(st.counts), i32(seqCap), i32(nH), i32(maxSplits), i32(DECODE_MIN_CHUNK),
         ]);
       }
     }
@@ -339,7 +352,13 @@ export class CudaOps implements DeviceOps {
     const hasPrefill = kinds.hasPrefill !== false, hasDecode = kinds.hasDecode !== false;
     const rowArgs: KernelArg[] = [ptr(st.loraSlots), ptr(st.queryStart), ptr(st.counts), i32(seqCap), i32(rows)];
 
-    if (hasDecode) {
+    if (hasDecode && this.#clusters && R <= FUSED_LORA_MAX_RANK) {
+      // BGMV, one launch: a cluster of 8 CTAs per row splits K for the shrink and N for the expand.
+      this.#launch("lora_bgmv_fused", [rows * 8, 1, 1], [128, 1, 1], 0, [
+        ptr(out.ptr), ptr(x.ptr), ptr(stack.a), ptr(stack.b), ptr(stack.ranks), ptr(stack.scales), ...rowArgs,
+        i32(K), i32(N), i32(R), i32(hasPrefill ? 0 : 1),
+      ]);
+    } else if (hasDecode) {
       const mode = hasPrefill ? 0 : 1;
       // BGMV shrink: a CTA per (row, 4 ranks), 256 threads sharing the K reduction; grid.y
       // covers the pool's max rank, CTAs past a slot's rank exit.

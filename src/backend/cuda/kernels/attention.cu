@@ -61,7 +61,6 @@ namespace {
 
 constexpr int kThreads = 128;    // 4 warps for both attention kernels
 constexpr int kMaxSplits = 16;   // flash-decoding: at most this many chunks per sequence
-constexpr int kMinChunk = 256;   // contexts up to this many keys run in one pass
 constexpr bool kQSplit = true;   // Q as hi + lo bf16 parts in QK^T (see "Precision" above)
 
 // Exclusive prefix sum over the CTA (blockDim.x <= 1024, multiple of 32); *total gets the sum.
@@ -126,8 +125,8 @@ __device__ __forceinline__ int find_segment(const int* pre, int n, int b) {
 struct Split {
   int chunks, chunkLen;
 };
-__device__ __forceinline__ Split decode_split(int ctx, int maxSplits) {
-  int n = (ctx + kMinChunk - 1) / kMinChunk;
+__device__ __forceinline__ Split decode_split(int ctx, int maxSplits, int minChunk) {
+  int n = (ctx + minChunk - 1) / minChunk;
   n = max(1, min(maxSplits, n));
   int per = (ctx + n - 1) / n;
   per = (per + 63) / 64 * 64;
@@ -420,7 +419,7 @@ __device__ __forceinline__ void attn_decode(bf16* __restrict__ out, float* __res
                                             const int* __restrict__ queryStart, const int* __restrict__ positions,
                                             const int* __restrict__ blockTables, const int* __restrict__ counts,
                                             int seqCap, int maxBlocksPerSeq, int blockSize, int nH, int nKv, float scale,
-                                            int maxSplits) {
+                                            int maxSplits, int minChunk) {
   constexpr int NW = kThreads / 32, BN = 16 * NW, LD = D + 8;
   __shared__ __align__(16) bf16 kv[2 * BN * LD];
   __shared__ __align__(16) bf16 qlo[kQSplit ? 16 * LD : 8];  // Q's lo parts (see qk_tile)
@@ -434,7 +433,7 @@ __device__ __forceinline__ void attn_decode(bf16* __restrict__ out, float* __res
   const int totalChunks = build_prefix(pre, numSeqs, [&](int s) {
     const int t = queryStart[s];
     if (queryStart[s + 1] - t != 1) return 0;
-    return decode_split(positions[t] + 1, maxSplits).chunks;
+    return decode_split(positions[t] + 1, maxSplits, minChunk).chunks;
   });
   const int items = totalChunks * nGroups;
 
@@ -449,7 +448,7 @@ __device__ __forceinline__ void attn_decode(bf16* __restrict__ out, float* __res
     const int c = ci - pre[s];
     const int t = queryStart[s];
     const int ctx = positions[t] + 1;
-    const Split sp = decode_split(ctx, maxSplits);
+    const Split sp = decode_split(ctx, maxSplits, minChunk);
     const int nChunks = sp.chunks, chunkLen = sp.chunkLen;
     const int jBegin = c * chunkLen, jEnd = min(ctx, jBegin + chunkLen);
     const int hkv = grp / gPerKv, head0 = hkv * G + (grp % gPerKv) * 16;
@@ -589,13 +588,13 @@ __device__ __forceinline__ void attn_decode(bf16* __restrict__ out, float* __res
 template <int D>
 __device__ __forceinline__ void attn_decode_reduce(bf16* __restrict__ out, const float* __restrict__ scratch,
                                                    const int* __restrict__ queryStart, const int* __restrict__ positions,
-                                                   const int* __restrict__ counts, int seqCap, int nH, int maxSplits) {
+                                                   const int* __restrict__ counts, int seqCap, int nH, int maxSplits, int minChunk) {
   extern __shared__ float wsm[];  // [nH][kMaxSplits]
   const int s = blockIdx.x;
   if (s >= min(counts[1], seqCap)) return;
   const int t = queryStart[s];
   if (queryStart[s + 1] - t != 1) return;
-  const int n = decode_split(positions[t] + 1, maxSplits).chunks;
+  const int n = decode_split(positions[t] + 1, maxSplits, minChunk).chunks;
   if (n <= 1) return;
   const long long partStride = (long long)seqCap * kMaxSplits * nH;
   const float* ml = scratch + partStride * D;
@@ -657,16 +656,16 @@ extern "C" __global__ void kv_cache_write_f32(bf16* __restrict__ kCache, bf16* _
       bf16* __restrict__ out, float* __restrict__ scratch, const float* __restrict__ q,                                \
       const bf16* __restrict__ kCache, const bf16* __restrict__ vCache, const int* __restrict__ queryStart,            \
       const int* __restrict__ positions, const int* __restrict__ blockTables, const int* __restrict__ counts,          \
-      int seqCap, int maxBlocksPerSeq, int blockSize, int nH, int nKv, float scale, int maxSplits) {                   \
+      int seqCap, int maxBlocksPerSeq, int blockSize, int nH, int nKv, float scale, int maxSplits, int minChunk) {     \
     attn_decode<D>(out, scratch, q, kCache, vCache, queryStart, positions, blockTables, counts, seqCap,               \
-                   maxBlocksPerSeq, blockSize, nH, nKv, scale, maxSplits);                                             \
+                   maxBlocksPerSeq, blockSize, nH, nKv, scale, maxSplits, minChunk);                                   \
   }                                                                                                                    \
   extern "C" __global__ void attn_decode_reduce_d##D(bf16* __restrict__ out, const float* __restrict__ scratch,        \
                                                      const int* __restrict__ queryStart,                               \
                                                      const int* __restrict__ positions,                                \
                                                      const int* __restrict__ counts, int seqCap, int nH,               \
-                                                     int maxSplits) {                                                  \
-    attn_decode_reduce<D>(out, scratch, queryStart, positions, counts, seqCap, nH, maxSplits);                         \
+                                                     int maxSplits, int minChunk) {                                    \
+    attn_decode_reduce<D>(out, scratch, queryStart, positions, counts, seqCap, nH, maxSplits, minChunk);               \
   }
 
 ATTN_INSTANTIATE(32)

@@ -131,4 +131,22 @@ __device__ __forceinline__ int seq_of_row(const int* queryStart, int n, int t) {
   return lo;
 }
 
+// Thread-block clusters (sm_90+): a CTA's rank in its cluster, a cluster-wide barrier in
+// two halves (arrive, then wait, so independent work can run in between), and a load from
+// another CTA's shared memory (distributed shared memory).
+__device__ __forceinline__ unsigned cluster_ctarank() {
+  unsigned r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ float ld_cluster_f32(const float* smem, unsigned ctaRank) {
+  unsigned remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_addr(smem)), "r"(ctaRank));
+  float v;
+  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
+  return v;
+}
+
 }  // namespace inlaid

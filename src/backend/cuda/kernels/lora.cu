@@ -16,12 +16,19 @@
 // knows the step is decode-only or prefill-only) and skips that lookup.
 //
 //   BGMV (decode rows): memory-bound gathered GEMV, each row reads its own adapter.
-//     lora_bgmv_shrink   grid (rowCap, ceil(maxRank / 4)), 256 threads: one CTA computes 4
-//                        ranks of one row; the K reduction spreads over the CTA with 16-byte
-//                        loads of x and of the 4 A rows in flight together.
-//     lora_bgmv_expand   grid (rowCap, ceil(N / 1024)), 128 threads, dynamic smem maxRank*4:
-//                        each thread makes 8 consecutive outputs (32-byte f32 out RMW) from 8
-//                        contiguous rows of its slot's B.
+//     lora_bgmv_fused    grid (rowCap * 8), 128 threads, clusters of 8 CTAs (sm_90): one
+//                        cluster per row, shrink and expand in one launch. CTA c of the
+//                        cluster reduces the c-th eighth of K for every rank (A x partials in
+//                        its shared memory), the cluster barrier publishes them, each CTA sums
+//                        the eight partials through distributed shared memory and expands the
+//                        c-th eighth of N. So every byte of A and B is read once per row, by
+//                        8 x rowCap CTAs in parallel, and there is no second launch: with two
+//                        kernels (shrink, expand) the launch gaps, not the bytes, set the time
+//                        (measured on an H100: 10.3 us for 32 rows at K = N = 4096, rank 16).
+//                        Each thread of the expand makes 8 consecutive outputs (32-byte f32
+//                        out RMW) from 8 contiguous rows of its slot's B.
+//     lora_bgmv_shrink / lora_bgmv_expand: the same in two launches, for devices without
+//                        clusters (before sm_90).
 //   SGMV (prefill rows): a CTA owns a tile of 64 consecutive rows and runs once per distinct
 //     slot in it (usually one: a tile spans one or two sequences), masking the other rows,
 //     so each slot's A / B is read once per tile. Tensor cores (mma.sync m16n8k16 bf16,
@@ -375,3 +382,114 @@ extern "C" __global__ void __launch_bounds__(128) lora_bgmv_expand(float* __rest
     for (int e = 0; e < ne; e++) dst[e] += scale * acc[e];
   }
 }
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 || !defined(__CUDA_ARCH__)
+namespace {
+constexpr int kCluster = 8;
+constexpr int kFusedMaxRank = 64;
+}  // namespace
+
+extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(128)
+    lora_bgmv_fused(float* __restrict__ out, const bf16* __restrict__ x, const bf16* __restrict__ A, const bf16* __restrict__ B,
+                    const int* __restrict__ ranks, const float* __restrict__ scales, const int* __restrict__ loraSlots,
+                    const int* __restrict__ queryStart, const int* __restrict__ counts, int seqCap, int cap, int K, int N,
+                    int maxRank, int mode) {
+  __shared__ float part[kFusedMaxRank];  // this CTA's share of A x (its eighth of K)
+  __shared__ float tv[kFusedMaxRank];    // A x, summed over the cluster; zero past the rank
+  const int row = blockIdx.x / kCluster;
+  const unsigned crank = cluster_ctarank();
+  // Every CTA of a cluster has the same row, so they all return here or none does (the
+  // cluster barriers below need all eight).
+  const int slot = row_slot(loraSlots, queryStart, counts, seqCap, cap, row, mode, true);
+  if (slot < 0) return;
+  const int rank = min(ranks[slot], kFusedMaxRank);
+  if (rank <= 0) return;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+
+  // Shrink over this CTA's slice of K (in 8-element vectors): warp w owns ranks 4w..4w+3,
+  // then 16 + 4w..., the lanes stride the slice.
+  const int kv = K / 8, kper = (kv + kCluster - 1) / kCluster;
+  const int kv0 = crank * kper, kv1 = min(kv, kv0 + kper);
+  const uint4* xr = reinterpret_cast<const uint4*>(x + (long long)row * K);
+  for (int r0 = warp * 4; r0 < rank; r0 += 16) {
+    const int nr = min(4, rank - r0);
+    const bf16* a0 = A + ((long long)slot * maxRank + r0) * K;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int c = kv0 + lane; c < kv1; c += 32) {
+      uint4 av[4];
+#pragma unroll
+      for (int j = 0; j < 4; j++) {
+        if (j < nr) av[j] = reinterpret_cast<const uint4*>(a0 + (long long)j * K)[c];
+      }
+      float xf[8];
+      unpack8(xr[c], xf);
+#pragma unroll
+      for (int j = 0; j < 4; j++) {
+        if (j < nr) {
+          float af[8];
+          unpack8(av[j], af);
+#pragma unroll
+          for (int q = 0; q < 8; q++) acc[j] = fmaf(af[q], xf[q], acc[j]);
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      const float v = warp_sum(acc[j]);
+      if (lane == 0 && j < nr) part[r0 + j] = v;
+    }
+  }
+  cluster_arrive();
+  cluster_wait();  // every CTA's partials are written and visible
+  // Summed in rank order of the cluster, the same on every CTA: the row's result does not
+  // depend on which CTA expands which columns.
+  for (int r = threadIdx.x; r < kFusedMaxRank; r += blockDim.x) {
+    float v = 0.f;
+    if (r < rank) {
+      for (unsigned q = 0; q < kCluster; q++) v += ld_cluster_f32(&part[r], q);
+    }
+    tv[r] = v;
+  }
+  cluster_arrive();  // done reading the others' shared memory; they may exit once all arrive
+  __syncthreads();
+
+  // Expand this CTA's eighth of N (in 8-output vectors).
+  const float scale = scales[slot];
+  const int nv = N / 8, nper = (nv + kCluster - 1) / kCluster;
+  const int nv1 = min(nv, (int)(crank + 1) * nper);
+  for (int u = crank * nper + threadIdx.x; u < nv1; u += blockDim.x) {
+    const int n0 = u * 8;
+    const bf16* bb = B + ((long long)slot * N + n0) * maxRank;
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    if (maxRank % 8 == 0) {
+      for (int rc = 0; rc < rank; rc += 8) {
+        float tr[8];
+#pragma unroll
+        for (int q = 0; q < 8; q++) tr[q] = tv[rc + q];  // zero past the rank
+        uint4 bv[8];
+#pragma unroll
+        for (int e = 0; e < 8; e++) bv[e] = *reinterpret_cast<const uint4*>(bb + (long long)e * maxRank + rc);
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+          float bf[8];
+          unpack8(bv[e], bf);
+#pragma unroll
+          // Masked, not only multiplied by tv's zeros: stale columns could hold NaN bits.
+          for (int q = 0; q < 8; q++) acc[e] = fmaf(rc + q < rank ? bf[q] : 0.f, tr[q], acc[e]);
+        }
+      }
+    } else {
+      for (int e = 0; e < 8; e++) {
+        for (int r = 0; r < rank; r++) acc[e] = fmaf(__bfloat162float(bb[(long long)e * maxRank + r]), tv[r], acc[e]);
+      }
+    }
+    float4* d4 = reinterpret_cast<float4*>(out + (long long)row * N + n0);
+    float4 a = d4[0], b = d4[1];
+    a.x += scale * acc[0]; a.y += scale * acc[1]; a.z += scale * acc[2]; a.w += scale * acc[3];
+    b.x += scale * acc[4]; b.y += scale * acc[5]; b.z += scale * acc[6]; b.w += scale * acc[7];
+    d4[0] = a;
+    d4[1] = b;
+  }
+  cluster_wait();
+}
+#endif

@@ -1,0 +1,186 @@
+// Kernel microbenchmarks on decode (and prefill) shapes: achieved GB/s and TFLOP/s of the
+// dense GEMM (cuBLASLt), decode attention over the paged KV cache, and the batched
+// multi-LoRA kernels. Prints one JSON object. GPU only. From the repository root:
+//   node --import tsx bench/kernels.ts [--config llama-2-7b] [--only gemm,attention,lora]
+//
+// Every figure is device time per call from CUDA-graph replays of `reps` back-to-back
+// calls (so no host launch cost is included), with the weights rotated over enough copies
+// to exceed the L2 cache twice (a decode step streams every weight from HBM once; a
+// benchmark that reuses one 32 MB matrix would read it from L2). Bytes are what the call
+// must move at least: weights + activations in + outputs out (read-modify-write counted twice).
+
+import { parseArgs } from "node:util";
+import { join } from "node:path";
+import type { StepBatch, Tensor } from "../src/backend/backend.js";
+import { CudaBackend } from "../src/backend/cuda/cuda_backend.js";
+import { measureBandwidth } from "../src/bench/bandwidth.js";
+import { loadModelConfig } from "../src/model/config.js";
+
+const { values } = parseArgs({
+  options: {
+    config: { type: "string", default: "llama-2-7b" },
+    only: { type: "string", default: "gemm,attention,lora" },
+    reps: { type: "string", default: "20" },
+    iters: { type: "string", default: "20" },
+  },
+});
+const only = new Set(values.only!.split(","));
+const REPS = Number(values.reps), ITERS = Number(values.iters);
+const cfg = loadModelConfig(join("bench", "configs", values.config!));
+const gpu = await CudaBackend.create({ maxTokens: 2048, maxSeqs: 256, maxBlocksPerSeq: 256 });
+const L2 = gpu.device.l2Bytes;
+
+/** Device microseconds per call of `body(i)`, i = 0..REPS-1, replayed from a graph. */
+function timeCall(key: string, body: (i: number) => void, out: Tensor): number {
+  const fwd = (): Tensor => {
+    for (let i = 0; i < REPS; i++) body(i);
+    return out;
+  };
+  gpu.replay(key, fwd); // eager (warms plans and scratch) + capture
+  gpu.replay(key, fwd);
+  const ms = gpu.timeMs(() => {
+    for (let i = 0; i < ITERS; i++) gpu.replay(key, fwd);
+  });
+  return (ms * 1000) / (ITERS * REPS);
+}
+
+/** Copies of a [rows, cols] bf16 matrix: enough that cycling through them misses L2. */
+function rotating(rows: number, cols: number, bytesPerEl = 2): Tensor[] {
+  const copies = Math.max(2, Math.ceil((2 * L2) / (rows * cols * bytesPerEl)));
+  return Array.from({ length: copies }, (_, i) => {
+    const t = gpu.empty([rows, cols], bytesPerEl === 2 ? "bf16" : "f32");
+    gpu.fillRandom(t, 1000 + i, 0.02);
+    return t;
+  });
+}
+
+const result: Record<string, unknown> = {
+  device: gpu.device.name,
+  config: values.config,
+  bandwidth_gbs: Number(measureBandwidth(gpu)?.gbs.toFixed(1) ?? 0),
+  l2_bytes: L2,
+  gemm_tuning: process.env.INLAID_GEMM_TUNE !== "0",
+};
+
+// ---------------------------------------------------------------- GEMM
+if (only.has("gemm")) {
+  const H = cfg.hiddenSize, I = cfg.intermediateSize, q = cfg.numHeads * cfg.headDim, kv = cfg.numKvHeads * cfg.headDim;
+  const shapes: [string, number, number][] = [
+    ["q/o", q, H], ["k/v", kv, H], ["qkv fused", q + 2 * kv, H], ["gate/up", I, H], ["gate+up fused", 2 * I, H], ["down", H, I],
+  ];
+  const rows = [1, 8, 16, 32, 64, 128, 512];
+  const gemm: unknown[] = [];
+  for (const [name, N, K] of shapes) {
+    const ws = rotating(N, K);
+    for (const M of rows) {
+      const x = gpu.empty([M, K], "bf16");
+      gpu.fillRandom(x, 7, 1);
+      const out = gpu.empty([M, N], "f32");
+      const us = timeCall(`gemm-${N}-${K}-${M}`, (i) => gpu.linear(out, x, ws[i % ws.length]!), out);
+      const bytes = N * K * 2 + M * K * 2 + M * N * 4;
+      gemm.push({
+        op: name, M, N, K, us: +us.toFixed(2),
+        gbs: +(bytes / us / 1e3).toFixed(0), tflops: +((2 * M * N * K) / us / 1e6).toFixed(1),
+      });
+      gpu.free(x);
+      gpu.free(out);
+    }
+    for (const w of ws) gpu.free(w);
+  }
+  result.gemm = gemm;
+  result.gemm_plans = gpu.gemmTuning.map((t) => ({ ...t, chosenUs: +t.chosenUs.toFixed(2), firstUs: +t.firstUs.toFixed(2) }));
+}
+
+// ---------------------------------------------------------------- attention (decode)
+interface Seq { q: number; ctx: number; slot: number }
+function makeStep(seqs: readonly Seq[], blockSize: number, firstBlock = 0): { batch: StepBatch; blocks: number } {
+  const numTokens = seqs.reduce((a, s) => a + s.q, 0);
+  const maxBlocks = Math.max(...seqs.map((s) => Math.ceil(s.ctx / blockSize)));
+  const positions = new Int32Array(numTokens), slotMapping = new Int32Array(numTokens), loraSlots = new Int32Array(numTokens);
+  const queryStart = new Int32Array(seqs.length + 1), contextLens = new Int32Array(seqs.length);
+  const blockTables = new Int32Array(seqs.length * maxBlocks).fill(-1);
+  const sampleRows = new Int32Array(seqs.length);
+  let t = 0, nextBlock = firstBlock;
+  seqs.forEach((s, i) => {
+    queryStart[i] = t;
+    contextLens[i] = s.ctx;
+    const nb = Math.ceil(s.ctx / blockSize);
+    for (let j = 0; j < nb; j++) blockTables[i * maxBlocks + j] = nextBlock++;
+    for (let p = s.ctx - s.q; p < s.ctx; p++, t++) {
+      positions[t] = p;
+      slotMapping[t] = blockTables[i * maxBlocks + Math.floor(p / blockSize)]! * blockSize + (p % blockSize);
+      loraSlots[t] = s.slot;
+    }
+    sampleRows[i] = t - 1;
+  });
+  queryStart[seqs.length] = t;
+  const m = seqs.length;
+  return {
+    batch: {
+      numTokens, numSeqs: m, tokenIds: new Int32Array(numTokens), positions, slotMapping, loraSlots, queryStart, contextLens,
+      blockTables, maxBlocksPerSeq: maxBlocks, sampleRows,
+      sampling: {
+        temperature: new Float32Array(m), topP: new Float32Array(m).fill(1), topK: new Int32Array(m),
+        seeds: new Uint32Array(m), counters: new Uint32Array(m), numTopLogprobs: 0,
+      },
+    },
+    blocks: nextBlock,
+  };
+}
+
+if (only.has("attention")) {
+  const nH = cfg.numHeads, nKv = cfg.numKvHeads, D = cfg.headDim, blockSize = 16;
+  const attention: unknown[] = [];
+  for (const [B, ctx] of [[32, 192], [32, 1024], [8, 4096], [1, 4096], [64, 512]] as const) {
+    const { batch, blocks } = makeStep(Array.from({ length: B }, () => ({ q: 1, ctx, slot: -1 })), blockSize);
+    // Enough layers that their caches together exceed L2 twice, as in a step over all layers.
+    const layerBytes = blocks * blockSize * nKv * D * 2 * 2;
+    const layers = Math.max(2, Math.ceil((2 * L2) / layerBytes));
+    const kvc = gpu.createKvCache({ numLayers: layers, numBlocks: blocks, blockSize, numKvHeads: nKv, headDim: D });
+    const step = gpu.prepare(batch);
+    const q = gpu.empty([B, nH * D], "f32"), k = gpu.empty([B, nKv * D], "f32"), v = gpu.empty([B, nKv * D], "f32");
+    const out = gpu.empty([B, nH * D], "bf16");
+    for (const [t, s] of [[q, 1], [k, 2], [v, 3]] as const) gpu.fillRandom(t, s, 1);
+    const us = timeCall(`attn-${B}-${ctx}`, (i) => gpu.attention(out, q, k, v, kvc, i % layers, 1 / Math.sqrt(D), step), out);
+    const bytes = B * ctx * nKv * D * 2 * 2 + B * nH * D * (4 + 2);
+    attention.push({ B, ctx, heads: nH, kv_heads: nKv, head_dim: D, us: +us.toFixed(2), gbs: +(bytes / us / 1e3).toFixed(0) });
+    for (const t of [q, k, v, out]) gpu.free(t);
+    gpu.freeKvCache(kvc);
+  }
+  result.attention = attention;
+}
+
+// ---------------------------------------------------------------- LoRA (decode: BGMV)
+if (only.has("lora")) {
+  const H = cfg.hiddenSize, I = cfg.intermediateSize;
+  const lora: unknown[] = [];
+  for (const [rows, adapters, R] of [[32, 32, 16], [32, 8, 16], [32, 8, 64], [1, 1, 16]] as const) {
+    for (const [K, N] of [[H, H], [H, I], [I, H]] as const) {
+      // Several stacks (one per "layer") so the adapters' A and B come from HBM.
+      const stackBytes = adapters * R * (K + N) * 2;
+      const copies = Math.max(2, Math.ceil((2 * L2) / stackBytes));
+      const stacks = Array.from({ length: copies }, () => {
+        const s = gpu.createLoraStack(adapters, R, K, N);
+        for (let a = 0; a < adapters; a++) {
+          gpu.writeLoraSlot(s, a, R, 2, new Float32Array(R * K).fill(0.01), new Float32Array(N * R).fill(0.01));
+        }
+        return s;
+      });
+      const { batch } = makeStep(Array.from({ length: rows }, (_, i) => ({ q: 1, ctx: 4, slot: i % adapters })), 16);
+      const step = gpu.prepare(batch);
+      const x = gpu.empty([rows, K], "bf16");
+      gpu.fillRandom(x, 3, 1);
+      const out = gpu.empty([rows, N], "f32");
+      const us = timeCall(`lora-${rows}-${adapters}-${R}-${K}-${N}`, (i) => gpu.lora(out, x, stacks[i % copies]!, step), out);
+      const bytes = adapters * R * (K + N) * 2 + rows * K * 2 + 2 * rows * N * 4;
+      lora.push({ rows, adapters, rank: R, K, N, us: +us.toFixed(2), gbs: +(bytes / us / 1e3).toFixed(0) });
+      gpu.free(x);
+      gpu.free(out);
+      for (const s of stacks) gpu.freeLoraStack(s);
+    }
+  }
+  result.lora = lora;
+}
+
+console.log(JSON.stringify(result, null, 1));
+gpu.dispose();
