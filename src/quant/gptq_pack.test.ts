@@ -192,9 +192,14 @@ describe("GPTQ packing: what the layout cannot hold is refused", () => {
   });
 
   it("a g_idx entry outside the groups", () => {
-    const q = randomWeight(spec4, 16, 8, 1);
+    const q = randomWeight({ ...spec4, descAct: true }, 16, 8, 1);
     q.gIdx[5] = 2;
     expect(() => packGptq(q)).toThrow(/gIdx\[5\] = 2 is not a group in \[0, 2\)/);
+  });
+
+  it("a permuted g_idx without desc_act (loaders would assume consecutive groups)", () => {
+    const q = randomWeight({ ...spec4, descAct: true }, 16, 8, 1);
+    expect(() => packGptq({ ...q, spec: spec4 })).toThrow(/without desc_act input \d+ must be in group/);
   });
 
   it("tensors whose shapes disagree with the spec", () => {

@@ -134,9 +134,14 @@ export function packGptq(q: QuantizedWeight, format: GptqFormat = "gptq"): GptqT
   for (let i = 0; i < q.codes.length; i++) {
     if (q.codes[i]! > maxq) throw new GptqLayoutError(`code ${q.codes[i]} at index ${i} does not fit in ${bits} bits`);
   }
+  const gs = spec.groupSize === -1 ? K : spec.groupSize;
   for (let k = 0; k < K; k++) {
     const g = q.gIdx[k]!;
     if (!(g >= 0 && g < G)) throw new GptqLayoutError(`gIdx[${k}] = ${g} is not a group in [0, ${G})`);
+    // Without desc_act, vLLM's and Marlin's kernels ignore g_idx and assume consecutive groups.
+    if (!spec.descAct && g !== Math.floor(k / gs)) {
+      throw new GptqLayoutError(`gIdx[${k}] = ${g}, but without desc_act input ${k} must be in group ${Math.floor(k / gs)} (loaders ignore g_idx then); set descAct for a permuted g_idx`);
+    }
   }
   const symZero = 1 << (bits - 1);
   const minZero = format === "gptq" ? 1 : 0;
