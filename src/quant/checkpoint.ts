@@ -9,7 +9,7 @@ import { bytesPerElement, f32ToBf16, numel } from "../backend/tensor.js";
 import { loadModelConfig } from "../model/config.js";
 import { SafetensorsDir, writeSafetensors } from "../model/safetensors.js";
 import type { TensorSource } from "../model/weights.js";
-import { fsyncTree, makeTempDirBeside, replaceDir, writeFileDurable } from "./durable.js";
+import { makeTempDirBeside, replaceDir, writeFileDurable } from "./durable.js";
 import { gptqConfigJson, moduleSpec, readGptqConfig, type GptqConfig } from "./gptq_config.js";
 import { packGptq, unpackGptq } from "./gptq_pack.js";
 import { dequantize, numGroups, type QuantizedWeight, type QuantSpec } from "./types.js";
@@ -174,7 +174,6 @@ export function writeQuantizedCheckpoint(opts: WriteQuantizedCheckpointOptions):
       if (lstatSync(src).isFile()) copyFileSync(src, join(tmp, f));
     }
     opts.extra?.(tmp);
-    fsyncTree(tmp);
     replaceDir(tmp, outDir);
     tmp = null;
     say(`wrote ${outDir}`);
