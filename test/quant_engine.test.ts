@@ -17,7 +17,7 @@ import { GREEDY, collect } from "./helpers/collect.js";
 import { DEMO, DEMO_ADAPTERS, DEMO_BASE, DEMO_TASKS } from "./helpers/demo.js";
 
 /** Prompts per task: enough to see a broken load, few enough to run in seconds. */
-const LIMIT = 32;
+const LIMIT = 24;
 
 function quantizeDemo(out: string, spec: QuantSpec): void {
   const src = SafetensorsDir.open(DEMO_BASE);
