@@ -4,10 +4,12 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { bf16ToF32, f32ToBf16 } from "../backend/tensor.js";
 import { loadModelConfig } from "../model/config.js";
-import { SafetensorsDir } from "../model/safetensors.js";
+import { SafetensorsDir, writeSafetensors } from "../model/safetensors.js";
 import { DEMO_BASE } from "../../test/helpers/demo.js";
 import { openQuantizedSource, readQuantizedWeights, readQuantSpec, writeQuantizedCheckpoint } from "./checkpoint.js";
 import { moduleSpec, parseGptqConfig, QuantConfigError, readGptqConfig } from "./gptq_config.js";
+import { packGptq } from "./gptq_pack.js";
+import { quantizeRtn } from "./rtn.js";
 import { linearModules } from "./modules.js";
 import { quantizeModelRtn } from "./rtn.js";
 import { dequantize, type QuantizedWeight, type QuantSpec } from "./types.js";
@@ -274,6 +276,54 @@ describe("openQuantizedSource", () => {
       const t = src.get("model.layers.0.mlp.up_proj.weight");
       expect(t.dtype).toBe("f32");
       expect(sameBytes(t.data, dequantize(weights.get("model.layers.0.mlp.up_proj")!))).toBe(true);
+    } finally {
+      src.close();
+    }
+  });
+});
+
+describe("checkpoints from other writers", () => {
+  it("reads a GPTQModel-style folder: gptq_v2 zeros, quantize_config.json only, dynamic per-module bits and exclusions, no g_idx", () => {
+    const dir = join(work, "foreign");
+    mkdirSync(dir);
+    writeFileSync(join(dir, "config.json"), readFileSync(join(DEMO_BASE, "config.json")));
+    writeFileSync(
+      join(dir, "quantize_config.json"),
+      JSON.stringify({ bits: 4, group_size: 32, sym: false, desc_act: false, checkpoint_format: "gptq_v2", dynamic: { "+:.*\\.k_proj": { bits: 8 }, "-:.*\\.v_proj": {} } }),
+    );
+    const base = SafetensorsDir.open(DEMO_BASE);
+    const tensors: Record<string, ReturnType<typeof base.get>> = {};
+    const expected = new Map<string, QuantizedWeight>();
+    for (const n of base.names()) {
+      const m = n.replace(/\.weight$/, "");
+      const t = base.get(n);
+      if (!/\.(q_proj|k_proj)$/.test(m)) {
+        tensors[n] = t; // v_proj (excluded), the MLP, norms and embeddings stay dense
+        continue;
+      }
+      const spec: QuantSpec = { bits: m.endsWith("k_proj") ? 8 : 4, groupSize: 32, sym: false, descAct: false };
+      const q = quantizeRtn(bf16ToF32(t.data as Uint16Array), t.shape[0]!, t.shape[1]!, spec);
+      // A zero point of 0 is legal in v2.
+      q.zeros[0] = 0;
+      expected.set(m, q);
+      const p = packGptq(q, "gptq_v2");
+      Object.assign(tensors, { [`${m}.qweight`]: p.qweight, [`${m}.qzeros`]: p.qzeros, [`${m}.scales`]: p.scales });
+    }
+    base.close();
+    writeSafetensors(join(dir, "model.safetensors"), tensors);
+
+    expect(readQuantSpec(dir)).toEqual({ bits: 4, groupSize: 32, sym: false, descAct: false });
+    const back = readQuantizedWeights(dir);
+    expect([...back.keys()].sort()).toEqual([...expected.keys()].sort());
+    for (const [m, q] of expected) sameWeight(back.get(m)!, q, m);
+    const src = openQuantizedSource(dir);
+    try {
+      const ref = SafetensorsDir.open(DEMO_BASE);
+      expect(src.names()).toEqual(ref.names());
+      ref.close();
+      const k = "model.layers.2.self_attn.k_proj";
+      expect(sameBytes(src.get(`${k}.weight`).data, f32ToBf16(dequantize(expected.get(k)!)))).toBe(true);
+      expect(src.get("model.layers.2.self_attn.v_proj.weight").shape).toEqual([128, 256]);
     } finally {
       src.close();
     }
