@@ -98,15 +98,20 @@ export interface KvCache {
 }
 
 /**
- * LoRA weights of one target module (e.g. layer 3's q_proj) for every pool slot.
- * A: [numSlots, maxRank, inDim], B: [numSlots, outDim, maxRank]; slot s uses the
- * first ranks[s] rows of A and columns of B; scales[s] = lora_alpha / r (or rsLoRA's).
+ * LoRA weights of one fused linear (e.g. layer 3's q/k/v projections, whose outputs are
+ * the column blocks of one matmul) for every pool slot. The output's columns are split
+ * into `outDims` blocks (one per member projection; a plain linear has one); each
+ * (slot, split) holds its own A [rank, inDim], B [outDims[j], rank] and scale, so the
+ * members of one adapter may have different ranks (PEFT's rank_pattern) or be absent
+ * (rank 0). scales = lora_alpha / r (or rsLoRA's).
  */
 export interface LoraStack {
   readonly numSlots: number;
   readonly maxRank: number;
   readonly inDim: number;
+  /** Sum of outDims. */
   readonly outDim: number;
+  readonly outDims: readonly number[];
 }
 
 export interface StepCapacities {
@@ -147,9 +152,11 @@ export interface Backend {
   prepare(batch: StepBatch): PreparedStep;
   createKvCache(spec: KvCacheSpec): KvCache;
   freeKvCache(kv: KvCache): void;
-  createLoraStack(numSlots: number, maxRank: number, inDim: number, outDim: number): LoraStack;
-  /** Load one adapter's A [rank, inDim] and B [outDim, rank] (f32) into `slot`. rank 0 clears it. */
-  writeLoraSlot(stack: LoraStack, slot: number, rank: number, scale: number, a: Float32Array, b: Float32Array): void;
+  /** outDims: the output's column blocks (a number = one block). */
+  createLoraStack(numSlots: number, maxRank: number, inDim: number, outDims: number | readonly number[]): LoraStack;
+  /** Load one adapter's A [rank, inDim] and B [outDims[split], rank] (f32) into (`slot`, `split`).
+   * rank 0 clears it. */
+  writeLoraSlot(stack: LoraStack, slot: number, rank: number, scale: number, a: Float32Array, b: Float32Array, split?: number): void;
   freeLoraStack(stack: LoraStack): void;
 
   // ---- ops (semantics in comments; out may not alias inputs unless stated)
@@ -161,18 +168,21 @@ export interface Backend {
   addRmsnorm(out: Tensor, residual: Tensor, x: Tensor, w: Tensor, eps: number): void;
   /** out = x @ w^T (+ bias). x: [n, K], w: [N, K], out: [n, N]. */
   linear(out: Tensor, x: Tensor, w: Tensor, bias?: Tensor): void;
-  /** Semantics: for each row i with s = loraSlots[i] >= 0:
-   *   out[i] += scales[s] * B[s][:, :r_s] @ (A[s][:r_s, :] @ x[i]). */
+  /** Semantics: for each row i with s = loraSlots[i] >= 0 and each split j (columns
+   * [o_j, o_j + outDims[j]) of out):
+   *   out[i, o_j:o_j+N_j] += scale[s,j] * B[s,j] @ (A[s,j] @ x[i]). */
   lora(out: Tensor, x: Tensor, stack: LoraStack, step: PreparedStep): void;
-  /** Rotary embedding in place, rotate-half convention. q: [n, nH*D], k: [n, nKv*D];
-   * invFreq: [D/2] f32; positions from the step. */
-  rope(q: Tensor, k: Tensor, invFreq: Tensor, headDim: number, step: PreparedStep): void;
+  /** Splits the fused q/k/v projection output qkv [n, (nH + 2 nKv) * D] into q [n, nH*D],
+   * k and v [n, nKv*D] (its column blocks, in that order), applying the rotary embedding
+   * (rotate-half convention) to q and k. invFreq: [D/2] f32; positions from the step. */
+  rope(q: Tensor, k: Tensor, v: Tensor, qkv: Tensor, invFreq: Tensor, headDim: number, step: PreparedStep): void;
   /** Writes k, v rows into layer `layer` of the cache at step.slotMapping, then
    * out = causal softmax(q k^T * scale) v over each sequence's context, with GQA
    * (query head h reads KV head h / (nH / nKv)). q/out: [n, nH*D], k/v: [n, nKv*D]. */
   attention(out: Tensor, q: Tensor, k: Tensor, v: Tensor, kv: KvCache, layer: number, scale: number, step: PreparedStep): void;
-  /** out = silu(gate) * up, all [n, I]. */
-  siluMul(out: Tensor, gate: Tensor, up: Tensor): void;
+  /** out = silu(gate) * up, where gateUp [n, 2I] is the fused gate/up output: gate its
+   * first I columns, up the last I; out [n, I]. */
+  siluMul(out: Tensor, gateUp: Tensor): void;
   /** out[r] = x[step.sampleRows[r]]. */
   gatherRows(out: Tensor, x: Tensor, step: PreparedStep): void;
   /** Picks one token per row of logits [numSample, V] as step.sampling says. */

@@ -112,3 +112,12 @@ export function toF32(data: Float32Array | Uint16Array | Int32Array, dtype: DTyp
       return dtype satisfies never;
   }
 }
+
+/** Validated output splits of a LoRA stack (shared by the backends). */
+export function loraOutDims(outDims: number | readonly number[]): readonly number[] {
+  const dims = typeof outDims === "number" ? [outDims] : [...outDims];
+  if (dims.length === 0 || dims.some((d) => !Number.isInteger(d) || d <= 0)) {
+    throw new Error(`LoRA stack output splits must be positive integers (got [${dims.join(", ")}])`);
+  }
+  return dims;
+}

@@ -5,8 +5,8 @@
 
 import type { Backend, LoraStack } from "../backend/backend.js";
 import type { ModelConfig } from "../model/config.js";
-import { PROJECTIONS, type Linear, type LinearWrapper, type Projection } from "../model/linear.js";
-import { projDims } from "../model/weights.js";
+import { GROUP_NAMES, LINEAR_GROUPS, groupOf, type Linear, type LinearGroup, type LinearWrapper, type Projection } from "../model/linear.js";
+import { groupDims } from "../model/weights.js";
 import { LoraLinear } from "./lora_linear.js";
 import type { PeftAdapter } from "./peft.js";
 
@@ -19,8 +19,8 @@ interface Slot {
 
 export class AdapterPool {
   readonly #backend: Backend;
-  /** stacks[layer][proj] */
-  readonly #stacks: Record<Projection, LoraStack>[];
+  /** stacks[layer][group]: one stack per fused linear, one split per member projection. */
+  readonly #stacks: Record<LinearGroup, LoraStack>[];
   readonly #slots: Slot[];
   #clock = 0;
 
@@ -33,10 +33,10 @@ export class AdapterPool {
     if (numSlots < 1) throw new Error(`the adapter pool needs at least one slot (got ${numSlots})`);
     this.#backend = backend;
     this.#stacks = Array.from({ length: config.numLayers }, () => {
-      const row = {} as Record<Projection, LoraStack>;
-      for (const p of PROJECTIONS) {
-        const { inDim, outDim } = projDims(config, p);
-        row[p] = backend.createLoraStack(numSlots, maxRank, inDim, outDim);
+      const row = {} as Record<LinearGroup, LoraStack>;
+      for (const g of GROUP_NAMES) {
+        const { inDim, outDims } = groupDims(config, g);
+        row[g] = backend.createLoraStack(numSlots, maxRank, inDim, outDims);
       }
       return row;
     });
@@ -44,8 +44,8 @@ export class AdapterPool {
   }
 
   /** Decorates the model's projections with the LoRA term. */
-  readonly wrap: LinearWrapper = (layer: number, proj: Projection, base: Linear): Linear =>
-    new LoraLinear(this.#backend, base, this.#stacks[layer]![proj]);
+  readonly wrap: LinearWrapper = (layer: number, group: LinearGroup, base: Linear): Linear =>
+    new LoraLinear(this.#backend, base, this.#stacks[layer]![group]);
 
   /** Slot holding `adapterId`, or -1. */
   slotOf(adapterId: number): number {
@@ -103,19 +103,22 @@ export class AdapterPool {
     }
     const present = new Set<string>();
     for (const m of adapter.modules) {
-      this.#backend.writeLoraSlot(this.#stacks[m.layer]![m.module], slot, m.rank, m.scale, m.a, m.b);
+      const { group, index } = groupOf(m.module);
+      this.#backend.writeLoraSlot(this.#stacks[m.layer]![group], slot, m.rank, m.scale, m.a, m.b, index);
       present.add(`${m.layer}.${m.module}`);
     }
     // Projections this adapter does not target must not keep the previous occupant's weights.
     const empty = new Float32Array(0);
     for (let l = 0; l < this.config.numLayers; l++) {
-      for (const p of PROJECTIONS) {
-        if (!present.has(`${l}.${p}`)) this.#backend.writeLoraSlot(this.#stacks[l]![p], slot, 0, 0, empty, empty);
+      for (const g of GROUP_NAMES) {
+        (LINEAR_GROUPS[g] as readonly Projection[]).forEach((p, index) => {
+          if (!present.has(`${l}.${p}`)) this.#backend.writeLoraSlot(this.#stacks[l]![g], slot, 0, 0, empty, empty, index);
+        });
       }
     }
   }
 
   dispose(): void {
-    for (const row of this.#stacks) for (const p of PROJECTIONS) this.#backend.freeLoraStack(row[p]);
+    for (const row of this.#stacks) for (const g of GROUP_NAMES) this.#backend.freeLoraStack(row[g]);
   }
 }

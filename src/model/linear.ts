@@ -32,5 +32,31 @@ export class DenseLinear implements Linear {
   }
 }
 
-/** Lets a caller (the LoRA layer) decorate each projection when the model is built. */
-export type LinearWrapper = (layer: number, proj: Projection, base: Linear) => Linear;
+/**
+ * The matmuls a layer runs: projections that read the same input are fused into one
+ * (their weights stacked along the output), so a decode step streams q/k/v in one GEMM
+ * and gate/up in another. Larger GEMMs reach more of the memory bandwidth at decode
+ * shapes (on an H100 at 32 rows: 2.2 TB/s for 4096x4096, 2.7 TB/s for 12288x4096, see
+ * bench/kernels.ts), and the LoRA terms of a group run in one launch.
+ */
+export const LINEAR_GROUPS = {
+  qkv_proj: ["q_proj", "k_proj", "v_proj"],
+  o_proj: ["o_proj"],
+  gate_up_proj: ["gate_proj", "up_proj"],
+  down_proj: ["down_proj"],
+} as const satisfies Record<string, readonly Projection[]>;
+export type LinearGroup = keyof typeof LINEAR_GROUPS;
+export const GROUP_NAMES = Object.keys(LINEAR_GROUPS) as LinearGroup[];
+
+/** The group of a projection and its index among the group's members (its output block). */
+export function groupOf(p: Projection): { group: LinearGroup; index: number } {
+  for (const g of GROUP_NAMES) {
+    const index = (LINEAR_GROUPS[g] as readonly Projection[]).indexOf(p);
+    if (index >= 0) return { group: g, index };
+  }
+  throw new Error(`no linear group holds ${p}`);
+}
+
+/** Lets a caller (the LoRA layer, a calibration recorder) decorate each fused linear when
+ * the model is built. */
+export type LinearWrapper = (layer: number, group: LinearGroup, base: Linear) => Linear;

@@ -4,32 +4,32 @@
 
 import type { Backend, KvCache, PreparedStep, Tensor } from "../backend/backend.js";
 import type { ModelConfig } from "./config.js";
-import { DenseLinear, PROJECTIONS, type Linear, type LinearWrapper, type Projection } from "./linear.js";
+import { DenseLinear, GROUP_NAMES, type Linear, type LinearGroup, type LinearWrapper } from "./linear.js";
 import { ropeInvFreq } from "./rope.js";
 import type { LlamaWeights } from "./weights.js";
 
 interface Layer {
   readonly inputNorm: Tensor;
   readonly postAttnNorm: Tensor;
-  readonly proj: Readonly<Record<Projection, Linear>>;
+  readonly proj: Readonly<Record<LinearGroup, Linear>>;
 }
 
 /**
  * Scratch activations, allocated once at the largest step the engine will run. Dtypes
  * follow backend.ts: matmul inputs (normed, attn, act, lastHidden) in the backend's
- * activation dtype; matmul outputs (q, k, v, gate, up, hidden), the residual stream and
- * the logits in f32.
+ * activation dtype; matmul outputs (qkv, gateUp, hidden), q/k/v split from qkv, the
+ * residual stream and the logits in f32.
  */
 interface Workspace {
   readonly residual: Tensor;
   readonly normed: Tensor;
+  readonly qkv: Tensor;
   readonly q: Tensor;
   readonly k: Tensor;
   readonly v: Tensor;
   readonly attn: Tensor;
   readonly hidden: Tensor;
-  readonly gate: Tensor;
-  readonly up: Tensor;
+  readonly gateUp: Tensor;
   readonly act: Tensor;
   readonly lastHidden: Tensor;
   readonly logits: Tensor;
@@ -58,10 +58,10 @@ export class LlamaModel {
   ) {
     this.#backend = backend;
     this.#layers = weights.layers.map((lw, l) => {
-      const proj = {} as Record<Projection, Linear>;
-      for (const p of PROJECTIONS) {
-        const base = new DenseLinear(backend, lw.proj[p], lw.bias[p]);
-        proj[p] = wrap ? wrap(l, p, base) : base;
+      const proj = {} as Record<LinearGroup, Linear>;
+      for (const g of GROUP_NAMES) {
+        const base = new DenseLinear(backend, lw.proj[g], lw.bias[g]);
+        proj[g] = wrap ? wrap(l, g, base) : base;
       }
       return { inputNorm: lw.inputNorm, postAttnNorm: lw.postAttnNorm, proj };
     });
@@ -72,13 +72,13 @@ export class LlamaModel {
     this.#ws = {
       residual: e(c.hiddenSize, T, "f32"),
       normed: e(c.hiddenSize),
+      qkv: e((c.numHeads + 2 * c.numKvHeads) * c.headDim, T, "f32"),
       q: e(c.numHeads * c.headDim, T, "f32"),
       k: e(c.numKvHeads * c.headDim, T, "f32"),
       v: e(c.numKvHeads * c.headDim, T, "f32"),
       attn: e(c.numHeads * c.headDim),
       hidden: e(c.hiddenSize, T, "f32"),
-      gate: e(c.intermediateSize, T, "f32"),
-      up: e(c.intermediateSize, T, "f32"),
+      gateUp: e(2 * c.intermediateSize, T, "f32"),
       act: e(c.intermediateSize),
       lastHidden: e(c.hiddenSize, limits.maxSeqs),
       logits: e(c.vocabSize, limits.maxSeqs, "f32"),
@@ -99,8 +99,8 @@ export class LlamaModel {
     const r = (t: Tensor): Tensor => b.rows(t, n);
     const ws = this.#ws;
     const residual = r(ws.residual), normed = r(ws.normed), hidden = r(ws.hidden);
-    const q = r(ws.q), k = r(ws.k), v = r(ws.v), attn = r(ws.attn);
-    const gate = r(ws.gate), up = r(ws.up), act = r(ws.act);
+    const qkv = r(ws.qkv), q = r(ws.q), k = r(ws.k), v = r(ws.v), attn = r(ws.attn);
+    const gateUp = r(ws.gateUp), act = r(ws.act);
 
     b.embedding(residual, this.weights.embed, step);
     for (let l = 0; l < this.#layers.length; l++) {
@@ -108,16 +108,13 @@ export class LlamaModel {
       // The previous layer's MLP output joins the residual stream here, fused with the norm.
       if (l === 0) b.rmsnorm(normed, residual, layer.inputNorm, c.rmsNormEps);
       else b.addRmsnorm(normed, residual, hidden, layer.inputNorm, c.rmsNormEps);
-      layer.proj.q_proj.forward(q, normed, step);
-      layer.proj.k_proj.forward(k, normed, step);
-      layer.proj.v_proj.forward(v, normed, step);
-      b.rope(q, k, this.#invFreq, c.headDim, step);
+      layer.proj.qkv_proj.forward(qkv, normed, step);
+      b.rope(q, k, v, qkv, this.#invFreq, c.headDim, step);
       b.attention(attn, q, k, v, kv, l, this.#attnScale, step);
       layer.proj.o_proj.forward(hidden, attn, step);
       b.addRmsnorm(normed, residual, hidden, layer.postAttnNorm, c.rmsNormEps);
-      layer.proj.gate_proj.forward(gate, normed, step);
-      layer.proj.up_proj.forward(up, normed, step);
-      b.siluMul(act, gate, up);
+      layer.proj.gate_up_proj.forward(gateUp, normed, step);
+      b.siluMul(act, gateUp);
       layer.proj.down_proj.forward(hidden, act, step);
     }
     b.addRmsnorm(normed, residual, hidden, this.weights.norm, c.rmsNormEps);

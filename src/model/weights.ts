@@ -2,13 +2,15 @@
 
 import type { Backend, HostTensor, Tensor } from "../backend/backend.js";
 import type { ModelConfig } from "./config.js";
-import { PROJECTIONS, type Projection } from "./linear.js";
+import { GROUP_NAMES, LINEAR_GROUPS, groupOf, type LinearGroup, type Projection } from "./linear.js";
 
 export interface LayerWeights {
   readonly inputNorm: Tensor;
   readonly postAttnNorm: Tensor;
-  readonly proj: Readonly<Record<Projection, Tensor>>;
-  readonly bias: Readonly<Partial<Record<Projection, Tensor>>>;
+  /** Fused weights [sum of the members' outDims, inDim]: the members' rows stacked in
+   * LINEAR_GROUPS order (see projRows). */
+  readonly proj: Readonly<Record<LinearGroup, Tensor>>;
+  readonly bias: Readonly<Partial<Record<LinearGroup, Tensor>>>;
 }
 
 export interface LlamaWeights {
@@ -44,6 +46,38 @@ export function projDims(cfg: ModelConfig, p: Projection): { inDim: number; outD
   }
 }
 
+/** A fused group's input size and its members' output sizes, in order. */
+export function groupDims(cfg: ModelConfig, g: LinearGroup): { inDim: number; outDims: number[] } {
+  const members = LINEAR_GROUPS[g] as readonly Projection[];
+  return { inDim: projDims(cfg, members[0]!).inDim, outDims: members.map((p) => projDims(cfg, p).outDim) };
+}
+
+/** Where a projection's weight rows sit in its group's fused weight. */
+export function projRows(cfg: ModelConfig, p: Projection): { group: LinearGroup; rowStart: number; rows: number } {
+  const { group, index } = groupOf(p);
+  const { outDims } = groupDims(cfg, group);
+  return { group, rowStart: outDims.slice(0, index).reduce((a, b) => a + b, 0), rows: outDims[index]! };
+}
+
+/** Host tensors stacked along dimension 0 (all of one dtype and row width). */
+function stackRows(parts: readonly HostTensor[], name: string): HostTensor {
+  const first = parts[0]!;
+  if (parts.length === 1) return first;
+  const cols = first.shape.length === 2 ? first.shape[1]! : 1;
+  let rows = 0;
+  for (const t of parts) {
+    if (t.dtype !== first.dtype) throw new Error(`${name}: members stored as ${first.dtype} and ${t.dtype}; fused loading needs one dtype`);
+    rows += t.shape[0]!;
+  }
+  const data = new (first.data.constructor as new (n: number) => HostTensor["data"])(rows * cols);
+  let at = 0;
+  for (const t of parts) {
+    data.set(t.data as never, at);
+    at += t.data.length;
+  }
+  return { shape: first.shape.length === 2 ? [rows, cols] : [rows], dtype: first.dtype, data };
+}
+
 function hasBias(cfg: ModelConfig, p: Projection): boolean {
   if (p === "q_proj" || p === "k_proj" || p === "v_proj") return cfg.qkvBias;
   if (p === "o_proj") return cfg.oBias;
@@ -62,21 +96,35 @@ export function loadLlamaWeights(
   let seed = 0;
   // `dtype` overrides the backend's weight dtype: biases are added to f32 matmul outputs
   // (backend.ts's activation rule), so they are stored in f32.
-  const take = (name: string, shape: readonly number[], dtype?: "f32"): Tensor => {
-    if (src === DUMMY) {
-      onTensor?.(name);
-      // Norm weights near 1 keep activations in range; matrices and biases get small noise.
-      if (name.endsWith("norm.weight")) return backend.upload({ shape, dtype: "f32", data: new Float32Array(shape[0]!).fill(1) });
-      const t = backend.empty(shape, dtype ?? (cfg.dtype === "f32" ? "f32" : "bf16"));
-      backend.fillRandom(t, ++seed, 0.02);
-      return t;
-    }
+  const dummy = (name: string, shape: readonly number[], dtype?: "f32"): Tensor => {
+    onTensor?.(name);
+    // Norm weights near 1 keep activations in range; matrices and biases get small noise.
+    if (name.endsWith("norm.weight")) return backend.upload({ shape, dtype: "f32", data: new Float32Array(shape[0]!).fill(1) });
+    const t = backend.empty(shape, dtype ?? (cfg.dtype === "f32" ? "f32" : "bf16"));
+    backend.fillRandom(t, ++seed, 0.02);
+    return t;
+  };
+  const read = (name: string, shape: readonly number[]): HostTensor => {
+    if (src === DUMMY) throw new Error("unreachable: dummy weights are not read");
     if (!src.has(name)) throw new Error(`checkpoint has no tensor ${name}; is this a ${cfg.architecture} model?`);
     const host = src.get(name);
     if (host.shape.length !== shape.length || host.shape.some((d, i) => d !== shape[i])) {
       throw new Error(`tensor ${name} has shape [${host.shape.join(", ")}], config.json implies [${shape.join(", ")}]`);
     }
     onTensor?.(name);
+    return host;
+  };
+  const take = (name: string, shape: readonly number[], dtype?: "f32"): Tensor => {
+    if (src === DUMMY) return dummy(name, shape, dtype);
+    const host = read(name, shape);
+    return dtype ? backend.upload(host, dtype) : backend.upload(host);
+  };
+  // A fused group: its members read and stacked on the host, uploaded once.
+  const takeGroup = (names: readonly string[], shapes: readonly (readonly number[])[], dtype?: "f32"): Tensor => {
+    const rows = shapes.reduce((a, sh) => a + sh[0]!, 0);
+    const fused = [rows, ...shapes[0]!.slice(1)];
+    if (src === DUMMY) return dummy(names.join("+"), fused, dtype);
+    const host = stackRows(names.map((n, i) => read(n, shapes[i]!)), names.join("+"));
     return dtype ? backend.upload(host, dtype) : backend.upload(host);
   };
   const H = cfg.hiddenSize;
@@ -84,12 +132,15 @@ export function loadLlamaWeights(
   const layers: LayerWeights[] = [];
   for (let l = 0; l < cfg.numLayers; l++) {
     const pre = `model.layers.${l}`;
-    const proj = {} as Record<Projection, Tensor>;
-    const bias: Partial<Record<Projection, Tensor>> = {};
-    for (const p of PROJECTIONS) {
-      const { inDim, outDim } = projDims(cfg, p);
-      proj[p] = take(`${pre}.${PROJ_PREFIX[p]}.${p}.weight`, [outDim, inDim]);
-      if (hasBias(cfg, p)) bias[p] = take(`${pre}.${PROJ_PREFIX[p]}.${p}.bias`, [outDim], "f32");
+    const proj = {} as Record<LinearGroup, Tensor>;
+    const bias: Partial<Record<LinearGroup, Tensor>> = {};
+    for (const g of GROUP_NAMES) {
+      const members = LINEAR_GROUPS[g] as readonly Projection[];
+      const name = (p: Projection, what: string): string => `${pre}.${PROJ_PREFIX[p]}.${p}.${what}`;
+      const dims = members.map((p) => projDims(cfg, p));
+      proj[g] = takeGroup(members.map((p) => name(p, "weight")), dims.map((d) => [d.outDim, d.inDim]));
+      // Members of a group share the bias rule (q/k/v: qkvBias; gate/up: mlpBias).
+      if (hasBias(cfg, members[0]!)) bias[g] = takeGroup(members.map((p) => name(p, "bias")), dims.map((d) => [d.outDim]), "f32");
     }
     layers.push({
       inputNorm: take(`${pre}.input_layernorm.weight`, [H]),

@@ -17,11 +17,11 @@ import { CpuBackend } from "../backend/cpu/cpu_backend.js";
 import { AdapterPool } from "../lora/adapter_pool.js";
 import { loadPeftAdapter } from "../lora/peft.js";
 import { loadModelConfig, type ModelConfig } from "../model/config.js";
-import type { Linear, LinearWrapper, Projection } from "../model/linear.js";
+import { LINEAR_GROUPS, type Linear, type LinearWrapper, type Projection } from "../model/linear.js";
 import { LlamaModel } from "../model/llama.js";
 import { SafetensorsDir } from "../model/safetensors.js";
 import { TextTokenizer } from "../model/tokenizer.js";
-import { loadLlamaWeights, type LlamaWeights } from "../model/weights.js";
+import { loadLlamaWeights, projDims, projRows, type LlamaWeights } from "../model/weights.js";
 import { calibrationIds, readCalibration } from "./calibration.js";
 import { HessianAccumulator, hessianSites, moduleName, SITE_OF, type HessianSite, type Hessians } from "./hessian.js";
 
@@ -89,7 +89,11 @@ export class HessianCapture {
   weight(layer: number, proj: Projection): Float32Array {
     const lw = this.#weights.layers[layer];
     if (!lw) throw new Error(`the base has ${this.config.numLayers} layers, not ${layer + 1}`);
-    return this.#backend.read(lw.proj[proj]) as Float32Array;
+    // The layer holds fused weights (q/k/v, gate/up stacked by rows): cut this projection's rows.
+    const { group, rowStart, rows } = projRows(this.config, proj);
+    const inDim = projDims(this.config, proj).inDim;
+    const fused = this.#backend.read(lw.proj[group]) as Float32Array;
+    return fused.slice(rowStart * inDim, (rowStart + rows) * inDim);
   }
 
   /** Runs the calibration set through the base (with its adapter) and returns H per site. */
@@ -116,8 +120,10 @@ export class HessianCapture {
       slot = pool.acquire(0, adapter);
       wrapLora = pool.wrap;
     }
-    const wrap: LinearWrapper = (layer, proj, base) => {
-      const inner = wrapLora ? wrapLora(layer, proj, base) : base;
+    const wrap: LinearWrapper = (layer, group, base) => {
+      const inner = wrapLora ? wrapLora(layer, group, base) : base;
+      // One fused linear per input: its first member names the site.
+      const proj = LINEAR_GROUPS[group][0];
       if (SITE_OF[proj] !== proj) return inner;
       const site = moduleName(layer, proj);
       return new RecordingLinear(inner, (x) => acc.add(site, b.read(x) as Float32Array, x.shape[0]!));

@@ -7,7 +7,7 @@
 // matmul inputs bf16 on the GPU, matmul outputs, the residual stream and logits f32):
 //   embedding out f32 <- table bf16; rmsnorm out bf16 <- x f32; addRmsnorm out bf16,
 //   residual f32 <- x f32; rope q, k f32; attention out bf16 <- q, k, v f32 (bf16 cache);
-//   siluMul out bf16 <- gate, up f32; lora out f32 += (x bf16); gatherRows bf16.
+//   siluMul out bf16 <- gateUp f32; lora out f32 += (x bf16); gatherRows bf16.
 // Inputs the GPU holds in bf16 are rounded to bf16 before they reach either backend, so
 // both start from the same values; f32 inputs carry full f32 values (f32Values), so an op
 // that rounded them to bf16 would fail. Differences then come only from the GPU's bf16
@@ -264,16 +264,20 @@ if (reason !== null) {
       }
     });
 
-    it("rope: rotate-half on f32 q / k at scattered positions, GQA widths", () => {
+    it("rope: the fused qkv split into q / k / v with rotate-half on q and k, scattered positions, GQA widths", () => {
       for (const [nH, nKv, D, theta] of [[8, 4, 32, 1e4], [32, 8, 128, 5e5], [14, 2, 64, 1e6], [4, 4, 80, 1e4], [2, 1, 36, 1e4]] as const) {
         const n = 29;
         const inv = Float32Array.from({ length: D / 2 }, (_, i) => 1 / theta ** ((2 * i) / D));
         const invFreq = { cpu: b.cpu.upload({ shape: [D / 2], dtype: "f32", data: inv }), gpu: b.gpu.upload({ shape: [D / 2], dtype: "f32", data: inv }, "f32") };
-        const q = b.tensor([n, nH * D], f32Values(n * nH * D, D, 2), "f32");
-        const k = b.tensor([n, nKv * D], f32Values(n * nKv * D, D + 1, 2), "f32");
+        const W = (nH + 2 * nKv) * D;
+        const qkv = b.tensor([n, W], f32Values(n * W, D, 2), "f32");
+        const q = b.tensor([n, nH * D], new Float32Array(n * nH * D).fill(SENTINEL), "f32");
+        const k = b.tensor([n, nKv * D], new Float32Array(n * nKv * D).fill(SENTINEL), "f32");
+        const v = b.tensor([n, nKv * D], new Float32Array(n * nKv * D).fill(SENTINEL), "f32");
         const step = makeStep([{ q: 10, ctx: 10 }, { q: 19, ctx: 5000 }], paging([10, 5000], 16, 3));
-        b.cpu.rope(q.cpu, k.cpu, invFreq.cpu, D, b.cpu.prepare(step));
-        b.gpu.rope(q.gpu, k.gpu, invFreq.gpu, D, b.gpu.prepare(step));
+        b.cpu.rope(q.cpu, k.cpu, v.cpu, qkv.cpu, invFreq.cpu, D, b.cpu.prepare(step));
+        b.gpu.rope(q.gpu, k.gpu, v.gpu, qkv.gpu, invFreq.gpu, D, b.gpu.prepare(step));
+        expectClose(`rope v (a copy) nH=${nH}/${nKv} D=${D}`, b.read(v).gpu, b.read(v).cpu, 0, 0);
         // Same f32 angles; sin/cos in f64 rounded to f32 on both sides; the rotation in f64
         // with one f32 rounding on both sides. Equal bit for bit unless CUDA's f64 sincos and
         // V8's differ in a last f64 bit that survives the f32 rounding: then c or s is 1 f32
@@ -284,23 +288,29 @@ if (reason !== null) {
           const r = b.read(t);
           expectClose(`rope ${name} nH=${nH}/${nKv} D=${D}`, r.gpu, r.cpu, 5e-7, 2 ** -22);
         }
-        b.free(q, k);
+        b.free(q, k, v, qkv);
         b.cpu.free(invFreq.cpu);
         b.gpu.free(invFreq.gpu);
       }
     });
 
-    it("siluMul (f32 gate / up, bf16 out) and gatherRows", () => {
+    it("siluMul (f32 fused gate / up, bf16 out) and gatherRows", () => {
       for (const [I, n, cap] of [[704, 8, 8], [11008, 21, 32], [100, 5, 6]] as const) {
-        const gate = b.tensor([cap, I], f32Values(cap * I, I, 6), "f32");
-        const up = b.tensor([cap, I], f32Values(cap * I, I + 1, 2), "f32");
+        // gate in columns [0, I) of each row, up in [I, 2I).
+        const guHost = new Float32Array(cap * 2 * I);
+        const gv = f32Values(cap * I, I, 6), uv = f32Values(cap * I, I + 1, 2);
+        for (let r = 0; r < cap; r++) {
+          guHost.set(gv.subarray(r * I, (r + 1) * I), r * 2 * I);
+          guHost.set(uv.subarray(r * I, (r + 1) * I), r * 2 * I + I);
+        }
+        const gateUp = b.tensor([cap, 2 * I], guHost, "f32");
         const out = b.tensor([cap, I], new Float32Array(cap * I).fill(SENTINEL), "bf16");
         const seqs: Seq[] = [{ q: n - 2, ctx: n - 2 }, { q: 1, ctx: 40 }, { q: 1, ctx: 3 }];
         const step = makeStep(seqs, paging(seqs.map((s) => s.ctx), 16, 4));
         const cs = b.cpu.prepare(step), gs = b.gpu.prepare(step);
         const ov = b.rows(out, n);
-        b.cpu.siluMul(ov.cpu, b.rows(gate, n).cpu, b.rows(up, n).cpu);
-        b.gpu.siluMul(ov.gpu, b.rows(gate, n).gpu, b.rows(up, n).gpu);
+        b.cpu.siluMul(ov.cpu, b.rows(gateUp, n).cpu);
+        b.gpu.siluMul(ov.gpu, b.rows(gateUp, n).gpu);
         // f32 silu (accurate expf vs f64 exp: ~1e-7 relative) then one bf16 rounding (at most
         // half a bf16 ulp, 2^-9 relative): rtol 2^-8 is that with a factor 2 to spare. The
         // output is a matmul input, so bf16 it stays.
@@ -321,7 +331,7 @@ if (reason !== null) {
           expectClose(`gatherRows I=${I} vs cpu`, g.gpu, asBf16(g.cpu), 1e-6, 2 ** -7);
           b.free(last);
         }
-        b.free(gate, up, out);
+        b.free(gateUp, out);
       }
     });
 
@@ -402,19 +412,25 @@ if (reason !== null) {
     });
 
     /** Loads the same adapters into a stack on both backends. */
-    function loraStacks(numSlots: number, maxRank: number, K: number, N: number, ranks: (number | null)[], seed: number): { cpu: LoraStack; gpu: LoraStack } {
-      const s = { cpu: b.cpu.createLoraStack(numSlots, maxRank, K, N), gpu: b.gpu.createLoraStack(numSlots, maxRank, K, N) };
-      ranks.forEach((r, slot) => {
-        if (r === null) return;
-        const a = bf16Values(r * K, seed + slot, 0.05), bb = bf16Values(N * r, seed + 100 + slot, 0.05);
-        const scale = 16 / Math.max(1, r);
-        b.cpu.writeLoraSlot(s.cpu, slot, r, scale, a, bb);
-        b.gpu.writeLoraSlot(s.gpu, slot, r, scale, a, bb);
+    // With output splits (a fused q/k/v or gate/up), split j of a slot of rank r gets rank
+    // r >> j (so members' ranks differ, and a rank-1 slot's later splits are absent) and its
+    // own scale.
+    function loraStacks(numSlots: number, maxRank: number, K: number, dims: number[], ranks: (number | null)[], seed: number): { cpu: LoraStack; gpu: LoraStack } {
+      const s = { cpu: b.cpu.createLoraStack(numSlots, maxRank, K, dims), gpu: b.gpu.createLoraStack(numSlots, maxRank, K, dims) };
+      ranks.forEach((r0, slot) => {
+        if (r0 === null) return;
+        dims.forEach((N, j) => {
+          const r = r0 >> j;
+          const a = bf16Values(r * K, seed + slot + 7 * j, 0.05), bb = bf16Values(N * r, seed + 100 + slot + 7 * j, 0.05);
+          const scale = (16 + j) / Math.max(1, r);
+          b.cpu.writeLoraSlot(s.cpu, slot, r, scale, a, bb, j);
+          b.gpu.writeLoraSlot(s.gpu, slot, r, scale, a, bb, j);
+        });
       });
       return s;
     }
 
-    const LORA_CASES: { label: string; K: number; N: number; maxRank: number; ranks: (number | null)[]; seqs: Seq[] }[] = [
+    const LORA_CASES: { label: string; K: number; N: number; dims?: number[]; maxRank: number; ranks: (number | null)[]; seqs: Seq[] }[] = [
       {
         label: "decode rows, 32 x 4096 -> 4096, r 16 (BGMV)", K: 4096, N: 4096, maxRank: 16, ranks: [16, 8, 16, 4],
         seqs: Array.from({ length: 32 }, (_, i) => ({ q: 1, ctx: 10 + i, slot: i % 5 === 4 ? -1 : i % 4 })),
@@ -432,6 +448,14 @@ if (reason !== null) {
         seqs: [{ q: 1, ctx: 9, slot: 1 }, { q: 90, ctx: 90, slot: 0 }, { q: 1, ctx: 4, slot: 2 }, { q: 65, ctx: 65, slot: 1 }, { q: 1, ctx: 2, slot: -1 }, { q: 12, ctx: 30, slot: 2 }],
       },
       {
+        label: "fused q/k/v splits (GQA widths), decode rows (BGMV)", K: 4096, N: 6144, dims: [4096, 1024, 1024], maxRank: 16,
+        ranks: [16, 8, 1, 0], seqs: Array.from({ length: 20 }, (_, i) => ({ q: 1, ctx: 7, slot: i % 6 === 5 ? -1 : i % 4 })),
+      },
+      {
+        label: "fused gate/up splits, mixed prefill + decode (SGMV + BGMV)", K: 256, N: 1408, dims: [704, 704], maxRank: 32,
+        ranks: [32, 5, 16], seqs: [{ q: 1, ctx: 9, slot: 1 }, { q: 70, ctx: 70, slot: 0 }, { q: 1, ctx: 4, slot: 2 }, { q: 9, ctx: 30, slot: 2 }],
+      },
+      {
         label: "prefill, max rank 32, one row per adapter change", K: 512, N: 1024, maxRank: 32, ranks: [32, 17],
         seqs: [{ q: 64, ctx: 64, slot: 1 }, { q: 64, ctx: 64, slot: 0 }, { q: 2, ctx: 2, slot: 1 }],
       },
@@ -439,7 +463,7 @@ if (reason !== null) {
 
     for (const c of LORA_CASES) {
       it(`lora: ${c.label}`, () => {
-        const stack = loraStacks(c.ranks.length, c.maxRank, c.K, c.N, c.ranks, c.K + c.N);
+        const stack = loraStacks(c.ranks.length, c.maxRank, c.K, c.dims ?? [c.N], c.ranks, c.K + c.N);
         const step = makeStep(c.seqs, paging(c.seqs.map((s) => Math.max(1, s.ctx)), 16, 6));
         const n = step.numTokens, cap = n + 7;
         // x (the normed hidden state / attention output / silu-mul output) is bf16; out (the
@@ -562,10 +586,10 @@ if (reason !== null) {
 
     /** The per-backend tensors of the mini-forward below (dtypes as in llama.ts). */
     interface Mini {
-      table: Tensor; w1: Tensor; w2: Tensor; wq: Tensor; wk: Tensor; wv: Tensor; wo: Tensor; bq: Tensor;
+      table: Tensor; w1: Tensor; w2: Tensor; wqkv: Tensor; wgu: Tensor; wo: Tensor; bqkv: Tensor;
       invFreq: Tensor; kv: KvCache; stack: LoraStack;
-      res: Tensor; normed: Tensor; qx: Tensor; kx: Tensor; vx: Tensor; att: Tensor; hid: Tensor; act: Tensor; last: Tensor;
-      logits: Tensor;
+      res: Tensor; normed: Tensor; qkv: Tensor; qx: Tensor; kx: Tensor; vx: Tensor; att: Tensor; hid: Tensor; gu: Tensor;
+      act: Tensor; last: Tensor; logits: Tensor;
     }
 
     /**
@@ -575,18 +599,18 @@ if (reason !== null) {
     function miniForward(be: Backend, t: Mini, step: ReturnType<Backend["prepare"]>, D: number): Tensor {
       const n = step.batch.numTokens, m = step.batch.sampleRows.length;
       const r = (x: Tensor) => be.rows(x, n);
-      const [res, normed, qx, kx, vx, att, hid, act] = [r(t.res), r(t.normed), r(t.qx), r(t.kx), r(t.vx), r(t.att), r(t.hid), r(t.act)];
+      const [res, normed, qkv, qx, kx, vx, att, hid, gu, act] =
+        [r(t.res), r(t.normed), r(t.qkv), r(t.qx), r(t.kx), r(t.vx), r(t.att), r(t.hid), r(t.gu), r(t.act)];
       be.embedding(res, t.table, step);
       be.rmsnorm(normed, res, t.w1, 1e-5);
-      be.linear(qx, normed, t.wq, t.bq);
-      be.lora(qx, normed, t.stack, step);
-      be.linear(kx, normed, t.wk);
-      be.linear(vx, normed, t.wv);
-      be.rope(qx, kx, t.invFreq, D, step);
+      be.linear(qkv, normed, t.wqkv, t.bqkv);
+      be.lora(qkv, normed, t.stack, step);
+      be.rope(qx, kx, vx, qkv, t.invFreq, D, step);
       be.attention(att, qx, kx, vx, t.kv, 0, 1 / Math.sqrt(D), step);
       be.linear(hid, att, t.wo);
       be.addRmsnorm(normed, res, hid, t.w2, 1e-5);
-      be.siluMul(act, qx, kx);
+      be.linear(gu, normed, t.wgu);
+      be.siluMul(act, gu);
       be.linear(hid, act, t.wo);
       be.addRmsnorm(normed, res, hid, t.w1, 1e-5);
       const last = be.rows(t.last, m), logits = be.rows(t.logits, m);
@@ -603,19 +627,23 @@ if (reason !== null) {
         const up = (shape: number[], data: Float32Array, dtype: "bf16" | "f32") =>
           gpu ? be.upload({ shape, dtype: "f32", data }, dtype) : be.upload({ shape, dtype: "f32", data });
         const inv = Float32Array.from({ length: D / 2 }, (_, i) => 1 / 1e4 ** ((2 * i) / D));
-        const stack = be.createLoraStack(3, 16, H, H);
+        const stack = be.createLoraStack(3, 16, H, [H, H, H]);
         for (const [slot, rank] of [[0, 16], [1, 8]] as const) {
-          be.writeLoraSlot(stack, slot, rank, 2, bf16Values(rank * H, 50 + slot, 0.05), bf16Values(H * rank, 60 + slot, 0.05));
+          for (let j = 0; j < 3; j++) {
+            const r = j === 1 ? rank / 2 : rank;
+            be.writeLoraSlot(stack, slot, r, 2, bf16Values(r * H, 50 + slot + 3 * j, 0.05), bf16Values(H * r, 60 + slot + 3 * j, 0.05), j);
+          }
         }
         const e = (cols: number, dtype: "bf16" | "f32", rows = cap) => be.empty([rows, cols], dtype);
         const mat = (seed: number) => up([H, H], bf16Values(H * H, seed, 0.1), "bf16");
         return {
           table: up([V, H], bf16Values(V * H, 1), "bf16"), w1: up([H], bf16Values(H, 2, 1.5), "bf16"),
-          w2: up([H], bf16Values(H, 3, 1.5), "bf16"), wq: mat(4), wk: mat(5), wv: mat(6), wo: mat(7),
-          bq: up([H], f32Values(H, 8, 0.5), "f32"), invFreq: up([D / 2], inv, "f32"),
+          w2: up([H], bf16Values(H, 3, 1.5), "bf16"), wqkv: up([3 * H, H], bf16Values(3 * H * H, 4, 0.1), "bf16"),
+          wgu: up([2 * H, H], bf16Values(2 * H * H, 5, 0.1), "bf16"), wo: mat(7),
+          bqkv: up([3 * H], f32Values(3 * H, 8, 0.5), "f32"), invFreq: up([D / 2], inv, "f32"),
           kv: be.createKvCache({ numLayers: 1, numBlocks: pg.numBlocks, blockSize: pg.blockSize, numKvHeads: nH, headDim: D }),
-          stack, res: e(H, "f32"), normed: e(H, "bf16"), qx: e(H, "f32"), kx: e(H, "f32"), vx: e(H, "f32"), att: e(H, "bf16"),
-          hid: e(H, "f32"), act: e(H, "bf16"), last: e(H, "bf16", 64), logits: e(V, "f32", 64),
+          stack, res: e(H, "f32"), normed: e(H, "bf16"), qkv: e(3 * H, "f32"), qx: e(H, "f32"), kx: e(H, "f32"), vx: e(H, "f32"),
+          att: e(H, "bf16"), hid: e(H, "f32"), gu: e(2 * H, "f32"), act: e(H, "bf16"), last: e(H, "bf16", 64), logits: e(V, "f32", 64),
         };
       };
       const tc = mk(b.cpu, false), tg = mk(b.gpu, true);

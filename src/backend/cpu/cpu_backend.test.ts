@@ -93,6 +93,33 @@ describe("CpuBackend", () => {
     for (let i = 0; i < n; i++) for (let j = 0; j < N; j++) expect(out[i * N + j]).toBeCloseTo(expected[i]![j]!, 5);
   });
 
+  it("lora with output splits (a fused q/k/v) equals one stack per member on its column block", () => {
+    const K = 6, dims = [4, 2, 3], n = 3, N = 9;
+    const fused = be.createLoraStack(2, 4, K, dims);
+    const parts = dims.map((d) => be.createLoraStack(2, 4, K, d));
+    // Slot 1: split 0 rank 3, split 1 absent (rank 0), split 2 rank 4 with its own scale.
+    const spec = [[3, 0.5], [0, 0], [4, 2]] as const;
+    spec.forEach(([r, sc], j) => {
+      const a = rand(r * K, 20 + j), b = rand(dims[j]! * r, 30 + j);
+      be.writeLoraSlot(fused, 1, r, sc, a, b, j);
+      be.writeLoraSlot(parts[j]!, 1, r, sc, a, b);
+    });
+    const x = rand(n * K, 40), base = rand(n * N, 41);
+    const step = be.prepare(batch({ numTokens: n, loraSlots: Int32Array.from([1, -1, 1]) }));
+    const out = Float32Array.from(base);
+    be.lora(t([n, N], out), t([n, K], x), fused, step);
+    let col = 0;
+    dims.forEach((d, j) => {
+      const block = new Float32Array(n * d);
+      for (let i = 0; i < n; i++) block.set(base.subarray(i * N + col, i * N + col + d), i * d);
+      be.lora(t([n, d], block), t([n, K], x), parts[j]!, step);
+      for (let i = 0; i < n; i++) for (let c = 0; c < d; c++) expect(out[i * N + col + c]).toBe(block[i * d + c]);
+      col += d;
+    });
+    expect(Array.from(out.subarray(N, 2 * N))).toEqual(Array.from(base.subarray(N, 2 * N)));
+    expect(() => be.writeLoraSlot(fused, 0, 1, 1, rand(K, 1), rand(4, 2), 3)).toThrow(/split 3 out of range/);
+  });
+
   it("paged attention equals dense causal GQA attention, whatever the block layout", () => {
     const nH = 4, nKv = 2, D = 8, L = 11, bs = 4;
     const q = rand(L * nH * D, 12), k = rand(L * nKv * D, 13), v = rand(L * nKv * D, 14);
@@ -122,12 +149,21 @@ describe("CpuBackend", () => {
       }
   });
 
-  it("rope rotates pairs (i, i + D/2) by position * invFreq and keeps norms", () => {
+  it("rope splits the fused qkv and rotates pairs (i, i + D/2) of q and k by position * invFreq, keeping norms", () => {
     const D = 8, n = 3;
     const inv = Float32Array.from({ length: D / 2 }, (_, i) => 1 / 10000 ** ((2 * i) / D));
-    const q0 = rand(n * D, 15), k0 = rand(n * D, 16);
-    const q = Float32Array.from(q0), k = Float32Array.from(k0);
-    be.rope(t([n, D], q), t([n, D], k), t([D / 2], inv), D, be.prepare(batch({ numTokens: n, positions: Int32Array.from([0, 5, 17]) })));
+    const q0 = rand(n * D, 15), k0 = rand(n * D, 16), v0 = rand(n * D, 18);
+    // q, k and v side by side in one [n, 3D] row each, as the fused projection writes them.
+    const qkv = new Float32Array(n * 3 * D);
+    for (let r = 0; r < n; r++) {
+      qkv.set(q0.subarray(r * D, (r + 1) * D), r * 3 * D);
+      qkv.set(k0.subarray(r * D, (r + 1) * D), r * 3 * D + D);
+      qkv.set(v0.subarray(r * D, (r + 1) * D), r * 3 * D + 2 * D);
+    }
+    const q = new Float32Array(n * D), k = new Float32Array(n * D), v = new Float32Array(n * D);
+    be.rope(t([n, D], q), t([n, D], k), t([n, D], v), t([n, 3 * D], qkv), t([D / 2], inv), D,
+      be.prepare(batch({ numTokens: n, positions: Int32Array.from([0, 5, 17]) })));
+    expect(Array.from(v)).toEqual(Array.from(v0));
     expect(Array.from(q.subarray(0, D))).toEqual(Array.from(q0.subarray(0, D)));
     const p = 17, i = 1, a = p * inv[i]!;
     expect(q[2 * D + i]).toBeCloseTo(q0[2 * D + i]! * Math.cos(a) - q0[2 * D + i + D / 2]! * Math.sin(a), 4);

@@ -5,7 +5,7 @@
 import type {
   Backend, HostTensor, KvCache, KvCacheSpec, LoraStack, PreparedStep, SampleResult, StepBatch, Tensor,
 } from "../backend.js";
-import { numel, toF32, type DType, type Shape } from "../tensor.js";
+import { loraOutDims, numel, toF32, type DType, type Shape } from "../tensor.js";
 import { uniform } from "../rng.js";
 import { pagedAttention, writeKv, type PagedLayer } from "./attention.js";
 import { matmulNT } from "./matmul.js";
@@ -28,9 +28,12 @@ interface CpuLoraSlot {
 }
 
 class CpuLoraStack implements LoraStack {
+  /** slots[slot * outDims.length + split] */
   readonly slots: CpuLoraSlot[];
-  constructor(readonly numSlots: number, readonly maxRank: number, readonly inDim: number, readonly outDim: number) {
-    this.slots = Array.from({ length: numSlots }, () => ({ rank: 0, scale: 0, a: new Float32Array(0), b: new Float32Array(0) }));
+  readonly outDim: number;
+  constructor(readonly numSlots: number, readonly maxRank: number, readonly inDim: number, readonly outDims: readonly number[]) {
+    this.outDim = outDims.reduce((a, b) => a + b, 0);
+    this.slots = Array.from({ length: numSlots * outDims.length }, () => ({ rank: 0, scale: 0, a: new Float32Array(0), b: new Float32Array(0) }));
   }
 }
 
@@ -105,18 +108,20 @@ export class CpuBackend implements Backend {
 
   freeKvCache(_kv: KvCache): void {}
 
-  createLoraStack(numSlots: number, maxRank: number, inDim: number, outDim: number): LoraStack {
-    return new CpuLoraStack(numSlots, maxRank, inDim, outDim);
+  createLoraStack(numSlots: number, maxRank: number, inDim: number, outDims: number | readonly number[]): LoraStack {
+    return new CpuLoraStack(numSlots, maxRank, inDim, loraOutDims(outDims));
   }
 
-  writeLoraSlot(stack: LoraStack, slot: number, rank: number, scale: number, a: Float32Array, b: Float32Array): void {
+  writeLoraSlot(stack: LoraStack, slot: number, rank: number, scale: number, a: Float32Array, b: Float32Array, split = 0): void {
     const s = stackOf(stack);
     if (slot < 0 || slot >= s.numSlots) throw new Error(`LoRA slot ${slot} out of range (pool has ${s.numSlots})`);
+    if (split < 0 || split >= s.outDims.length) throw new Error(`LoRA split ${split} out of range (the stack has ${s.outDims.length})`);
     if (rank > s.maxRank) throw new Error(`LoRA rank ${rank} > max rank ${s.maxRank} of the pool`);
-    if (a.length !== rank * s.inDim || b.length !== s.outDim * rank) {
-      throw new Error(`LoRA slot ${slot}: A must be [${rank}, ${s.inDim}] and B [${s.outDim}, ${rank}]`);
+    const N = s.outDims[split]!;
+    if (a.length !== rank * s.inDim || b.length !== N * rank) {
+      throw new Error(`LoRA slot ${slot}: A must be [${rank}, ${s.inDim}] and B [${N}, ${rank}]`);
     }
-    s.slots[slot] = { rank, scale, a: Float32Array.from(a), b: Float32Array.from(b) };
+    s.slots[slot * s.outDims.length + split] = { rank, scale, a: Float32Array.from(a), b: Float32Array.from(b) };
   }
 
   freeLoraStack(_stack: LoraStack): void {}
@@ -156,43 +161,57 @@ export class CpuBackend implements Backend {
     const s = stackOf(stack);
     const [n, K] = dims2(x);
     const o = cpu(out).f32, xv = cpu(x).f32;
-    const N = s.outDim;
+    const N = s.outDim, S = s.outDims.length;
     const tmp = new Float64Array(s.maxRank);
     const slots = step.batch.loraSlots;
     for (let i = 0; i < n; i++) {
       const slot = slots[i]!;
       if (slot < 0) continue;
-      const { rank, scale, a, b } = s.slots[slot]!;
-      for (let r = 0; r < rank; r++) {
-        let acc = 0;
-        for (let k = 0; k < K; k++) acc += a[r * K + k]! * xv[i * K + k]!;
-        tmp[r] = Math.fround(acc);
-      }
-      for (let j = 0; j < N; j++) {
-        let acc = 0;
-        for (let r = 0; r < rank; r++) acc += b[j * rank + r]! * tmp[r]!;
-        o[i * N + j] = o[i * N + j]! + scale * acc;
+      let col0 = 0;
+      for (let sp = 0; sp < S; sp++) {
+        const { rank, scale, a, b } = s.slots[slot * S + sp]!;
+        const Nj = s.outDims[sp]!;
+        for (let r = 0; r < rank; r++) {
+          let acc = 0;
+          for (let k = 0; k < K; k++) acc += a[r * K + k]! * xv[i * K + k]!;
+          tmp[r] = Math.fround(acc);
+        }
+        for (let j = 0; j < Nj && rank > 0; j++) {
+          let acc = 0;
+          for (let r = 0; r < rank; r++) acc += b[j * rank + r]! * tmp[r]!;
+          const at = i * N + col0 + j;
+          o[at] = o[at]! + scale * acc;
+        }
+        col0 += Nj;
       }
     }
   }
 
-  rope(q: Tensor, k: Tensor, invFreq: Tensor, headDim: number, step: PreparedStep): void {
+  rope(q: Tensor, k: Tensor, v: Tensor, qkv: Tensor, invFreq: Tensor, headDim: number, step: PreparedStep): void {
     const inv = cpu(invFreq).f32;
     const half = headDim / 2;
     const pos = step.batch.positions;
     const cos = new Float64Array(half), sin = new Float64Array(half);
-    const rotate = (t: Float32Array, width: number, row: number): void => {
-      for (let o = row * width; o < (row + 1) * width; o += headDim) {
+    const [n, qw] = dims2(q);
+    const kw = dims2(k)[1], vw = dims2(v)[1];
+    const [nf, fw] = dims2(qkv);
+    if (fw !== qw + kw + vw || nf < n) throw new Error(`rope: qkv must be [${n}, ${qw + kw + vw}] (got [${nf}, ${fw}])`);
+    const src = cpu(qkv).f32, qv = cpu(q).f32, kv = cpu(k).f32, vv = cpu(v).f32;
+    // Copies one row's block of qkv into dst, rotating each head when `rotate`.
+    const take = (dst: Float32Array, width: number, col0: number, row: number, rotate: boolean): void => {
+      const s0 = row * fw + col0, d0 = row * width;
+      if (!rotate) {
+        dst.set(src.subarray(s0, s0 + width), d0);
+        return;
+      }
+      for (let h = 0; h < width; h += headDim) {
         for (let i = 0; i < half; i++) {
-          const x1 = t[o + i]!, x2 = t[o + i + half]!;
-          t[o + i] = x1 * cos[i]! - x2 * sin[i]!;
-          t[o + i + half] = x2 * cos[i]! + x1 * sin[i]!;
+          const x1 = src[s0 + h + i]!, x2 = src[s0 + h + i + half]!;
+          dst[d0 + h + i] = x1 * cos[i]! - x2 * sin[i]!;
+          dst[d0 + h + i + half] = x2 * cos[i]! + x1 * sin[i]!;
         }
       }
     };
-    const [n, qw] = dims2(q);
-    const kw = dims2(k)[1];
-    const qv = cpu(q).f32, kv = cpu(k).f32;
     for (let r = 0; r < n; r++) {
       for (let i = 0; i < half; i++) {
         // HF computes the angle in fp32 before cos/sin.
@@ -200,8 +219,9 @@ export class CpuBackend implements Backend {
         cos[i] = Math.fround(Math.cos(angle));
         sin[i] = Math.fround(Math.sin(angle));
       }
-      rotate(qv, qw, r);
-      rotate(kv, kw, r);
+      take(qv, qw, 0, r, true);
+      take(kv, kw, qw, r, true);
+      take(vv, vw, qw + kw, r, false);
     }
   }
 
@@ -214,12 +234,15 @@ export class CpuBackend implements Backend {
     pagedAttention(cpu(out).f32, cpu(q).f32, paged, numHeads, numKvHeads, headDim, blockSize, scale, step.batch);
   }
 
-  siluMul(out: Tensor, gate: Tensor, up: Tensor): void {
-    const o = cpu(out).f32, g = cpu(gate).f32, u = cpu(up).f32;
-    const n = numel(gate.shape);
-    for (let i = 0; i < n; i++) {
-      const x = g[i]!;
-      o[i] = Math.fround(x / (1 + Math.exp(-x))) * u[i]!;
+  siluMul(out: Tensor, gateUp: Tensor): void {
+    const o = cpu(out).f32, gu = cpu(gateUp).f32;
+    const [n, I] = dims2(out);
+    if (dims2(gateUp)[1] !== 2 * I) throw new Error(`siluMul: gateUp must have ${2 * I} columns (got ${dims2(gateUp)[1]})`);
+    for (let r = 0; r < n; r++) {
+      for (let i = 0; i < I; i++) {
+        const x = gu[r * 2 * I + i]!;
+        o[r * I + i] = Math.fround(x / (1 + Math.exp(-x))) * gu[r * 2 * I + I + i]!;
+      }
     }
   }
 

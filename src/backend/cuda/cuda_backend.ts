@@ -63,7 +63,7 @@ import type {
   Backend, HostTensor, KvCache, KvCacheSpec, LoraStack, PreparedStep, SampleResult, StepBatch, Tensor,
 } from "../backend.js";
 import { uniform } from "../rng.js";
-import { bf16ToF32, f16ToF32, f32ToBf16, numel, toF32, type DType, type Shape } from "../tensor.js";
+import { bf16ToF32, f16ToF32, f32ToBf16, loraOutDims, numel, toF32, type DType, type Shape } from "../tensor.js";
 import type { DeviceKv, DeviceLora, DeviceOps, DeviceStep, Operand, Scratch, StepRun } from "./device_ops.js";
 import { CublasLt, type GemmTuner } from "./ffi/cublaslt.js";
 import {
@@ -150,14 +150,15 @@ class CudaLoraStack implements LoraStack {
     readonly numSlots: number,
     readonly maxRank: number,
     readonly inDim: number,
+    readonly outDims: readonly number[],
     readonly outDim: number,
-    /** One allocation: A, then B, then ranks, then scales. */
+    /** One allocation: A, then B, then ranks, then scales (layouts in device_ops.ts DeviceLora). */
     readonly ptr: bigint,
     readonly a: bigint,
     readonly b: bigint,
     readonly ranks: bigint,
     readonly scales: bigint,
-    /** Host copy of ranks (to know whether a slot is in use). */
+    /** Host copy of ranks [numSlots, splits] (to know whether a slot is in use). */
     readonly hostRanks: Int32Array,
   ) {}
   get freed(): boolean {
@@ -715,47 +716,54 @@ export class CudaBackend implements Backend {
     return kv;
   }
 
-  createLoraStack(numSlots: number, maxRank: number, inDim: number, outDim: number): LoraStack {
+  createLoraStack(numSlots: number, maxRank: number, inDim: number, outDims: number | readonly number[]): LoraStack {
     this.#enter();
     if (numSlots < 1 || maxRank < 1) throw new Error(`a LoRA stack needs at least one slot and rank 1 (got ${numSlots}, ${maxRank})`);
-    const aBytes = align256(numSlots * maxRank * inDim * 2);
+    const dims = loraOutDims(outDims);
+    const S = dims.length, outDim = dims.reduce((a, b) => a + b, 0);
+    const aBytes = align256(numSlots * S * maxRank * inDim * 2);
     const bBytes = align256(numSlots * outDim * maxRank * 2);
-    const rBytes = align256(numSlots * 4);
+    const rBytes = align256(numSlots * S * 4);
     const total = aBytes + bBytes + 2 * rBytes;
     const ptr = this.#alloc(total);
     this.#d.memsetD8Async(ptr, 0, total, this.#stream);
     const a = ptr, b = ptr + BigInt(aBytes), ranks = b + BigInt(bBytes), scales = ranks + BigInt(rBytes);
-    const s = new CudaLoraStack(this, numSlots, maxRank, inDim, outDim, ptr, a, b, ranks, scales, new Int32Array(numSlots));
+    const s = new CudaLoraStack(this, numSlots, maxRank, inDim, dims, outDim, ptr, a, b, ranks, scales, new Int32Array(numSlots * S));
     this.#loraStacks.add(s);
     this.#ensureLoraScratch();
     return s;
   }
 
-  writeLoraSlot(stack: LoraStack, slot: number, rank: number, scale: number, a: Float32Array, b: Float32Array): void {
+  writeLoraSlot(stack: LoraStack, slot: number, rank: number, scale: number, a: Float32Array, b: Float32Array, split = 0): void {
     this.#enter();
     if (this.#capturing) throw new Error("writeLoraSlot() while capturing a CUDA graph");
     const s = this.#lora(stack);
     if (!Number.isInteger(slot) || slot < 0 || slot >= s.numSlots) throw new Error(`LoRA slot ${slot} out of range (pool has ${s.numSlots})`);
+    const S = s.outDims.length;
+    if (!Number.isInteger(split) || split < 0 || split >= S) throw new Error(`LoRA split ${split} out of range (the stack has ${S})`);
     if (rank > s.maxRank) throw new Error(`LoRA rank ${rank} > max rank ${s.maxRank} of the pool`);
-    if (a.length !== rank * s.inDim || b.length !== s.outDim * rank) {
-      throw new Error(`LoRA slot ${slot}: A must be [${rank}, ${s.inDim}] and B [${s.outDim}, ${rank}]`);
+    const N = s.outDims[split]!;
+    if (a.length !== rank * s.inDim || b.length !== N * rank) {
+      throw new Error(`LoRA slot ${slot}: A must be [${rank}, ${s.inDim}] and B [${N}, ${rank}]`);
     }
     const R = s.maxRank;
-    // A [rank, inDim] goes into the slot's first rank rows; B [outDim, rank] is
-    // re-strided to [outDim, maxRank]; everything past the rank stays zero.
-    const aSlot = new Uint16Array(R * s.inDim);
-    if (rank > 0) f32ToBf16(a, aSlot.subarray(0, rank * s.inDim));
-    const bSlot = new Uint16Array(s.outDim * R);
+    // A [rank, inDim] goes into the (slot, split)'s first rank rows; B [N, rank] is
+    // re-strided to [N, maxRank] at the split's rows; everything past the rank stays zero.
+    const aSplit = new Uint16Array(R * s.inDim);
+    if (rank > 0) f32ToBf16(a, aSplit.subarray(0, rank * s.inDim));
+    const bSplit = new Uint16Array(N * R);
     if (rank > 0) {
       const bBits = f32ToBf16(b);
-      for (let o = 0; o < s.outDim; o++) bSlot.set(bBits.subarray(o * rank, (o + 1) * rank), o * R);
+      for (let o = 0; o < N; o++) bSplit.set(bBits.subarray(o * rank, (o + 1) * rank), o * R);
     }
+    const row0 = s.outDims.slice(0, split).reduce((x, y) => x + y, 0);
     const st = this.#stream;
-    this.#d.memcpyHtoDAsync(s.a + BigInt(slot * aSlot.byteLength), aSlot, aSlot.byteLength, st);
-    this.#d.memcpyHtoDAsync(s.b + BigInt(slot * bSlot.byteLength), bSlot, bSlot.byteLength, st);
-    this.#d.memcpyHtoDAsync(s.ranks + BigInt(4 * slot), new Int32Array([rank]), 4, st);
-    this.#d.memcpyHtoDAsync(s.scales + BigInt(4 * slot), new Float32Array([rank > 0 ? scale : 0]), 4, st);
-    s.hostRanks[slot] = rank;
+    const idx = slot * S + split;
+    this.#d.memcpyHtoDAsync(s.a + BigInt(idx * aSplit.byteLength), aSplit, aSplit.byteLength, st);
+    this.#d.memcpyHtoDAsync(s.b + BigInt((slot * s.outDim + row0) * R * 2), bSplit, bSplit.byteLength, st);
+    this.#d.memcpyHtoDAsync(s.ranks + BigInt(4 * idx), new Int32Array([rank]), 4, st);
+    this.#d.memcpyHtoDAsync(s.scales + BigInt(4 * idx), new Float32Array([rank > 0 ? scale : 0]), 4, st);
+    s.hostRanks[idx] = rank;
   }
 
   freeLoraStack(stack: LoraStack): void {
@@ -859,17 +867,17 @@ export class CudaBackend implements Backend {
     if (!this.#capturing && !p.packed.anyLora) return;
     const dl: DeviceLora = {
       a: s.a, b: s.b, ranks: s.ranks, scales: s.scales, numSlots: s.numSlots, maxRank: s.maxRank,
-      inDim: s.inDim, outDim: s.outDim, scratch: scratch.ptr,
+      inDim: s.inDim, outDim: s.outDim, outDims: s.outDims, scratch: scratch.ptr,
     };
     this.#ops.lora(this.#operand(out), this.#operand(x), dl, p.run);
   }
 
-  rope(q: Tensor, k: Tensor, invFreq: Tensor, headDim: number, step: PreparedStep): void {
+  rope(q: Tensor, k: Tensor, v: Tensor, qkv: Tensor, invFreq: Tensor, headDim: number, step: PreparedStep): void {
     this.#enter();
     const p = this.#prep(step);
     const f = this.#t(invFreq);
     if (f.dtype !== "f32") throw new Error("rope: invFreq must be an f32 tensor (upload it with dtype 'f32')");
-    this.#ops.rope(this.#operand(q), this.#operand(k), this.#operand(f), headDim, p.run);
+    this.#ops.rope(this.#operand(q), this.#operand(k), this.#operand(v), this.#operand(qkv), this.#operand(f), headDim, p.run);
   }
 
   attention(out: Tensor, q: Tensor, k: Tensor, v: Tensor, kv: KvCache, layer: number, scale: number, step: PreparedStep): void {
@@ -883,9 +891,9 @@ export class CudaBackend implements Backend {
     this.#ops.attention(this.#operand(out), qo, this.#operand(k), this.#operand(v), l, scale, p.run, scratch);
   }
 
-  siluMul(out: Tensor, gate: Tensor, up: Tensor): void {
+  siluMul(out: Tensor, gateUp: Tensor): void {
     this.#enter();
-    this.#ops.siluMul(this.#operand(out), this.#operand(gate), this.#operand(up));
+    this.#ops.siluMul(this.#operand(out), this.#operand(gateUp));
   }
 
   gatherRows(out: Tensor, x: Tensor, step: PreparedStep): void {

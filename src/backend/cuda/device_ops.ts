@@ -78,10 +78,11 @@ export interface DeviceKv {
 }
 
 /**
- * A LoRA stack: A [numSlots, maxRank, inDim] bf16, B [numSlots, outDim, maxRank] bf16,
- * ranks i32[numSlots], scales f32[numSlots]; slot s uses the first ranks[s] rows of A
- * and columns of B (the rest is zero). `scratch` holds f32 [capTokens, maxRank] for
- * the shrink result.
+ * A LoRA stack with S = outDims.length output splits: A [numSlots, S, maxRank, inDim]
+ * bf16, B [numSlots, outDim, maxRank] bf16 (split j's rows at its column offset), ranks
+ * i32 [numSlots, S], scales f32 [numSlots, S]; (slot s, split j) uses the first
+ * ranks[s, j] rows of its A and columns of its B (the rest is zero). `scratch` holds f32
+ * [capTokens, maxRank] for the shrink result (one split at a time).
  */
 export interface DeviceLora {
   readonly a: bigint;
@@ -91,7 +92,11 @@ export interface DeviceLora {
   readonly numSlots: number;
   readonly maxRank: number;
   readonly inDim: number;
+  /** Sum of outDims. */
   readonly outDim: number;
+  /** The output's column blocks (splits); A is [numSlots][splits][maxRank][inDim], B
+   * [numSlots][outDim][maxRank], ranks and scales [numSlots][splits]. */
+  readonly outDims: readonly number[];
   readonly scratch: bigint;
 }
 
@@ -119,11 +124,11 @@ export interface DeviceOps {
   rmsnorm(out: Operand, x: Operand, w: Operand, eps: number): void;
   addRmsnorm(out: Operand, residual: Operand, x: Operand, w: Operand, eps: number): void;
   lora(out: Operand, x: Operand, stack: DeviceLora, run: StepRun): void;
-  rope(q: Operand, k: Operand, invFreq: Operand, headDim: number, run: StepRun): void;
+  rope(q: Operand, k: Operand, v: Operand, qkv: Operand, invFreq: Operand, headDim: number, run: StepRun): void;
   attention(out: Operand, q: Operand, k: Operand, v: Operand, kv: DeviceKv, scale: number, run: StepRun, scratch: Scratch): void;
   /** Scratch `attention` needs at a capacity of `seqs` sequences (split-K partials). */
   attentionScratchBytes(seqs: number, numHeads: number, headDim: number): number;
-  siluMul(out: Operand, gate: Operand, up: Operand): void;
+  siluMul(out: Operand, gateUp: Operand): void;
   gatherRows(out: Operand, x: Operand, run: StepRun): void;
   sample(logits: Operand, run: StepRun, out: SampleOutputs): void;
   /** Device scratch `sample` needs for `rows` x `vocab` logits (allocated once, outside graphs). */

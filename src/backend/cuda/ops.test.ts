@@ -91,18 +91,21 @@ function exerciseAll(ops: CudaOps, o: { T: number; S: number; H: number; nH: num
   const hidden = operand("f32", o.T, o.H);
   ops.addRmsnorm(normed, resid, hidden, w, 1e-5);
   const q = operand("f32", o.T, o.nH * o.D), k = operand("f32", o.T, o.nKv * o.D), v = operand("f32", o.T, o.nKv * o.D);
-  ops.rope(q, k, operand("f32", 1, o.D / 2), o.D, r);
+  ops.rope(q, k, v, operand("f32", o.T, (o.nH + 2 * o.nKv) * o.D), operand("f32", 1, o.D / 2), o.D, r);
   const kv: DeviceKv = { k: 0x7000000n, v: 0x8000000n, numBlocks: 100, blockSize: 16, numKvHeads: o.nKv, headDim: o.D };
   ops.attention(operand("bf16", o.T, o.nH * o.D), q, k, v, kv, 0.1, r);
   ops.attention(operand("bf16", o.T, o.nH * o.D), q, k, v, kv, 0.1, r,
     { ptr: 0x9000000n, bytes: ops.attentionScratchBytes(o.S, o.nH, o.D) });
-  const gate = operand("f32", o.T, o.I), act = operand("bf16", o.T, o.I);
-  ops.siluMul(act, gate, operand("f32", o.T, o.I));
-  const stack = (inDim: number, outDim: number): DeviceLora => ({
-    a: 0xa000000n, b: 0xb000000n, ranks: 0xc000000n, scales: 0xd000000n, numSlots: 4, maxRank: o.R, inDim, outDim, scratch: 0xe000000n,
+  const gateUp = operand("f32", o.T, 2 * o.I), act = operand("bf16", o.T, o.I);
+  ops.siluMul(act, gateUp);
+  const stack = (inDim: number, outDims: number[]): DeviceLora => ({
+    a: 0xa000000n, b: 0xb000000n, ranks: 0xc000000n, scales: 0xd000000n, numSlots: 4, maxRank: o.R, inDim,
+    outDim: outDims.reduce((x, y) => x + y, 0), outDims, scratch: 0xe000000n,
   });
-  ops.lora(q, normed, stack(o.H, o.nH * o.D), r);
-  ops.lora(hidden, act, stack(o.I, o.H), r);
+  const qkvCols = (o.nH + 2 * o.nKv) * o.D;
+  ops.lora(operand("f32", o.T, qkvCols), normed, stack(o.H, [o.nH * o.D, o.nKv * o.D, o.nKv * o.D]), r);
+  ops.lora(gateUp, normed, stack(o.H, [o.I, o.I]), r);
+  ops.lora(hidden, act, stack(o.I, [o.H]), r);
   const last = operand("bf16", o.S, o.H);
   ops.gatherRows(last, normed, r);
   ops.sample(operand("f32", o.S, o.V), r, {
@@ -212,8 +215,8 @@ describe("CUDA ops seam (CPU checks)", () => {
     const kv2: DeviceKv = { ...kv, headDim: 32, numKvHeads: 3 };
     const b16 = operand("bf16", 8, 96);
     expect(() => ops.attention(b16, b16, b16, b16, kv2, 1, r)).toThrow(/q must be f32 \(got bf16\)/);
-    expect(() => ops.rope(b16, b16, operand("f32", 1, 16), 32, r)).toThrow(/q must be f32/);
-    expect(() => ops.siluMul(b16, b16, b16)).toThrow(/gate must be f32/);
+    expect(() => ops.rope(b16, b16, b16, b16, operand("f32", 1, 16), 32, r)).toThrow(/q must be f32/);
+    expect(() => ops.siluMul(b16, b16)).toThrow(/gateUp must be f32/);
     expect(() => ops.addRmsnorm(operand("bf16", 8, 64), operand("f32", 8, 64), operand("bf16", 8, 64), operand("bf16", 1, 64), 1e-5)).toThrow(/x must be f32/);
   });
 

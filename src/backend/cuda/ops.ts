@@ -76,7 +76,7 @@ export const DECODE_MIN_CHUNK = Number(process.env.INLAID_DECODE_MIN_CHUNK ?? 25
 export function kernelNames(): string[] {
   const attn = SUPPORTED_HEAD_DIMS.flatMap((d) => [`attn_prefill_d${d}`, `attn_decode_d${d}`, `attn_decode_reduce_d${d}`]);
   return [
-    "embedding_bf16_f32", "gather_rows_bf16", "rmsnorm_f32_bf16", "add_rmsnorm_f32_bf16", "rope_f32", "silu_mul_f32_bf16",
+    "embedding_bf16_f32", "gather_rows_bf16", "rmsnorm_f32_bf16", "add_rmsnorm_f32_bf16", "rope_qkv_f32", "silu_mul_f32_bf16",
     "kv_cache_write_f32", ...attn,
     "lora_bgmv_fused", "lora_bgmv_shrink", "lora_bgmv_expand", "lora_sgmv_shrink_r16", "lora_sgmv_shrink_r32", "lora_sgmv_shrink_r64", "lora_sgmv_expand",
     "sample_rows",
@@ -132,6 +132,8 @@ export interface DeviceInfo {
 
 /** Most rank the clustered decode LoRA kernel takes (kernels/lora.cu kFusedMaxRank). */
 export const FUSED_LORA_MAX_RANK = 64;
+/** Most output splits (members of a fused linear) a LoRA stack may have (kernels/lora.cu kMaxSplits). */
+export const MAX_LORA_SPLITS = 4;
 
 const ptr = (p: DevicePtr): KernelArg => ({ ptr: p });
 const i32 = (v: number): KernelArg => ({ i32: v });
@@ -220,21 +222,22 @@ export class CudaOps implements DeviceOps {
   }
 
   /** Rotary embedding in place on q [cap, nH*D] and k [cap, nKv*D] (f32), rotate-half. */
-  rope(q: Operand, k: Operand, invFreq: Operand, headDim: number, run: StepRun): void {
+  rope(q: Operand, k: Operand, v: Operand, qkv: Operand, invFreq: Operand, headDim: number, run: StepRun): void {
     const op = "rope";
-    dtype(op, "q", q, "f32");
-    dtype(op, "k", k, "f32");
-    dtype(op, "invFreq", invFreq, "f32");
+    for (const [name, t] of [["q", q], ["k", k], ["v", v], ["qkv", qkv], ["invFreq", invFreq]] as const) dtype(op, name, t, "f32");
     need(headDim % 2 === 0 && headDim / 2 <= 256, op, "head dim", `head dim ${headDim} must be even and at most 512`);
     need(q.cols % headDim === 0 && k.cols % headDim === 0, op, "shape", `q (${q.cols}) and k (${k.cols}) widths must be multiples of the head dim ${headDim}`);
+    need(v.cols === k.cols && qkv.cols === q.cols + 2 * k.cols, op, "shape",
+      `qkv must be q, k and v side by side: ${q.cols} + 2 x ${k.cols} columns (got v ${v.cols}, qkv ${qkv.cols})`);
     need(invFreq.rowsCap * invFreq.cols === headDim / 2, op, "shape", `invFreq has ${invFreq.rowsCap * invFreq.cols} entries, expected ${headDim / 2}`);
     const nH = q.cols / headDim, nKv = k.cols / headDim;
-    const rows = Math.min(q.rowsCap, k.rowsCap);
+    const rows = Math.min(q.rowsCap, k.rowsCap, v.rowsCap, qkv.rowsCap);
     // One CTA per token row: the D/2 angles are computed once (f64 sin/cos, as the CPU) into
-    // shared memory and reused by all nH + nKv heads; a thread rotates 8 pairs (4 float4).
-    const items = (nH + nKv) * ((headDim / 2) % 8 === 0 ? headDim / 16 : headDim / 2);
-    this.#launch("rope_f32", [rows, 1, 1], [threadsFor(items, 256), 1, 1], 0, [
-      ptr(q.ptr), ptr(k.ptr), ptr(invFreq.ptr), ptr(run.step.positions), ptr(q.liveRows), i32(rows), i32(nH), i32(nKv), i32(headDim),
+    // shared memory and reused by all heads; a thread moves 8 pairs (4 float4).
+    const items = (nH + 2 * nKv) * ((headDim / 2) % 8 === 0 ? headDim / 16 : headDim / 2);
+    this.#launch("rope_qkv_f32", [rows, 1, 1], [threadsFor(items, 256), 1, 1], 0, [
+      ptr(q.ptr), ptr(k.ptr), ptr(v.ptr), ptr(qkv.ptr), ptr(invFreq.ptr), ptr(run.step.positions), ptr(q.liveRows),
+      i32(rows), i32(nH), i32(nKv), i32(headDim),
     ]);
   }
 
@@ -309,16 +312,15 @@ export class CudaOps implements DeviceOps {
   }
 
   /** out bf16 [cap, I] = silu(gate) * up, gate and up f32 [cap, I]. */
-  siluMul(out: Operand, gate: Operand, up: Operand): void {
+  siluMul(out: Operand, gateUp: Operand): void {
     const op = "siluMul";
     dtype(op, "out", out, "bf16");
-    dtype(op, "gate", gate, "f32");
-    dtype(op, "up", up, "f32");
-    need(out.cols === gate.cols && out.cols === up.cols, op, "shape", `widths differ (${out.cols}, ${gate.cols}, ${up.cols})`);
-    const rows = Math.min(out.rowsCap, gate.rowsCap, up.rowsCap);
+    dtype(op, "gateUp", gateUp, "f32");
+    need(gateUp.cols === 2 * out.cols, op, "shape", `gateUp must have twice out's ${out.cols} columns (got ${gateUp.cols})`);
+    const rows = Math.min(out.rowsCap, gateUp.rowsCap);
     // grid (row, column chunk of 256 threads x 8 elements): 8 elements per thread.
     this.#launch("silu_mul_f32_bf16", [rows, cdiv(out.cols, 8 * 256), 1], [256, 1, 1], 0, [
-      ptr(out.ptr), ptr(gate.ptr), ptr(up.ptr), ptr(out.liveRows), i32(rows), i32(out.cols),
+      ptr(out.ptr), ptr(gateUp.ptr), ptr(out.liveRows), i32(rows), i32(out.cols),
     ]);
   }
 
@@ -340,48 +342,74 @@ export class CudaOps implements DeviceOps {
     const op = "lora";
     dtype(op, "out", out, "f32");
     dtype(op, "x", x, "bf16");
-    const K = stack.inDim, N = stack.outDim, R = stack.maxRank;
+    const K = stack.inDim, N = stack.outDim, R = stack.maxRank, S = stack.outDims.length;
     need(x.cols === K && out.cols === N, op, "shape", `x must have ${K} columns and out ${N} (got ${x.cols}, ${out.cols})`);
     vec8(op, "in dim", K);
-    vec8(op, "out dim", N);
+    for (const d of stack.outDims) vec8(op, "out split", d);
     need(R >= 1, op, "max rank", "the stack has no rank");
+    need(S >= 1 && S <= MAX_LORA_SPLITS, op, "splits", `${S} output splits; at most ${MAX_LORA_SPLITS}`);
     const rows = Math.min(x.rowsCap, out.rowsCap);
     const st = run.step;
     const seqCap = run.padSeqs;
     const kinds = run as StepRun & StepKinds;
     const hasPrefill = kinds.hasPrefill !== false, hasDecode = kinds.hasDecode !== false;
     const rowArgs: KernelArg[] = [ptr(st.loraSlots), ptr(st.queryStart), ptr(st.counts), i32(seqCap), i32(rows)];
+    const starts = stack.outDims.map((_, j) => stack.outDims.slice(0, j).reduce((a, b) => a + b, 0));
 
     if (hasDecode && this.#clusters && R <= FUSED_LORA_MAX_RANK) {
-      // BGMV, one launch: a cluster of 8 CTAs per row splits K for the shrink and N for the expand.
+      // BGMV, one launch for every split: a cluster of 8 CTAs per row splits K for the
+      // shrink and N for the expand.
+      const o = (j: number): number => (j < S ? starts[j]! : N);
       this.#launch("lora_bgmv_fused", [rows * 8, 1, 1], [128, 1, 1], 0, [
         ptr(out.ptr), ptr(x.ptr), ptr(stack.a), ptr(stack.b), ptr(stack.ranks), ptr(stack.scales), ...rowArgs,
-        i32(K), i32(N), i32(R), i32(hasPrefill ? 0 : 1),
+        i32(K), i32(N), i32(R), i32(hasPrefill ? 0 : 1), i32(S), i32(o(1)), i32(o(2)), i32(o(3)),
       ]);
     } else if (hasDecode) {
       const mode = hasPrefill ? 0 : 1;
-      // BGMV shrink: a CTA per (row, 4 ranks), 256 threads sharing the K reduction; grid.y
-      // covers the pool's max rank, CTAs past a slot's rank exit.
-      this.#launch("lora_bgmv_shrink", [rows, cdiv(R, 4), 1], [256, 1, 1], 0, [
-        ptr(stack.scratch), ptr(x.ptr), ptr(stack.a), ptr(stack.ranks), ...rowArgs, i32(K), i32(R), i32(mode),
-      ]);
-      // BGMV expand: 128 threads x 8 outputs per CTA; the row's rank vector in shared memory.
-      this.#launch("lora_bgmv_expand", [rows, cdiv(N, 1024), 1], [128, 1, 1], 4 * R, [
-        ptr(out.ptr), ptr(stack.scratch), ptr(stack.b), ptr(stack.ranks), ptr(stack.scales), ...rowArgs, i32(N), i32(R), i32(mode),
-      ]);
+      // One shrink + expand per split, on the split's A / B / ranks / scales / output columns.
+      for (let j = 0; j < S; j++) {
+        const sp = this.#split(stack, j, starts[j]!);
+        // BGMV shrink: a CTA per (row, 4 ranks), 256 threads sharing the K reduction; grid.y
+        // covers the pool's max rank, CTAs past a slot's rank exit.
+        this.#launch("lora_bgmv_shrink", [rows, cdiv(R, 4), 1], [256, 1, 1], 0, [
+          ptr(stack.scratch), ptr(x.ptr), ptr(sp.a), ptr(sp.ranks), ...rowArgs, i32(K), i32(R), i32(mode), i32(S),
+        ]);
+        // BGMV expand: 128 threads x 8 outputs per CTA; the row's rank vector in shared memory.
+        this.#launch("lora_bgmv_expand", [rows, cdiv(sp.n, 1024), 1], [128, 1, 1], 4 * R, [
+          ptr(sp.out(out)), ptr(stack.scratch), ptr(sp.b), ptr(sp.ranks), ptr(sp.scales), ...rowArgs, i32(sp.n), i32(R), i32(mode),
+          i32(S), i32(N),
+        ]);
+      }
     }
     if (hasPrefill) {
       const mode = hasDecode ? 0 : 1;
       // SGMV shrink: 64-row tiles x RW ranks (RW = the pool's max rank rounded to 16, at most 64).
       const RW = R <= 16 ? 16 : R <= 32 ? 32 : 64;
-      this.#launch(`lora_sgmv_shrink_r${RW}`, [cdiv(rows, 64), cdiv(R, RW), 1], [128, 1, 1], 0, [
-        ptr(stack.scratch), ptr(x.ptr), ptr(stack.a), ptr(stack.ranks), ...rowArgs, i32(K), i32(R), i32(mode),
-      ]);
-      // SGMV expand: 64-row x 128-column output tiles.
-      this.#launch("lora_sgmv_expand", [cdiv(rows, 64), cdiv(N, 128), 1], [128, 1, 1], 0, [
-        ptr(out.ptr), ptr(stack.scratch), ptr(stack.b), ptr(stack.ranks), ptr(stack.scales), ...rowArgs, i32(N), i32(R), i32(mode),
-      ]);
+      for (let j = 0; j < S; j++) {
+        const sp = this.#split(stack, j, starts[j]!);
+        this.#launch(`lora_sgmv_shrink_r${RW}`, [cdiv(rows, 64), cdiv(R, RW), 1], [128, 1, 1], 0, [
+          ptr(stack.scratch), ptr(x.ptr), ptr(sp.a), ptr(sp.ranks), ...rowArgs, i32(K), i32(R), i32(mode), i32(S),
+        ]);
+        // SGMV expand: 64-row x 128-column output tiles.
+        this.#launch("lora_sgmv_expand", [cdiv(rows, 64), cdiv(sp.n, 128), 1], [128, 1, 1], 0, [
+          ptr(sp.out(out)), ptr(stack.scratch), ptr(sp.b), ptr(sp.ranks), ptr(sp.scales), ...rowArgs, i32(sp.n), i32(R), i32(mode),
+          i32(S), i32(N),
+        ]);
+      }
     }
+  }
+
+  /** Split j of a stack as the per-split kernels see it: its A, B, ranks, scales and output columns. */
+  #split(stack: DeviceLora, j: number, start: number) {
+    const R = stack.maxRank;
+    return {
+      n: stack.outDims[j]!,
+      a: stack.a + BigInt(j * R * stack.inDim * 2),
+      b: stack.b + BigInt(start * R * 2),
+      ranks: stack.ranks + BigInt(4 * j),
+      scales: stack.scales + BigInt(4 * j),
+      out: (o: Operand): bigint => o.ptr + BigInt(4 * start),
+    };
   }
 
   /** Picks a token per sampled row of logits f32 [cap, V] (kernels/sample.cu). */

@@ -89,7 +89,7 @@ template <int RW>
 __device__ __forceinline__ void sgmv_shrink(float* __restrict__ t, const bf16* __restrict__ x, const bf16* __restrict__ A,
                                             const int* __restrict__ ranks, const int* __restrict__ loraSlots,
                                             const int* __restrict__ queryStart, const int* __restrict__ counts,
-                                            int seqCap, int cap, int K, int maxRank, int mode) {
+                                            int seqCap, int cap, int K, int maxRank, int mode, int S) {
   constexpr int BM = kTile, BK = 64, LD = BK + 8, NT = RW / 8, CPR = BK / 8;
   __shared__ __align__(16) bf16 xs[2][BM * LD];
   __shared__ __align__(16) bf16 as[2][RW * LD];
@@ -102,9 +102,9 @@ __device__ __forceinline__ void sgmv_shrink(float* __restrict__ t, const bf16* _
   const unsigned xsA = smem_addr(xs), asA = smem_addr(as);
 
   for (int slot = next_slot(rs, -1); slot >= 0; slot = next_slot(rs, slot)) {
-    const int rank = ranks[slot];
+    const int rank = ranks[slot * S];
     if (rN0 >= rank) continue;
-    const bf16* aSlot = A + (long long)slot * maxRank * K;
+    const bf16* aSlot = A + (long long)slot * S * maxRank * K;
     auto load = [&](int stage, int k0) {
 #pragma unroll
       for (int i = 0; i < BM * CPR / 128; i++) {
@@ -175,8 +175,8 @@ __device__ __forceinline__ void sgmv_shrink(float* __restrict__ t, const bf16* _
 #define SGMV_SHRINK(RW)                                                                                             \
   extern "C" __global__ void __launch_bounds__(128) lora_sgmv_shrink_r##RW(                                       \
       float* t, const bf16* x, const bf16* A, const int* ranks, const int* loraSlots, const int* queryStart,       \
-      const int* counts, int seqCap, int cap, int K, int maxRank, int mode) {                                     \
-    sgmv_shrink<RW>(t, x, A, ranks, loraSlots, queryStart, counts, seqCap, cap, K, maxRank, mode);               \
+      const int* counts, int seqCap, int cap, int K, int maxRank, int mode, int S) {                              \
+    sgmv_shrink<RW>(t, x, A, ranks, loraSlots, queryStart, counts, seqCap, cap, K, maxRank, mode, S);            \
   }
 SGMV_SHRINK(16)
 SGMV_SHRINK(32)
@@ -188,7 +188,7 @@ extern "C" __global__ void __launch_bounds__(128) lora_sgmv_expand(float* __rest
                                                                    const int* __restrict__ loraSlots,
                                                                    const int* __restrict__ queryStart,
                                                                    const int* __restrict__ counts, int seqCap, int cap,
-                                                                   int N, int maxRank, int mode) {
+                                                                   int N, int maxRank, int mode, int S, int ldOut) {
   constexpr int BM = kTile, BN = 128, RC = 64, LD = RC + 8, NT = BN / 8;
   __shared__ __align__(16) bf16 ts[BM * LD];
   __shared__ __align__(16) bf16 bs[BN * LD];
@@ -200,10 +200,10 @@ extern "C" __global__ void __launch_bounds__(128) lora_sgmv_expand(float* __rest
   const unsigned tsA = smem_addr(ts), bsA = smem_addr(bs);
 
   for (int slot = next_slot(rs, -1); slot >= 0; slot = next_slot(rs, slot)) {
-    const int rank = ranks[slot];
+    const int rank = ranks[slot * S];
     if (rank <= 0) continue;
-    const float scale = scales[slot];
-    const bf16* bSlot = B + (long long)slot * N * maxRank;
+    const float scale = scales[slot * S];
+    const bf16* bSlot = B + (long long)slot * ldOut * maxRank;
     float acc[NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
@@ -257,7 +257,7 @@ extern "C" __global__ void __launch_bounds__(128) lora_sgmv_expand(float* __rest
     for (int i = 0; i < 2; i++) {
       const int r = warp * 16 + g + 8 * i;
       if (rs[r] != slot) continue;
-      float* dst = out + (long long)(row0 + r) * N;
+      float* dst = out + (long long)(row0 + r) * ldOut;
 #pragma unroll
       for (int nt = 0; nt < NT; nt++) {
         const int n = n0 + nt * 8 + 2 * c4;
@@ -278,18 +278,18 @@ extern "C" __global__ void __launch_bounds__(256) lora_bgmv_shrink(float* __rest
                                                                    const int* __restrict__ loraSlots,
                                                                    const int* __restrict__ queryStart,
                                                                    const int* __restrict__ counts, int seqCap, int cap, int K,
-                                                                   int maxRank, int mode) {
+                                                                   int maxRank, int mode, int S) {
   constexpr int RG = 4;
   __shared__ float partial[RG][8];
   const int row = blockIdx.x;
   const int slot = row_slot(loraSlots, queryStart, counts, seqCap, cap, row, mode, true);
   if (slot < 0) return;
-  const int rank = ranks[slot];
+  const int rank = ranks[slot * S];
   const int r0 = blockIdx.y * RG;
   if (r0 >= rank) return;
   const int nr = min(RG, rank - r0);
   const uint4* xr = reinterpret_cast<const uint4*>(x + (long long)row * K);
-  const bf16* a0 = A + ((long long)slot * maxRank + r0) * K;
+  const bf16* a0 = A + ((long long)slot * S * maxRank + r0) * K;
   float acc[RG] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll 2
   for (int c = threadIdx.x; c < K / 8; c += blockDim.x) {
@@ -330,19 +330,19 @@ extern "C" __global__ void __launch_bounds__(128) lora_bgmv_expand(float* __rest
                                                                    const int* __restrict__ loraSlots,
                                                                    const int* __restrict__ queryStart,
                                                                    const int* __restrict__ counts, int seqCap, int cap, int N,
-                                                                   int maxRank, int mode) {
+                                                                   int maxRank, int mode, int S, int ldOut) {
   extern __shared__ float tv[];  // [maxRank], zero past the slot's rank
   const int row = blockIdx.x;
   const int slot = row_slot(loraSlots, queryStart, counts, seqCap, cap, row, mode, true);
   if (slot < 0) return;
-  const int rank = ranks[slot];
+  const int rank = ranks[slot * S];
   if (rank <= 0) return;
   for (int r = threadIdx.x; r < maxRank; r += blockDim.x) tv[r] = r < rank ? t[(long long)row * maxRank + r] : 0.f;
   __syncthreads();
   const int n0 = (blockIdx.y * blockDim.x + threadIdx.x) * 8;
   if (n0 >= N) return;
-  const float scale = scales[slot];
-  const bf16* bb = B + ((long long)slot * N + n0) * maxRank;
+  const float scale = scales[slot * S];
+  const bf16* bb = B + (long long)slot * ldOut * maxRank + (long long)n0 * maxRank;
   const int ne = min(8, N - n0);
   float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   if (maxRank % 8 == 0) {
@@ -370,7 +370,7 @@ extern "C" __global__ void __launch_bounds__(128) lora_bgmv_expand(float* __rest
       for (int r = 0; r < rank; r++) acc[e] = fmaf(__bfloat162float(bb[(long long)e * maxRank + r]), tv[r], acc[e]);
     }
   }
-  float* dst = out + (long long)row * N + n0;
+  float* dst = out + (long long)row * ldOut + n0;
   if (ne == 8) {
     float4* d4 = reinterpret_cast<float4*>(dst);
     float4 a = d4[0], b = d4[1];
@@ -387,45 +387,64 @@ extern "C" __global__ void __launch_bounds__(128) lora_bgmv_expand(float* __rest
 namespace {
 constexpr int kCluster = 8;
 constexpr int kFusedMaxRank = 64;
+constexpr int kMaxSplits = 4;
 }  // namespace
 
+// Splits (a fused linear's member projections, e.g. q/k/v): the output's columns
+// [o_j, o_{j+1}) belong to split j, o_0 = 0 and o_j = N for j >= S; every o_j is a
+// multiple of 8. A slot holds S (A, B, rank, scale): A [S][maxRank][K] per slot, so the
+// shrink runs over S * maxRank "virtual ranks" v = j * maxRank + r, valid when r is below
+// split j's rank; B keeps one row per output column ([N][maxRank] per slot).
 extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(128)
     lora_bgmv_fused(float* __restrict__ out, const bf16* __restrict__ x, const bf16* __restrict__ A, const bf16* __restrict__ B,
                     const int* __restrict__ ranks, const float* __restrict__ scales, const int* __restrict__ loraSlots,
                     const int* __restrict__ queryStart, const int* __restrict__ counts, int seqCap, int cap, int K, int N,
-                    int maxRank, int mode) {
-  __shared__ float part[kFusedMaxRank];  // this CTA's share of A x (its eighth of K)
-  __shared__ float tv[kFusedMaxRank];    // A x, summed over the cluster; zero past the rank
+                    int maxRank, int mode, int S, int o1, int o2, int o3) {
+  __shared__ float part[kMaxSplits * kFusedMaxRank];  // this CTA's share of A x (its eighth of K)
+  __shared__ float tv[kMaxSplits * kFusedMaxRank];    // A x, summed over the cluster; zero where invalid
+  __shared__ int rk[kMaxSplits];
   const int row = blockIdx.x / kCluster;
   const unsigned crank = cluster_ctarank();
   // Every CTA of a cluster has the same row, so they all return here or none does (the
   // cluster barriers below need all eight).
   const int slot = row_slot(loraSlots, queryStart, counts, seqCap, cap, row, mode, true);
   if (slot < 0) return;
-  const int rank = min(ranks[slot], kFusedMaxRank);
-  if (rank <= 0) return;
+  int any = 0;
+  for (int j = 0; j < S; j++) any |= ranks[slot * S + j];
+  if (any == 0) return;
+  if (threadIdx.x < kMaxSplits) rk[threadIdx.x] = threadIdx.x < S ? min(ranks[slot * S + threadIdx.x], kFusedMaxRank) : 0;
+  __syncthreads();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int V = S * maxRank;
 
-  // Shrink over this CTA's slice of K (in 8-element vectors): warp w owns ranks 4w..4w+3,
-  // then 16 + 4w..., the lanes stride the slice.
+  // Shrink over this CTA's slice of K (in 8-element vectors): warp w owns virtual ranks
+  // 4w..4w+3, then 16 + 4w..., the lanes stride the slice.
   const int kv = K / 8, kper = (kv + kCluster - 1) / kCluster;
   const int kv0 = crank * kper, kv1 = min(kv, kv0 + kper);
   const uint4* xr = reinterpret_cast<const uint4*>(x + (long long)row * K);
-  for (int r0 = warp * 4; r0 < rank; r0 += 16) {
-    const int nr = min(4, rank - r0);
-    const bf16* a0 = A + ((long long)slot * maxRank + r0) * K;
+  const bf16* aSlot = A + (long long)slot * V * K;
+  for (int v0 = warp * 4; v0 < V; v0 += 16) {
+    bool ok[4];
+    bool anyOk = false;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      const int v = v0 + j;
+      ok[j] = v < V && v % maxRank < rk[v / maxRank];
+      anyOk |= ok[j];
+    }
+    if (!anyOk) continue;
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     for (int c = kv0 + lane; c < kv1; c += 32) {
       uint4 av[4];
 #pragma unroll
       for (int j = 0; j < 4; j++) {
-        if (j < nr) av[j] = reinterpret_cast<const uint4*>(a0 + (long long)j * K)[c];
+        if (ok[j]) av[j] = reinterpret_cast<const uint4*>(aSlot + (long long)(v0 + j) * K)[c];
       }
       float xf[8];
       unpack8(xr[c], xf);
 #pragma unroll
       for (int j = 0; j < 4; j++) {
-        if (j < nr) {
+        if (ok[j]) {
           float af[8];
           unpack8(av[j], af);
 #pragma unroll
@@ -436,36 +455,40 @@ extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(128)
 #pragma unroll
     for (int j = 0; j < 4; j++) {
       const float v = warp_sum(acc[j]);
-      if (lane == 0 && j < nr) part[r0 + j] = v;
+      if (lane == 0 && ok[j]) part[v0 + j] = v;
     }
   }
   cluster_arrive();
   cluster_wait();  // every CTA's partials are written and visible
   // Summed in rank order of the cluster, the same on every CTA: the row's result does not
   // depend on which CTA expands which columns.
-  for (int r = threadIdx.x; r < kFusedMaxRank; r += blockDim.x) {
-    float v = 0.f;
-    if (r < rank) {
-      for (unsigned q = 0; q < kCluster; q++) v += ld_cluster_f32(&part[r], q);
+  for (int v = threadIdx.x; v < kMaxSplits * kFusedMaxRank; v += blockDim.x) {
+    float acc = 0.f;
+    if (v < V && v % maxRank < rk[v / maxRank]) {
+      for (unsigned q = 0; q < kCluster; q++) acc += ld_cluster_f32(&part[v], q);
     }
-    tv[r] = v;
+    tv[v] = acc;
   }
   cluster_arrive();  // done reading the others' shared memory; they may exit once all arrive
   __syncthreads();
 
-  // Expand this CTA's eighth of N (in 8-output vectors).
-  const float scale = scales[slot];
+  // Expand this CTA's eighth of N (in 8-output vectors); each vector lies in one split.
   const int nv = N / 8, nper = (nv + kCluster - 1) / kCluster;
   const int nv1 = min(nv, (int)(crank + 1) * nper);
   for (int u = crank * nper + threadIdx.x; u < nv1; u += blockDim.x) {
     const int n0 = u * 8;
+    const int j = (S > 3 && n0 >= o3) ? 3 : (S > 2 && n0 >= o2) ? 2 : (S > 1 && n0 >= o1) ? 1 : 0;
+    const int rank = rk[j];
+    if (rank <= 0) continue;
+    const float scale = scales[slot * S + j];
+    const float* tj = tv + j * maxRank;
     const bf16* bb = B + ((long long)slot * N + n0) * maxRank;
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     if (maxRank % 8 == 0) {
       for (int rc = 0; rc < rank; rc += 8) {
         float tr[8];
 #pragma unroll
-        for (int q = 0; q < 8; q++) tr[q] = tv[rc + q];  // zero past the rank
+        for (int q = 0; q < 8; q++) tr[q] = tj[rc + q];  // zero past the rank
         uint4 bv[8];
 #pragma unroll
         for (int e = 0; e < 8; e++) bv[e] = *reinterpret_cast<const uint4*>(bb + (long long)e * maxRank + rc);
@@ -480,7 +503,7 @@ extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(128)
       }
     } else {
       for (int e = 0; e < 8; e++) {
-        for (int r = 0; r < rank; r++) acc[e] = fmaf(__bfloat162float(bb[(long long)e * maxRank + r]), tv[r], acc[e]);
+        for (int r = 0; r < rank; r++) acc[e] = fmaf(__bfloat162float(bb[(long long)e * maxRank + r]), tj[r], acc[e]);
       }
     }
     float4* d4 = reinterpret_cast<float4*>(out + (long long)row * N + n0);

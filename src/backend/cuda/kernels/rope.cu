@@ -1,9 +1,11 @@
-// Rotary position embedding, in place, rotate-half convention (HF Llama).
-// Reference: src/backend/cpu/cpu_backend.ts (rope).
+// Splits the fused q/k/v projection output and applies the rotary position embedding,
+// rotate-half convention (HF Llama). Reference: src/backend/cpu/cpu_backend.ts (rope).
 //
-//   rope_f32: for each live row t (< *live) and each head of q [cap, nH*D] and
-//   k [cap, nKv*D] (f32: the q_proj / k_proj outputs, rounded to bf16 only where attention
-//   stores K in the cache), for i < D/2:
+//   rope_qkv_f32: qkv f32 [cap, (nH + 2 nKv) * D] holds per row the q heads, then the k
+//   heads, then the v heads (the fused q/k/v GEMM's output); it is read, never written.
+//   For each live row t (< *live): q [cap, nH*D] and k [cap, nKv*D] get their heads rotated
+//   (f32, rounded to bf16 only where attention stores K in the cache), v [cap, nKv*D] a
+//   plain copy. For each rotated head and i < D/2, with x = the head's input:
 //       a = f32(positions[t] * invFreq[i])           (one f32 rounding, as HF)
 //       c = f32(cos(a)), s = f32(sin(a))             (computed in f64, then rounded: the CPU's values)
 //       x1 = x[i], x2 = x[i + D/2]
@@ -12,7 +14,7 @@
 //   invFreq: f32 [D/2]. D even, D/2 <= 256. Rows >= *live (device i32; nullptr = cap) untouched.
 //
 // One CTA per row: the D/2 angles are computed once into shared memory and reused by every
-// head of q and k. Work items are (head, 8 consecutive i) so x1 and x2 move as two float4
+// head of q and k (v's heads take the same path with the rotation skipped). Work items are (head, 8 consecutive i) so x1 and x2 move as two float4
 // each; a scalar path covers D/2 % 8 != 0. The f64 arithmetic is 6 flops per pair, far
 // below what the memory traffic costs.
 //
@@ -32,9 +34,10 @@ __device__ __forceinline__ void rotate(float& x1, float& x2, float c, float s) {
 }
 }  // namespace
 
-extern "C" __global__ void rope_f32(float* __restrict__ q, float* __restrict__ k, const float* __restrict__ invFreq,
-                                    const int* __restrict__ positions, const int* __restrict__ live,
-                                    int cap, int nH, int nKv, int D) {
+extern "C" __global__ void rope_qkv_f32(float* __restrict__ q, float* __restrict__ k, float* __restrict__ v,
+                                        const float* __restrict__ qkv, const float* __restrict__ invFreq,
+                                        const int* __restrict__ positions, const int* __restrict__ live, int cap, int nH,
+                                        int nKv, int D) {
   __shared__ float cs[256], sn[256];
   const int row = blockIdx.x;
   if (row >= live_rows(live, cap)) return;
@@ -48,15 +51,31 @@ extern "C" __global__ void rope_f32(float* __restrict__ q, float* __restrict__ k
     sn[i] = (float)s;
   }
   __syncthreads();
-  const int heads = nH + nKv;
+  const int heads = nH + 2 * nKv;
+  const float* src = qkv + (long long)row * heads * D;
+  // Destination head h of the fused row: q's, k's or v's.
+  auto dst = [&](int h) -> float* {
+    if (h < nH) return q + ((long long)row * nH + h) * D;
+    if (h < nH + nKv) return k + ((long long)row * nKv + (h - nH)) * D;
+    return v + ((long long)row * nKv + (h - nH - nKv)) * D;
+  };
   if (half % 8 == 0) {
     const int chunks = half / 8;
     for (int w = threadIdx.x; w < heads * chunks; w += blockDim.x) {
       const int h = w / chunks, i0 = (w % chunks) * 8;
-      float* base = h < nH ? q + ((long long)row * nH + h) * D : k + ((long long)row * nKv + (h - nH)) * D;
+      const float4* s1 = reinterpret_cast<const float4*>(src + h * D + i0);
+      const float4* s2 = reinterpret_cast<const float4*>(src + h * D + i0 + half);
+      float* base = dst(h);
       float4* p1 = reinterpret_cast<float4*>(base + i0);
       float4* p2 = reinterpret_cast<float4*>(base + i0 + half);
-      float4 a0 = p1[0], a1 = p1[1], b0 = p2[0], b1 = p2[1];
+      float4 a0 = s1[0], a1 = s1[1], b0 = s2[0], b1 = s2[1];
+      if (h >= nH + nKv) {
+        p1[0] = a0;
+        p1[1] = a1;
+        p2[0] = b0;
+        p2[1] = b1;
+        continue;
+      }
       rotate(a0.x, b0.x, cs[i0 + 0], sn[i0 + 0]);
       rotate(a0.y, b0.y, cs[i0 + 1], sn[i0 + 1]);
       rotate(a0.z, b0.z, cs[i0 + 2], sn[i0 + 2]);
@@ -73,9 +92,9 @@ extern "C" __global__ void rope_f32(float* __restrict__ q, float* __restrict__ k
   } else {
     for (int w = threadIdx.x; w < heads * half; w += blockDim.x) {
       const int h = w / half, i = w % half;
-      float* base = h < nH ? q + ((long long)row * nH + h) * D : k + ((long long)row * nKv + (h - nH)) * D;
-      float x1 = base[i], x2 = base[i + half];
-      rotate(x1, x2, cs[i], sn[i]);
+      float* base = dst(h);
+      float x1 = src[h * D + i], x2 = src[h * D + i + half];
+      if (h < nH + nKv) rotate(x1, x2, cs[i], sn[i]);
       base[i] = x1;
       base[i + half] = x2;
     }
