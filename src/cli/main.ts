@@ -9,6 +9,7 @@ import { addEvalCommand } from "./eval.js";
 import { addGenerateCommand } from "./generate.js";
 import { UsageError } from "./options.js";
 import { packageVersion } from "./paths.js";
+import { addQuantizeCommand } from "./quantize.js";
 import { addServeCommand } from "./serve.js";
 
 const EXIT_FAILURE = 1;
@@ -26,6 +27,7 @@ function buildProgram(): Command {
   addGenerateCommand(program);
   addEvalCommand(program);
   addBenchCommand(program);
+  addQuantizeCommand(program);
   return program;
 }
 

@@ -72,3 +72,32 @@ export function deviceOption(): Option {
 export function maxBatchOption(defaultNote = "default 256"): Option {
   return new Option("--max-batch <n>", `most sequences in one engine step (${defaultNote})`).argParser(parsePositiveInt("--max-batch"));
 }
+
+/** One `inlaid quantize --task`: NAME=ADAPTER_DIR:CALIB.jsonl (ADAPTER_DIR may be empty: no adapter). */
+export interface TaskSpec {
+  readonly name: string;
+  /** null when the spec was NAME=:CALIB.jsonl. */
+  readonly adapterDir: string | null;
+  readonly calibPath: string;
+}
+
+/** `NAME=ADAPTER_DIR:CALIB.jsonl` -> TaskSpec. The calibration path follows the last ':'. */
+export function parseTaskSpec(value: string): TaskSpec {
+  const eq = value.indexOf("=");
+  const name = eq > 0 ? value.slice(0, eq).trim() : "";
+  const rest = eq > 0 ? value.slice(eq + 1) : "";
+  const colon = rest.lastIndexOf(":");
+  const adapter = colon >= 0 ? rest.slice(0, colon).trim() : "";
+  const calib = colon >= 0 ? rest.slice(colon + 1).trim() : "";
+  if (!name || colon < 0 || !calib) throw new InvalidArgumentError(`--task expects NAME=ADAPTER_DIR:CALIB.jsonl, got '${value}'`);
+  if (/[\s/]/.test(name)) throw new InvalidArgumentError(`--task name must not contain spaces or '/', got '${name}'`);
+  return { name, adapterDir: adapter === "" ? null : adapter, calibPath: calib };
+}
+
+/** Repeatable --task: accumulates specs, refusing a name given twice. */
+export function collectTask(value: string, previous: TaskSpec[] | undefined): TaskSpec[] {
+  const spec = parseTaskSpec(value);
+  const list = previous ?? [];
+  if (list.some((t) => t.name === spec.name)) throw new InvalidArgumentError(`--task name '${spec.name}' is given twice`);
+  return [...list, spec];
+}

@@ -74,7 +74,8 @@ export function dampSchedule(percDamp: number): number[] {
 
 /**
  * Upper Cholesky factor of (H + lambda I)^-1 with the smallest damping of the schedule
- * that works. `h` is not modified.
+ * that works, trying them in order (a failing Cholesky stops at the first bad pivot, so
+ * the failures are cheap next to the one success). `h` is not modified.
  */
 export function dampedInverseFactor(h: Float64Array, K: number, percDamp = 0.01): { u: Float64Array; damp: number; attempts: number } {
   let mean = 0;
@@ -101,29 +102,63 @@ export function actOrder(h: ArrayLike<number>, K: number): Int32Array {
 }
 
 /**
- * Quantizes a dense weight w [outDim N, inDim K] (HF orientation, row-major) with GPTQ
- * under the Hessian h [K, K] (f32 or f64, symmetric).
+ * Everything GPTQ derives from the Hessian alone, shared by the linears that read the
+ * same input (q/k/v, gate/up): dead inputs, solving order, and the damped factor
+ * U = chol((P H P^T + lambda I)^-1) upper in solving order.
  */
-export function gptqQuantize(w: Float32Array, N: number, K: number, h: ArrayLike<number>, spec: QuantSpec, opts: GptqOptions = {}): GptqResult {
-  if (w.length !== N * K) throw new RangeError(`weight has ${w.length} values, expected ${N} x ${K}`);
+export interface PreparedHessian {
+  readonly K: number;
+  /** 1 where H[k, k] = 0 (input k never active). */
+  readonly dead: Uint8Array;
+  readonly deadColumns: number;
+  /** perm[i] = input solved i-th. */
+  readonly perm: Int32Array;
+  readonly actOrder: boolean;
+  /** [K, K] upper, in solving order. */
+  readonly u: Float64Array;
+  readonly damp: number;
+  readonly attempts: number;
+}
+
+export function prepareHessian(h: ArrayLike<number>, K: number, actOrderOn: boolean, percDamp = 0.01): PreparedHessian {
   if (h.length !== K * K) throw new RangeError(`Hessian has ${h.length} values, expected ${K} x ${K} for ${K} inputs`);
+  const H = Float64Array.from(h);
+  const dead = new Uint8Array(K);
+  let deadColumns = 0;
+  for (let k = 0; k < K; k++) {
+    if (H[k * K + k] === 0) {
+      dead[k] = 1;
+      deadColumns++;
+      H[k * K + k] = 1;
+    }
+  }
+  const perm = actOrderOn ? actOrder(H, K) : Int32Array.from({ length: K }, (_, k) => k);
+  let P = H;
+  if (actOrderOn) {
+    P = new Float64Array(K * K);
+    for (let i = 0; i < K; i++) for (let j = 0; j < K; j++) P[i * K + j] = H[perm[i]! * K + perm[j]!]!;
+  }
+  const { u, damp, attempts } = dampedInverseFactor(P, K, percDamp);
+  return { K, dead, deadColumns, perm, actOrder: actOrderOn, u, damp, attempts };
+}
+
+/**
+ * Quantizes a dense weight w [outDim N, inDim K] (HF orientation, row-major) with GPTQ
+ * under the Hessian h [K, K] (f32 or f64, symmetric), or a PreparedHessian of it.
+ */
+export function gptqQuantize(w: Float32Array, N: number, K: number, h: ArrayLike<number> | PreparedHessian, spec: QuantSpec, opts: GptqOptions = {}): GptqResult {
+  if (w.length !== N * K) throw new RangeError(`weight has ${w.length} values, expected ${N} x ${K}`);
+  const prep = "u" in h ? h : prepareHessian(h, K, spec.descAct, opts.percDamp);
+  if (prep.K !== K || prep.actOrder !== spec.descAct) throw new RangeError(`prepared Hessian is for ${prep.K} inputs, act-order ${prep.actOrder}; the weight has ${K}, desc_act ${spec.descAct}`);
   const B = opts.blockSize ?? 128;
   const gs = spec.groupSize;
   const staticGroups = (opts.staticGroups ?? false) && gs !== -1;
   const maxq = maxCode(spec.bits);
+  const { u, perm, damp, attempts } = prep;
 
-  // wt[k, n] = w[n, k]: a GPTQ column is a contiguous row here.
+  // wt[k, n] = w[n, k]: a GPTQ column is a contiguous row here. Dead inputs get zero weights.
   const wt = new Float64Array(K * N);
-  for (let n = 0; n < N; n++) for (let k = 0; k < K; k++) wt[k * N + n] = w[n * K + k]!;
-  const H = Float64Array.from(h);
-  let dead = 0;
-  for (let k = 0; k < K; k++) {
-    if (H[k * K + k] === 0) {
-      dead++;
-      H[k * K + k] = 1;
-      wt.fill(0, k * N, (k + 1) * N);
-    }
-  }
+  for (let n = 0; n < N; n++) for (let k = 0; k < K; k++) wt[k * N + n] = prep.dead[k] ? 0 : w[n * K + k]!;
 
   const G = numGroups(K, gs);
   const scales = new Float32Array(G * N);
@@ -138,23 +173,15 @@ export function gptqQuantize(w: Float32Array, N: number, K: number, h: ArrayLike
   if (gs === -1) setGroup(0, 0, K, wt);
   else if (staticGroups) for (let g = 0; g < G; g++) setGroup(g, g * gs, Math.min((g + 1) * gs, K), wt);
 
-  const perm = spec.descAct ? actOrder(H, K) : Int32Array.from({ length: K }, (_, k) => k);
-  // Group of the i-th solved column, and where each group's columns start in that order.
+  // Group of the i-th solved column.
   const groupOfPos = new Int32Array(K);
   for (let i = 0; i < K; i++) groupOfPos[i] = gs === -1 ? 0 : staticGroups ? Math.floor(perm[i]! / gs) : Math.floor(i / gs);
-  let P = H;
   let W = wt;
   if (spec.descAct) {
-    P = new Float64Array(K * K);
     W = new Float64Array(K * N);
-    for (let i = 0; i < K; i++) {
-      const pi = perm[i]!;
-      for (let j = 0; j < K; j++) P[i * K + j] = H[pi * K + perm[j]!]!;
-      W.set(wt.subarray(pi * N, (pi + 1) * N), i * N);
-    }
+    for (let i = 0; i < K; i++) W.set(wt.subarray(perm[i]! * N, (perm[i]! + 1) * N), i * N);
   }
 
-  const { u, damp, attempts } = dampedInverseFactor(P, K, opts.percDamp ?? 0.01);
   const codes = new Uint8Array(K * N);
   const err = new Float64Array(B * N);
   let loss = 0;
@@ -194,7 +221,7 @@ export function gptqQuantize(w: Float32Array, N: number, K: number, h: ArrayLike
     damp,
     attempts,
     loss: loss / 2,
-    deadColumns: dead,
+    deadColumns: prep.deadColumns,
     perm,
   };
 }

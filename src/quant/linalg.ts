@@ -3,8 +3,9 @@
 // one to the GPU for 7B-sized layers (K up to 14336), where each has a library twin:
 //   accumulateGram      -> cuBLAS syrk / gemm (X^T X, f32 in, f32 accumulate)
 //   choleskyLower       -> cuSOLVER potrf (returns info > 0 instead of false)
-//   invertLower + gram  -> cuSOLVER potri (inverse from the Cholesky factor)
-//   choleskyInverseUpper-> potrf + potri + potrf, the three calls GPTQ makes
+//   invertLower         -> cuSOLVER/cuBLAS trtri
+//   spdInverse          -> potrf + potri
+//   choleskyInverseUpper-> potrf + trtri on the reversed matrix (see there)
 //   lazyBlockUpdate     -> one gemm per 128-column block
 // CPU sums run in float64 and in a fixed order, so results are bit-identical for
 // identical inputs (incremental quantization relies on it).
@@ -80,14 +81,18 @@ export function choleskyLower(a: Float64Array, n: number): boolean {
 /** Inverse of a lower-triangular matrix (a new lower-triangular matrix). */
 export function invertLower(l: Float64Array, n: number): Float64Array {
   const inv = new Float64Array(n * n);
-  for (let j = 0; j < n; j++) {
-    inv[j * n + j] = 1 / l[j * n + j]!;
-    for (let i = j + 1; i < n; i++) {
-      const oi = i * n;
-      let s = 0;
-      for (let k = j; k < i; k++) s += l[oi + k]! * inv[k * n + j]!;
-      inv[oi + j] = -s / l[oi + i]!;
+  // Row i of L^-1 = (e_i - sum_{k<i} L[i,k] * row k of L^-1) / L[i,i]: contiguous row updates.
+  for (let i = 0; i < n; i++) {
+    const oi = i * n;
+    for (let k = 0; k < i; k++) {
+      const c = l[oi + k]!;
+      if (c === 0) continue;
+      const ok = k * n;
+      for (let j = 0; j <= k; j++) inv[oi + j] = inv[oi + j]! - c * inv[ok + j]!;
     }
+    inv[oi + i] = inv[oi + i]! + 1;
+    const d = l[oi + i]!;
+    for (let j = 0; j <= i; j++) inv[oi + j] = inv[oi + j]! / d;
   }
   return inv;
 }
@@ -117,23 +122,23 @@ export function spdInverse(a: Float64Array, n: number): Float64Array | null {
 }
 
 /**
- * What GPTQ needs from H: the upper Cholesky factor U of H^-1 (H^-1 = U^T U), as
- * torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).
- * Row i of U holds the coefficients GPTQ uses to spread column i's error over later
- * columns. Null when H (or, numerically, H^-1) is not positive definite.
+ * What GPTQ needs from H: the upper Cholesky factor U of H^-1 (H^-1 = U^T U), the matrix
+ * torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+ * gives. Row i of U holds the coefficients GPTQ uses to spread column i's error over
+ * later columns. Null when H is not (numerically) positive definite.
+ *
+ * Computed with one Cholesky and one triangular inverse instead of three factorizations:
+ * with J the reversal permutation and J H J = L L^T, H = M M^T for the upper-triangular
+ * M = J L J, so U = M^-1 = J L^-1 J. (On the GPU: potrf + trtri on the reversed matrix.)
  */
 export function choleskyInverseUpper(h: Float64Array, n: number): Float64Array | null {
-  const inv = spdInverse(h, n);
-  if (!inv) return null;
-  if (!choleskyLower(inv, n)) return null;
-  // Transpose L (lower, H^-1 = L L^T) into U = L^T.
-  for (let i = 0; i < n; i++) {
-    for (let j = i + 1; j < n; j++) {
-      inv[i * n + j] = inv[j * n + i]!;
-      inv[j * n + i] = 0;
-    }
-  }
-  return inv;
+  const a = new Float64Array(n * n);
+  for (let i = 0; i < n; i++) for (let j = 0; j < n; j++) a[i * n + j] = h[(n - 1 - i) * n + (n - 1 - j)]!;
+  if (!choleskyLower(a, n)) return null;
+  const linv = invertLower(a, n);
+  const u = new Float64Array(n * n);
+  for (let i = 0; i < n; i++) for (let j = i; j < n; j++) u[i * n + j] = linv[(n - 1 - i) * n + (n - 1 - j)]!;
+  return u;
 }
 
 /**
