@@ -139,6 +139,7 @@ export class HessianCapture {
     });
     try {
       let done = 0;
+      opts.onProgress?.(0, seqs.length);
       for (const group of packSteps(seqs, stepTokens)) {
         model.forward(b.prepare(prefillBatch(group, slot)), kv);
         done += group.length;
