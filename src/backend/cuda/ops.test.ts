@@ -13,7 +13,8 @@ import { uniform } from "../rng.js";
 import type { DeviceKv, DeviceLora, DeviceStep, Operand, StepRun } from "./device_ops.js";
 import type { Dim3, KernelArg, Launcher } from "./launch.js";
 import {
-  CudaOps, CudaOpsError, KERNEL_FILES, SUPPORTED_HEAD_DIMS, attentionScratchBytes, decodeSplit, dummyWeightValue, kernelNames,
+  CudaOps, CudaOpsError, KERNEL_FILES, SUPPORTED_HEAD_DIMS, attentionScratchBytes, decodeCounterOffset, decodeSmemBytes, decodeSplit,
+  dummyWeightValue, kernelNames,
   type StepKinds,
 } from "./ops.js";
 
@@ -178,8 +179,17 @@ describe("CUDA ops seam (CPU checks)", () => {
           expect(gz).toBeLessThanOrEqual(65535);
           expect(bx * by * bz).toBeLessThanOrEqual(1024);
           expect(bx % 32).toBe(0);
-          // Static tiles use up to ~39 KB; dynamic shared memory must leave them room in 48 KB.
-          expect(l.smem).toBeLessThanOrEqual(9 * 1024);
+          if (l.name.startsWith("attn_decode_d")) {
+            // The decode kernel's tiles are dynamic (per-warp rings, opted in above 48 KB by
+            // the launcher): within an H100's 227 KB per block, and two CTAs of the largest
+            // head dim still fit an SM (its grid assumes that many resident).
+            expect(l.smem).toBeLessThanOrEqual(227 * 1024);
+            expect(l.smem).toBe(decodeSmemBytes(shape.D, shape.S));
+            if (shape.S <= 256) expect(2 * (l.smem + 128 + 1024)).toBeLessThanOrEqual(228 * 1024);
+          } else {
+            // Static tiles use up to ~39 KB; dynamic shared memory must leave them room in 48 KB.
+            expect(l.smem).toBeLessThanOrEqual(9 * 1024);
+          }
         }
         const names = new Set(rec.launches.map((l) => l.name));
         if (kinds.hasDecode === false) {
@@ -193,6 +203,36 @@ describe("CUDA ops seam (CPU checks)", () => {
       });
     }
   }
+
+  it("kv_cache_write zeroes the split-decode arrival counters inside the scratch, only when decode splits", () => {
+    for (const shape of SHAPES) {
+      const rec = new RecordingLauncher();
+      const ops = new CudaOps(rec, { smCount: 132 });
+      const r = run(shape.T, shape.S);
+      const kv: DeviceKv = { k: 0x7000000n, v: 0x8000000n, numBlocks: 100, blockSize: 16, numKvHeads: shape.nKv, headDim: shape.D };
+      const q = operand("f32", shape.T, shape.nH * shape.D), k = operand("f32", shape.T, shape.nKv * shape.D);
+      const scratch = { ptr: 0x9000000n, bytes: attentionScratchBytes(shape.S, shape.nH, shape.D) };
+      ops.attention(operand("bf16", shape.T, shape.nH * shape.D), q, k, k, kv, 0.1, r, scratch);
+      ops.attention(operand("bf16", shape.T, shape.nH * shape.D), q, k, k, kv, 0.1, r);
+      const writes = rec.launches.filter((l) => l.name === "kv_cache_write_f32");
+      expect(writes.length).toBe(2);
+      const [zp, zn] = [writes[0]!.args[8]!, writes[0]!.args[9]!];
+      expect("ptr" in zp && "i32" in zn).toBe(true);
+      const start = (zp as { ptr: bigint }).ptr, n = (zn as { i32: number }).i32;
+      expect(start).toBe(scratch.ptr + BigInt(decodeCounterOffset(shape.S, shape.nH, shape.D)));
+      // One counter per (sequence slot, group of up to 8 heads of one KV head).
+      const G = shape.nH / shape.nKv;
+      expect(n).toBe(shape.S * shape.nKv * Math.ceil(G / 8));
+      expect(start + BigInt(4 * n)).toBeLessThanOrEqual(scratch.ptr + BigInt(scratch.bytes));
+      // Without scratch nothing splits and nothing is zeroed.
+      expect(writes[1]!.args[9]).toEqual({ i32: 0 });
+      // The decode grid never exceeds one resident wave (2..4 CTAs per SM) and never the items.
+      for (const l of rec.launches.filter((x) => x.name.startsWith("attn_decode_d"))) {
+        expect(l.grid[0]).toBeLessThanOrEqual(132 * 4);
+        expect(l.block[0]).toBe(128);
+      }
+    }
+  });
 
   it("launch parameters depend only on capacities (a graph replays any step of the bucket)", () => {
     const a = new RecordingLauncher(), b = new RecordingLauncher();
@@ -236,7 +276,7 @@ describe("CUDA ops seam (CPU checks)", () => {
     }
     expect(decodeSplit(3000, 16, 256).chunks).toBe(12);
     expect(decodeSplit(192, 16, 64)).toEqual({ chunks: 3, chunkLen: 64 });
-    expect(attentionScratchBytes(2, 4, 32)).toBe(2 * 16 * 4 * 34 * 4);
+    expect(attentionScratchBytes(2, 4, 32)).toBe(2 * (16 * 4 * 34 + 4) * 4);
   });
 
   it("dummyWeightValue is the CPU backend's fillRandom formula", () => {

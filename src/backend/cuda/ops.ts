@@ -29,9 +29,10 @@
 // - StepRun.hasPrefill / hasDecode (StepKinds): host facts about the step; a false one
 //   skips the launches that would find nothing to do (decode-only graphs then carry no
 //   prefill attention / SGMV nodes). Absent: both paths launch and sort rows on the device.
-// - attention's `scratch` (attentionScratchBytes): f32 room for split decode partials.
-//   Absent or too small: every decode context runs in one pass per CTA (slower for long
-//   contexts). Keep it the same for the life of a deployment: it decides the split.
+// - attention's `scratch` (attentionScratchBytes): f32 room for split decode partials and
+//   their arrival counters. Absent or too small: every decode context runs in one pass per
+//   warp (slower for long contexts). Keep it the same for the life of a deployment: it
+//   decides the split.
 
 import { existsSync } from "node:fs";
 import { fileURLToPath } from "node:url";
@@ -65,16 +66,38 @@ export const MAX_SEQS = 2048;
 /**
  * Flash-decoding: most chunks per sequence, and the chunk length below which a context is
  * not split further (kernels/attention.cu decode_split; INLAID_DECODE_MIN_CHUNK overrides
- * it for experiments). Measured on an H100 (bench/kernels.ts, 32 MHA sequences of 192
- * keys): 256-key chunks 67 us, 128 88 us, 64 97 us: each item's fixed costs outweigh
- * the extra parallelism of short chunks.
+ * it for experiments). Chosen with the previous decode kernel on an H100 (32 MHA sequences
+ * of 192 keys: 256-key chunks 67 us, 128 88 us, 64 97 us); not yet re-measured with the
+ * per-warp pipelined kernel, whose per-item cost is lower.
  */
 export const DECODE_MAX_SPLITS = 16;
 export const DECODE_MIN_CHUNK = Number(process.env.INLAID_DECODE_MIN_CHUNK ?? 256);
 
+/**
+ * Decode kernel geometry (kernels/attention.cu, "Decode"): 4 warps per CTA, each an
+ * independent worker with a 3-stage ring of 16-key K and V tiles; an item covers up to 8
+ * query heads of one KV head.
+ */
+const DECODE_WARPS = 4;
+const DECODE_HEADS_PER_ITEM = 8;
+/** Shared memory per SM the decode grid is sized for (H100: 228 KB; 1 KB of it is reserved per CTA). */
+const DECODE_SMEM_PER_SM = 228 * 1024;
+/** Most CTAs per SM the decode kernel's registers allow (its __launch_bounds__, kDecodeMinBlocks). */
+const decodeMaxCtasPerSm = (headDim: number): number => (headDim <= 64 ? 4 : headDim <= 80 ? 3 : 2);
+
+/** Dynamic shared memory of attn_decode_d{D}: the warps' rings, then 3 ints per sequence slot (+1). */
+export function decodeSmemBytes(headDim: number, seqCap: number): number {
+  const ring = DECODE_WARPS * 3 * 2 * 16 * (headDim + 8) * 2;
+  return ring + 4 * (3 * seqCap + 1);
+}
+
+/** Query-head groups of the decode kernel: items per (sequence, chunk). */
+const decodeGroups = (numHeads: number, numKvHeads: number): number =>
+  numKvHeads * Math.ceil(numHeads / numKvHeads / DECODE_HEADS_PER_ITEM);
+
 /** Every kernel name ops.ts may launch (a CPU test checks each is defined in the .cu sources). */
 export function kernelNames(): string[] {
-  const attn = SUPPORTED_HEAD_DIMS.flatMap((d) => [`attn_prefill_d${d}`, `attn_decode_d${d}`, `attn_decode_reduce_d${d}`]);
+  const attn = SUPPORTED_HEAD_DIMS.flatMap((d) => [`attn_prefill_d${d}`, `attn_decode_d${d}`]);
   return [
     "embedding_bf16_f32", "gather_rows_bf16", "rmsnorm_f32_bf16", "add_rmsnorm_f32_bf16", "rope_qkv_f32", "silu_mul_f32_bf16",
     "kv_cache_write_f32", ...attn,
@@ -95,8 +118,17 @@ export function decodeSplit(ctx: number, maxSplits = DECODE_MAX_SPLITS, minChunk
   return { chunks: Math.max(1, Math.ceil(ctx / per)), chunkLen: per };
 }
 
-/** Bytes of the split-decode scratch for `seqs` sequence slots (StepRun.padSeqs at most). */
+/**
+ * Bytes of the split-decode scratch for `seqs` sequence slots (StepRun.padSeqs at most):
+ * f32 partial outputs [seqs, MAX_SPLITS, nH, D], their (max, sum) [seqs, MAX_SPLITS, nH, 2],
+ * then i32 arrival counters [seqs, nH] (one per (sequence, head group); groups <= nH).
+ */
 export function attentionScratchBytes(seqs: number, numHeads: number, headDim: number): number {
+  return seqs * (DECODE_MAX_SPLITS * numHeads * (headDim + 2) + numHeads) * 4;
+}
+
+/** Byte offset of the arrival counters in the split-decode scratch (see attentionScratchBytes). */
+export function decodeCounterOffset(seqs: number, numHeads: number, headDim: number): number {
   return seqs * DECODE_MAX_SPLITS * numHeads * (headDim + 2) * 4;
 }
 
@@ -258,22 +290,29 @@ export class CudaOps implements DeviceOps {
     need(nH % nKv === 0, op, "GQA", `${nH} query heads do not divide into ${nKv} KV heads`);
     const G = nH / nKv;
     need(G <= MAX_GQA_GROUP, op, "GQA group", `${G} query heads per KV head > ${MAX_GQA_GROUP}`);
-    const rows = Math.min(q.rowsCap, k.rowsCap, out.rowsCap);
+    // kv_cache_write_f32 loads row t of k and v for every t < rows (before it reads the live count).
+    const rows = Math.min(q.rowsCap, k.rowsCap, v.rowsCap, out.rowsCap);
     const st = run.step;
     const seqCap = run.padSeqs;
     const kinds = run as StepRun & StepKinds;
     // The per-CTA sequence prefix shares the 48 KB of default shared memory with the tiles.
     need(seqCap <= MAX_SEQS, op, "sequences", `${seqCap} sequence slots > ${MAX_SEQS}`);
 
+    const decode = kinds.hasDecode !== false && seqCap > 0;
+    const split = decode && scratch !== undefined && scratch.ptr !== 0n && scratch.bytes >= attentionScratchBytes(seqCap, nH, D);
+    const groups = decodeGroups(nH, nKv);
     // K/V rows into the cache: one CTA per token row, 8 elements (f32 in, bf16 out) per
-    // thread and step. Bounded by the step's numTokens (counts[0]), not k's own live count:
-    // slots past the step are stale.
-    this.#launch("kv_cache_write_f32", [rows, 1, 1], [threadsFor((nKv * D) / 8, 256), 1, 1], 0, [
+    // thread. Bounded by the step's numTokens (counts[0]), not k's own live count: slots
+    // past the step are stale. It also zeroes the split-decode arrival counters (one per
+    // (sequence slot, head group)) that attn_decode counts on next.
+    const counters = split ? scratch!.ptr + BigInt(decodeCounterOffset(seqCap, nH, D)) : 0n;
+    this.#launch("kv_cache_write_f32", [rows, 1, 1], [threadsFor((nKv * D) / 8, 1024), 1, 1], 0, [
       ptr(kv.k), ptr(kv.v), ptr(k.ptr), ptr(v.ptr), ptr(st.slotMapping), ptr(st.counts), i32(rows), i32(nKv * D),
+      ptr(counters), i32(split ? seqCap * groups : 0),
     ]);
     if (seqCap === 0) return;
     // Both kernels find their work from the live counts with a per-CTA prefix over the
-    // sequences, held in dynamic shared memory: 4 * (seqCap + 1) bytes.
+    // sequences, held in dynamic shared memory: 4 * (seqCap + 1) bytes for prefill.
     const prefixBytes = 4 * (seqCap + 1);
     const common = [ptr(st.queryStart), ptr(st.positions), ptr(st.blockTables), ptr(st.counts), i32(seqCap), i32(st.blocksPerSeq), i32(kv.blockSize), i32(nH), i32(nKv), f32(scale)];
 
@@ -286,23 +325,20 @@ export class CudaOps implements DeviceOps {
         ptr(out.ptr), ptr(q.ptr), ptr(kv.k), ptr(kv.v), ...common,
       ]);
     }
-    if (kinds.hasDecode !== false) {
-      const split = scratch !== undefined && scratch.ptr !== 0n && scratch.bytes >= attentionScratchBytes(seqCap, nH, D);
+    if (decode) {
       const maxSplits = split ? DECODE_MAX_SPLITS : 1;
-      // Persistent grid: work items are (sequence, chunk, 16-head group); three 128-thread CTAs
-      // fit an SM (registers), so 3 per SM run in one wave and loop over the items.
-      const groups = nKv * Math.ceil(G / 16);
-      const grid = Math.max(1, Math.min(this.#sm * 3, seqCap * groups * maxSplits));
-      this.#launch(`attn_decode_d${D}`, [grid, 1, 1], [128, 1, 1], prefixBytes, [
+      // Persistent grid, one wave: every warp is a worker over items (sequence, chunk, group
+      // of up to 8 heads), so the grid is as many CTAs as fit the SMs at once (shared memory:
+      // the warps' rings plus the per-sequence tables; registers: the kernel's launch
+      // bounds). A CTA that did not fit would run its items late, after a whole wave. Split
+      // sequences are merged in the same launch by the warp finishing their last chunk.
+      const smem = decodeSmemBytes(D, seqCap);
+      const perSm = Math.max(1, Math.min(decodeMaxCtasPerSm(D), Math.floor(DECODE_SMEM_PER_SM / (smem + 128 + 1024))));
+      const maxItems = seqCap * groups * maxSplits;
+      const grid = Math.max(1, Math.min(this.#sm * perSm, cdiv(maxItems, DECODE_WARPS)));
+      this.#launch(`attn_decode_d${D}`, [grid, 1, 1], [32 * DECODE_WARPS, 1, 1], smem, [
         ptr(out.ptr), ptr(split ? scratch!.ptr : 0n), ptr(q.ptr), ptr(kv.k), ptr(kv.v), ...common, i32(maxSplits), i32(DECODE_MIN_CHUNK),
       ]);
-      if (split) {
-        // One CTA per sequence slot merges its chunks (unsplit sequences exit at once); the
-        // per-(head, chunk) weights sit in shared memory: nH * MAX_SPLITS floats.
-        this.#launch(`attn_decode_reduce_d${D}`, [seqCap, 1, 1], [256, 1, 1], 4 * nH * DECODE_MAX_SPLITS, [
-          ptr(out.ptr), ptr(scratch!.ptr), ptr(st.queryStart), ptr(st.positions), ptr(st.counts), i32(seqCap), i32(nH), i32(maxSplits), i32(DECODE_MIN_CHUNK),
-        ]);
-      }
     }
   }
 
