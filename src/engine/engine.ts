@@ -100,10 +100,13 @@ export class Engine implements ServingEngine {
   #steps = 0;
   #decodeSteps = 0;
   #decodeHostMs = 0;
-  /** INLAID_PROFILE_STEPS=1: where decode steps spend host time (printed at close, ms in total). */
-  readonly #phases = process.env.INLAID_PROFILE_STEPS === "1"
-    ? { schedule: 0, buildBatch: 0, prepare: 0, forward: 0, sampleWithWait: 0, outputs: 0 }
-    : null;
+  /** INLAID_PROFILE_STEPS=1: where decode steps spend host time, per step (printed at close
+   * as medians and 90th percentiles in microseconds: totals would be dominated by the few
+   * steps that capture a graph). */
+  readonly #phases: Record<"schedule" | "buildBatch" | "prepare" | "forward" | "sampleWithWait" | "outputs", number[]> | null =
+    process.env.INLAID_PROFILE_STEPS === "1"
+      ? { schedule: [], buildBatch: [], prepare: [], forward: [], sampleWithWait: [], outputs: [] }
+      : null;
   #closed = false;
   #wake: (() => void) | null = null;
   readonly #loop: Promise<void>;
@@ -259,7 +262,11 @@ export class Engine implements ServingEngine {
     for (const s of [...this.#running, ...this.#waiting]) s.aborted = true;
     this.#wakeUp();
     await this.#loop;
-    if (this.#phases) process.stderr.write(`inlaid: decode step phases (${this.#decodeSteps} steps, ms): ${JSON.stringify(this.#phases)}\n`);
+    if (this.#phases) {
+      const pct = (xs: number[], q: number): number => [...xs].sort((a, b) => a - b)[Math.floor(q * (xs.length - 1))] ?? 0;
+      const summary = Object.fromEntries(Object.entries(this.#phases).map(([k, xs]) => [k, { p50: +pct(xs, 0.5).toFixed(1), p90: +pct(xs, 0.9).toFixed(1) }]));
+      process.stderr.write(`inlaid: decode step host phases (${this.#decodeSteps} steps, us): ${JSON.stringify(summary)}\n`);
+    }
     this.#backend.freeKvCache(this.#kv);
     this.#pool.dispose();
   }
@@ -390,12 +397,12 @@ export class Engine implements ServingEngine {
       this.#decodeHostMs += t1 - t0 + (t3 - t2);
       if (this.#phases) {
         const p = this.#phases;
-        p.schedule += tA - t0;
-        p.buildBatch += tB - tA;
-        p.prepare += tC - tB;
-        p.forward += t1 - tC;
-        p.sampleWithWait += t2 - t1;
-        p.outputs += t3 - t2;
+        p.schedule.push((tA - t0) * 1000);
+        p.buildBatch.push((tB - tA) * 1000);
+        p.prepare.push((tC - tB) * 1000);
+        p.forward.push((t1 - tC) * 1000);
+        p.sampleWithWait.push((t2 - t1) * 1000);
+        p.outputs.push((t3 - t2) * 1000);
       }
     }
   }
