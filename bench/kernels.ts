@@ -19,7 +19,7 @@ import { loadModelConfig } from "../src/model/config.js";
 const { values } = parseArgs({
   options: {
     config: { type: "string", default: "llama-2-7b" },
-    only: { type: "string", default: "gemm,attention,lora" },
+    only: { type: "string", default: "gemm,attention,lora,host" },
     reps: { type: "string", default: "20" },
     iters: { type: "string", default: "20" },
   },
@@ -154,15 +154,21 @@ if (only.has("attention")) {
 if (only.has("lora")) {
   const H = cfg.hiddenSize, I = cfg.intermediateSize;
   const lora: unknown[] = [];
+  const q = cfg.numHeads * cfg.headDim, kvw = cfg.numKvHeads * cfg.headDim;
+  // [K, output splits]: plain projections, and the fused groups the model runs (q/k/v, gate/up).
+  const shapes: [string, number, number[]][] = [
+    ["o", H, [H]], ["up", H, [I]], ["down", I, [H]], ["qkv fused", H, [q, kvw, kvw]], ["gate/up fused", H, [I, I]],
+  ];
   for (const [rows, adapters, R] of [[32, 32, 16], [32, 8, 16], [32, 8, 64], [1, 1, 16]] as const) {
-    for (const [K, N] of [[H, H], [H, I], [I, H]] as const) {
+    for (const [name, K, dims] of shapes) {
+      const N = dims.reduce((a, b) => a + b, 0);
       // Several stacks (one per "layer") so the adapters' A and B come from HBM.
-      const stackBytes = adapters * R * (K + N) * 2;
+      const stackBytes = adapters * R * (K * dims.length + N) * 2;
       const copies = Math.max(2, Math.ceil((2 * L2) / stackBytes));
       const stacks = Array.from({ length: copies }, () => {
-        const s = gpu.createLoraStack(adapters, R, K, N);
+        const s = gpu.createLoraStack(adapters, R, K, dims);
         for (let a = 0; a < adapters; a++) {
-          gpu.writeLoraSlot(s, a, R, 2, new Float32Array(R * K).fill(0.01), new Float32Array(N * R).fill(0.01));
+          dims.forEach((d, j) => gpu.writeLoraSlot(s, a, R, 2, new Float32Array(R * K).fill(0.01), new Float32Array(d * R).fill(0.01), j));
         }
         return s;
       });
@@ -171,15 +177,48 @@ if (only.has("lora")) {
       const x = gpu.empty([rows, K], "bf16");
       gpu.fillRandom(x, 3, 1);
       const out = gpu.empty([rows, N], "f32");
-      const us = timeCall(`lora-${rows}-${adapters}-${R}-${K}-${N}`, (i) => gpu.lora(out, x, stacks[i % copies]!, step), out);
-      const bytes = adapters * R * (K + N) * 2 + rows * K * 2 + 2 * rows * N * 4;
-      lora.push({ rows, adapters, rank: R, K, N, us: +us.toFixed(2), gbs: +(bytes / us / 1e3).toFixed(0) });
+      const us = timeCall(`lora-${rows}-${adapters}-${R}-${K}-${dims.join("x")}`, (i) => gpu.lora(out, x, stacks[i % copies]!, step), out);
+      // The bytes a launch must move: each adapter's A and B once, x, and out read and written.
+      const bytes = stackBytes + rows * K * 2 + 2 * rows * N * 4;
+      lora.push({ op: name, rows, adapters, rank: R, K, N, us: +us.toFixed(2), gbs: +(bytes / us / 1e3).toFixed(0) });
       gpu.free(x);
       gpu.free(out);
       for (const s of stacks) gpu.freeLoraStack(s);
     }
   }
   result.lora = lora;
+}
+
+// ---------------------------------------------------------------- host costs
+// What a decode step's host time is made of, on this machine: one FFI call into the driver
+// (koffi), and launching a captured graph of n small kernels (host time of the launch
+// call only; the device work is waited for outside the timing).
+if (only.has("host")) {
+  const calls = 2000;
+  let t0 = performance.now();
+  for (let i = 0; i < calls; i++) gpu.synchronize();
+  const ffiUs = ((performance.now() - t0) * 1000) / calls;
+  const gu = gpu.empty([1, 16], "f32"), act = gpu.empty([1, 8], "bf16");
+  const graphs: unknown[] = [];
+  const { batch } = makeStep([{ q: 1, ctx: 4, slot: -1 }], 16);
+  gpu.prepare(batch);
+  for (const nodes of [16, 128, 512]) {
+    const fwd = (): Tensor => {
+      for (let i = 0; i < nodes; i++) gpu.siluMul(act, gu);
+      return act;
+    };
+    gpu.replay(`host-${nodes}`, fwd);
+    let host = 0;
+    const launches = 50;
+    for (let i = 0; i < launches; i++) {
+      t0 = performance.now();
+      gpu.replay(`host-${nodes}`, fwd);
+      host += performance.now() - t0;
+      gpu.synchronize();
+    }
+    graphs.push({ nodes, launch_us: +((host * 1000) / launches).toFixed(1) });
+  }
+  result.host = { ffi_call_us: +ffiUs.toFixed(2), graph_launch: graphs };
 }
 
 console.log(JSON.stringify(result, null, 1));

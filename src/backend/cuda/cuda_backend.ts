@@ -929,6 +929,9 @@ export class CudaBackend implements Backend {
       const host = this.#sampleHost!;
       this.#d.memcpyDtoHAsyncPinned(host.addr, base, words * 4, this.#stream);
       this.#d.streamSynchronize(this.#stream);
+      // Everything issued is done, the staging upload included: the next prepare() need
+      // not wait on its event (one driver call less per step).
+      this.#stagingBusy = false;
       const i32 = new Int32Array(host.buffer, 0, words);
       const f32 = new Float32Array(host.buffer, 0, words);
       return {
