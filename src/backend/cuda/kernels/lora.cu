@@ -16,7 +16,7 @@
 // knows the step is decode-only or prefill-only) and skips that lookup.
 //
 //   BGMV (decode rows): memory-bound gathered GEMV, each row reads its own adapter.
-//     lora_bgmv_fused    grid (rowCap * 8), 256 threads, clusters of 8 CTAs (sm_90): one
+//     lora_bgmv_fused    grid (rowCap * 8), 128 threads, clusters of 8 CTAs (sm_90): one
 //                        cluster per row, shrink and expand in one launch. CTA c of the
 //                        cluster reduces the c-th eighth of K for every rank (A x partials in
 //                        its shared memory), the cluster barrier publishes them, each CTA sums
@@ -25,6 +25,9 @@
 //                        8 x rowCap CTAs in parallel, and there is no second launch: with two
 //                        kernels (shrink, expand) the launch gaps, not the bytes, set the time
 //                        (measured on an H100: 10.3 us for 32 rows at K = N = 4096, rank 16).
+//                        Tried and measured worse (bench/kernels.ts, H100): 256-thread CTAs
+//                        with the expand's B rows and out values loaded before the shrink
+//                        (8.8 -> 13.5 us for o_proj, 17.2 -> 21.6 us for the fused q/k/v).
 //                        Each thread of the expand makes 8 consecutive outputs (32-byte f32
 //                        out RMW) from 8 contiguous rows of its slot's B.
 //     lora_bgmv_shrink / lora_bgmv_expand: the same in two launches, for devices without
@@ -395,7 +398,7 @@ constexpr int kMaxSplits = 4;
 // multiple of 8. A slot holds S (A, B, rank, scale): A [S][maxRank][K] per slot, so the
 // shrink runs over S * maxRank "virtual ranks" v = j * maxRank + r, valid when r is below
 // split j's rank; B keeps one row per output column ([N][maxRank] per slot).
-extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(256, 2)
+extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(128)
     lora_bgmv_fused(float* __restrict__ out, const bf16* __restrict__ x, const bf16* __restrict__ A, const bf16* __restrict__ B,
                     const int* __restrict__ ranks, const float* __restrict__ scales, const int* __restrict__ loraSlots,
                     const int* __restrict__ queryStart, const int* __restrict__ counts, int seqCap, int cap, int K, int N,
@@ -417,41 +420,13 @@ extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(256, 2)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int V = S * maxRank;
 
-  // The expand's operands do not depend on the shrink: this thread's first output vector's
-  // B rows (its first 16 ranks) and out values are loaded now, so their latency overlaps
-  // the shrink and the cluster barrier instead of following them. (Measured on an H100
-  // before this: the launch took 2-4x its L2 traffic time, one dependent round trip after
-  // another.)
-  const int nv = N / 8, nper = (nv + kCluster - 1) / kCluster;
-  const int nv1 = min(nv, (int)(crank + 1) * nper);
-  const int u0 = crank * nper + threadIdx.x;
-  const bool pre = u0 < nv1 && maxRank % 8 == 0;
-  uint4 bpre[2][8];
-  float4 opre[2];
-  int jpre = 0;
-  if (pre) {
-    const int n0 = u0 * 8;
-    jpre = (S > 3 && n0 >= o3) ? 3 : (S > 2 && n0 >= o2) ? 2 : (S > 1 && n0 >= o1) ? 1 : 0;
-    const bf16* bb = B + ((long long)slot * N + n0) * maxRank;
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-      if (h * 8 < rk[jpre]) {
-#pragma unroll
-        for (int e = 0; e < 8; e++) bpre[h][e] = *reinterpret_cast<const uint4*>(bb + (long long)e * maxRank + h * 8);
-      }
-    }
-    const float4* d4 = reinterpret_cast<const float4*>(out + (long long)row * N + n0);
-    opre[0] = d4[0];
-    opre[1] = d4[1];
-  }
-
   // Shrink over this CTA's slice of K (in 8-element vectors): warp w owns virtual ranks
-  // 4w..4w+3, then 32 + 4w..., the lanes stride the slice.
+  // 4w..4w+3, then 16 + 4w..., the lanes stride the slice.
   const int kv = K / 8, kper = (kv + kCluster - 1) / kCluster;
   const int kv0 = crank * kper, kv1 = min(kv, kv0 + kper);
   const uint4* xr = reinterpret_cast<const uint4*>(x + (long long)row * K);
   const bf16* aSlot = A + (long long)slot * V * K;
-  for (int v0 = warp * 4; v0 < V; v0 += 4 * (blockDim.x / 32)) {
+  for (int v0 = warp * 4; v0 < V; v0 += 16) {
     bool ok[4];
     bool anyOk = false;
 #pragma unroll
@@ -501,11 +476,11 @@ extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(256, 2)
   __syncthreads();
 
   // Expand this CTA's eighth of N (in 8-output vectors); each vector lies in one split.
-  // Its first vector's first 16 ranks come from the registers loaded above.
-  for (int u = u0; u < nv1; u += blockDim.x) {
+  const int nv = N / 8, nper = (nv + kCluster - 1) / kCluster;
+  const int nv1 = min(nv, (int)(crank + 1) * nper);
+  for (int u = crank * nper + threadIdx.x; u < nv1; u += blockDim.x) {
     const int n0 = u * 8;
-    const bool first = pre && u == u0;
-    const int j = first ? jpre : (S > 3 && n0 >= o3) ? 3 : (S > 2 && n0 >= o2) ? 2 : (S > 1 && n0 >= o1) ? 1 : 0;
+    const int j = (S > 3 && n0 >= o3) ? 3 : (S > 2 && n0 >= o2) ? 2 : (S > 1 && n0 >= o1) ? 1 : 0;
     const int rank = rk[j];
     if (rank <= 0) continue;
     const float scale = scales[slot * S + j];
@@ -518,13 +493,8 @@ extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(256, 2)
 #pragma unroll
         for (int q = 0; q < 8; q++) tr[q] = tj[rc + q];  // zero past the rank
         uint4 bv[8];
-        if (first && rc < 16) {
 #pragma unroll
-          for (int e = 0; e < 8; e++) bv[e] = rc == 0 ? bpre[0][e] : bpre[1][e];
-        } else {
-#pragma unroll
-          for (int e = 0; e < 8; e++) bv[e] = *reinterpret_cast<const uint4*>(bb + (long long)e * maxRank + rc);
-        }
+        for (int e = 0; e < 8; e++) bv[e] = *reinterpret_cast<const uint4*>(bb + (long long)e * maxRank + rc);
 #pragma unroll
         for (int e = 0; e < 8; e++) {
           float bf[8];
@@ -540,7 +510,7 @@ extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(256, 2)
       }
     }
     float4* d4 = reinterpret_cast<float4*>(out + (long long)row * N + n0);
-    float4 a = first ? opre[0] : d4[0], b = first ? opre[1] : d4[1];
+    float4 a = d4[0], b = d4[1];
     a.x += scale * acc[0]; a.y += scale * acc[1]; a.z += scale * acc[2]; a.w += scale * acc[3];
     b.x += scale * acc[4]; b.y += scale * acc[5]; b.z += scale * acc[6]; b.w += scale * acc[7];
     d4[0] = a;
