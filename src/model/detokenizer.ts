@@ -40,11 +40,15 @@ export class IncrementalDetokenizer {
 
   /** Byte-level tokenizers: a streaming UTF-8 decoder over the tokens' bytes (O(1) per token). */
   readonly #bytes: readonly (Uint8Array | null)[] | null;
+  readonly #ascii: readonly (string | null)[] | null;
   readonly #utf8: TextDecoder | null;
+  /** Continuation bytes the UTF-8 decoder may still be waiting for (0: it holds nothing). */
+  #pending = 0;
 
   constructor(tok: TextTokenizer, promptIds: readonly number[]) {
     this.#tok = tok;
     this.#bytes = tok.tokenBytes;
+    this.#ascii = tok.tokenAscii;
     this.#utf8 = this.#bytes ? new TextDecoder("utf-8") : null;
     this.#ids = promptIds.slice(Math.max(0, promptIds.length - PROMPT_CONTEXT));
     this.#prefixText = tok.decode(this.#ids);
@@ -64,7 +68,14 @@ export class IncrementalDetokenizer {
       // Byte-level: the text is the lossy UTF-8 decoding of the tokens' bytes; the
       // streaming decoder holds an unfinished character back until it completes.
       const b = this.#bytes![id];
-      return b ? this.#utf8.decode(b, { stream: true }) : "";
+      if (!b) return "";
+      // Most tokens are ASCII: with nothing pending in the decoder their text is their
+      // bytes, and the decoder call (a few microseconds each, per token of every sequence
+      // of every step) is skipped.
+      const ascii = this.#ascii![id];
+      if (ascii != null && this.#pending === 0) return ascii;
+      this.#pending = utf8Pending(this.#pending, b);
+      return this.#utf8.decode(b, { stream: true });
     }
     this.#ids.push(id);
     const text = this.#tok.decode(this.#ids.slice(this.#prefixOffset));
@@ -77,7 +88,10 @@ export class IncrementalDetokenizer {
 
   /** End of stream: returns what was held back (an unfinished character decodes to U+FFFD, as in a full decode). */
   flush(): string {
-    if (this.#utf8) return this.#utf8.decode();
+    if (this.#utf8) {
+      this.#pending = 0;
+      return this.#utf8.decode();
+    }
     if (this.#readOffset === this.#ids.length) return "";
     const text = this.#tok.decode(this.#ids.slice(this.#prefixOffset));
     return this.#advance(this.#ids.length, text);
@@ -117,4 +131,24 @@ export class IncrementalDetokenizer {
     if (settled.length <= this.#prefixText.length || !text.startsWith(settled)) return "";
     return this.#advance(cut, settled);
   }
+}
+
+/**
+ * Continuation bytes still expected after `bytes`, starting from `pending`. Conservative:
+ * whenever the WHATWG decoder holds bytes back this is > 0 (it counts what a lead byte
+ * announces, without checking the narrower ranges the decoder rejects at once), and it
+ * is 0 only where every character has ended (ASCII, a complete sequence, or an invalid
+ * byte the decoder replaces without holding).
+ */
+function utf8Pending(pending: number, bytes: Uint8Array): number {
+  let need = pending;
+  for (const x of bytes) {
+    if (need > 0 && (x & 0xc0) === 0x80) need--;
+    else if (x < 0x80) need = 0;
+    else if ((x & 0xe0) === 0xc0) need = 1;
+    else if ((x & 0xf0) === 0xe0) need = 2;
+    else if ((x & 0xf8) === 0xf0) need = 3;
+    else need = 0;
+  }
+  return need;
 }

@@ -187,6 +187,7 @@ export class TextTokenizer {
     this.eosTokenIds = [...eos];
 
     this.tokenBytes = byteLevelTable(tokenizerJson, this.#tok, special, this.vocabSize);
+    this.tokenAscii = this.tokenBytes?.map((b) => (b && b.every((x) => x < 0x80) ? String.fromCharCode(...b) : null)) ?? null;
 
     this.hasChatTemplate = chatTemplate !== null;
     try {
@@ -214,6 +215,9 @@ export class TextTokenizer {
    * bytes, which lets the detokenizer stream in O(1) per token. Null for other tokenizers.
    */
   readonly tokenBytes: readonly (Uint8Array | null)[] | null;
+  /** With tokenBytes: each id's text when its bytes are all ASCII (else null), so the
+   * detokenizer can skip the UTF-8 decoder for them. */
+  readonly tokenAscii: readonly (string | null)[] | null;
 
   static load(dir: string): TextTokenizer {
     const tokPath = join(dir, "tokenizer.json");
