@@ -633,7 +633,7 @@ export class CudaBackend implements Backend {
       slotMapping: at(layout.slotMapping), loraSlots: at(layout.loraSlots), queryStart: at(layout.queryStart),
       contextLens: at(layout.contextLens), sampleRows: at(layout.sampleRows), blockTables: at(layout.blockTables),
       temperature: at(layout.temperature), topP: at(layout.topP), topK: at(layout.topK), seeds: at(layout.seeds),
-      counters: at(layout.counters), loraSegs: at(layout.loraSegs), blocksPerSeq: capacity.blocksPerSeq, capTokens: capacity.tokens, capSeqs: capacity.seqs,
+      counters: at(layout.counters), blocksPerSeq: capacity.blocksPerSeq, capTokens: capacity.tokens, capSeqs: capacity.seqs,
     };
     this.#current = null;
     this.#ensureLoraScratch();

@@ -24,7 +24,7 @@ export interface Operand {
 
 /** The step's metadata in device memory (fixed addresses; see step_layout.ts). */
 export interface DeviceStep {
-  /** i32[8]: numTokens, numSeqs, numSample, padTokens, numLoraSegs. */
+  /** i32[4]: numTokens, numSeqs, numSample, padTokens. */
   readonly counts: bigint;
   readonly tokenIds: bigint;
   readonly positions: bigint;
@@ -39,8 +39,6 @@ export interface DeviceStep {
   readonly topK: bigint;
   readonly seeds: bigint;
   readonly counters: bigint;
-  /** i32 [capSeqs][5]: decode LoRA segments {slot, up to 4 rows} (step_layout.ts). */
-  readonly loraSegs: bigint;
   /** Row stride of blockTables. */
   readonly blocksPerSeq: number;
   /** Capacities of the metadata buffer. */

@@ -78,7 +78,7 @@ function run(padTokens: number, padSeqs: number, kinds: StepKinds = {}): StepRun
   const step: DeviceStep = {
     counts: 0x100n, tokenIds: 0x200n, positions: 0x300n, slotMapping: 0x400n, loraSlots: 0x500n, queryStart: 0x600n,
     contextLens: 0x700n, sampleRows: 0x800n, blockTables: 0x900n, temperature: 0xa00n, topP: 0xb00n, topK: 0xc00n,
-    seeds: 0xd00n, counters: 0xe00n, loraSegs: 0xf00n, blocksPerSeq: 64, capTokens: padTokens, capSeqs: padSeqs,
+    seeds: 0xd00n, counters: 0xe00n, blocksPerSeq: 64, capTokens: padTokens, capSeqs: padSeqs,
   };
   return { step, padTokens, padSeqs, padSample: padSeqs, maxContext: 64 * 16, ...kinds };
 }

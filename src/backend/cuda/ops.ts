@@ -396,10 +396,9 @@ export class CudaOps implements DeviceOps {
       // BGMV, one launch for every split: a cluster of 8 CTAs per row splits K for the
       // shrink and N for the expand.
       const o = (j: number): number => (j < S ? starts[j]! : N);
-      // Segments (decode rows grouped by adapter, step_layout.ts) number at most the sequences.
-      this.#launch("lora_bgmv_fused", [seqCap * 8, 1, 1], [128, 1, 1], 0, [
-        ptr(out.ptr), ptr(x.ptr), ptr(stack.a), ptr(stack.b), ptr(stack.ranks), ptr(stack.scales), ptr(st.loraSegs),
-        ptr(st.counts), i32(seqCap), i32(K), i32(N), i32(R), i32(S), i32(o(1)), i32(o(2)), i32(o(3)),
+      this.#launch("lora_bgmv_fused", [rows * 8, 1, 1], [128, 1, 1], 0, [
+        ptr(out.ptr), ptr(x.ptr), ptr(stack.a), ptr(stack.b), ptr(stack.ranks), ptr(stack.scales), ...rowArgs,
+        i32(K), i32(N), i32(R), i32(hasPrefill ? 0 : 1), i32(S), i32(o(1)), i32(o(2)), i32(o(3)),
       ]);
     } else if (hasDecode) {
       const mode = hasPrefill ? 0 : 1;

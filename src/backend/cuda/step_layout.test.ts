@@ -85,11 +85,11 @@ describe("stepLayout", () => {
   it("places aligned, disjoint regions in a fixed order with the block tables last", () => {
     const l = stepLayout({ tokens: 300, seqs: 20, blocksPerSeq: 7 });
     const regions: [string, number, number][] = [
-      ["counts", l.counts, 8], ["tokenIds", l.tokenIds, 300], ["positions", l.positions, 300],
+      ["counts", l.counts, 4], ["tokenIds", l.tokenIds, 300], ["positions", l.positions, 300],
       ["slotMapping", l.slotMapping, 300], ["loraSlots", l.loraSlots, 300], ["queryStart", l.queryStart, 21],
       ["contextLens", l.contextLens, 20], ["sampleRows", l.sampleRows, 20], ["temperature", l.temperature, 20],
       ["topP", l.topP, 20], ["topK", l.topK, 20], ["seeds", l.seeds, 20], ["counters", l.counters, 20],
-      ["loraSegs", l.loraSegs, 100], ["blockTables", l.blockTables, 140],
+      ["blockTables", l.blockTables, 140],
     ];
     for (let i = 0; i < regions.length; i++) {
       const [name, off, len] = regions[i]!;
@@ -122,9 +122,7 @@ describe("packStep", () => {
       padTokens: 8, padSeqs: 4, padSample: 4, copyWords: layout.blockTables + 3 * B, anyLora: true, hasPrefill: true, hasDecode: true,
     });
     const i32 = (off: number, n: number) => Array.from(v.i32.subarray(off, off + n));
-    expect(i32(layout.counts, 8)).toEqual([5, 3, 3, 8, 1, 0, 0, 0]);
-    // One decode row with an adapter (row 4, slot 0); the prefill rows are SGMV's.
-    expect(i32(layout.loraSegs, 5)).toEqual([0, 4, -1, -1, -1]);
+    expect(i32(layout.counts, 4)).toEqual([5, 3, 3, 8]);
     expect(i32(layout.tokenIds, 8)).toEqual([100, 101, 102, 103, 104, 0, 0, 0]);
     expect(i32(layout.positions, 8)).toEqual([0, 1, 2, 17, 39, 0, 0, 0]);
     expect(i32(layout.slotMapping, 8)).toEqual([1000, 1001, 1002, 2000, 3000, -1, -1, -1]);
@@ -138,18 +136,6 @@ describe("packStep", () => {
     expect(Array.from(v.u32.subarray(layout.seeds, layout.seeds + 4))).toEqual([0xfffffff0, 0xfffffff1, 0xfffffff2, 0]);
     expect(Array.from(v.u32.subarray(layout.counters, layout.counters + 4))).toEqual([3, 4, 5, 0]);
     expect(i32(layout.blockTables, 3 * B)).toEqual([0, -1, -1, -1, 10, 11, -1, -1, 20, 21, 22, -1]);
-  });
-
-  it("groups decode rows with adapters by slot into segments of at most 4 rows, in row order", () => {
-    const slots = [2, -1, 2, 0, 2, 2, 2, 1, 3];
-    const lens = [...slots.map(() => 1), 5];
-    const b = batch(lens, lens.map((l) => l + 20), B, [...slots, 2]);
-    const { v } = pack(b, layout);
-    expect(v.i32[layout.counts + 4]).toBe(5);
-    const segs = Array.from({ length: 5 }, (_, g) => Array.from(v.i32.subarray(layout.loraSegs + 5 * g, layout.loraSegs + 5 * g + 5)));
-    expect(segs).toEqual([[2, 0, 2, 4, 5], [0, 3, -1, -1, -1], [2, 6, -1, -1, -1], [1, 7, -1, -1, -1], [3, 8, -1, -1, -1]]);
-    // Without adapters: no segments.
-    expect(pack(batch([1, 1], [5, 6], B), layout).v.i32[layout.counts + 4]).toBe(0);
   });
 
   it("leaves words past the copied prefix alone and reports no adapters when none is used", () => {

@@ -10,7 +10,7 @@
 //
 // Layout (4-byte words; each region starts on a 256-byte boundary; blockTables last
 // so that the copy can stop after the live sequences' rows):
-//   counts       [8]            numTokens, numSeqs, numSample, padTokens, numLoraSegs, 0, 0, 0
+//   counts       [4]            numTokens, numSeqs, numSample, padTokens
 //   tokenIds     [tokens]       i32; padded rows: 0
 //   positions    [tokens]       i32; padded rows: 0
 //   slotMapping  [tokens]       i32; padded rows: -1 (no KV write)
@@ -23,10 +23,6 @@
 //   topK         [seqs]         i32; padded: 0
 //   seeds        [seqs]         u32; padded: 0
 //   counters     [seqs]         u32; padded: 0
-//   loraSegs     [seqs * 5]     i32: decode rows with an adapter, grouped by slot into
-//                               segments of up to LORA_SEG_ROWS rows: {slot, row0..row3},
-//                               unused rows -1; numLoraSegs of them are live (the decode
-//                               LoRA kernel reads each adapter once per segment, not per row)
 //   blockTables  [seqs * B]     i32, row stride B = the capacity's blocksPerSeq (a step
 //                               with fewer blocks per sequence is re-strided, -1 filled);
 //                               rows of padded sequences are not uploaded (context 0)
@@ -56,14 +52,9 @@ export interface StepLayout {
   readonly topK: number;
   readonly seeds: number;
   readonly counters: number;
-  readonly loraSegs: number;
   readonly blockTables: number;
   readonly totalWords: number;
 }
-
-/** Decode rows per LoRA segment (kernels/lora.cu kSegRows), and words per segment (slot + rows). */
-export const LORA_SEG_ROWS = 4;
-export const LORA_SEG_WORDS = 1 + LORA_SEG_ROWS;
 
 /** Words per 256 bytes: every region is aligned for vector loads and cuBLAS-style alignment. */
 const ALIGN_WORDS = 64;
@@ -106,7 +97,7 @@ export function stepLayout(capacity: StepCapacity): StepLayout {
     at = alignUp(at + words, ALIGN_WORDS);
     return start;
   };
-  const counts = region(8);
+  const counts = region(4);
   const tokenIds = region(tokens);
   const positions = region(tokens);
   const slotMapping = region(tokens);
@@ -119,11 +110,10 @@ export function stepLayout(capacity: StepCapacity): StepLayout {
   const topK = region(seqs);
   const seeds = region(seqs);
   const counters = region(seqs);
-  const loraSegs = region(seqs * LORA_SEG_WORDS);
   const blockTables = region(seqs * blocksPerSeq);
   return {
     capacity, counts, tokenIds, positions, slotMapping, loraSlots, queryStart, contextLens, sampleRows,
-    temperature, topP, topK, seeds, counters, loraSegs, blockTables, totalWords: at,
+    temperature, topP, topK, seeds, counters, blockTables, totalWords: at,
   };
 }
 
@@ -215,33 +205,11 @@ export function packStep(batch: StepBatch, layout: StepLayout, v: StagingViews):
 
   const qs = batch.queryStart;
   let hasPrefill = false, hasDecode = false;
-  // Decode rows with an adapter, grouped by slot (in row order) into segments.
-  const sg = layout.loraSegs;
-  let segs = 0;
   for (let s = 0; s < S; s++) {
     const len = qs[s + 1]! - qs[s]!;
     if (len > 1) hasPrefill = true;
-    else if (len === 1) {
-      hasDecode = true;
-      const row = qs[s]!, slot = ls[row]!;
-      if (slot < 0) continue;
-      let at = -1;
-      for (let g = 0; g < segs && at < 0; g++) {
-        const o = sg + g * LORA_SEG_WORDS;
-        if (i32[o] === slot && i32[o + LORA_SEG_ROWS] === -1) at = o;
-      }
-      if (at < 0) {
-        at = sg + segs++ * LORA_SEG_WORDS;
-        i32[at] = slot;
-        i32.fill(-1, at + 1, at + LORA_SEG_WORDS);
-      }
-      let j = 1;
-      while (i32[at + j] !== -1) j++;
-      i32[at + j] = row;
-    }
+    else if (len === 1) hasDecode = true;
   }
-  i32[c + 4] = segs;
-  i32.fill(0, c + 5, c + 8);
   i32.set(qs.subarray(0, S + 1), layout.queryStart);
   i32.fill(T, layout.queryStart + S + 1, layout.queryStart + padSeqs + 1);
   i32.set(batch.contextLens.subarray(0, S), layout.contextLens);

@@ -16,21 +16,20 @@
 // knows the step is decode-only or prefill-only) and skips that lookup.
 //
 //   BGMV (decode rows): memory-bound gathered GEMV, each row reads its own adapter.
-//     lora_bgmv_fused    grid (seqCap * 8), 128 threads, clusters of 8 CTAs (sm_90): one
-//                        cluster per segment (up to 4 decode rows of one adapter, grouped by
-//                        the host), shrink and expand in one launch. CTA c of the cluster
-//                        reduces the c-th eighth of K for every rank and row (A x partials in
+//     lora_bgmv_fused    grid (rowCap * 8), 128 threads, clusters of 8 CTAs (sm_90): one
+//                        cluster per row, shrink and expand in one launch. CTA c of the
+//                        cluster reduces the c-th eighth of K for every rank (A x partials in
 //                        its shared memory), the cluster barrier publishes them, each CTA sums
 //                        the eight partials through distributed shared memory and expands the
-//                        c-th eighth of N. So every byte of A and B is read once per segment,
-//                        and there is no second launch: with two kernels (shrink, expand) the
-//                        launch gaps, not the bytes, set the time (measured on an H100: 10.3 us
-//                        for 32 rows at K = N = 4096, rank 16). Each thread of the expand makes
-//                        8 consecutive outputs (32-byte f32 out RMW per row) from 8 contiguous
-//                        rows of its slot's B. Tried and measured worse (bench/kernels.ts,
-//                        H100): 256-thread CTAs with the expand's B rows and out values loaded
-//                        before the shrink (8.8 -> 13.5 us for o_proj, 17.2 -> 21.6 us for the
-//                        fused q/k/v, one row per cluster).
+//                        c-th eighth of N. So every byte of A and B is read once per row, by
+//                        8 x rowCap CTAs in parallel, and there is no second launch: with two
+//                        kernels (shrink, expand) the launch gaps, not the bytes, set the time
+//                        (measured on an H100: 10.3 us for 32 rows at K = N = 4096, rank 16).
+//                        Tried and measured worse (bench/kernels.ts, H100): 256-thread CTAs
+//                        with the expand's B rows and out values loaded before the shrink
+//                        (8.8 -> 13.5 us for o_proj, 17.2 -> 21.6 us for the fused q/k/v).
+//                        Each thread of the expand makes 8 consecutive outputs (32-byte f32
+//                        out RMW) from 8 contiguous rows of its slot's B.
 //     lora_bgmv_shrink / lora_bgmv_expand: the same in two launches, for devices without
 //                        clusters (before sm_90).
 //   SGMV (prefill rows): a CTA owns a tile of 64 consecutive rows and runs once per distinct
@@ -392,7 +391,6 @@ namespace {
 constexpr int kCluster = 8;
 constexpr int kFusedMaxRank = 64;
 constexpr int kMaxSplits = 4;
-constexpr int kSegRows = 4;  // step_layout.ts LORA_SEG_ROWS
 }  // namespace
 
 // Splits (a fused linear's member projections, e.g. q/k/v): the output's columns
@@ -400,46 +398,33 @@ constexpr int kSegRows = 4;  // step_layout.ts LORA_SEG_ROWS
 // multiple of 8. A slot holds S (A, B, rank, scale): A [S][maxRank][K] per slot, so the
 // shrink runs over S * maxRank "virtual ranks" v = j * maxRank + r, valid when r is below
 // split j's rank; B keeps one row per output column ([N][maxRank] per slot).
-//
-// Segments: the host groups the step's decode rows that have an adapter by slot, up to
-// kSegRows rows per segment (loraSegs: {slot, row0..row3}, -1 = unused; counts[4] live
-// segments). Cluster c serves segment c: each A and B element is loaded once per segment
-// and used for all its rows, so rows sharing an adapter share the loads. A row's sums
-// are the same whatever its segment-mates (each row has its own accumulators, reduced in
-// the same order), so results do not depend on the batch.
 extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(128)
     lora_bgmv_fused(float* __restrict__ out, const bf16* __restrict__ x, const bf16* __restrict__ A, const bf16* __restrict__ B,
-                    const int* __restrict__ ranks, const float* __restrict__ scales, const int* __restrict__ segs,
-                    const int* __restrict__ counts, int segCap, int K, int N, int maxRank, int S, int o1, int o2, int o3) {
-  __shared__ float part[kSegRows][kMaxSplits * kFusedMaxRank];  // this CTA's share of A x (its eighth of K)
-  __shared__ float tv[kSegRows][kMaxSplits * kFusedMaxRank];    // A x, summed over the cluster; zero where invalid
+                    const int* __restrict__ ranks, const float* __restrict__ scales, const int* __restrict__ loraSlots,
+                    const int* __restrict__ queryStart, const int* __restrict__ counts, int seqCap, int cap, int K, int N,
+                    int maxRank, int mode, int S, int o1, int o2, int o3) {
+  __shared__ float part[kMaxSplits * kFusedMaxRank];  // this CTA's share of A x (its eighth of K)
+  __shared__ float tv[kMaxSplits * kFusedMaxRank];    // A x, summed over the cluster; zero where invalid
   __shared__ int rk[kMaxSplits];
-  const int seg = blockIdx.x / kCluster;
+  const int row = blockIdx.x / kCluster;
   const unsigned crank = cluster_ctarank();
-  // Every CTA of a cluster has the same segment, so they all return here or none does
-  // (the cluster barriers below need all eight).
-  if (seg >= min(counts[4], segCap)) return;
-  const int* sg = segs + seg * (1 + kSegRows);
-  const int slot = sg[0];
-  int rows[kSegRows];
-  int nr = 0;
-#pragma unroll
-  for (int i = 0; i < kSegRows; i++) {
-    rows[i] = sg[1 + i];
-    if (rows[i] >= 0) nr = i + 1;
-  }
+  // Every CTA of a cluster has the same row, so they all return here or none does (the
+  // cluster barriers below need all eight).
+  const int slot = row_slot(loraSlots, queryStart, counts, seqCap, cap, row, mode, true);
+  if (slot < 0) return;
   int any = 0;
   for (int j = 0; j < S; j++) any |= ranks[slot * S + j];
-  if (any == 0 || nr == 0) return;
+  if (any == 0) return;
   if (threadIdx.x < kMaxSplits) rk[threadIdx.x] = threadIdx.x < S ? min(ranks[slot * S + threadIdx.x], kFusedMaxRank) : 0;
   __syncthreads();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int V = S * maxRank;
 
   // Shrink over this CTA's slice of K (in 8-element vectors): warp w owns virtual ranks
-  // 4w..4w+3, then 16 + 4w..., the lanes stride the slice; each A vector meets every row.
+  // 4w..4w+3, then 16 + 4w..., the lanes stride the slice.
   const int kv = K / 8, kper = (kv + kCluster - 1) / kCluster;
   const int kv0 = crank * kper, kv1 = min(kv, kv0 + kper);
+  const uint4* xr = reinterpret_cast<const uint4*>(x + (long long)row * K);
   const bf16* aSlot = A + (long long)slot * V * K;
   for (int v0 = warp * 4; v0 < V; v0 += 16) {
     bool ok[4];
@@ -451,65 +436,46 @@ extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(128)
       anyOk |= ok[j];
     }
     if (!anyOk) continue;
-    float acc[4][kSegRows];
-#pragma unroll
-    for (int j = 0; j < 4; j++)
-#pragma unroll
-      for (int i = 0; i < kSegRows; i++) acc[j][i] = 0.f;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
     for (int c = kv0 + lane; c < kv1; c += 32) {
       uint4 av[4];
 #pragma unroll
       for (int j = 0; j < 4; j++) {
         if (ok[j]) av[j] = reinterpret_cast<const uint4*>(aSlot + (long long)(v0 + j) * K)[c];
       }
-      float xf[kSegRows][8];
-#pragma unroll
-      for (int i = 0; i < kSegRows; i++) {
-        if (i < nr) unpack8(reinterpret_cast<const uint4*>(x + (long long)rows[i] * K)[c], xf[i]);
-      }
+      float xf[8];
+      unpack8(xr[c], xf);
 #pragma unroll
       for (int j = 0; j < 4; j++) {
         if (ok[j]) {
           float af[8];
           unpack8(av[j], af);
 #pragma unroll
-          for (int i = 0; i < kSegRows; i++) {
-            if (i < nr) {
-#pragma unroll
-              for (int q = 0; q < 8; q++) acc[j][i] = fmaf(af[q], xf[i][q], acc[j][i]);
-            }
-          }
+          for (int q = 0; q < 8; q++) acc[j] = fmaf(af[q], xf[q], acc[j]);
         }
       }
     }
 #pragma unroll
     for (int j = 0; j < 4; j++) {
-#pragma unroll
-      for (int i = 0; i < kSegRows; i++) {
-        if (i < nr) {
-          const float v = warp_sum(acc[j][i]);
-          if (lane == 0 && ok[j]) part[i][v0 + j] = v;
-        }
-      }
+      const float v = warp_sum(acc[j]);
+      if (lane == 0 && ok[j]) part[v0 + j] = v;
     }
   }
   cluster_arrive();
   cluster_wait();  // every CTA's partials are written and visible
   // Summed in rank order of the cluster, the same on every CTA: the row's result does not
   // depend on which CTA expands which columns.
-  for (int e = threadIdx.x; e < kSegRows * kMaxSplits * kFusedMaxRank; e += blockDim.x) {
-    const int i = e / (kMaxSplits * kFusedMaxRank), v = e % (kMaxSplits * kFusedMaxRank);
-    float a = 0.f;
-    if (i < nr && v < V && v % maxRank < rk[v / maxRank]) {
-      for (unsigned q = 0; q < kCluster; q++) a += ld_cluster_f32(&part[i][v], q);
+  for (int v = threadIdx.x; v < kMaxSplits * kFusedMaxRank; v += blockDim.x) {
+    float acc = 0.f;
+    if (v < V && v % maxRank < rk[v / maxRank]) {
+      for (unsigned q = 0; q < kCluster; q++) acc += ld_cluster_f32(&part[v], q);
     }
-    tv[i][v] = a;
+    tv[v] = acc;
   }
   cluster_arrive();  // done reading the others' shared memory; they may exit once all arrive
   __syncthreads();
 
-  // Expand this CTA's eighth of N (in 8-output vectors); each vector lies in one split,
-  // and each B vector meets every row of the segment.
+  // Expand this CTA's eighth of N (in 8-output vectors); each vector lies in one split.
   const int nv = N / 8, nper = (nv + kCluster - 1) / kCluster;
   const int nv1 = min(nv, (int)(crank + 1) * nper);
   for (int u = crank * nper + threadIdx.x; u < nv1; u += blockDim.x) {
@@ -518,15 +484,14 @@ extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(128)
     const int rank = rk[j];
     if (rank <= 0) continue;
     const float scale = scales[slot * S + j];
-    const int tj = j * maxRank;
+    const float* tj = tv + j * maxRank;
     const bf16* bb = B + ((long long)slot * N + n0) * maxRank;
-    float acc[kSegRows][8];
-#pragma unroll
-    for (int i = 0; i < kSegRows; i++)
-#pragma unroll
-      for (int e = 0; e < 8; e++) acc[i][e] = 0.f;
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     if (maxRank % 8 == 0) {
       for (int rc = 0; rc < rank; rc += 8) {
+        float tr[8];
+#pragma unroll
+        for (int q = 0; q < 8; q++) tr[q] = tj[rc + q];  // zero past the rank
         uint4 bv[8];
 #pragma unroll
         for (int e = 0; e < 8; e++) bv[e] = *reinterpret_cast<const uint4*>(bb + (long long)e * maxRank + rc);
@@ -534,37 +499,22 @@ extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(128)
         for (int e = 0; e < 8; e++) {
           float bf[8];
           unpack8(bv[e], bf);
+#pragma unroll
           // Masked, not only multiplied by tv's zeros: stale columns could hold NaN bits.
-#pragma unroll
-          for (int q = 0; q < 8; q++) bf[q] = rc + q < rank ? bf[q] : 0.f;
-#pragma unroll
-          for (int i = 0; i < kSegRows; i++) {
-            if (i < nr) {
-#pragma unroll
-              for (int q = 0; q < 8; q++) acc[i][e] = fmaf(bf[q], tv[i][tj + rc + q], acc[i][e]);
-            }
-          }
+          for (int q = 0; q < 8; q++) acc[e] = fmaf(rc + q < rank ? bf[q] : 0.f, tr[q], acc[e]);
         }
       }
     } else {
       for (int e = 0; e < 8; e++) {
-        for (int r = 0; r < rank; r++) {
-          const float bv = __bfloat162float(bb[(long long)e * maxRank + r]);
-          for (int i = 0; i < nr; i++) acc[i][e] = fmaf(bv, tv[i][tj + r], acc[i][e]);
-        }
+        for (int r = 0; r < rank; r++) acc[e] = fmaf(__bfloat162float(bb[(long long)e * maxRank + r]), tj[r], acc[e]);
       }
     }
-#pragma unroll
-    for (int i = 0; i < kSegRows; i++) {
-      if (i < nr) {
-        float4* d4 = reinterpret_cast<float4*>(out + (long long)rows[i] * N + n0);
-        float4 a = d4[0], b = d4[1];
-        a.x += scale * acc[i][0]; a.y += scale * acc[i][1]; a.z += scale * acc[i][2]; a.w += scale * acc[i][3];
-        b.x += scale * acc[i][4]; b.y += scale * acc[i][5]; b.z += scale * acc[i][6]; b.w += scale * acc[i][7];
-        d4[0] = a;
-        d4[1] = b;
-      }
-    }
+    float4* d4 = reinterpret_cast<float4*>(out + (long long)row * N + n0);
+    float4 a = d4[0], b = d4[1];
+    a.x += scale * acc[0]; a.y += scale * acc[1]; a.z += scale * acc[2]; a.w += scale * acc[3];
+    b.x += scale * acc[4]; b.y += scale * acc[5]; b.z += scale * acc[6]; b.w += scale * acc[7];
+    d4[0] = a;
+    d4[1] = b;
   }
   cluster_wait();
 }
