@@ -27,7 +27,11 @@
 //                        (measured on an H100: 10.3 us for 32 rows at K = N = 4096, rank 16).
 //                        Tried and measured worse (bench/kernels.ts, H100): 256-thread CTAs
 //                        with the expand's B rows and out values loaded before the shrink
-//                        (8.8 -> 13.5 us for o_proj, 17.2 -> 21.6 us for the fused q/k/v).
+//                        (8.8 -> 13.5 us for o_proj, 17.2 -> 21.6 us for the fused q/k/v); and
+//                        one cluster per segment of up to 4 rows sharing an adapter (grouped
+//                        on the host), each A / B vector used for all the segment's rows
+//                        (17.2 -> 25.6 us for q/k/v with 8 adapters over 32 rows, and slower
+//                        even for single rows: the per-row arrays went to local memory).
 //                        Each thread of the expand makes 8 consecutive outputs (32-byte f32
 //                        out RMW) from 8 contiguous rows of its slot's B.
 //     lora_bgmv_shrink / lora_bgmv_expand: the same in two launches, for devices without
