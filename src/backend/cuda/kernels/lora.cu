@@ -31,7 +31,11 @@
 //                        one cluster per segment of up to 4 rows sharing an adapter (grouped
 //                        on the host), each A / B vector used for all the segment's rows
 //                        (17.2 -> 25.6 us for q/k/v with 8 adapters over 32 rows, and slower
-//                        even for single rows: the per-row arrays went to local memory).
+//                        even for single rows: the per-row arrays went to local memory); and
+//                        running the decode LoRA on a side stream beside the base GEMM (into
+//                        a delta buffer, joined by an add): the Llama-2-7B decode step with 8
+//                        adapters went from 9.28 to 10.34 ms, the concurrent kernels slowing
+//                        the GEMMs more than the LoRA time they hid.
 //                        Each thread of the expand makes 8 consecutive outputs (32-byte f32
 //                        out RMW) from 8 contiguous rows of its slot's B.
 //     lora_bgmv_shrink / lora_bgmv_expand: the same in two launches, for devices without
