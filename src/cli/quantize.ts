@@ -11,7 +11,7 @@ import { createProgress } from "./progress.js";
 // Mirrors of quant/methods.ts and quant/aggregate.ts, kept here so `--help` and usage
 // errors do not load the quantization code; a test checks they agree.
 export const QUANT_METHODS = ["mlgptq", "gptq", "gptq-mixed", "rtn"] as const;
-export const QUANT_AGGREGATES = ["max", "mean", "max-diag", "inv-max"] as const;
+export const QUANT_AGGREGATES = ["max", "mean", "max-psd", "max-diag", "inv-max"] as const;
 
 interface QuantizeFlags {
   model?: string;

@@ -21,11 +21,11 @@ function psd(seed: number, n = 30): Float32Array {
 const hs = [psd(1), psd(2), psd(3)];
 const tokens = [30, 60, 90];
 
-function run(kind: AggregateKind, list = hs, toks = tokens): Float64Array {
+function run(kind: AggregateKind, list = hs, toks = tokens, k = K): Float64Array {
   const agg = aggregator(kind);
-  const st = agg.init(K);
-  list.forEach((h, i) => agg.fold(st, h, K, toks[i]!));
-  return agg.finish(st, K, toks);
+  const st = agg.init(k);
+  list.forEach((h, i) => agg.fold(st, h, k, toks[i]!));
+  return agg.finish(st, k, toks);
 }
 
 describe("aggregates", () => {
@@ -48,11 +48,22 @@ describe("aggregates", () => {
     expect(choleskyLower(Float64Array.from(m), K)).toBe(true);
   });
 
+  it("max-psd is the max with its negative eigenvalues removed", () => {
+    // The indefinite max of a a^T and b b^T, a = (1, 1, 0), b = (0, 1, 1): eigenvalues 1 ± sqrt(2), 1.
+    const m = run("max-psd", [Float32Array.from([1, 1, 0, 1, 1, 0, 0, 0, 0]), Float32Array.from([0, 0, 0, 0, 1, 1, 0, 1, 1])], [1, 1], 3);
+    expect(m.length).toBe(9);
+    const lam = 1 + Math.SQRT2, v = [1 / 2, Math.SQRT1_2, 1 / 2]; // the top eigenvector; eigenvalue 1 has (1, 0, -1)/sqrt(2)
+    for (let i = 0; i < 3; i++) for (let j = 0; j < 3; j++) {
+      const want = lam * v[i]! * v[j]! + (i !== 1 && j !== 1 ? (i === j ? 0.5 : -0.5) : 0);
+      expect(m[i * 3 + j]).toBeCloseTo(want, 12);
+    }
+  });
+
   it("inv-max gives a positive-definite Hessian", () => {
     expect(choleskyLower(run("inv-max"), K)).toBe(true);
   });
 
-  for (const kind of ["max", "mean", "max-diag", "inv-max", "pooled"] as const) {
+  for (const kind of ["max", "mean", "max-psd", "max-diag", "inv-max", "pooled"] as const) {
     it(`${kind}: folding tasks into a stored f32 state later gives the same bits as folding all at once`, () => {
       const agg = aggregator(kind);
       const all = agg.init(K);

@@ -8,6 +8,9 @@
 //   max       Ĥ = max_t H_t element-wise (DESIGN §3): for every channel pair, the task
 //             most sensitive there. May be indefinite; the solver's damping copes.
 //   mean      Ĥ = mean_t H_t: every task's activations (adapter on) weighted alike.
+//   max-psd   the max projected onto the PSD cone (negative eigenvalues set to 0) instead
+//             of damped: keeps the max's structure without the large damping an
+//             indefinite max needs (which pulls GPTQ towards round-to-nearest).
 //   max-diag  Ĥ = S H_mean S, S = diag(sqrt(max_t H_t[k,k] / H_mean[k,k])): the max's
 //             per-channel sensitivity with the mean's correlations; PSD by construction.
 //   inv-max   the LoRA-Inlaid paper's variant as we read it: element-wise max over the
@@ -15,10 +18,10 @@
 //   pooled    Σ_t n_t H_t / Σ_t n_t: all calibration tokens in one Hessian, as if one
 //             data set (GPTQ-mixed, whose H_t are captured without adapters).
 
-import { spdInverse } from "./linalg.js";
+import { spdInverse, symmetricEigen } from "./linalg.js";
 import { dampSchedule } from "./gptq.js";
 
-export const AGGREGATES = ["max", "mean", "max-diag", "inv-max"] as const;
+export const AGGREGATES = ["max", "mean", "max-psd", "max-diag", "inv-max"] as const;
 export type Aggregate = (typeof AGGREGATES)[number];
 export type AggregateKind = Aggregate | "pooled";
 
@@ -43,6 +46,31 @@ const maxAgg: Aggregator = {
     for (let i = 0; i < m.length; i++) if (h[i]! > m[i]!) m[i] = h[i]!;
   },
   finish: (s) => Float64Array.from(s["max"]!),
+};
+
+/** The nearest PSD matrix (Frobenius): eigenvalues below 0 set to 0. */
+export function psdProjection(a: Float64Array, K: number): Float64Array {
+  const { values, vectors } = symmetricEigen(a, K);
+  const out = new Float64Array(K * K);
+  for (let k = 0; k < K; k++) {
+    const lam = values[k]!;
+    if (!(lam > 0)) continue;
+    const ok = k * K;
+    for (let i = 0; i < K; i++) {
+      const c = lam * vectors[ok + i]!;
+      if (c === 0) continue;
+      const oi = i * K;
+      for (let j = 0; j < K; j++) out[oi + j] = out[oi + j]! + c * vectors[ok + j]!;
+    }
+  }
+  return out;
+}
+
+const maxPsdAgg: Aggregator = {
+  kind: "max-psd",
+  init: maxAgg.init,
+  fold: maxAgg.fold,
+  finish: (s, K) => psdProjection(Float64Array.from(s["max"]!), K),
 };
 
 const meanAgg: Aggregator = {
@@ -119,6 +147,7 @@ export function aggregator(kind: AggregateKind): Aggregator {
   switch (kind) {
     case "max": return maxAgg;
     case "mean": return meanAgg;
+    case "max-psd": return maxPsdAgg;
     case "max-diag": return maxDiagAgg;
     case "inv-max": return invMaxAgg;
     case "pooled": return pooledAgg;

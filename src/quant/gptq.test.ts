@@ -2,7 +2,7 @@ import { describe, expect, it } from "vitest";
 import { mulberry32 } from "../backend/rng.js";
 import { outputError } from "./error.js";
 import { actOrder, dampSchedule, gptqQuantize } from "./gptq.js";
-import { choleskyInverseUpper, choleskyLower } from "./linalg.js";
+import { choleskyInverseUpper, choleskyLower, symmetricEigen } from "./linalg.js";
 import { quantizeRtn } from "./rtn.js";
 import { dequantize, numGroups, type QuantSpec } from "./types.js";
 
@@ -72,6 +72,29 @@ describe("linalg", () => {
       }
     }
     expect(worst).toBeLessThan(1e-8);
+  });
+
+  it("symmetricEigen: V diag(values) V^T rebuilds the matrix, with orthonormal V", () => {
+    const n = 40;
+    const a = new Float64Array(n * n);
+    const rand = mulberry32(9);
+    for (let i = 0; i < n; i++) for (let j = 0; j <= i; j++) a[i * n + j] = a[j * n + i] = rand() - 0.5;
+    const { values, vectors } = symmetricEigen(a, n);
+    let recon = 0, orth = 0;
+    for (let i = 0; i < n; i++) {
+      for (let j = 0; j < n; j++) {
+        let s = 0, o = 0;
+        for (let k = 0; k < n; k++) {
+          s += vectors[k * n + i]! * values[k]! * vectors[k * n + j]!;
+          o += vectors[i * n + k]! * vectors[j * n + k]!;
+        }
+        recon = Math.max(recon, Math.abs(s - a[i * n + j]!));
+        orth = Math.max(orth, Math.abs(o - (i === j ? 1 : 0)));
+      }
+    }
+    expect(recon).toBeLessThan(1e-12);
+    expect(orth).toBeLessThan(1e-12);
+    expect(values.some((v) => v < 0) && values.some((v) => v > 0)).toBe(true);
   });
 
   it("choleskyLower refuses an indefinite matrix", () => {
