@@ -191,9 +191,6 @@ export interface Backend {
   /** Optional: allocate every per-step buffer at these capacities now (so memory is
    * known before the KV cache is sized, and no step allocates). */
   reserve?(r: StepCapacities): void;
-  /** Optional: linear(out, x, w, bias) then lora(out, x, stack, step), which a backend may
-   * overlap (the LoRA term beside the GEMM). Same result. */
-  linearLora?(out: Tensor, x: Tensor, w: Tensor, bias: Tensor | undefined, stack: LoraStack, step: PreparedStep): void;
   /** Optional: device memory, for sizing the KV cache. */
   memoryInfo?(): { free: number; total: number };
 

@@ -197,8 +197,6 @@ export class CudaBackend implements Backend {
   readonly #graphsEnabled: boolean;
   readonly #stagingEvent: bigint;
   readonly #timing: [bigint, bigint];
-  /** The side stream decode LoRA runs on beside the base GEMM, and its fork / join events. */
-  readonly #side: { stream: bigint; fork: bigint; join: bigint };
 
   readonly #owned = new Set<CudaTensor>();
   readonly #kvCaches = new Set<CudaKvCache>();
@@ -229,7 +227,7 @@ export class CudaBackend implements Backend {
   private constructor(init: {
     driver: CudaDriver; ordinal: number; ctx: bigint; stream: bigint; launcher: KernelLauncher; blas: CublasLt;
     ops: DeviceOps; workspace: bigint; device: CudaDeviceInfo; images: readonly KernelImage[];
-    graphs: boolean; stagingEvent: bigint; timing: [bigint, bigint]; side: { stream: bigint; fork: bigint; join: bigint };
+    graphs: boolean; stagingEvent: bigint; timing: [bigint, bigint];
     capacity: Partial<StepCapacity>;
   }) {
     this.#d = init.driver;
@@ -245,7 +243,6 @@ export class CudaBackend implements Backend {
     this.#graphsEnabled = init.graphs;
     this.#stagingEvent = init.stagingEvent;
     this.#timing = init.timing;
-    this.#side = init.side;
     this.#initialCapacity = init.capacity;
     CudaBackend.#active = this;
     if (process.env.INLAID_GEMM_TUNE !== "0") this.#blas.setTuner(this.#gemmTuner());
@@ -334,10 +331,6 @@ export class CudaBackend implements Backend {
       undo.push(() => d.streamDestroy(stream));
       const stagingEvent = d.eventCreate(CU_EVENT_DISABLE_TIMING);
       undo.push(() => d.eventDestroy(stagingEvent));
-      const sideStream = d.streamCreate(CU_STREAM_NON_BLOCKING);
-      undo.push(() => d.streamDestroy(sideStream));
-      const fork = d.eventCreate(CU_EVENT_DISABLE_TIMING), join = d.eventCreate(CU_EVENT_DISABLE_TIMING);
-      undo.push(() => d.eventDestroy(fork), () => d.eventDestroy(join));
       const t0 = d.eventCreate(CU_EVENT_DEFAULT);
       undo.push(() => d.eventDestroy(t0));
       const t1 = d.eventCreate(CU_EVENT_DEFAULT);
@@ -368,7 +361,7 @@ export class CudaBackend implements Backend {
       return new CudaBackend({
         driver: d, ordinal, ctx, stream, launcher, blas, workspace, device, images,
         ops: opts.ops ? opts.ops(launcher, device) : new CudaOps(launcher, { smCount: device.smCount, clusters: major >= 9 && process.env.INLAID_LORA_CLUSTERS !== "0" }),
-        graphs, stagingEvent, timing: [t0, t1], capacity, side: { stream: sideStream, fork, join },
+        graphs, stagingEvent, timing: [t0, t1], capacity,
       });
     } catch (e) {
       cleanup();
@@ -813,10 +806,6 @@ export class CudaBackend implements Backend {
     for (const s of this.#loraStacks) rank = Math.max(rank, s.maxRank);
     const tokens = this.#layout?.capacity.tokens ?? 0;
     if (rank === 0 || tokens === 0) return null;
-    // The decode LoRA delta (see linearLora): f32 [capSeqs, widest stack].
-    let width = 0;
-    for (const s of this.#loraStacks) width = Math.max(width, s.outDim);
-    this.#ensureScratch("loraDelta", (this.#layout?.capacity.seqs ?? 0) * width * 4);
     return this.#ensureScratch("lora", tokens * rank * 4);
   }
 
@@ -882,45 +871,6 @@ export class CudaBackend implements Backend {
     };
     this.#ops.lora(this.#operand(out), this.#operand(x), dl, p.run);
   }
-
-  /**
-   * linear, then lora, with the LoRA term of decode-only steps computed beside the GEMM:
-   * it is latency-bound (a few microseconds of dependent loads per launch, ~2 % of the
-   * bandwidth the GEMM streams at), so on a side stream it runs in the GEMM's shadow into
-   * a delta buffer, joined by one add. Other steps run the two in order.
-   */
-  linearLora(out: Tensor, x: Tensor, w: Tensor, bias: Tensor | undefined, stack: LoraStack, step: PreparedStep): void {
-    this.#enter();
-    const p = this.#prep(step);
-    const overlap = this.#overlapLora && p.packed.hasDecode && !p.packed.hasPrefill && (this.#capturing || p.packed.anyLora);
-    if (!overlap) {
-      this.linear(out, x, w, bias);
-      this.lora(out, x, stack, step);
-      return;
-    }
-    const s = this.#lora(stack);
-    const scratch = this.#ensureLoraScratch()!;
-    const deltaScratch = this.#scratch.get("loraDelta")!;
-    const o = this.#operand(out);
-    const delta: Operand = { ...o, ptr: deltaScratch.ptr };
-    if (deltaScratch.bytes < o.rowsCap * o.cols * 4) throw new Error("linearLora: the LoRA delta scratch is smaller than the step");
-    const dl: DeviceLora = {
-      a: s.a, b: s.b, ranks: s.ranks, scales: s.scales, numSlots: s.numSlots, maxRank: s.maxRank,
-      inDim: s.inDim, outDim: s.outDim, outDims: s.outDims, scratch: scratch.ptr,
-    };
-    const d = this.#d, side = this.#side;
-    d.eventRecord(side.fork, this.#stream);
-    d.streamWaitEvent(side.stream, side.fork);
-    d.memsetD32Async(deltaScratch.ptr, 0, o.rowsCap * o.cols, side.stream);
-    this.#launcher.onStream(side.stream, () => this.#ops.lora(delta, this.#operand(x), dl, p.run));
-    d.eventRecord(side.join, side.stream);
-    this.linear(out, x, w, bias);
-    d.streamWaitEvent(this.#stream, side.join);
-    this.#ops.addRows(o, delta);
-  }
-
-  /** INLAID_LORA_OVERLAP=0 runs decode LoRA after the GEMM on one stream (for comparison). */
-  readonly #overlapLora = process.env.INLAID_LORA_OVERLAP !== "0";
 
   rope(q: Tensor, k: Tensor, v: Tensor, qkv: Tensor, invFreq: Tensor, headDim: number, step: PreparedStep): void {
     this.#enter();
@@ -1157,9 +1107,6 @@ export class CudaBackend implements Backend {
     quiet(() => this.#blas.dispose());
     quiet(() => this.#launcher.dispose());
     quiet(() => d.eventDestroy(this.#stagingEvent));
-    quiet(() => d.eventDestroy(this.#side.fork));
-    quiet(() => d.eventDestroy(this.#side.join));
-    quiet(() => d.streamDestroy(this.#side.stream));
     for (const e of this.#timing) quiet(() => d.eventDestroy(e));
     quiet(() => d.streamDestroy(this.#stream));
     quiet(() => d.primaryCtxRelease(d.device(this.#ordinal)));

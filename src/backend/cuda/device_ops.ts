@@ -130,8 +130,6 @@ export interface DeviceOps {
   attentionScratchBytes(seqs: number, numHeads: number, headDim: number): number;
   siluMul(out: Operand, gateUp: Operand): void;
   gatherRows(out: Operand, x: Operand, run: StepRun): void;
-  /** out[r] += x[r] (both f32, same shape) for live rows. */
-  addRows(out: Operand, x: Operand): void;
   sample(logits: Operand, run: StepRun, out: SampleOutputs): void;
   /** Device scratch `sample` needs for `rows` x `vocab` logits (allocated once, outside graphs). */
   sampleScratchBytes(rows: number, vocab: number): number;
@@ -156,7 +154,6 @@ export function unavailableOps(reason: string): DeviceOps {
     attention: fail("attention"),
     attentionScratchBytes: () => 0,
     siluMul: fail("siluMul"),
-    addRows: fail("addRows"),
     gatherRows: fail("gatherRows"),
     sample: fail("sample"),
     sampleScratchBytes: () => 0,

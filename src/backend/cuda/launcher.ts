@@ -28,7 +28,7 @@ interface Kernel {
 
 export class KernelLauncher implements Launcher {
   readonly #driver: CudaDriver;
-  #stream: bigint;
+  readonly #stream: bigint;
   readonly #modules: { file: string; mod: bigint }[] = [];
   readonly #kernels = new Map<string, Kernel>();
   readonly #block: unknown;
@@ -83,17 +83,6 @@ export class KernelLauncher implements Launcher {
       }
     }
     return null;
-  }
-
-  /** Runs `fn` with launches going to `stream` (a side stream) instead of the backend's. */
-  onStream<T>(stream: bigint, fn: () => T): T {
-    const prev = this.#stream;
-    this.#stream = stream;
-    try {
-      return fn();
-    } finally {
-      this.#stream = prev;
-    }
   }
 
   launch(name: string, grid: Dim3, block: Dim3, sharedBytes: number, args: readonly KernelArg[]): void {

@@ -107,7 +107,6 @@ function exerciseAll(ops: CudaOps, o: { T: number; S: number; H: number; nH: num
   ops.lora(operand("f32", o.T, qkvCols), normed, stack(o.H, [o.nH * o.D, o.nKv * o.D, o.nKv * o.D]), r);
   ops.lora(gateUp, normed, stack(o.H, [o.I, o.I]), r);
   ops.lora(hidden, act, stack(o.I, [o.H]), r);
-  ops.addRows(hidden, operand("f32", o.T, o.H));
   const last = operand("bf16", o.S, o.H);
   ops.gatherRows(last, normed, r);
   ops.sample(operand("f32", o.S, o.V), r, {

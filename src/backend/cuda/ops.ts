@@ -103,7 +103,7 @@ export function kernelNames(): string[] {
     "kv_cache_write_f32", ...attn,
     "lora_bgmv_fused", "lora_bgmv_shrink", "lora_bgmv_expand", "lora_sgmv_shrink_r16", "lora_sgmv_shrink_r32", "lora_sgmv_shrink_r64", "lora_sgmv_expand",
     "sample_rows",
-    "convert_f32_to_bf16", "convert_bf16_to_f32", "convert_f16_to_bf16", "convert_f16_to_f32", "fill_u32", "fill_u16", "add_rows_f32",
+    "convert_f32_to_bf16", "convert_bf16_to_f32", "convert_f16_to_bf16", "convert_f16_to_f32", "fill_u32", "fill_u16",
     "fill_random_bf16", "fill_random_f32",
   ];
 }
@@ -357,19 +357,6 @@ export class CudaOps implements DeviceOps {
     // grid (row, column chunk of 256 threads x 8 elements): 8 elements per thread.
     this.#launch("silu_mul_f32_bf16", [rows, cdiv(out.cols, 8 * 256), 1], [256, 1, 1], 0, [
       ptr(out.ptr), ptr(gateUp.ptr), ptr(out.liveRows), i32(rows), i32(out.cols),
-    ]);
-  }
-
-  /** out[r] += x[r] for live rows (f32). */
-  addRows(out: Operand, x: Operand): void {
-    const op = "addRows";
-    dtype(op, "out", out, "f32");
-    dtype(op, "x", x, "f32");
-    need(out.cols === x.cols, op, "shape", `out has ${out.cols} columns, x ${x.cols}`);
-    const rows = Math.min(out.rowsCap, x.rowsCap);
-    // grid (column chunks, row): 256 threads x 4 floats per chunk, at most 16 chunks per row.
-    this.#launch("add_rows_f32", [Math.min(16, cdiv(out.cols, 1024)), rows, 1], [256, 1, 1], 0, [
-      ptr(out.ptr), ptr(x.ptr), ptr(out.liveRows), i32(rows), i32(out.cols),
     ]);
   }
 

@@ -101,7 +101,6 @@ interface Fns {
   cuStreamCreate: KoffiFn;
   cuStreamDestroy: KoffiFn;
   cuStreamSynchronize: KoffiFn;
-  cuStreamWaitEvent: KoffiFn;
   cuStreamBeginCapture: KoffiFn;
   cuStreamEndCapture: KoffiFn;
   cuStreamIsCapturing: KoffiFn;
@@ -165,7 +164,6 @@ function bindAll(lib: Parameters<typeof bind>[0]): Fns {
     cuStreamCreate: b("cuStreamCreate", "int cuStreamCreate(void *stream, uint32_t flags)"),
     cuStreamDestroy: b("cuStreamDestroy", "int cuStreamDestroy_v2(uint64_t stream)", "int cuStreamDestroy(uint64_t stream)"),
     cuStreamSynchronize: b("cuStreamSynchronize", "int cuStreamSynchronize(uint64_t stream)"),
-    cuStreamWaitEvent: b("cuStreamWaitEvent", "int cuStreamWaitEvent(uint64_t stream, uint64_t event, uint32_t flags)"),
     cuStreamBeginCapture: b("cuStreamBeginCapture", "int cuStreamBeginCapture_v2(uint64_t stream, int mode)"),
     cuStreamEndCapture: b("cuStreamEndCapture", "int cuStreamEndCapture(uint64_t stream, void *graph)"),
     cuStreamIsCapturing: b("cuStreamIsCapturing", "int cuStreamIsCapturing(uint64_t stream, void *status)"),
@@ -406,11 +404,6 @@ export class CudaDriver {
 
   streamSynchronize(stream: CuHandle): void {
     this.#check("cuStreamSynchronize", this.#f.cuStreamSynchronize(stream));
-  }
-
-  /** Work issued to `stream` after this waits for `event`'s recorded work (a graph edge when capturing). */
-  streamWaitEvent(stream: CuHandle, event: CuHandle): void {
-    this.#check("cuStreamWaitEvent", this.#f.cuStreamWaitEvent(stream, event, 0));
   }
 
   streamBeginCapture(stream: CuHandle, mode: number): void {

@@ -7,8 +7,6 @@
 //   convert_f16_to_f32(out f32 [n], in f16 [n], n)     exact
 //   fill_u32(p u32 [n], n, value)                      e.g. zero fill: value 0, n = bytes / 4
 //   fill_u16(p u16 [n], n, value)                      e.g. a bf16 constant's bits
-//   add_rows_f32(out f32 [cap, n], x f32 [cap, n], live, cap, n): out[r] += x[r] for r < *live
-//       (a LoRA delta computed beside the base GEMM, on a side stream, joins its output)
 //   fill_random_bf16(p bf16 [n], n, seed, aHi, aLo)   p[i] = bf16(f32(a * (2 * uniform(seed, i) - 1)))
 //   fill_random_f32(p f32 [n], n, seed, aHi, aLo)     p[i] =      f32(a * (2 * uniform(seed, i) - 1))
 //       a = std * sqrt(3) is an f64 computed on the host and passed as its two 32-bit halves;
@@ -72,23 +70,4 @@ extern "C" __global__ void fill_random_bf16(bf16* __restrict__ p, unsigned n, un
 extern "C" __global__ void fill_random_f32(float* __restrict__ p, unsigned n, unsigned seed, unsigned aHi, unsigned aLo) {
   const double a = __hiloint2double((int)aHi, (int)aLo);
   for (unsigned long long i = gindex(); i < n; i += gstride()) p[i] = dummy_value(seed, (unsigned)i, a);
-}
-
-extern "C" __global__ void add_rows_f32(float* __restrict__ out, const float* __restrict__ x, const int* __restrict__ live, int cap,
-                                        int n) {
-  const int row = blockIdx.y;
-  if (row >= live_rows(live, cap)) return;
-  const long long base = (long long)row * n;
-  if (n % 4 == 0) {
-    float4* o4 = reinterpret_cast<float4*>(out + base);
-    const float4* x4 = reinterpret_cast<const float4*>(x + base);
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n / 4; i += gridDim.x * blockDim.x) {
-      float4 a = o4[i];
-      const float4 b = x4[i];
-      a.x += b.x; a.y += b.y; a.z += b.z; a.w += b.w;
-      o4[i] = a;
-    }
-  } else {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) out[base + i] += x[base + i];
-  }
 }
