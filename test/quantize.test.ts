@@ -120,6 +120,32 @@ describe("inlaid quantize", () => {
     expect(r.stderr).toContain("has no mlgptq/manifest.json");
   });
 
+  it("per-task gptq writes one checkpoint per task (OUT/TASK); rtn needs no task and takes none with --from", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "inlaid-quantize-"));
+    const perTask = join(dir, "gptq"), rtn = join(dir, "rtn");
+    const [rGptq, rRtn] = await Promise.all([
+      inlaid("quantize", "--model", DEMO_BASE, "--method", "gptq", "--bits", "4", "--group-size", "-1", "--calib-limit", "2", ...task("reverse"), ...task("sort"), "--out", perTask, "--json"),
+      inlaid("quantize", "--model", DEMO_BASE, "--method", "rtn", "--bits", "2", "--out", rtn),
+    ]);
+    expect(rGptq.code, rGptq.stderr).toBe(0);
+    expect((JSON.parse(rGptq.stdout) as { out: string[] }).out).toEqual([join(perTask, "reverse"), join(perTask, "sort")]);
+    expect(readdirSync(perTask).sort()).toEqual(["reverse", "sort"]);
+    const a = readQuantizedWeights(join(perTask, "reverse")), b = readQuantizedWeights(join(perTask, "sort"));
+    expect(a.size).toBe(42);
+    // Solved under different Hessians: the two bases differ.
+    const name = "model.layers.5.mlp.down_proj";
+    expect(Buffer.from(a.get(name)!.codes).equals(Buffer.from(b.get(name)!.codes))).toBe(false);
+    const m = JSON.parse(readFileSync(join(perTask, "sort", "mlgptq", "manifest.json"), "utf8")) as { method: string; tasks: { name: string }[] };
+    expect(m.method).toBe("gptq");
+    expect(m.tasks.map((t) => t.name)).toEqual(["sort"]);
+
+    expect(rRtn.code, rRtn.stderr).toBe(0);
+    expect(readQuantizedWeights(rtn).get(name)!.spec.bits).toBe(2);
+    const r = await inlaid("quantize", "--from", rtn, ...task("caesar"), "--out", join(dir, "never"));
+    expect(r.code).toBe(1);
+    expect(r.stderr).toContain("was made with --method rtn, which keeps no Hessians to add to");
+  }, 300_000);
+
   it("{reverse, sort} then --from {caesar, mirror} is byte-identical to all four at once; a killed run resumes from its work folder", async () => {
     const dir = mkdtempSync(join(tmpdir(), "inlaid-quantize-"));
     const all = join(dir, "all"), first = join(dir, "first"), inc = join(dir, "inc");
