@@ -445,21 +445,33 @@ extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(128)
     }
     if (!anyOk) continue;
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int c = kv0 + lane; c < kv1; c += 32) {
-      uint4 av[4];
-#pragma unroll
-      for (int j = 0; j < 4; j++) {
-        if (ok[j]) av[j] = reinterpret_cast<const uint4*>(aSlot + (long long)(v0 + j) * K)[c];
-      }
-      float xf[8];
-      unpack8(xr[c], xf);
+    // Two of the lane's vectors per trip, all their loads issued before any math: the
+    // launch is a chain of dependent memory round trips, and this halves the shrink's.
+    for (int c0 = kv0 + lane; c0 < kv1; c0 += 64) {
+      const int c1 = c0 + 32;
+      const bool has1 = c1 < kv1;
+      uint4 av[2][4];
 #pragma unroll
       for (int j = 0; j < 4; j++) {
         if (ok[j]) {
-          float af[8];
-          unpack8(av[j], af);
+          av[0][j] = reinterpret_cast<const uint4*>(aSlot + (long long)(v0 + j) * K)[c0];
+          if (has1) av[1][j] = reinterpret_cast<const uint4*>(aSlot + (long long)(v0 + j) * K)[c1];
+        }
+      }
+      const uint4 xv0 = xr[c0], xv1 = has1 ? xr[c1] : make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
-          for (int q = 0; q < 8; q++) acc[j] = fmaf(af[q], xf[q], acc[j]);
+      for (int h = 0; h < 2; h++) {
+        if (h == 1 && !has1) break;
+        float xf[8];
+        unpack8(h == 0 ? xv0 : xv1, xf);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+          if (ok[j]) {
+            float af[8];
+            unpack8(av[h][j], af);
+#pragma unroll
+            for (int q = 0; q < 8; q++) acc[j] = fmaf(af[q], xf[q], acc[j]);
+          }
         }
       }
     }
@@ -495,21 +507,34 @@ extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(128)
     const float* tj = tv + j * maxRank;
     const bf16* bb = B + ((long long)slot * N + n0) * maxRank;
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    // out's old values load together with the first B rows (independent of each other).
+    float4* d4 = reinterpret_cast<float4*>(out + (long long)row * N + n0);
+    float4 oa = d4[0], ob = d4[1];
     if (maxRank % 8 == 0) {
-      for (int rc = 0; rc < rank; rc += 8) {
-        float tr[8];
-#pragma unroll
-        for (int q = 0; q < 8; q++) tr[q] = tj[rc + q];  // zero past the rank
-        uint4 bv[8];
-#pragma unroll
-        for (int e = 0; e < 8; e++) bv[e] = *reinterpret_cast<const uint4*>(bb + (long long)e * maxRank + rc);
+      // Sixteen ranks per trip (two 8-rank chunks of 8 B rows), loads before math.
+      for (int rc = 0; rc < rank; rc += 16) {
+        const bool two = rc + 8 < rank;
+        uint4 bv[2][8];
 #pragma unroll
         for (int e = 0; e < 8; e++) {
-          float bf[8];
-          unpack8(bv[e], bf);
+          bv[0][e] = *reinterpret_cast<const uint4*>(bb + (long long)e * maxRank + rc);
+          if (two) bv[1][e] = *reinterpret_cast<const uint4*>(bb + (long long)e * maxRank + rc + 8);
+        }
 #pragma unroll
-          // Masked, not only multiplied by tv's zeros: stale columns could hold NaN bits.
-          for (int q = 0; q < 8; q++) acc[e] = fmaf(rc + q < rank ? bf[q] : 0.f, tr[q], acc[e]);
+        for (int h = 0; h < 2; h++) {
+          if (h == 1 && !two) break;
+          const int r0 = rc + 8 * h;
+          float tr[8];
+#pragma unroll
+          for (int q = 0; q < 8; q++) tr[q] = tj[r0 + q];  // zero past the rank
+#pragma unroll
+          for (int e = 0; e < 8; e++) {
+            float bf[8];
+            unpack8(bv[h][e], bf);
+            // Masked, not only multiplied by tv's zeros: stale columns could hold NaN bits.
+#pragma unroll
+            for (int q = 0; q < 8; q++) acc[e] = fmaf(r0 + q < rank ? bf[q] : 0.f, tr[q], acc[e]);
+          }
         }
       }
     } else {
@@ -517,12 +542,10 @@ extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(128)
         for (int r = 0; r < rank; r++) acc[e] = fmaf(__bfloat162float(bb[(long long)e * maxRank + r]), tj[r], acc[e]);
       }
     }
-    float4* d4 = reinterpret_cast<float4*>(out + (long long)row * N + n0);
-    float4 a = d4[0], b = d4[1];
-    a.x += scale * acc[0]; a.y += scale * acc[1]; a.z += scale * acc[2]; a.w += scale * acc[3];
-    b.x += scale * acc[4]; b.y += scale * acc[5]; b.z += scale * acc[6]; b.w += scale * acc[7];
-    d4[0] = a;
-    d4[1] = b;
+    oa.x += scale * acc[0]; oa.y += scale * acc[1]; oa.z += scale * acc[2]; oa.w += scale * acc[3];
+    ob.x += scale * acc[4]; ob.y += scale * acc[5]; ob.z += scale * acc[6]; ob.w += scale * acc[7];
+    d4[0] = oa;
+    d4[1] = ob;
   }
   cluster_wait();
 }
