@@ -10,6 +10,7 @@
 // - Ops run in issue order; `read` waits for everything issued before it.
 // - All math is fp32 (accumulate in fp32 even over bf16/f16 storage).
 
+import type { QuantBits, QuantizedWeight } from "../quant/types.js";
 import type { DType, Shape } from "./tensor.js";
 
 export interface Tensor {
@@ -114,6 +115,16 @@ export interface LoraStack {
   readonly outDims: readonly number[];
 }
 
+/**
+ * A quantized linear weight held by a backend (`uploadQuantized`), in the backend's own
+ * layout: W [outDim, inDim] = dequantize(q) of the QuantizedWeight it was made from.
+ */
+export interface QuantizedTensor {
+  readonly inDim: number;
+  readonly outDim: number;
+  readonly bits: QuantBits;
+}
+
 export interface StepCapacities {
   readonly maxTokens: number;
   readonly maxSeqs: number;
@@ -187,6 +198,14 @@ export interface Backend {
   gatherRows(out: Tensor, x: Tensor, step: PreparedStep): void;
   /** Picks one token per row of logits [numSample, V] as step.sampling says. */
   sample(logits: Tensor, step: PreparedStep): SampleResult;
+
+  /** Optional, with linearQuantized and freeQuantized: low-bit weights (GPTQ, quant/types.ts).
+   * Throws an error named "QuantLayoutError" for a shape or grouping the backend's kernels
+   * do not take (the caller then serves that linear dense). */
+  uploadQuantized?(q: QuantizedWeight): QuantizedTensor;
+  /** out [n, outDim] (f32) = x [n, inDim] (activationDtype) @ dequantize(w)^T (+ bias, f32). */
+  linearQuantized?(out: Tensor, x: Tensor, w: QuantizedTensor, bias?: Tensor): void;
+  freeQuantized?(w: QuantizedTensor): void;
 
   /** Optional: allocate every per-step buffer at these capacities now (so memory is
    * known before the KV cache is sized, and no step allocates). */

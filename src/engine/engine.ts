@@ -14,7 +14,8 @@ import { loadModelConfig, type ModelConfig } from "../model/config.js";
 import { IncrementalDetokenizer } from "../model/detokenizer.js";
 import { LlamaModel } from "../model/llama.js";
 import { SafetensorsDir } from "../model/safetensors.js";
-import { openQuantizedSource, readQuantSpec } from "../quant/checkpoint.js";
+import { QuantizedSource, openQuantizedSource, readQuantSpec } from "../quant/checkpoint.js";
+import { QuantizedLinears } from "../quant/load_quantized.js";
 import { TextTokenizer } from "../model/tokenizer.js";
 import { DUMMY, loadLlamaWeights } from "../model/weights.js";
 import { createPolicy } from "../scheduler/index.js";
@@ -67,6 +68,9 @@ export interface EngineOptions {
   readonly policy?: string;
   /** "safetensors" (default) reads the checkpoint; "dummy" makes random weights from config.json alone. */
   readonly loadFormat?: "safetensors" | "dummy";
+  /** Serve a GPTQ checkpoint's linears with the backend's low-bit kernels (default: on CUDA,
+   * unless INLAID_QUANT_KERNELS=0); off, they are dequantized at load (as on the CPU). */
+  readonly quantKernels?: boolean;
   /** Progress while loading. */
   readonly onProgress?: (message: string) => void;
 }
@@ -552,10 +556,17 @@ export async function createEngine(opts: EngineOptions): Promise<Engine> {
   const src = opts.loadFormat === "dummy" ? DUMMY : readQuantSpec(dir) ? openQuantizedSource(dir) : SafetensorsDir.open(dir);
   let loaded = 0;
   const total = src === DUMMY ? 0 : src.names().length;
-  const weights = loadLlamaWeights(backend, config, src, () => {
+  const counted = (): void => {
     loaded++;
     if (loaded % 64 === 0 || loaded === total) say(`loaded ${loaded}${total ? `/${total}` : ""} tensors`);
-  });
+  };
+  // A GPTQ checkpoint's linears stay quantized where the backend has low-bit kernels
+  // (src/quant/load_quantized.ts); the rest is dequantized at load by the QuantizedSource.
+  const quantKernels = opts.quantKernels ?? (backend.name === "cuda" && process.env.INLAID_QUANT_KERNELS !== "0");
+  const quant = src instanceof QuantizedSource && quantKernels ? QuantizedLinears.load(backend, config, dir, { onTensor: counted }) : null;
+  if (quant) say(`${quant.size} fused linears served by low-bit kernels`);
+  const dense = loadLlamaWeights(backend, config, src, counted, quant ? { skip: quant.skip } : undefined);
+  const weights = quant ? quant.attach(dense) : dense;
   if (src !== DUMMY) src.close();
 
   const maxLoraRank = opts.maxLoraRank ?? 64;

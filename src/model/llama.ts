@@ -60,7 +60,9 @@ export class LlamaModel {
     this.#layers = weights.layers.map((lw, l) => {
       const proj = {} as Record<LinearGroup, Linear>;
       for (const g of GROUP_NAMES) {
-        const base = new DenseLinear(backend, lw.proj[g], lw.bias[g]);
+        const dense = lw.proj[g];
+        const base = lw.linears?.[g] ?? (dense ? new DenseLinear(backend, dense, lw.bias[g]) : null);
+        if (!base) throw new Error(`layer ${l} has neither a weight nor a linear for ${g}`);
         proj[g] = wrap ? wrap(l, g, base) : base;
       }
       return { inputNorm: lw.inputNorm, postAttnNorm: lw.postAttnNorm, proj };

@@ -2,15 +2,24 @@
 
 import type { Backend, HostTensor, Tensor } from "../backend/backend.js";
 import type { ModelConfig } from "./config.js";
-import { GROUP_NAMES, LINEAR_GROUPS, groupOf, type LinearGroup, type Projection } from "./linear.js";
+import { GROUP_NAMES, LINEAR_GROUPS, groupOf, type Linear, type LinearGroup, type Projection } from "./linear.js";
 
 export interface LayerWeights {
   readonly inputNorm: Tensor;
   readonly postAttnNorm: Tensor;
   /** Fused weights [sum of the members' outDims, inDim]: the members' rows stacked in
-   * LINEAR_GROUPS order (see projRows). */
-  readonly proj: Readonly<Record<LinearGroup, Tensor>>;
+   * LINEAR_GROUPS order (see projRows). Absent for a group loaded some other way (`linears`). */
+  readonly proj: Readonly<Partial<Record<LinearGroup, Tensor>>>;
   readonly bias: Readonly<Partial<Record<LinearGroup, Tensor>>>;
+  /** Base linears made elsewhere (e.g. low-bit QuantLinears); the model uses them instead of a
+   * dense linear over proj[group]. */
+  readonly linears?: Readonly<Partial<Record<LinearGroup, Linear>>>;
+}
+
+export interface LoadWeightsOptions {
+  /** Groups whose weights are not loaded (their base linear comes from elsewhere: LayerWeights.linears).
+   * Their biases still are. */
+  readonly skip?: (layer: number, group: LinearGroup) => boolean;
 }
 
 export interface LlamaWeights {
@@ -92,6 +101,7 @@ export function loadLlamaWeights(
   cfg: ModelConfig,
   src: TensorSource | typeof DUMMY,
   onTensor?: (name: string) => void,
+  opts: LoadWeightsOptions = {},
 ): LlamaWeights {
   let seed = 0;
   // `dtype` overrides the backend's weight dtype: biases are added to f32 matmul outputs
@@ -132,13 +142,13 @@ export function loadLlamaWeights(
   const layers: LayerWeights[] = [];
   for (let l = 0; l < cfg.numLayers; l++) {
     const pre = `model.layers.${l}`;
-    const proj = {} as Record<LinearGroup, Tensor>;
+    const proj: Partial<Record<LinearGroup, Tensor>> = {};
     const bias: Partial<Record<LinearGroup, Tensor>> = {};
     for (const g of GROUP_NAMES) {
       const members = LINEAR_GROUPS[g] as readonly Projection[];
       const name = (p: Projection, what: string): string => `${pre}.${PROJ_PREFIX[p]}.${p}.${what}`;
       const dims = members.map((p) => projDims(cfg, p));
-      proj[g] = takeGroup(members.map((p) => name(p, "weight")), dims.map((d) => [d.outDim, d.inDim]));
+      if (!opts.skip?.(l, g)) proj[g] = takeGroup(members.map((p) => name(p, "weight")), dims.map((d) => [d.outDim, d.inDim]));
       // Members of a group share the bias rule (q/k/v: qkvBias; gate/up: mlpBias).
       if (hasBias(cfg, members[0]!)) bias[g] = takeGroup(members.map((p) => name(p, "bias")), dims.map((d) => [d.outDim]), "f32");
     }

@@ -92,7 +92,7 @@ export class HessianCapture {
     // The layer holds fused weights (q/k/v, gate/up stacked by rows): cut this projection's rows.
     const { group, rowStart, rows } = projRows(this.config, proj);
     const inDim = projDims(this.config, proj).inDim;
-    const fused = this.#backend.read(lw.proj[group]) as Float32Array;
+    const fused = this.#backend.read(lw.proj[group]!) as Float32Array;
     return fused.slice(rowStart * inDim, (rowStart + rows) * inDim);
   }
 

@@ -3,8 +3,9 @@
 // except in the matmul, which dominates and is blocked (matmul.ts).
 
 import type {
-  Backend, HostTensor, KvCache, KvCacheSpec, LoraStack, PreparedStep, SampleResult, StepBatch, Tensor,
+  Backend, HostTensor, KvCache, KvCacheSpec, LoraStack, PreparedStep, QuantizedTensor, SampleResult, StepBatch, Tensor,
 } from "../backend.js";
+import { dequantize, type QuantBits, type QuantizedWeight } from "../../quant/types.js";
 import { loraOutDims, numel, toF32, type DType, type Shape } from "../tensor.js";
 import { uniform } from "../rng.js";
 import { pagedAttention, writeKv, type PagedLayer } from "./attention.js";
@@ -35,6 +36,11 @@ class CpuLoraStack implements LoraStack {
     this.outDim = outDims.reduce((a, b) => a + b, 0);
     this.slots = Array.from({ length: numSlots * outDims.length }, () => ({ rank: 0, scale: 0, a: new Float32Array(0), b: new Float32Array(0) }));
   }
+}
+
+/** A quantized weight on the CPU: its dequantized dense weight [outDim, inDim], f32 (exact: s * (q - z)). */
+class CpuQuantizedTensor implements QuantizedTensor {
+  constructor(readonly inDim: number, readonly outDim: number, readonly bits: QuantBits, readonly dense: Float32Array) {}
 }
 
 function kvOf(kv: KvCache): CpuKvCache {
@@ -155,6 +161,22 @@ export class CpuBackend implements Backend {
     const [N, Kw] = dims2(w);
     if (K !== Kw) throw new Error(`linear: x has ${K} columns but the weight has ${Kw}`);
     matmulNT(cpu(out).f32, cpu(x).f32, cpu(w).f32, n, K, N, bias ? cpu(bias).f32 : undefined);
+  }
+
+  uploadQuantized(q: QuantizedWeight): QuantizedTensor {
+    return new CpuQuantizedTensor(q.inDim, q.outDim, q.spec.bits, dequantize(q));
+  }
+
+  /** The reference of the low-bit kernels: the dense matmul of the dequantized weight. */
+  linearQuantized(out: Tensor, x: Tensor, w: QuantizedTensor, bias?: Tensor): void {
+    if (!(w instanceof CpuQuantizedTensor)) throw new Error("quantized weight does not belong to the CPU backend");
+    const [n, K] = dims2(x);
+    if (K !== w.inDim) throw new Error(`linearQuantized: x has ${K} columns but the weight has ${w.inDim} inputs`);
+    matmulNT(cpu(out).f32, cpu(x).f32, w.dense, n, K, w.outDim, bias ? cpu(bias).f32 : undefined);
+  }
+
+  freeQuantized(_w: QuantizedTensor): void {
+    // Garbage-collected.
   }
 
   lora(out: Tensor, x: Tensor, stack: LoraStack, step: PreparedStep): void {

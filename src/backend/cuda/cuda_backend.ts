@@ -13,6 +13,10 @@
 // front; without it they are allocated by the first step that needs them (and grown,
 // rarely, by a larger one). `memoryInfo()` reports the device's free/total bytes, so
 // the engine sizes the KV cache after weights, workspace and `reserve` exist.
+// Low-bit weights (`uploadQuantized`, repacked by quant_layout.ts) are one allocation each,
+// released by `freeQuantized`; `linearQuantized` (quant_ops.ts) adds scratch by use: split-K
+// partials and arrival counters, act-order's gathered x, and the prefill path's bf16 chunk,
+// which `reserve` sizes for the quantized weights uploaded before it.
 //
 // Dtypes. Float uploads become bf16 unless `f32` is asked for (pass dtype "f32" when
 // uploading invFreq, and for biases of linears with f32 outputs); i32 stays i32; f16 is
@@ -60,8 +64,9 @@
 // unusable: the backend then refuses all further work with that first error.
 
 import type {
-  Backend, HostTensor, KvCache, KvCacheSpec, LoraStack, PreparedStep, SampleResult, StepBatch, Tensor,
+  Backend, HostTensor, KvCache, KvCacheSpec, LoraStack, PreparedStep, QuantizedTensor, SampleResult, StepBatch, Tensor,
 } from "../backend.js";
+import type { QuantBits, QuantizedWeight } from "../../quant/types.js";
 import { uniform } from "../rng.js";
 import { bf16ToF32, f16ToF32, f32ToBf16, loraOutDims, numel, toF32, type DType, type Shape } from "../tensor.js";
 import type { DeviceKv, DeviceLora, DeviceOps, DeviceStep, Operand, Scratch, StepRun } from "./device_ops.js";
@@ -76,6 +81,8 @@ import { buildKernels, type KernelImage } from "./ffi/nvrtc.js";
 import type { Launcher } from "./launch.js";
 import { KernelLauncher } from "./launcher.js";
 import { CudaOps, KERNEL_FILES } from "./ops.js";
+import { packQuantLayout, type QuantLayout } from "./quant_layout.js";
+import { QuantOps, dequantChunkCols, fusedPlan, splitsFromEnv, type DeviceQuantWeight } from "./quant_ops.js";
 import {
   bucketRows, capacityShortfall, packStep, stagingViews, stepLayout,
   type PackedStep, type StagingViews, type StepCapacity, type StepLayout,
@@ -169,6 +176,30 @@ class CudaLoraStack implements LoraStack {
   }
 }
 
+/** A quantized weight on the device: one allocation holding a QuantLayout's parts (quant_layout.ts). */
+class CudaQuantTensor implements QuantizedTensor {
+  #freed = false;
+  readonly inDim: number;
+  readonly outDim: number;
+  readonly bits: QuantBits;
+  constructor(
+    readonly owner: CudaBackend,
+    readonly ptr: bigint,
+    readonly bytes: number,
+    readonly dev: DeviceQuantWeight,
+  ) {
+    this.inDim = dev.K;
+    this.outDim = dev.N;
+    this.bits = dev.bits;
+  }
+  get freed(): boolean {
+    return this.#freed;
+  }
+  markFreed(): void {
+    this.#freed = true;
+  }
+}
+
 interface Graph {
   readonly exec: bigint;
   readonly out: CudaTensor;
@@ -201,6 +232,16 @@ export class CudaBackend implements Backend {
   readonly #owned = new Set<CudaTensor>();
   readonly #kvCaches = new Set<CudaKvCache>();
   readonly #loraStacks = new Set<CudaLoraStack>();
+  readonly #quantized = new Set<CudaQuantTensor>();
+  readonly #quant: QuantOps;
+  /**
+   * Most rows `linearQuantized` runs with the fused low-bit kernel; more take the dequantize +
+   * cuBLASLt path (quant_ops.ts). Default 128 or INLAID_QUANT_FUSED_MAX_ROWS. Tests and
+   * benchmarks may change it; graphs captured before keep the path they recorded.
+   */
+  quantFusedMaxRows = Number(process.env.INLAID_QUANT_FUSED_MAX_ROWS ?? 128);
+  /** Fixed split-K count of the fused low-bit kernel (null: chosen per shape; default INLAID_QGEMM_SPLITS). */
+  quantSplits: number | null = splitsFromEnv();
   readonly #graphs = new Map<string, Graph>();
 
   // Step metadata: device buffer, pinned staging twin, layout. Null until the first step.
@@ -244,6 +285,7 @@ export class CudaBackend implements Backend {
     this.#stagingEvent = init.stagingEvent;
     this.#timing = init.timing;
     this.#initialCapacity = init.capacity;
+    this.#quant = new QuantOps(init.launcher, init.device.smCount);
     CudaBackend.#active = this;
     if (process.env.INLAID_GEMM_TUNE !== "0") this.#blas.setTuner(this.#gemmTuner());
   }
@@ -669,6 +711,7 @@ export class CudaBackend implements Backend {
     this.#ensureLoraScratch();
     if (r.numHeads && r.headDim) this.#ensureAttentionScratch(r.numHeads, r.headDim);
     if (r.vocabSize) this.#ensureSampleBuffers(r.vocabSize, r.maxTopLogprobs ?? 20);
+    this.#ensureQuantScratch(capacity.tokens);
   }
 
   /** Device addresses of the step metadata (null before the first step; fixed until a re-layout). */
@@ -855,6 +898,134 @@ export class CudaBackend implements Backend {
     // Rows: the launch capacity (bucket) so eager and replayed steps run the same GEMM.
     const n = Math.min(o.capRows, xi.capRows);
     this.#blas.matmul(o.ptr, o.dtype, xi.ptr, wi.ptr, n, N, K, b);
+  }
+
+  // ------------------------------------------------------------------ quantized weights
+
+  /** Repacks a GPTQ weight into the low-bit kernels' layout and uploads it (QuantLayoutError: not a kernel shape). */
+  uploadQuantized(q: QuantizedWeight): QuantizedTensor {
+    this.#enter();
+    if (this.#capturing) throw new Error("uploadQuantized() while capturing a CUDA graph");
+    return this.uploadQuantLayout(packQuantLayout(q));
+  }
+
+  /** Uploads an already packed layout (what uploadQuantized does after packing; benchmarks reuse one packing). */
+  uploadQuantLayout(l: QuantLayout): QuantizedTensor {
+    this.#enter();
+    if (this.#capturing) throw new Error("uploadQuantLayout() while capturing a CUDA graph");
+    const parts: ArrayBufferView[] = [l.words, l.scales, ...(l.zeros ? [l.zeros] : []), ...(l.perm ? [l.perm] : [])];
+    const offsets: number[] = [];
+    let bytes = 0;
+    for (const p of parts) {
+      offsets.push(bytes);
+      bytes += align256(p.byteLength);
+    }
+    const ptr = this.#alloc(bytes);
+    parts.forEach((p, i) => this.#d.memcpyHtoDAsync(ptr + BigInt(offsets[i]!), p, p.byteLength, this.#stream));
+    const at = (i: number): bigint => ptr + BigInt(offsets[i]!);
+    const dev: DeviceQuantWeight = {
+      bits: l.bits, K: l.K, N: l.N, groupSize: l.groupSize, groups: l.groups, symZero: l.symZero,
+      words: at(0), scales: at(1), zeros: l.zeros ? at(2) : 0n, perm: l.perm ? at(l.zeros ? 3 : 2) : 0n,
+    };
+    const t = new CudaQuantTensor(this, ptr, bytes, dev);
+    this.#quantized.add(t);
+    return t;
+  }
+
+  freeQuantized(w: QuantizedTensor): void {
+    this.#enter();
+    if (this.#capturing) throw new Error("freeQuantized() while capturing a CUDA graph");
+    const q = this.#q(w);
+    this.#quantized.delete(q);
+    q.markFreed();
+    this.#release(q.ptr);
+  }
+
+  /** Device bytes of every quantized weight uploaded and not freed. */
+  get quantizedBytes(): number {
+    let n = 0;
+    for (const q of this.#quantized) n += q.bytes;
+    return n;
+  }
+
+  #q(w: QuantizedTensor): CudaQuantTensor {
+    if (!(w instanceof CudaQuantTensor) || w.owner !== this) throw new Error("quantized weight does not belong to this CUDA backend");
+    if (w.freed) throw new Error("use of a freed quantized weight");
+    return w;
+  }
+
+  /**
+   * out f32 [n, N] = x bf16 [n, K] @ dequantize(w)^T (+ bias f32): the fused low-bit kernel up
+   * to quantFusedMaxRows rows, else dequantize (in column chunks) + cuBLASLt (quant_ops.ts).
+   * Like `linear`, it runs over the views' launch rows (the bucket), so eager and replayed
+   * steps launch the same kernels.
+   */
+  linearQuantized(out: Tensor, x: Tensor, w: QuantizedTensor, bias?: Tensor): void {
+    this.#enter();
+    const o = this.#t(out), xi = this.#t(x), q = this.#q(w).dev;
+    const { K, N } = q;
+    if (xi.cols !== K) throw new Error(`linearQuantized: x has ${xi.cols} columns but the weight has ${K} inputs`);
+    if (o.cols !== N) throw new Error(`linearQuantized: out has ${o.cols} columns, the weight has ${N} outputs`);
+    if (o.rows !== xi.rows) throw new Error(`linearQuantized: out has ${o.rows} rows, x has ${xi.rows}`);
+    if (xi.dtype !== "bf16") throw new Error(`linearQuantized: x must be bf16 (got ${xi.dtype})`);
+    if (o.dtype !== "f32") throw new Error(`linearQuantized: out must be f32 (got ${o.dtype})`);
+    let b = 0n;
+    if (bias) {
+      const bi = this.#t(bias);
+      if (bi.dtype !== "f32") throw new Error(`linearQuantized: bias must be f32 (got ${bi.dtype}; upload biases with dtype 'f32')`);
+      if (numel(bi.shape) !== N) throw new Error(`linearQuantized: bias has ${numel(bi.shape)} elements, expected ${N}`);
+      b = bi.ptr;
+    }
+    const n = Math.min(o.capRows, xi.capRows);
+    if (n === 0) return;
+    let xp = xi.ptr;
+    if (q.perm !== 0n) {
+      const g = this.#ensureScratch("quant_gather", n * K * 2);
+      this.#quant.gather(g.ptr, this.#operand(xi), n, q);
+      xp = g.ptr;
+    }
+    if (n <= this.quantFusedMaxRows) {
+      const plan = this.#quant.plan(q, n, this.quantSplits);
+      const partials = plan.partialBytes > 0 ? this.#ensureScratch("quant_partials", plan.partialBytes).ptr : 0n;
+      const counters = plan.counterBytes > 0 ? this.#ensureZeroedScratch("quant_counters", plan.counterBytes).ptr : 0n;
+      this.#quant.fused(o.ptr, xp, this.#liveRows(xi), n, q, b, partials, counters, plan);
+      return;
+    }
+    const chunk = dequantChunkCols(K, N);
+    const scratch = this.#ensureScratch("quant_dequant", chunk * 32 * K * 2).ptr;
+    for (let c0 = 0; c0 < N / 32; c0 += chunk) {
+      const nc = Math.min(chunk, N / 32 - c0);
+      this.#quant.dequant(scratch, q, c0, nc);
+      this.#blas.matmul(o.ptr + BigInt(c0 * 32 * 4), "f32", xp, scratch, n, nc * 32, K, b === 0n ? 0n : b + BigInt(c0 * 32 * 4), N);
+    }
+  }
+
+  /** As #ensureScratch, zero-filled whenever it is (re)allocated (split-K arrival counters). */
+  #ensureZeroedScratch(name: string, bytes: number): Scratch {
+    const before = this.#scratch.get(name);
+    const s = this.#ensureScratch(name, bytes);
+    if (s !== before) this.#d.memsetD8Async(s.ptr, 0, s.bytes, this.#stream);
+    return s;
+  }
+
+  /** The quantized linears' scratch at a capacity of `tokens` rows (so no step allocates it later). */
+  #ensureQuantScratch(tokens: number): void {
+    if (this.#quantized.size === 0 || tokens === 0) return;
+    let partials = 0, counters = 0, gather = 0, dequant = 0;
+    const fusedMax = Math.min(tokens, this.quantFusedMaxRows);
+    for (const { dev: q } of this.#quantized) {
+      for (let r = 1; r <= fusedMax; r = bucketRows(r) + 1) {
+        const p = fusedPlan(q.bits, q.K, q.N, Math.min(bucketRows(r), tokens), this.device.smCount, this.quantSplits);
+        partials = Math.max(partials, p.partialBytes);
+        counters = Math.max(counters, p.counterBytes);
+      }
+      if (q.perm !== 0n) gather = Math.max(gather, bucketRows(tokens) * q.K * 2);
+      if (tokens > this.quantFusedMaxRows) dequant = Math.max(dequant, dequantChunkCols(q.K, q.N) * 32 * q.K * 2);
+    }
+    if (partials > 0) this.#ensureScratch("quant_partials", partials);
+    if (counters > 0) this.#ensureZeroedScratch("quant_counters", counters);
+    if (gather > 0) this.#ensureScratch("quant_gather", gather);
+    if (dequant > 0) this.#ensureScratch("quant_dequant", dequant);
   }
 
   lora(out: Tensor, x: Tensor, stack: LoraStack, step: PreparedStep): void {
@@ -1097,6 +1268,11 @@ export class CudaBackend implements Backend {
       quiet(() => d.memFree(s.ptr));
     }
     this.#loraStacks.clear();
+    for (const q of this.#quantized) {
+      q.markFreed();
+      quiet(() => d.memFree(q.ptr));
+    }
+    this.#quantized.clear();
     for (const sc of this.#scratch.values()) quiet(() => d.memFree(sc.ptr));
     this.#scratch.clear();
     for (const p of [this.#meta, this.#workspace]) {

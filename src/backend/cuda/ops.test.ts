@@ -17,6 +17,8 @@ import {
   dummyWeightValue, kernelNames,
   type StepKinds,
 } from "./ops.js";
+import { QuantOps, dequantChunkCols, fusedSmemBytes, type DeviceQuantWeight } from "./quant_ops.js";
+import type { QuantBits } from "../../quant/types.js";
 
 const KERNEL_DIR = dirname(KERNEL_FILES[0]!);
 
@@ -282,6 +284,50 @@ describe("CUDA ops seam (CPU checks)", () => {
   it("dummyWeightValue is the CPU backend's fillRandom formula", () => {
     for (const [seed, i, std] of [[0, 0, 0.02], [7, 12345, 1], [0xffffffff, 4e9, 0.5]] as const) {
       expect(dummyWeightValue(seed, i, std)).toBe(Math.fround(std * Math.sqrt(3) * (2 * uniform(seed, i) - 1)));
+    }
+  });
+
+  it("low-bit GEMM launches (quant_ops.ts) match kernel signatures and hardware limits", () => {
+    const rec = new RecordingLauncher();
+    const ops = new QuantOps(rec, 132);
+    const shapes: [number, number][] = [[256, 512], [704, 256], [256, 1408], [4096, 12288], [4096, 22016], [11008, 4096], [14336, 4096]];
+    for (const bits of [2, 3, 4, 8] as QuantBits[]) {
+      for (const [K, N] of shapes) {
+        for (const [groupSize, zeros, perm] of [[128, 0n, 0n], [K, 0x5000n, 0x6000n]] as const) {
+          const w: DeviceQuantWeight = {
+            bits, K, N, groupSize, groups: Math.ceil(K / groupSize), symZero: 1 << (bits - 1), words: 0x1000n, scales: 0x2000n, zeros, perm,
+          };
+          for (const rows of [1, 2, 7, 8, 16, 24, 32, 48, 100, 128]) {
+            const plan = ops.plan(w, rows);
+            ops.gather(0x7000n, operand("bf16", rows, K), rows, w);
+            ops.fused(0x8000n, 0x9000n, 0xa000n, rows, w, 0xb000n, 0xc000n, 0xd000n, plan);
+            // Same capacities, same launch (graph replay of any step of the bucket).
+            expect(ops.plan(w, rows)).toEqual(plan);
+          }
+          for (let c0 = 0; c0 < N / 32; c0 += dequantChunkCols(K, N)) ops.dequant(0xe000n, w, c0, Math.min(dequantChunkCols(K, N), N / 32 - c0));
+        }
+      }
+    }
+    const names = new Set(rec.launches.map((l) => l.name));
+    for (const b of [2, 3, 4, 8]) for (const n of [`quant_gemm_b${b}_t1`, `quant_gemm_b${b}_t2`, `quant_gemm_b${b}_t4`, `quant_dequant_b${b}`]) expect(names.has(n), n).toBe(true);
+    expect(names.has("quant_gather_cols")).toBe(true);
+    for (const l of rec.launches) {
+      const params = kernels.get(l.name);
+      expect(params, `kernel ${l.name}`).toBeDefined();
+      expect(l.args.map(kindOf), `arguments of ${l.name}`).toEqual(params);
+      for (const g of l.grid) expect(Number.isInteger(g) && g >= 1).toBe(true);
+      expect(l.grid[0]).toBeLessThan(2 ** 31);
+      expect(l.grid[1]).toBeLessThanOrEqual(65535);
+      expect(l.grid[2]).toBeLessThanOrEqual(16);
+      expect(l.block[0] === 128 || l.block[0] === 256).toBe(true);
+      // Dynamic rings stay under the 48 KB every kernel may use without an opt-in; the
+      // dequant kernel's 34 KB tile is static.
+      if (l.name.startsWith("quant_gemm_")) {
+        expect(l.smem).toBe(fusedSmemBytes(Number(l.name[12]) as QuantBits));
+        expect(l.smem).toBeLessThanOrEqual(48 * 1024);
+      } else {
+        expect(l.smem).toBe(0);
+      }
     }
   });
 

@@ -39,10 +39,11 @@ import { fileURLToPath } from "node:url";
 import type { DeviceKv, DeviceLora, DeviceOps, Operand, SampleOutputs, Scratch, StepRun } from "./device_ops.js";
 import type { DevicePtr, Dim3, KernelArg, Launcher } from "./launch.js";
 import { uniform } from "../rng.js";
+import { quantKernelNames } from "./quant_ops.js";
 
 // ------------------------------------------------------------------ files and names
 
-const FILES = ["activation.cu", "attention.cu", "embedding.cu", "lora.cu", "norm.cu", "rope.cu", "sample.cu", "utility.cu"] as const;
+const FILES = ["activation.cu", "attention.cu", "embedding.cu", "lora.cu", "norm.cu", "quant_gemm.cu", "rope.cu", "sample.cu", "utility.cu"] as const;
 
 /** The kernels folder: beside this module in the source tree; from dist/, the source tree's. */
 function kernelsFolder(): string {
@@ -105,6 +106,7 @@ export function kernelNames(): string[] {
     "sample_rows",
     "convert_f32_to_bf16", "convert_bf16_to_f32", "convert_f16_to_bf16", "convert_f16_to_f32", "fill_u32", "fill_u16",
     "fill_random_bf16", "fill_random_f32",
+    ...quantKernelNames(), // launched by quant_ops.ts (CudaBackend.linearQuantized)
   ];
 }
 

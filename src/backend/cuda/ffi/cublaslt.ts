@@ -215,11 +215,11 @@ export class CublasLt {
     this.#tuner = tuner;
   }
 
-  #plan(n: number, N: number, K: number, out: GemmOutDtype, bias: CuPtr, ptrs: { out: CuPtr; x: CuPtr; w: CuPtr }): Plan {
-    const key = `${n},${N},${K},${out},${bias !== 0n ? 1 : 0}`;
+  #plan(n: number, N: number, K: number, out: GemmOutDtype, bias: CuPtr, ptrs: { out: CuPtr; x: CuPtr; w: CuPtr }, ldOut: number): Plan {
+    const key = `${n},${N},${K},${out},${bias !== 0n ? 1 : 0}${ldOut !== N ? `,ld${ldOut}` : ""}`;
     const cached = this.#plans.get(key);
     if (cached) return cached;
-    const what = `linear n=${n} N=${N} K=${K} out=${out}${bias !== 0n ? " +bias" : ""}`;
+    const what = `linear n=${n} N=${N} K=${K} out=${out}${bias !== 0n ? " +bias" : ""}${ldOut !== N ? ` ldOut=${ldOut}` : ""}`;
     this.#check("cublasLtMatmulDescCreate", this.#f.cublasLtMatmulDescCreate(this.#out, CUBLAS_COMPUTE_32F, CUDA_R_32F), what);
     const desc = this.#out[0]!;
     this.#i32[0] = CUBLAS_OP_T;
@@ -234,7 +234,7 @@ export class CublasLt {
     }
     const a = this.#layout(CUDA_R_16BF, K, N, K);
     const b = this.#layout(CUDA_R_16BF, K, n, K);
-    const d = this.#layout(out === "f32" ? CUDA_R_32F : CUDA_R_16BF, N, n, N);
+    const d = this.#layout(out === "f32" ? CUDA_R_32F : CUDA_R_16BF, N, n, ldOut);
     const tuner = this.#tuner;
     const tune = tuner !== null && n <= TUNE_MAX_ROWS && tuner.canTune();
     const want = tune ? TUNE_CANDIDATES : 1;
@@ -277,10 +277,11 @@ export class CublasLt {
   /**
    * out[n, N] = x[n, K] @ w[N, K]^T (+ bias[N]); x and w bf16, out bf16 or f32, bias
    * of out's dtype (0n for none). Enqueued on the handle's stream; graph-capturable.
+   * ldOut: out's row stride in elements (default N; larger writes N columns of a wider matrix).
    */
-  matmul(out: CuPtr, outDtype: GemmOutDtype, x: CuPtr, w: CuPtr, n: number, N: number, K: number, bias: CuPtr = 0n): void {
+  matmul(out: CuPtr, outDtype: GemmOutDtype, x: CuPtr, w: CuPtr, n: number, N: number, K: number, bias: CuPtr = 0n, ldOut = N): void {
     if (n === 0) return;
-    const p = this.#plan(n, N, K, outDtype, bias, { out, x, w });
+    const p = this.#plan(n, N, K, outDtype, bias, { out, x, w }, ldOut);
     if (p.hasBias) {
       // The descriptor is shared by every layer of this shape; the bias differs per layer.
       this.#u64[0] = bias;

@@ -1,0 +1,489 @@
+// Low-bit GEMM for GPTQ weights: the dequantization happens inside the matmul.
+// Reference: the dense matmul of the dequantized weight (src/backend/cpu/cpu_backend.ts
+// linearQuantized; quant/types.ts dequantize).
+//
+// Semantics:
+//   quant_gemm_b{B}_t{T}:  out[m, n] (f32) = sum_k x[m, k] * W[n, k] (+ bias[n])
+//   quant_dequant_b{B}:    w[n - 32*col0, k] (bf16) = bf16(W[n, k]) for the chunk's columns
+//   quant_gather_cols:     xp[m, i] = x[m, perm[i]]       (act-order: x in the weights' k order)
+// with W[n, k] = s[g(k), n] * (q[k, n] - z[g(k), n]) in the kernel's k order (the host
+// permuted act-order rows into group order: g(k) = k / gs). x bf16 [rows, K] (a matmul
+// input), out f32 [rows, N] (a matmul output), bias f32 [N] or null.
+//
+// Layout (built on the host, once: src/backend/cuda/quant_layout.ts, which says it bit by
+// bit and has a CPU emulation of these kernels that its tests check against the dense
+// matmul). N is cut into columns of 32 outputs (one warp's tile: two n16 mma tiles) and K
+// into units of 128 (K is padded up; x reads past K are zero-filled). For each (column,
+// unit) every lane of the warp owns B (= bits) 16-byte words holding the 128 codes it
+// needs as mma A fragments (W is the A operand, rows = n; x is the B operand, columns =
+// tokens): 16 tiles of 16 n x 16 k, 8 codes each. Consecutive lanes' words are
+// consecutive, so a warp's copy of a unit is B fully coalesced 512-byte rows:
+//   qw     uint4 [N/32][K/128 (padded)][B][32 lanes]
+//   scales fp16  [G][N/32][8][4]  entry (g, col, r): s of outputs col*32 + {r, r+8, r+16, r+24}
+//   zeros  u8    [G][N/32][8][4]  same order; null when every zero is 2^(B-1) (symZero)
+// Inside a 32-k block the k order is permuted so that each lane reads its x fragment as
+// one 16-byte load of 8 consecutive k (x[m, 8c .. 8c+7] for lane column c): mma row r of
+// step s maps to k = 8*(r%8/2) + 4s + 2*(r/8) + r%2. W uses the same map.
+//
+// Dequantization (bits <= 4): a code pair becomes bf16x2 (128 + q) with one AND/OR
+// ((w >> shift) & mask) | 0x43004300 (bf16 128.0 has an exponent where the low mantissa
+// bits count units), then one bf16x2 FMA adds -(128 + z): exactly q - z. 8 bits: integer
+// subtract and convert. The weights reach the tensor cores as exact small integers; the
+// f32 scale multiplies the f32 accumulator once per group (per-group partial sums in
+// `tmp`, folded into `acc` when the group changes). So the only rounding is x's (bf16, a
+// matmul input) and f32 accumulation: closer to the f32 dequantized reference than a
+// dense bf16 weight is (that one rounds every weight to bf16).
+//
+// quant_gemm_b{B}_t{T} (decode shapes: rows <= 32, T = token tiles of 8 rows; larger row
+// counts run m-blocks of 32 rows, T = 4): grid (m-blocks, ceil(N/32/4), splits), 128
+// threads. Each WARP is an independent worker over one (column, m-block, k-split): no
+// block barriers anywhere. Per unit of 128 k it streams its weight words and the scale /
+// zero entries of the unit's four 32-k blocks through its own ring of R shared-memory
+// slots with cp.async (R - 1 units in flight while one is computed: the bytes in flight,
+// not registers, hide the memory latency), reads x straight from global memory (L1 keeps
+// the rows the CTA's four warps share; the next block's x is loaded before this block
+// computes), and runs 2 x T mma.sync m16n8k16 per 16-k step.
+// Split-K (deterministic, graph-capturable): with S > 1 every warp writes its f32 partial
+// tile to `partials` [S][rows][N], fences, and counts itself in at counters[m-block][col];
+// the warp that arrives last sums the S partials in split order 0..S-1 (its own from
+// registers: the same values it wrote), adds the bias, writes out, and sets the counter
+// back to 0 for the next launch on the stream. The result does not depend on which warp
+// finished last. counters must be zero before the first launch.
+//
+// quant_dequant_b{B} (the prefill path for many rows: dequantize a chunk of columns to
+// bf16, then cuBLASLt): grid (K/128 padded, ceil(ncols/4)), 128 threads; a warp expands one
+// (column, unit) into a 32 x 128 tile in shared memory and writes it out as 16-byte rows.
+// Each weight is bf16(s * (q - z)), rounded once (as the CPU path's dequantized load).
+//
+// quant_gather_cols: grid (rows, ceil(K / 2048)), 256 threads, 8 columns per thread.
+//
+// Requirements (the host checks them): K % 32 == 0, N % 32 == 0, gs % 32 == 0 (gs = K
+// for one group), x and out 16-byte aligned.
+//
+// Build check: nvcc -arch=sm_90 -std=c++17 -cubin --resource-usage -o /tmp/quant_gemm.cubin quant_gemm.cu
+
+#include <cuda_fp16.h>
+
+#include "common.cuh"
+
+using namespace inlaid;
+
+namespace {
+
+constexpr int kWarps = 4;  // warps (independent workers) per CTA
+constexpr unsigned kMagic = 0x43004300u;  // bf16x2 {128, 128}
+constexpr unsigned kOne2 = 0x3f803f80u;   // bf16x2 {1, 1}
+
+// Ring slots per warp (units in flight + 1) and a slot's size in 16-byte words: B x 32 lanes
+// of weights, 4 blocks x 8 entries x 8 B of scales (16 words), 4 x 8 x 4 B of zeros (8 words).
+template <int BITS>
+struct QCfg {
+  static constexpr int kRing = BITS == 2 ? 8 : BITS == 3 ? 5 : BITS == 4 ? 4 : 2;
+  static constexpr int kSlotBytes = (BITS * 32 + 24) * 16;
+  static constexpr int kScaleOff = BITS * 512;
+  static constexpr int kZeroOff = BITS * 512 + 256;
+};
+
+__device__ __forceinline__ void cp_async8(unsigned dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src));
+}
+__device__ __forceinline__ void cp_async4(unsigned dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src));
+}
+__device__ __forceinline__ uint4 lds128(unsigned addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ uint2 lds64(unsigned addr) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ unsigned lds32(unsigned addr) {
+  unsigned v;
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr));
+  return v;
+}
+// Weight words are read once: keep them out of L1 (x lives there).
+__device__ __forceinline__ uint4 ldg_stream(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+__device__ __forceinline__ unsigned bf16x2_fma(unsigned a, unsigned b, unsigned c) {
+  unsigned d;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+// bf16x2 {128 + lo, 128 + hi} of pair i (0..3) of tile tau (0..15) of a lane's words.
+// The packing (quant_layout.ts packLane) puts each pair's two codes in the two 16-bit halves.
+template <int BITS>
+__device__ __forceinline__ unsigned magic_pair(const unsigned* w, int tau, int i) {
+  if constexpr (BITS == 4) {
+    // word tau: pair i at bits 4i (lo) and 16 + 4i (hi)
+    return ((w[tau] >> (4 * i)) & 0x000f000fu) | kMagic;
+  } else if constexpr (BITS == 2) {
+    // word tau/2: field f = (tau%2)*4 + i at bits 2f and 16 + 2f
+    const int f = (tau & 1) * 4 + i;
+    return ((w[tau >> 1] >> (2 * f)) & 0x00030003u) | kMagic;
+  } else {
+    // 3 bits: 4 tiles (16 pairs) per 3 words. Pair p < 15: word p/5, field p%5 at bits 3f
+    // and 16 + 3f; pair 15 is spread over bits 15 (lo) and 31 (hi) of the three words.
+    const int q = tau >> 2, p = (tau & 3) * 4 + i;
+    if (p < 15) return ((w[3 * q + p / 5] >> (3 * (p % 5))) & 0x00070007u) | kMagic;
+    return ((w[3 * q] >> 15) & 0x00010001u) | ((w[3 * q + 1] >> 14) & 0x00020002u) | ((w[3 * q + 2] >> 13) & 0x00040004u) |
+           kMagic;
+  }
+}
+
+// The A fragment of tile tau: a[i] = bf16x2 {q - z, q' - z} of pair i, rows g (i = 0, 2) and
+// g + 8 (i = 1, 3). nzLo / nzHi: bf16x2 -(128 + z) of those rows (bits <= 4) or z (8 bits).
+template <int BITS>
+__device__ __forceinline__ void dequant_tile(const unsigned* w, int tau, unsigned nzLo, unsigned nzHi, unsigned* a) {
+#pragma unroll
+  for (int i = 0; i < 4; i++) {
+    const unsigned nz = (i & 1) ? nzHi : nzLo;
+    if constexpr (BITS == 8) {
+      // word 2*tau + i/2: pair i at bytes 2*(i%2) (lo) and 2*(i%2) + 1 (hi)
+      const unsigned word = w[2 * tau + (i >> 1)];
+      const int sh = 16 * (i & 1);
+      const int lo = (int)((word >> sh) & 0xffu), hi = (int)((word >> (sh + 8)) & 0xffu);
+      a[i] = pack_bf16x2((float)(lo - (int)nz), (float)(hi - (int)nz));
+    } else {
+      a[i] = bf16x2_fma(magic_pair<BITS>(w, tau, i), kOne2, nz);
+    }
+  }
+}
+
+// Zero terms of the 4 rows of a lane (nt0 g, nt0 g+8, nt1 g, nt1 g+8) from a zero entry.
+template <int BITS>
+__device__ __forceinline__ void zero_terms(unsigned zw, unsigned* nz) {
+#pragma unroll
+  for (int r = 0; r < 4; r++) {
+    if constexpr (BITS == 8) {
+      nz[r] = (zw >> (8 * r)) & 0xffu;
+    } else {
+      // bytes {z_r, 0xC3, z_r, 0xC3}: bf16x2 -(128 + z_r) (z_r < 128)
+      nz[r] = __byte_perm(zw, 0xC3u, 0x4040u + 0x0101u * r);
+    }
+  }
+}
+
+template <int BITS>
+__device__ __forceinline__ void sym_terms(int symZero, unsigned* nz) {
+  const unsigned z = (unsigned)symZero & 0xffu;
+  const unsigned zw = z | (z << 8) | (z << 16) | (z << 24);
+  zero_terms<BITS>(zw, nz);
+}
+
+__device__ __forceinline__ void scale_terms(uint2 sv, float* sc) {
+  const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&sv.x));
+  const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&sv.y));
+  sc[0] = a.x;
+  sc[1] = a.y;
+  sc[2] = b.x;
+  sc[3] = b.y;
+}
+
+// x fragments of a 32-k block: lane (g, c) loads x[row0 + 8t + g, kb + 8c .. 8c + 7].
+template <int T>
+__device__ __forceinline__ void load_x(uint4* xv, const bf16* __restrict__ x, int row0, int rows, int K, int kb, int g, int c4,
+                                       bool on) {
+  const int k = kb + 8 * c4;
+#pragma unroll
+  for (int t = 0; t < T; t++) {
+    const int row = row0 + 8 * t + g;
+    xv[t] = make_uint4(0u, 0u, 0u, 0u);
+    if (on && row < rows && k < K) xv[t] = __ldg(reinterpret_cast<const uint4*>(x + (long long)row * K + k));
+  }
+}
+
+template <int BITS, int T>
+__device__ __forceinline__ void quant_gemm(float* __restrict__ out, const bf16* __restrict__ x, const uint4* __restrict__ qw,
+                                           const uint2* __restrict__ scales, const unsigned* __restrict__ zeros,
+                                           const float* __restrict__ bias, float* __restrict__ partials,
+                                           int* __restrict__ counters, const int* __restrict__ live, int rows, int K, int N,
+                                           int gs, int G, int S, int symZero) {
+  using C = QCfg<BITS>;
+  constexpr int R = C::kRing;
+  extern __shared__ __align__(16) unsigned char qsmem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c4 = lane & 3;
+  const int NC = N >> 5, KU = (K + 127) >> 7;
+  const int col = blockIdx.y * kWarps + warp;
+  if (col >= NC) return;
+  const int mb = blockIdx.x, s = blockIdx.z;
+  const int row0 = mb * 8 * T;
+  // m-blocks past the live rows do nothing (every split of one skips alike: the counters stay consistent).
+  const int nLive = live ? min(*live, rows) : rows;
+  if (row0 >= nLive) return;
+  const int u0 = (int)(((long long)s * KU) / S), u1 = (int)(((long long)(s + 1) * KU) / S);
+  const unsigned ring = smem_addr(qsmem) + (unsigned)(warp * R * C::kSlotBytes);
+
+  // Copies unit u into ring slot `slot` (or only commits an empty group past the range, so
+  // that every iteration commits exactly one group).
+  auto issue = [&](int u, int slot) {
+    if (u < u1) {
+      const unsigned dst = ring + (unsigned)(slot * C::kSlotBytes);
+      const uint4* src = qw + ((long long)col * KU + u) * (BITS * 32);
+#pragma unroll
+      for (int p = 0; p < BITS; p++) cp_async16(dst + (unsigned)((p * 32 + lane) * 16), src + p * 32 + lane, true);
+      // Lane L copies scale / zero entry (block L/8, row L%8) of the unit.
+      const int jb = lane >> 3, rr = lane & 7;
+      const int gi = min((u * 128 + jb * 32) / gs, G - 1);
+      const long long e = ((long long)gi * NC + col) * 8 + rr;
+      cp_async8(dst + C::kScaleOff + lane * 8, scales + e);
+      if (zeros) cp_async4(dst + C::kZeroOff + lane * 4, zeros + e);
+    }
+    cp_async_commit();
+  };
+
+  float acc[2][T][4], tmp[2][T][4];
+#pragma unroll
+  for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+    for (int t = 0; t < T; t++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) acc[nt][t][e] = tmp[nt][t][e] = 0.f;
+  float sc[4] = {0.f, 0.f, 0.f, 0.f};
+  unsigned nz[4];
+  sym_terms<BITS>(symZero, nz);
+  int curG = -1;
+  auto flush = [&]() {
+#pragma unroll
+    for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+      for (int t = 0; t < T; t++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          acc[nt][t][e] = fmaf(sc[2 * nt + (e >> 1)], tmp[nt][t][e], acc[nt][t][e]);
+          tmp[nt][t][e] = 0.f;
+        }
+  };
+
+#pragma unroll
+  for (int i = 0; i < R - 1; i++) issue(u0 + i, i);
+  uint4 xc[T];
+  load_x<T>(xc, x, row0, rows, K, u0 * 128, g, c4, u0 < u1);
+
+  for (int u = u0; u < u1; u++) {
+    const int it = u - u0;
+    issue(u + R - 1, (it + R - 1) % R);
+    cp_async_wait<R - 1>();  // unit u's group (and every older one) has landed
+    __syncwarp();            // ... for every lane: the scale entries are read across lanes
+    const unsigned slot = ring + (unsigned)((it % R) * C::kSlotBytes);
+    unsigned w[4 * BITS];
+#pragma unroll
+    for (int p = 0; p < BITS; p++) {
+      const uint4 v = lds128(slot + (unsigned)((p * 32 + lane) * 16));
+      w[4 * p] = v.x;
+      w[4 * p + 1] = v.y;
+      w[4 * p + 2] = v.z;
+      w[4 * p + 3] = v.w;
+    }
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      const int kb = u * 128 + j * 32;
+      // The next block's x (next unit's first after the last block) loads while this one computes.
+      uint4 xn[T];
+      load_x<T>(xn, x, row0, rows, K, kb + 32, g, c4, j < 3 || u + 1 < u1);
+      const int gi = min(kb / gs, G - 1);
+      if (gi != curG) {
+        if (curG >= 0) flush();
+        scale_terms(lds64(slot + C::kScaleOff + (j * 8 + g) * 8), sc);
+        if (zeros) zero_terms<BITS>(lds32(slot + C::kZeroOff + (j * 8 + g) * 4), nz);
+        curG = gi;
+      }
+#pragma unroll
+      for (int st = 0; st < 2; st++) {
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++) {
+          unsigned a[4];
+          dequant_tile<BITS>(w, (2 * j + st) * 2 + nt, nz[2 * nt], nz[2 * nt + 1], a);
+#pragma unroll
+          for (int t = 0; t < T; t++) mma_bf16(tmp[nt][t], a, st ? xc[t].z : xc[t].x, st ? xc[t].w : xc[t].y);
+        }
+      }
+#pragma unroll
+      for (int t = 0; t < T; t++) xc[t] = xn[t];
+    }
+    __syncwarp();  // every lane is done with this slot before the next iteration refills it
+  }
+  if (curG >= 0) flush();
+  cp_async_wait<0>();
+
+  // acc[nt][t][e]: output n = col*32 + nt*16 + g + 8*(e/2), row = row0 + 8t + 2c + e%2.
+  const int nb = col * 32 + g;
+  if (S == 1) {
+#pragma unroll
+    for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int n = nb + nt * 16 + 8 * (e >> 1);
+        const float b = bias ? bias[n] : 0.f;
+#pragma unroll
+        for (int t = 0; t < T; t++) {
+          const int row = row0 + 8 * t + 2 * c4 + (e & 1);
+          if (row < rows) out[(long long)row * N + n] = acc[nt][t][e] + b;
+        }
+      }
+    return;
+  }
+  float* mine = partials + (long long)s * rows * N;
+#pragma unroll
+  for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+    for (int e = 0; e < 4; e++)
+#pragma unroll
+      for (int t = 0; t < T; t++) {
+        const int n = nb + nt * 16 + 8 * (e >> 1), row = row0 + 8 * t + 2 * c4 + (e & 1);
+        if (row < rows) __stcg(mine + (long long)row * N + n, acc[nt][t][e]);
+      }
+  __threadfence();  // this lane's partials are visible GPU-wide before the arrival counts
+  __syncwarp();
+  int* counter = counters + (long long)mb * NC + col;
+  int prev = 0;
+  if (lane == 0) prev = atomicAdd(counter, 1);
+  prev = __shfl_sync(0xffffffffu, prev, 0);
+  if (prev != S - 1) return;
+  __threadfence();  // every other split's partials (published before its arrival) are visible
+  if (lane == 0) *counter = 0;  // no other warp touches it again in this launch
+#pragma unroll
+  for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const int n = nb + nt * 16 + 8 * (e >> 1);
+      const float b = bias ? bias[n] : 0.f;
+#pragma unroll
+      for (int t = 0; t < T; t++) {
+        const int row = row0 + 8 * t + 2 * c4 + (e & 1);
+        if (row >= rows) continue;
+        float v = 0.f;
+        for (int ss = 0; ss < S; ss++) v += ss == s ? acc[nt][t][e] : __ldcg(partials + ((long long)ss * rows + row) * N + n);
+        out[(long long)row * N + n] = v + b;
+      }
+    }
+}
+
+constexpr int kLdTile = 136;  // dequant tile row pitch (bf16): 128 + 8 keeps rows 16-byte aligned
+
+template <int BITS>
+__device__ __forceinline__ void quant_dequant(bf16* __restrict__ wOut, const uint4* __restrict__ qw, const uint2* __restrict__ scales,
+                                              const unsigned* __restrict__ zeros, int K, int N, int gs, int G, int symZero, int col0,
+                                              int ncols) {
+  __shared__ __align__(16) bf16 tile[kWarps][32 * kLdTile];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c4 = lane & 3;
+  const int NC = N >> 5, KU = (K + 127) >> 7;
+  const int u = blockIdx.x, cl = blockIdx.y * kWarps + warp;
+  if (cl >= ncols) return;
+  const int col = col0 + cl;
+  const uint4* src = qw + ((long long)col * KU + u) * (BITS * 32);
+  unsigned w[4 * BITS];
+#pragma unroll
+  for (int p = 0; p < BITS; p++) {
+    const uint4 v = ldg_stream(src + p * 32 + lane);
+    w[4 * p] = v.x;
+    w[4 * p + 1] = v.y;
+    w[4 * p + 2] = v.z;
+    w[4 * p + 3] = v.w;
+  }
+  bf16* tl = tile[warp];
+  unsigned nz[4];
+  sym_terms<BITS>(symZero, nz);
+#pragma unroll
+  for (int j = 0; j < 4; j++) {
+    const int gi = min((u * 128 + j * 32) / gs, G - 1);
+    const long long e = ((long long)gi * NC + col) * 8 + g;
+    float sc[4];
+    scale_terms(__ldg(scales + e), sc);
+    if (zeros) zero_terms<BITS>(__ldg(zeros + e), nz);
+#pragma unroll
+    for (int st = 0; st < 2; st++) {
+#pragma unroll
+      for (int nt = 0; nt < 2; nt++) {
+        unsigned a[4];
+        dequant_tile<BITS>(w, (2 * j + st) * 2 + nt, nz[2 * nt], nz[2 * nt + 1], a);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+          const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&a[i]));
+          const float sv = sc[2 * nt + (i & 1)];
+          const int n = nt * 16 + g + 8 * (i & 1), k = j * 32 + 8 * c4 + 4 * st + 2 * (i >> 1);
+          *reinterpret_cast<unsigned*>(tl + n * kLdTile + k) = pack_bf16x2(f.x * sv, f.y * sv);
+        }
+      }
+    }
+  }
+  __syncwarp();
+#pragma unroll
+  for (int i = 0; i < 16; i++) {
+    const int idx = i * 32 + lane, r = idx >> 4, ch = idx & 15, k = u * 128 + ch * 8;
+    if (k < K) {
+      *reinterpret_cast<uint4*>(wOut + (long long)(cl * 32 + r) * K + k) = *reinterpret_cast<const uint4*>(tl + r * kLdTile + ch * 8);
+    }
+  }
+}
+
+}  // namespace
+
+// Minimum resident CTAs per SM the register budget is cut for (ops: quant_ops.ts ctasPerSm mirrors it).
+#define QGEMM_B2(T)                                                                                                            \
+  extern "C" __global__ void __launch_bounds__(128, T == 4 ? 3 : 4) quant_gemm_b2_t##T(                                       \
+      float* out, const bf16* x, const uint4* qw, const uint2* scales, const unsigned* zeros, const float* bias,               \
+      float* partials, int* counters, const int* live, int rows, int K, int N, int gs, int G, int S, int symZero) {            \
+    quant_gemm<2, T>(out, x, qw, scales, zeros, bias, partials, counters, live, rows, K, N, gs, G, S, symZero);               \
+  }
+#define QGEMM_B3(T)                                                                                                            \
+  extern "C" __global__ void __launch_bounds__(128, T == 4 ? 3 : 4) quant_gemm_b3_t##T(                                       \
+      float* out, const bf16* x, const uint4* qw, const uint2* scales, const unsigned* zeros, const float* bias,               \
+      float* partials, int* counters, const int* live, int rows, int K, int N, int gs, int G, int S, int symZero) {            \
+    quant_gemm<3, T>(out, x, qw, scales, zeros, bias, partials, counters, live, rows, K, N, gs, G, S, symZero);               \
+  }
+#define QGEMM_B4(T)                                                                                                            \
+  extern "C" __global__ void __launch_bounds__(128, T == 4 ? 3 : 4) quant_gemm_b4_t##T(                                       \
+      float* out, const bf16* x, const uint4* qw, const uint2* scales, const unsigned* zeros, const float* bias,               \
+      float* partials, int* counters, const int* live, int rows, int K, int N, int gs, int G, int S, int symZero) {            \
+    quant_gemm<4, T>(out, x, qw, scales, zeros, bias, partials, counters, live, rows, K, N, gs, G, S, symZero);               \
+  }
+#define QGEMM_B8(T)                                                                                                            \
+  extern "C" __global__ void __launch_bounds__(128, T == 4 ? 2 : 3) quant_gemm_b8_t##T(                                       \
+      float* out, const bf16* x, const uint4* qw, const uint2* scales, const unsigned* zeros, const float* bias,               \
+      float* partials, int* counters, const int* live, int rows, int K, int N, int gs, int G, int S, int symZero) {            \
+    quant_gemm<8, T>(out, x, qw, scales, zeros, bias, partials, counters, live, rows, K, N, gs, G, S, symZero);               \
+  }
+QGEMM_B2(1)
+QGEMM_B2(2)
+QGEMM_B2(4)
+QGEMM_B3(1)
+QGEMM_B3(2)
+QGEMM_B3(4)
+QGEMM_B4(1)
+QGEMM_B4(2)
+QGEMM_B4(4)
+QGEMM_B8(1)
+QGEMM_B8(2)
+QGEMM_B8(4)
+
+#define QDEQUANT(B)                                                                                                            \
+  extern "C" __global__ void __launch_bounds__(128) quant_dequant_b##B(bf16* w, const uint4* qw, const uint2* scales,          \
+                                                                        const unsigned* zeros, int K, int N, int gs, int G,    \
+                                                                        int symZero, int col0, int ncols) {                    \
+    quant_dequant<B>(w, qw, scales, zeros, K, N, gs, G, symZero, col0, ncols);                                                  \
+  }
+QDEQUANT(2)
+QDEQUANT(3)
+QDEQUANT(4)
+QDEQUANT(8)
+
+extern "C" __global__ void __launch_bounds__(256) quant_gather_cols(bf16* __restrict__ xp, const bf16* __restrict__ x,
+                                                                    const int* __restrict__ perm, int rows, int K) {
+  const int r = blockIdx.x, i0 = (blockIdx.y * 256 + threadIdx.x) * 8;
+  if (r >= rows || i0 >= K) return;
+  const bf16* xr = x + (long long)r * K;
+  const int4 p0 = __ldg(reinterpret_cast<const int4*>(perm + i0));
+  const int4 p1 = __ldg(reinterpret_cast<const int4*>(perm + i0 + 4));
+  __align__(16) bf16 v[8] = {xr[p0.x], xr[p0.y], xr[p0.z], xr[p0.w], xr[p1.x], xr[p1.y], xr[p1.z], xr[p1.w]};
+  *reinterpret_cast<uint4*>(xp + (long long)r * K + i0) = *reinterpret_cast<const uint4*>(v);
+}

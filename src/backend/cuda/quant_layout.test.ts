@@ -1,0 +1,278 @@
+// The low-bit kernels' weight layout on the CPU: packing round-trips against the GPTQ
+// QuantizedWeight (every bit width, group size, act-order, symmetric or not, K not a
+// multiple of 128), and an emulation of kernels/quant_gemm.cu's fused kernel (its lanes,
+// mma fragments, k order, per-group scaling and split-K merge, transcribed from the .cu)
+// equals the dense matmul of the dequantized weight. The GPU test (test/gpu/quant_gemm.test.ts)
+// then checks the compiled kernels against the same reference.
+
+import { describe, expect, it } from "vitest";
+import { bf16ToF32, f16ToF32, f32ToBf16 } from "../tensor.js";
+import { dequantize, type QuantBits, type QuantizedWeight, type QuantSpec } from "../../quant/types.js";
+import { randomQuantized, seededRandom as rng } from "../../../test/helpers/quant_random.js";
+import {
+  COL_N, QuantLayoutError, UNIT_K, dequantizeLayout, kernelPerm, laneWordOffset, packQuantLayout, pairCoords, readPair,
+  type QuantLayout,
+} from "./quant_layout.js";
+import { fusedPlan, tokenTiles } from "./quant_ops.js";
+
+// ------------------------------------------------------------------ an emulation of quant_gemm_b{B}_t{T}
+
+/** Element (row, col) of the matrices an m16n8k16 mma sees, from the 32 lanes' fragments (PTX layouts). */
+function mmaTile(a: number[][], b: number[][], d: number[][]): void {
+  // a[lane][0..7]: regs a0..a3 as (lo, hi) pairs; b[lane][0..3]: b0, b1; d[lane][0..3] += A B.
+  const A = Array.from({ length: 16 }, () => new Float64Array(16));
+  const B = Array.from({ length: 16 }, () => new Float64Array(8));
+  for (let lane = 0; lane < 32; lane++) {
+    const g = lane >> 2, c = lane & 3;
+    for (let reg = 0; reg < 4; reg++) {
+      const row = g + 8 * (reg & 1), col = 2 * c + 8 * (reg >> 1);
+      A[row]![col] = a[lane]![2 * reg]!;
+      A[row]![col + 1] = a[lane]![2 * reg + 1]!;
+    }
+    for (let reg = 0; reg < 2; reg++) {
+      const k = 2 * c + 8 * reg;
+      B[k]![g] = b[lane]![2 * reg]!;
+      B[k + 1]![g] = b[lane]![2 * reg + 1]!;
+    }
+  }
+  for (let lane = 0; lane < 32; lane++) {
+    const g = lane >> 2, c = lane & 3;
+    for (let e = 0; e < 4; e++) {
+      const row = g + 8 * (e >> 1), col = 2 * c + (e & 1);
+      let sum = 0;
+      for (let k = 0; k < 16; k++) sum += A[row]![k]! * B[k]![col]!;
+      d[lane]![e]! += sum;
+    }
+  }
+}
+
+/** The kernel's output for x [rows, K] (original input order), transcribed from quant_gemm.cu, in f64. */
+function emulateFused(l: QuantLayout, x: Float32Array, rows: number, splits: number, bias?: Float32Array): Float64Array {
+  const { K, N, bits } = l;
+  const NC = N / COL_N, KU = l.units, G = l.groups, gs = l.groupSize;
+  // quant_gather_cols: x in the weight's k order.
+  const xp = new Float32Array(rows * K);
+  for (let r = 0; r < rows; r++) for (let i = 0; i < K; i++) xp[r * K + i] = x[r * K + (l.perm ? l.perm[i]! : i)]!;
+  const T = tokenTiles(rows), mBlocks = Math.ceil(rows / (8 * T)), S = splits;
+  const out = new Float64Array(rows * N);
+  const scaleOf = (e: number, h: number): number => f16ToF32(l.scales.subarray(e * 4 + h, e * 4 + h + 1))[0]!;
+  for (let col = 0; col < NC; col++) {
+    for (let mb = 0; mb < mBlocks; mb++) {
+      const row0 = mb * 8 * T;
+      // Per split: acc[lane][nt][t][e].
+      const accs: number[][][][][] = [];
+      for (let s = 0; s < S; s++) {
+        const u0 = Math.floor((s * KU) / S), u1 = Math.floor(((s + 1) * KU) / S);
+        const acc = Array.from({ length: 32 }, () => Array.from({ length: 2 }, () => Array.from({ length: T }, () => [0, 0, 0, 0])));
+        const tmp = Array.from({ length: 32 }, () => Array.from({ length: 2 }, () => Array.from({ length: T }, () => [0, 0, 0, 0])));
+        const sc = Array.from({ length: 32 }, () => [0, 0, 0, 0]);
+        const nz = Array.from({ length: 32 }, () => [l.symZero, l.symZero, l.symZero, l.symZero]);
+        let curG = -1;
+        const flush = (): void => {
+          for (let lane = 0; lane < 32; lane++)
+            for (let nt = 0; nt < 2; nt++)
+              for (let t = 0; t < T; t++)
+                for (let e = 0; e < 4; e++) {
+                  acc[lane]![nt]![t]![e]! += sc[lane]![2 * nt + (e >> 1)]! * tmp[lane]![nt]![t]![e]!;
+                  tmp[lane]![nt]![t]![e] = 0;
+                }
+        };
+        for (let u = u0; u < u1; u++) {
+          const base = (col * KU + u) * bits * 128;
+          const w = (lane: number) => (i: number): number => l.words[base + laneWordOffset(lane, i)]!;
+          for (let j = 0; j < 4; j++) {
+            const kb = u * 128 + j * 32;
+            const gi = Math.min(Math.floor(kb / gs), G - 1);
+            if (gi !== curG) {
+              if (curG >= 0) flush();
+              for (let lane = 0; lane < 32; lane++) {
+                const e = (gi * NC + col) * 8 + (lane >> 2);
+                for (let h = 0; h < 4; h++) {
+                  sc[lane]![h] = scaleOf(e, h);
+                  if (l.zeros) nz[lane]![h] = (l.zeros[e]! >>> (8 * h)) & 0xff;
+                }
+              }
+              curG = gi;
+            }
+            // x fragments: lane (g, c) holds x[row0 + 8t + g, kb + 8c .. 8c + 7].
+            const xv = Array.from({ length: 32 }, (_, lane) => Array.from({ length: T }, (_, t) => {
+              const row = row0 + 8 * t + (lane >> 2), k = kb + 8 * (lane & 3);
+              return Array.from({ length: 8 }, (_, e) => (row < rows && k < K ? xp[row * K + k + e]! : 0));
+            }));
+            for (let st = 0; st < 2; st++) {
+              for (let nt = 0; nt < 2; nt++) {
+                const tau = (2 * j + st) * 2 + nt;
+                const a = Array.from({ length: 32 }, (_, lane) => {
+                  const frag: number[] = [];
+                  for (let i = 0; i < 4; i++) {
+                    const [lo, hi] = readPair(w(lane), bits, tau, i);
+                    const z = nz[lane]![2 * nt + (i & 1)]!;
+                    frag.push(lo - z, hi - z);
+                  }
+                  return frag;
+                });
+                for (let t = 0; t < T; t++) {
+                  // b0 = x pair (st ? z : x), b1 = (st ? w : y) of the lane's 16-byte vector.
+                  const b = Array.from({ length: 32 }, (_, lane) => {
+                    const v = xv[lane]![t]!;
+                    return st ? [v[4]!, v[5]!, v[6]!, v[7]!] : [v[0]!, v[1]!, v[2]!, v[3]!];
+                  });
+                  mmaTile(a, b, tmp.map((tl) => tl[nt]![t]!));
+                }
+              }
+            }
+          }
+        }
+        if (curG >= 0) flush();
+        accs.push(acc);
+      }
+      // Epilogue: the sum over splits in split order, plus bias.
+      for (let lane = 0; lane < 32; lane++) {
+        const g = lane >> 2, c4 = lane & 3;
+        for (let nt = 0; nt < 2; nt++)
+          for (let e = 0; e < 4; e++)
+            for (let t = 0; t < T; t++) {
+              const n = col * 32 + g + nt * 16 + 8 * (e >> 1), row = row0 + 8 * t + 2 * c4 + (e & 1);
+              if (row >= rows) continue;
+              let v = 0;
+              for (let s = 0; s < S; s++) v += accs[s]![lane]![nt]![t]![e]!;
+              out[row * N + n] = v + (bias ? bias[n]! : 0);
+            }
+      }
+    }
+  }
+  return out;
+}
+
+function denseRef(q: QuantizedWeight, x: Float32Array, rows: number, bias?: Float32Array): Float64Array {
+  const W = dequantize(q), K = q.inDim, N = q.outDim;
+  const out = new Float64Array(rows * N);
+  for (let r = 0; r < rows; r++)
+    for (let n = 0; n < N; n++) {
+      let s = 0;
+      for (let k = 0; k < K; k++) s += x[r * K + k]! * W[n * K + k]!;
+      out[r * N + n] = s + (bias ? bias[n]! : 0);
+    }
+  return out;
+}
+
+const bf16Rand = (n: number, seed: number): Float32Array => {
+  const r = rng(seed);
+  return bf16ToF32(f32ToBf16(Float32Array.from({ length: n }, () => 2 * r() - 1)));
+};
+
+// ------------------------------------------------------------------ tests
+
+describe("low-bit kernel layout (quant_layout.ts)", () => {
+  it("pair coordinates cover each (column, unit) block's 32 x 128 codes exactly once", () => {
+    const seen = new Uint8Array(32 * 128);
+    for (let lane = 0; lane < 32; lane++)
+      for (let tau = 0; tau < 16; tau++)
+        for (let i = 0; i < 4; i++) {
+          const { n, k } = pairCoords(lane, tau, i);
+          expect(k % 2).toBe(0);
+          seen[n * 128 + k]!++;
+          seen[n * 128 + k + 1]!++;
+        }
+    expect(seen.every((v) => v === 1)).toBe(true);
+  });
+
+  it("every code bit of a lane's words is used by exactly one pair, for each bit width", () => {
+    for (const bits of [2, 3, 4, 8] as QuantBits[]) {
+      // Set each pair's codes to all ones, one pair at a time, through a fake word store.
+      const used = new Uint32Array(4 * bits);
+      for (let tau = 0; tau < 16; tau++)
+        for (let i = 0; i < 4; i++) {
+          // Which bits does readPair look at? Probe with single-bit words.
+          for (let w = 0; w < 4 * bits; w++)
+            for (let b = 0; b < 32; b++) {
+              const [lo, hi] = readPair((x) => (x === w ? (1 << b) >>> 0 : 0), bits, tau, i);
+              if (lo !== 0 || hi !== 0) {
+                expect(used[w]! & ((1 << b) >>> 0), `bits ${bits} word ${w} bit ${b}`).toBe(0);
+                used[w] = (used[w]! | (1 << b)) >>> 0;
+              }
+            }
+        }
+      const total = [...used].reduce((a, v) => a + v.toString(2).split("").filter((c) => c === "1").length, 0);
+      expect(total).toBe(16 * 4 * 2 * bits);
+    }
+  });
+
+  const specs: QuantSpec[] = [];
+  for (const bits of [2, 3, 4, 8] as QuantBits[])
+    for (const groupSize of [32, 64, 128, -1])
+      for (const descAct of [false, true]) specs.push({ bits, groupSize, sym: (bits + groupSize) % 3 === 0, descAct });
+
+  for (const spec of specs) {
+    it(`packs and reads back every code, scale and zero: ${spec.bits}-bit gs ${spec.groupSize} ${spec.sym ? "sym" : "asym"}${spec.descAct ? " act-order" : ""}`, () => {
+      for (const [K, N] of [[96, 64], [352, 32], [256, 96]] as const) {
+        const q = randomQuantized(spec, K, N, K + N + spec.bits);
+        const l = packQuantLayout(q);
+        expect(l.units).toBe(Math.ceil(K / UNIT_K));
+        expect(l.words.length).toBe((N / COL_N) * l.units * spec.bits * 128);
+        expect(l.zeros === null).toBe(spec.sym);
+        if (!spec.descAct || spec.groupSize === -1 || spec.groupSize >= K) expect(l.perm).toBeNull();
+        expect(dequantizeLayout(l)).toEqual(dequantize(q));
+      }
+    });
+  }
+
+  it("act-order: kernel position i holds input perm[i], groups are consecutive runs of gs", () => {
+    const q = randomQuantized({ bits: 4, groupSize: 32, sym: false, descAct: true }, 256, 32, 5);
+    const perm = kernelPerm(q.gIdx, 256, 32, 8)!;
+    expect(perm).not.toBeNull();
+    expect([...perm].sort((a, b) => a - b)).toEqual(Array.from({ length: 256 }, (_, i) => i));
+    for (let i = 0; i < 256; i++) expect(q.gIdx[perm[i]!]).toBe(Math.floor(i / 32));
+  });
+
+  it("refuses what the kernels cannot take, naming the limit", () => {
+    const base = randomQuantized({ bits: 4, groupSize: 32, sym: true, descAct: false }, 64, 32, 1);
+    expect(() => packQuantLayout({ ...base, inDim: 48, codes: base.codes.subarray(0, 48 * 32), gIdx: base.gIdx.subarray(0, 48) })).toThrow(/multiple of 32/);
+    expect(() => packQuantLayout({ ...base, outDim: 16 })).toThrow(QuantLayoutError);
+    expect(() => packQuantLayout({ ...base, spec: { ...base.spec, groupSize: 48 } })).toThrow(/group size 48/);
+    // Groups of unequal size after sorting by g_idx.
+    const gIdx = Int32Array.from({ length: 64 }, (_, k) => (k < 40 ? 0 : 1));
+    expect(() => kernelPerm(gIdx, 64, 32, 2)).toThrow(/runs of 32/);
+  });
+
+  // The fused kernel, emulated lane by lane, against the dense matmul of the dequantized weight.
+  const cases: [QuantSpec, number, number, number, number][] = [
+    [{ bits: 4, groupSize: 128, sym: true, descAct: false }, 256, 64, 1, 1],
+    [{ bits: 4, groupSize: 32, sym: false, descAct: true }, 352, 96, 7, 3],
+    [{ bits: 3, groupSize: 64, sym: false, descAct: false }, 384, 32, 16, 2],
+    [{ bits: 3, groupSize: -1, sym: true, descAct: false }, 160, 64, 24, 1],
+    [{ bits: 2, groupSize: 32, sym: false, descAct: true }, 256, 32, 32, 2],
+    [{ bits: 8, groupSize: 64, sym: false, descAct: false }, 192, 32, 9, 2],
+    [{ bits: 8, groupSize: -1, sym: true, descAct: true }, 128, 32, 40, 1],
+  ];
+  for (const [spec, K, N, rows, splits] of cases) {
+    it(`emulated fused kernel equals the dense matmul: ${spec.bits}-bit gs ${spec.groupSize}${spec.descAct ? " act-order" : ""} K=${K} N=${N} rows=${rows} splits=${splits}`, () => {
+      const q = randomQuantized(spec, K, N, K * 7 + rows);
+      const l = packQuantLayout(q);
+      const x = bf16Rand(rows * K, rows + K);
+      const bias = Float32Array.from({ length: N }, (_, n) => (n % 5) * 0.25);
+      const got = emulateFused(l, x, rows, Math.min(splits, l.units), bias);
+      const want = denseRef(q, x, rows, bias);
+      let worst = 0;
+      for (let i = 0; i < want.length; i++) worst = Math.max(worst, Math.abs(got[i]! - want[i]!));
+      // Both are f64 sums of the same exact products: only the order differs.
+      expect(worst).toBeLessThan(1e-9);
+    });
+  }
+
+  it("split-K plans: splits fit the k units, partials are bounded by one wave of CTAs", () => {
+    for (const bits of [2, 3, 4, 8] as QuantBits[])
+      for (const [K, N] of [[4096, 11008], [4096, 4096], [11008, 4096], [4096, 22016], [256, 512], [704, 256]] as const)
+        for (const rows of [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128]) {
+          const p = fusedPlan(bits, K, N, rows, 132);
+          expect(p.splits).toBeGreaterThanOrEqual(1);
+          expect(p.splits).toBeLessThanOrEqual(Math.min(16, Math.ceil(K / 128)));
+          expect(p.mBlocks * 8 * p.T).toBeGreaterThanOrEqual(rows);
+          if (p.splits > 1) {
+            // S * colGroups * mBlocks CTAs <= one wave, so the partials are at most a wave's tiles.
+            expect(p.grid[0] * p.grid[1] * p.grid[2]).toBeLessThanOrEqual(132 * 4);
+            expect(p.partialBytes).toBeLessThanOrEqual(132 * 4 * 128 * 32 * 4);
+          }
+        }
+  });
+});
