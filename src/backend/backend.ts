@@ -10,7 +10,7 @@
 // - Ops run in issue order; `read` waits for everything issued before it.
 // - All math is fp32 (accumulate in fp32 even over bf16/f16 storage).
 
-import type { QuantBits, QuantizedWeight } from "../quant/types.js";
+import type { QuantBits, QuantizedWeight, QuantSpec } from "../quant/types.js";
 import type { DType, Shape } from "./tensor.js";
 
 export interface Tensor {
@@ -206,6 +206,9 @@ export interface Backend {
   /** out [n, outDim] (f32) = x [n, inDim] (activationDtype) @ dequantize(w)^T (+ bias, f32). */
   linearQuantized?(out: Tensor, x: Tensor, w: QuantizedTensor, bias?: Tensor): void;
   freeQuantized?(w: QuantizedTensor): void;
+  /** Optional: random low-bit weights (`--load-format dummy` of a quantized config): uniform codes,
+   * symmetric zeros, one scale giving a standard deviation of about `std`; deterministic in `seed`. */
+  randomQuantized?(spec: QuantSpec, inDim: number, outDim: number, seed: number, std: number): QuantizedTensor;
 
   /** Optional: allocate every per-step buffer at these capacities now (so memory is
    * known before the KV cache is sized, and no step allocates). */

@@ -563,7 +563,11 @@ export async function createEngine(opts: EngineOptions): Promise<Engine> {
   // A GPTQ checkpoint's linears stay quantized where the backend has low-bit kernels
   // (src/quant/load_quantized.ts); the rest is dequantized at load by the QuantizedSource.
   const quantKernels = opts.quantKernels ?? (backend.name === "cuda" && process.env.INLAID_QUANT_KERNELS !== "0");
-  const quant = src instanceof QuantizedSource && quantKernels ? QuantizedLinears.load(backend, config, dir, { onTensor: counted }) : null;
+  const dummySpec = src === DUMMY && quantKernels ? readQuantSpec(dir) : null;
+  const quant = !quantKernels ? null
+    : src instanceof QuantizedSource ? QuantizedLinears.load(backend, config, dir, { onTensor: counted })
+    : dummySpec ? QuantizedLinears.dummy(backend, config, dummySpec)
+    : null;
   if (quant) say(`${quant.size} fused linears served by low-bit kernels`);
   const dense = loadLlamaWeights(backend, config, src, counted, quant ? { skip: quant.skip } : undefined);
   const weights = quant ? quant.attach(dense) : dense;

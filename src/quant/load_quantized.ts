@@ -16,7 +16,8 @@ import { moduleSpec, readGptqConfig, type GptqConfig } from "./gptq_config.js";
 import { unpackGptq } from "./gptq_pack.js";
 import { linearModules } from "./modules.js";
 import { QuantLinear, stackQuantized } from "./quant_linear.js";
-import type { QuantizedWeight } from "./types.js";
+import type { QuantizedWeight, QuantSpec } from "./types.js";
+import { groupDims } from "../model/weights.js";
 
 export interface QuantizedLinearsOptions {
   /** A group served dequantized instead, and why (default: console.warn). */
@@ -93,6 +94,33 @@ export class QuantizedLinears {
       throw e;
     } finally {
       st.close();
+    }
+    return new QuantizedLinears(backend, weights, fallbacks);
+  }
+
+  /**
+   * Random quantized weights of the config's shapes for every fused group (`--load-format
+   * dummy` of a model folder whose config has a quantization_config): what a quantized
+   * checkpoint of that model costs in memory and time, without one. Backends without
+   * randomQuantized get none (the engine makes dense random weights).
+   */
+  static dummy(backend: Backend, cfg: ModelConfig, spec: QuantSpec, opts: Pick<QuantizedLinearsOptions, "onWarning"> = {}): QuantizedLinears {
+    const weights = new Map<string, QuantizedTensor>();
+    const fallbacks: { layer: number; group: LinearGroup; reason: string }[] = [];
+    if (!backend.randomQuantized || !backend.linearQuantized) return new QuantizedLinears(backend, weights, fallbacks);
+    const warn = opts.onWarning ?? ((m: string) => console.warn(`inlaid: ${m}`));
+    let seed = 0;
+    for (let l = 0; l < cfg.numLayers; l++) {
+      for (const g of GROUP_NAMES) {
+        const { inDim, outDims } = groupDims(cfg, g);
+        try {
+          weights.set(`${l}.${g}`, backend.randomQuantized(spec, inDim, outDims.reduce((a, b) => a + b, 0), ++seed, 0.02));
+        } catch (e) {
+          if (!(e instanceof Error) || !FALLBACK_ERRORS.has(e.name)) throw e;
+          fallbacks.push({ layer: l, group: g, reason: e.message });
+          warn(`layer ${l} ${g} gets dense random weights, not low-bit ones: ${e.message}`);
+        }
+      }
     }
     return new QuantizedLinears(backend, weights, fallbacks);
   }

@@ -18,7 +18,7 @@
 // - Dequantize + cuBLASLt: each weight is rounded to bf16 once (<= 2^-9 relative) and
 //   cuBLASLt accumulates in f32 in its own order: tol = 2^-9 + (K + 64) * 2^-23.
 
-import { mkdtempSync, rmSync } from "node:fs";
+import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync, mkdirSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -29,7 +29,8 @@ import { bf16ToF32, f32ToBf16 } from "../../src/backend/tensor.js";
 import { createEngine, type Engine } from "../../src/engine/engine.js";
 import { readEvalJsonl, runExactMatch } from "../../src/eval/exact_match.js";
 import { dequantize, type QuantBits, type QuantizedWeight, type QuantSpec } from "../../src/quant/types.js";
-import { DEMO, DEMO_ADAPTERS, DEMO_TASKS } from "../helpers/demo.js";
+import { DEMO, DEMO_ADAPTERS, DEMO_BASE, DEMO_TASKS } from "../helpers/demo.js";
+import { GREEDY, collect } from "../helpers/collect.js";
 import { quantizeDemo } from "../helpers/quant_demo.js";
 import { randomQuantized, seededRandom } from "../helpers/quant_random.js";
 
@@ -228,6 +229,24 @@ describe.skipIf(reason !== null)(`the demo from 4-bit checkpoints: GPU low-bit k
   afterAll(async () => {
     for (const e of Object.values(engines)) await Promise.all([e.gpu.close(), e.cpu.close()]);
     if (work) rmSync(work, { recursive: true, force: true });
+  });
+
+  it("--load-format dummy of a quantized config: random low-bit weights on every fused linear", async () => {
+    const dir = join(work, "dummy-q4");
+    mkdirSync(dir);
+    const cfg = JSON.parse(readFileSync(join(DEMO_BASE, "config.json"), "utf8"));
+    cfg.quantization_config = { quant_method: "gptq", bits: 4, group_size: 64, desc_act: false, sym: true };
+    writeFileSync(join(dir, "config.json"), JSON.stringify(cfg));
+    for (const f of ["tokenizer.json", "tokenizer_config.json"]) copyFileSync(join(DEMO_BASE, f), join(dir, f));
+    const messages: string[] = [];
+    const e = await createEngine({ modelDir: dir, device: "cuda", loadFormat: "dummy", onProgress: (m) => messages.push(m) });
+    try {
+      expect(messages).toContain("24 fused linears served by low-bit kernels");
+      const out = await collect(e.generate({ id: "d", promptIds: [1, 5, 9], adapter: null, params: { ...GREEDY, maxTokens: 8, ignoreEos: true } }));
+      expect(out.tokenIds.length).toBe(8);
+    } finally {
+      await e.close();
+    }
   });
 
   for (const name of Object.keys(variants)) {

@@ -66,7 +66,7 @@
 import type {
   Backend, HostTensor, KvCache, KvCacheSpec, LoraStack, PreparedStep, QuantizedTensor, SampleResult, StepBatch, Tensor,
 } from "../backend.js";
-import type { QuantBits, QuantizedWeight } from "../../quant/types.js";
+import type { QuantBits, QuantizedWeight, QuantSpec } from "../../quant/types.js";
 import { uniform } from "../rng.js";
 import { bf16ToF32, f16ToF32, f32ToBf16, loraOutDims, numel, toF32, type DType, type Shape } from "../tensor.js";
 import type { DeviceKv, DeviceLora, DeviceOps, DeviceStep, Operand, Scratch, StepRun } from "./device_ops.js";
@@ -81,7 +81,7 @@ import { buildKernels, type KernelImage } from "./ffi/nvrtc.js";
 import type { Launcher } from "./launch.js";
 import { KernelLauncher } from "./launcher.js";
 import { CudaOps, KERNEL_FILES } from "./ops.js";
-import { packQuantLayout, type QuantLayout } from "./quant_layout.js";
+import { packQuantLayout, randomQuantLayout, type QuantLayout } from "./quant_layout.js";
 import { QuantOps, dequantChunkCols, fusedPlan, splitsFromEnv, type DeviceQuantWeight } from "./quant_ops.js";
 import {
   bucketRows, capacityShortfall, packStep, stagingViews, stepLayout,
@@ -930,6 +930,13 @@ export class CudaBackend implements Backend {
     const t = new CudaQuantTensor(this, ptr, bytes, dev);
     this.#quantized.add(t);
     return t;
+  }
+
+  /** Random symmetric low-bit weights in the kernels' layout, made without packing (`--load-format dummy`). */
+  randomQuantized(spec: QuantSpec, inDim: number, outDim: number, seed: number, std: number): QuantizedTensor {
+    this.#enter();
+    if (this.#capturing) throw new Error("randomQuantized() while capturing a CUDA graph");
+    return this.uploadQuantLayout(randomQuantLayout(spec.bits, inDim, outDim, spec.groupSize, seed, std));
   }
 
   freeQuantized(w: QuantizedTensor): void {

@@ -10,7 +10,7 @@ import { bf16ToF32, f16ToF32, f32ToBf16 } from "../tensor.js";
 import { dequantize, type QuantBits, type QuantizedWeight, type QuantSpec } from "../../quant/types.js";
 import { randomQuantized, seededRandom as rng } from "../../../test/helpers/quant_random.js";
 import {
-  COL_N, QuantLayoutError, UNIT_K, dequantizeLayout, kernelPerm, laneWordOffset, packQuantLayout, pairCoords, readPair,
+  COL_N, QuantLayoutError, UNIT_K, dequantizeLayout, kernelPerm, laneWordOffset, packQuantLayout, pairCoords, randomQuantLayout, readPair,
   type QuantLayout,
 } from "./quant_layout.js";
 import { fusedPlan, tokenTiles } from "./quant_ops.js";
@@ -259,6 +259,23 @@ describe("low-bit kernel layout (quant_layout.ts)", () => {
       expect(worst).toBeLessThan(1e-9);
     });
   }
+
+  it("random layouts (--load-format dummy) hold uniform codes with the asked standard deviation", () => {
+    for (const bits of [2, 3, 4, 8] as QuantBits[]) {
+      const l = randomQuantLayout(bits, 256, 64, 128, 3, 0.02);
+      const w = dequantizeLayout(l);
+      let s = 0, ss = 0;
+      for (const v of w) {
+        s += v;
+        ss += v * v;
+      }
+      const mean = s / w.length, std = Math.sqrt(ss / w.length - mean * mean);
+      // (q - z) uniform over [-2^(b-1), 2^(b-1)): std = sqrt((4^b - 1) / 12) x scale, slightly under 2^b / sqrt(12).
+      expect(std).toBeGreaterThan(0.02 * 0.8);
+      expect(std).toBeLessThan(0.02 * 1.1);
+      expect(Math.abs(mean)).toBeLessThan(0.02);
+    }
+  });
 
   it("split-K plans: splits fit the k units, partials are bounded by one wave of CTAs", () => {
     for (const bits of [2, 3, 4, 8] as QuantBits[])

@@ -303,6 +303,29 @@ export function packQuantLayout(q: QuantizedWeight): QuantLayout {
   return { bits, K, N, units, groupSize: gs, groups, words, scales, zeros, symZero, perm };
 }
 
+/**
+ * A layout of random codes without building a QuantizedWeight: every bit pattern of the
+ * words is a valid set of codes, so the words are a seeded xorshift stream; symmetric
+ * zeros, one fp16 scale for all (so W has a standard deviation of about `std`), no act-order.
+ * For `--load-format dummy` of a quantized config (7B-sized models in seconds).
+ */
+export function randomQuantLayout(bits: QuantBits, K: number, N: number, groupSize: number, seed: number, std: number): QuantLayout {
+  checkQuantShape(bits, K, N, groupSize);
+  const units = Math.ceil(K / UNIT_K), groups = numGroups(K, groupSize), NC = N / COL_N;
+  const words = new Uint32Array(NC * units * bits * 128);
+  let s = (Math.imul(seed, 2654435761) ^ 0x9e3779b9) >>> 0 || 1;
+  for (let i = 0; i < words.length; i++) {
+    s ^= s << 13;
+    s ^= s >>> 17;
+    s ^= s << 5;
+    words[i] = s >>> 0;
+  }
+  // Uniform codes minus the middle zero: standard deviation ~ 2^bits / sqrt(12).
+  const scale = (std * Math.sqrt(12)) / (1 << bits);
+  const scales = f32ToF16(new Float32Array(groups * NC * 8 * 4).fill(scale));
+  return { bits, K, N, units, groupSize: groupSize === -1 ? K : groupSize, groups, words, scales, zeros: null, symZero: 1 << (bits - 1), perm: null };
+}
+
 /** The group of kernel position k (the kernel's min(k / gs, G - 1)). */
 export function layoutGroup(l: QuantLayout, k: number): number {
   return Math.min(Math.floor(k / l.groupSize), l.groups - 1);
