@@ -11,7 +11,7 @@ import { SafetensorsFile } from "../src/model/safetensors.js";
 import { QUANT_AGGREGATES, QUANT_METHODS } from "../src/cli/quantize.js";
 import { AGGREGATES } from "../src/quant/aggregate.js";
 import { readQuantizedWeights } from "../src/quant/checkpoint.js";
-import { METHODS } from "../src/quant/methods.js";
+import { DEFAULT_AGGREGATE, METHODS } from "../src/quant/methods.js";
 import { DEMO, DEMO_ADAPTERS, DEMO_BASE, ROOT } from "./helpers/demo.js";
 
 const MAIN = join(ROOT, "src", "cli", "main.ts");
@@ -183,7 +183,7 @@ describe("inlaid quantize", () => {
     expect(readFileSync(join(inc, "config.json"), "utf8")).toBe(readFileSync(join(all, "config.json"), "utf8"));
     const manifest = JSON.parse(readFileSync(join(inc, "mlgptq", "manifest.json"), "utf8")) as { tasks: { name: string }[]; aggregate: string };
     expect(manifest.tasks.map((t) => t.name)).toEqual(["reverse", "sort", "caesar", "mirror"]);
-    expect(manifest.aggregate).toBe("max");
+    expect(manifest.aggregate).toBe(DEFAULT_AGGREGATE);
     // A real 3-bit act-order checkpoint: every linear quantized, g_idx permuted.
     const q = readQuantizedWeights(all);
     expect(q.size).toBe(42);

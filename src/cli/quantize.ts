@@ -68,7 +68,7 @@ export function addQuantizeCommand(program: Command): Command {
     .option("--act-order", "solve inputs by decreasing Hessian diagonal (desc_act)")
     .option("--sym", "symmetric quantization (zero point fixed at 2^(bits-1)); default asymmetric")
     .option("--static-groups", "with --act-order: fix groups in input order up front (monotone g_idx)")
-    .addOption(new Option("--aggregate <how>", "mlgptq: how per-task Hessians combine (default max)").choices(QUANT_AGGREGATES))
+    .addOption(new Option("--aggregate <how>", "mlgptq: how per-task Hessians combine (default mean; max is DESIGN §3's element-wise max)").choices(QUANT_AGGREGATES))
     .addOption(new Option("--damp <fraction>", "initial GPTQ damping, fraction of the mean Hessian diagonal (default 0.01)").argParser(parseDamp))
     .addOption(new Option("--calib-limit <n>", "use the first n calibration lines of each task (default: all)").argParser(parsePositiveInt("--calib-limit")))
     .option("--work <dir>", "folder for per-task Hessians, reused when a run is resumed (default OUT.work)")

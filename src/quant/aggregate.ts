@@ -7,7 +7,8 @@
 //
 //   max       Ĥ = max_t H_t element-wise (DESIGN §3): for every channel pair, the task
 //             most sensitive there. May be indefinite; the solver's damping copes.
-//   mean      Ĥ = mean_t H_t: every task's activations (adapter on) weighted alike.
+//   mean      Ĥ = mean_t H_t: every task's activations (adapter on) weighted alike
+//             (the default: best on the quality harness, see methods.ts).
 //   max-psd   the max projected onto the PSD cone (negative eigenvalues set to 0) instead
 //             of damped: keeps the max's structure without the large damping an
 //             indefinite max needs (which pulls GPTQ towards round-to-nearest).
