@@ -113,6 +113,38 @@ __device__ __forceinline__ uint4 ldg_stream(const uint4* p) {
                : "l"(p));
   return v;
 }
+// Read-only global loads (x, scales, zeros, perm: L1-cached), and L2-only loads / stores for
+// the split-K partials (written and read by different SMs in one launch). Inline PTX rather
+// than __ldg / __ldcg / __stcg / __byte_perm, so the file needs no intrinsic headers.
+__device__ __forceinline__ uint4 ldg_v4(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint2 ldg_v2(const void* p) {
+  uint2 v;
+  asm volatile("ld.global.nc.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ unsigned ldg_u32(const void* p) {
+  unsigned v;
+  asm volatile("ld.global.nc.u32 %0, [%1];\n" : "=r"(v) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ float ldcg_f32(const float* p) {
+  float v;
+  asm volatile("ld.global.cg.f32 %0, [%1];\n" : "=f"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void stcg_f32(float* p, float v) {
+  asm volatile("st.global.cg.f32 [%0], %1;\n" ::"l"(p), "f"(v) : "memory");
+}
+__device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned sel) {
+  unsigned d;
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+
 __device__ __forceinline__ unsigned bf16x2_fma(unsigned a, unsigned b, unsigned c) {
   unsigned d;
   asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
@@ -168,7 +200,7 @@ __device__ __forceinline__ void zero_terms(unsigned zw, unsigned* nz) {
       nz[r] = (zw >> (8 * r)) & 0xffu;
     } else {
       // bytes {z_r, 0xC3, z_r, 0xC3}: bf16x2 -(128 + z_r) (z_r < 128)
-      nz[r] = __byte_perm(zw, 0xC3u, 0x4040u + 0x0101u * r);
+      nz[r] = prmt(zw, 0xC3u, 0x4040u + 0x0101u * r);
     }
   }
 }
@@ -198,7 +230,7 @@ __device__ __forceinline__ void load_x(uint4* xv, const bf16* __restrict__ x, in
   for (int t = 0; t < T; t++) {
     const int row = row0 + 8 * t + g;
     xv[t] = make_uint4(0u, 0u, 0u, 0u);
-    if (on && row < rows && k < K) xv[t] = __ldg(reinterpret_cast<const uint4*>(x + (long long)row * K + k));
+    if (on && row < rows && k < K) xv[t] = ldg_v4(x + (long long)row * K + k);
   }
 }
 
@@ -340,7 +372,7 @@ __device__ __forceinline__ void quant_gemm(float* __restrict__ out, const bf16* 
 #pragma unroll
       for (int t = 0; t < T; t++) {
         const int n = nb + nt * 16 + 8 * (e >> 1), row = row0 + 8 * t + 2 * c4 + (e & 1);
-        if (row < rows) __stcg(mine + (long long)row * N + n, acc[nt][t][e]);
+        if (row < rows) stcg_f32(mine + (long long)row * N + n, acc[nt][t][e]);
       }
   __threadfence();  // this lane's partials are visible GPU-wide before the arrival counts
   __syncwarp();
@@ -362,7 +394,7 @@ __device__ __forceinline__ void quant_gemm(float* __restrict__ out, const bf16* 
         const int row = row0 + 8 * t + 2 * c4 + (e & 1);
         if (row >= rows) continue;
         float v = 0.f;
-        for (int ss = 0; ss < S; ss++) v += ss == s ? acc[nt][t][e] : __ldcg(partials + ((long long)ss * rows + row) * N + n);
+        for (int ss = 0; ss < S; ss++) v += ss == s ? acc[nt][t][e] : ldcg_f32(partials + ((long long)ss * rows + row) * N + n);
         out[(long long)row * N + n] = v + b;
       }
     }
@@ -398,8 +430,8 @@ __device__ __forceinline__ void quant_dequant(bf16* __restrict__ wOut, const uin
     const int gi = min((u * 128 + j * 32) / gs, G - 1);
     const long long e = ((long long)gi * NC + col) * 8 + g;
     float sc[4];
-    scale_terms(__ldg(scales + e), sc);
-    if (zeros) zero_terms<BITS>(__ldg(zeros + e), nz);
+    scale_terms(ldg_v2(scales + e), sc);
+    if (zeros) zero_terms<BITS>(ldg_u32(zeros + e), nz);
 #pragma unroll
     for (int st = 0; st < 2; st++) {
 #pragma unroll
@@ -482,8 +514,7 @@ extern "C" __global__ void __launch_bounds__(256) quant_gather_cols(bf16* __rest
   const int r = blockIdx.x, i0 = (blockIdx.y * 256 + threadIdx.x) * 8;
   if (r >= rows || i0 >= K) return;
   const bf16* xr = x + (long long)r * K;
-  const int4 p0 = __ldg(reinterpret_cast<const int4*>(perm + i0));
-  const int4 p1 = __ldg(reinterpret_cast<const int4*>(perm + i0 + 4));
+  const uint4 p0 = ldg_v4(perm + i0), p1 = ldg_v4(perm + i0 + 4);
   __align__(16) bf16 v[8] = {xr[p0.x], xr[p0.y], xr[p0.z], xr[p0.w], xr[p1.x], xr[p1.y], xr[p1.z], xr[p1.w]};
   *reinterpret_cast<uint4*>(xp + (long long)r * K + i0) = *reinterpret_cast<const uint4*>(v);
 }
