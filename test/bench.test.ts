@@ -153,6 +153,20 @@ describe("roofline", () => {
     expect(b.total).toBe(b.weights + b.adapters + b.kv);
   });
 
+  it("counts a 4-bit GPTQ base's projections at their packed size", () => {
+    const cfg = loadModelConfig(join(ROOT, "bench", "configs", "llama-2-7b"));
+    const w = { batch: 32, promptLen: 128, gen: 128, adapters: 0, rank: 16 };
+    const dense = decodeStepBytes(cfg, w, storageBytes("cuda"));
+    const q4 = decodeStepBytes(cfg, w, storageBytes("cuda"), { bits: 4, groupSize: 128, sym: true });
+    const proj = 4 * 4096 * 4096 + 3 * 4096 * 11008;
+    // One 4-bit symmetric group-128 layer of this shape allocated 104,349,696 bytes on the
+    // H100 (bench/quant_gemm.ts, "measured_one_layer_sym_bytes"): codes plus fp16 scales.
+    expect(q4.weights).toBe(dense.weights - 32 * proj * 2 + 32 * 104_349_696);
+    const asym = decodeStepBytes(cfg, w, storageBytes("cuda"), { bits: 4, groupSize: 128, sym: false });
+    // One zero-point byte per (group, output): 32 groups over 4096 inputs, 86 over 11008.
+    expect(asym.weights - q4.weights).toBe(32 * (32 * (3 * 4096 + 4096 + 2 * 11008) + 86 * 4096));
+  });
+
   it("counts only the adapters a batch can hold, and f32 on the CPU backend", () => {
     const cfg = loadModelConfig(DEMO_BASE);
     const few = decodeStepBytes(cfg, { batch: 2, promptLen: 4, gen: 4, adapters: 8, rank: 4 }, storageBytes("cpu"));

@@ -26,6 +26,7 @@ import { bytesPerElement, type DType } from "../backend/tensor.js";
 import { createEngine, type Engine } from "../engine/engine.js";
 import type { GenerateRequest } from "../engine/types.js";
 import { loadModelConfig, type ModelConfig } from "../model/config.js";
+import { readQuantSpec } from "../quant/checkpoint.js";
 import { measureBandwidth, type Bandwidth } from "./bandwidth.js";
 import { decodeStepBytes, storageBytes } from "./roofline.js";
 import { DEFAULT_ADAPTER_CACHE, syntheticAdapters } from "./synthetic_adapter.js";
@@ -316,7 +317,10 @@ export async function runOfflineBench(opts: OfflineBenchOptions, progress: Progr
   const mean = stepMs.length > 0 ? stepMs.reduce((s, x) => s + x, 0) / stepMs.length : NaN;
 
   // ---- roofline
-  const bytes = decodeStepBytes(config, { batch: B, promptLen: P, gen: G, adapters: K, rank: r }, storageBytes(backend));
+  // A GPTQ base on CUDA is served packed (unless INLAID_QUANT_KERNELS=0): its roofline counts packed bytes.
+  const spec = readQuantSpec(dir);
+  const packed = spec && backend === "cuda" && process.env.INLAID_QUANT_KERNELS !== "0" ? spec : undefined;
+  const bytes = decodeStepBytes(config, { batch: B, promptLen: P, gen: G, adapters: K, rank: r }, storageBytes(backend), packed);
   const bw = probe.bandwidth;
   const rooflineMs = bw ? (bytes.total / (bw.gbs * 1e9)) * 1e3 : null;
 

@@ -38,6 +38,24 @@ export interface DecodeWorkload {
   readonly rank: number;
 }
 
+/** A GPTQ base served by low-bit kernels: what each projection's weight costs to read. */
+export interface QuantStorage {
+  readonly bits: number;
+  /** -1: one group over all inputs. */
+  readonly groupSize: number;
+  readonly sym: boolean;
+}
+
+/**
+ * Bytes of one quantized projection as the CUDA low-bit kernels read it
+ * (backend/cuda/quant_layout.ts): the codes, an fp16 scale per (group, output), and a
+ * one-byte zero point per (group, output) unless symmetric.
+ */
+export function quantLinearBytes(inDim: number, outDim: number, q: QuantStorage): number {
+  const groups = q.groupSize === -1 ? 1 : Math.ceil(inDim / q.groupSize);
+  return (inDim * outDim * q.bits) / 8 + groups * outDim * 2 + (q.sym ? 0 : groups * outDim);
+}
+
 export interface StepBytes {
   readonly weights: number;
   readonly adapters: number;
@@ -70,8 +88,15 @@ export function weightElementsPerStep(config: ModelConfig, batch: number): numbe
  * output token k (k = 1..gen-1) attends over promptLen + k positions, so the mean
  * context is promptLen + gen / 2.
  */
-export function decodeStepBytes(config: ModelConfig, w: DecodeWorkload, bytes: StorageBytes): StepBytes {
-  const weights = weightElementsPerStep(config, w.batch) * bytes.weights;
+export function decodeStepBytes(config: ModelConfig, w: DecodeWorkload, bytes: StorageBytes, quant?: QuantStorage): StepBytes {
+  let weights = weightElementsPerStep(config, w.batch) * bytes.weights;
+  if (quant) {
+    // The projections are read packed; everything else (norms, embeddings, LM head, biases) as before.
+    for (const m of TARGET_MODULES) {
+      const { inDim, outDim } = projDims(config, m);
+      weights += config.numLayers * (quantLinearBytes(inDim, outDim, quant) - inDim * outDim * bytes.weights);
+    }
+  }
   let loraPerAdapter = 0;
   for (const m of TARGET_MODULES) {
     const { inDim, outDim } = projDims(config, m);
