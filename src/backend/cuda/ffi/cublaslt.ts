@@ -20,13 +20,14 @@
 // eager run execute identical kernels.
 //
 // Choosing the algorithm. The heuristic's first answer is tuned for large GEMMs; at
-// decode shapes (a few rows, so the GEMM is a weight stream) it often picks a tile that
-// leaves most SMs idle: measured on an H200, Llama-2-7B's 4096x4096 projections at 32
-// rows streamed weights at about 1 TB/s against 3 TB/s for the lm_head. So for up to
-// TUNE_MAX_ROWS rows the plan times every candidate the heuristic offers (L2 flushed
-// before each run, so the weight comes from HBM as it does in a real step, where the
-// layers' weights far exceed L2) and keeps the fastest. Tuning needs an eager stream:
-// a plan first made while a graph is being captured takes the heuristic's first answer.
+// decode shapes (a few rows, so the GEMM is a weight stream) it may pick a tile that
+// leaves SMs idle. So for up to TUNE_MAX_ROWS rows the plan times every candidate the
+// heuristic offers (L2 flushed before each run, so the weight comes from HBM as it does
+// in a real step, where the layers' weights far exceed L2) and keeps the fastest. On an
+// H100 the first answer was already within 2-10% of the best at Llama-2-7B's decode
+// shapes (bench/kernels.ts with and without INLAID_GEMM_TUNE=0); tuning costs a few ms
+// per shape at warm-up. Tuning needs an eager stream: a plan first made while a graph is
+// being captured takes the heuristic's first answer.
 
 import { CudaError } from "./errors.js";
 import { bind, openLibrary, toolkitLibDirs, type KoffiFn } from "./library.js";
