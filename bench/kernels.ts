@@ -218,7 +218,21 @@ if (only.has("host")) {
     }
     graphs.push({ nodes, launch_us: +((host * 1000) / launches).toFixed(1) });
   }
-  result.host = { ffi_call_us: +ffiUs.toFixed(2), graph_launch: graphs };
+  // prepare(): packing a 32-sequence decode step and uploading it, at the capacities the
+  // Llama-2-7B bench runs with (tokens for a 4096-token prefill, 256 blocks per sequence).
+  const seqs = Array.from({ length: 32 }, (_, i) => ({ q: 1, ctx: 192 + i, slot: i % 8 }));
+  const { batch: step32 } = makeStep(seqs, 16);
+  gpu.reserve({ maxTokens: 4160, maxSeqs: 32, maxBlocksPerSeq: 256, numHeads: cfg.numHeads, headDim: cfg.headDim, vocabSize: cfg.vocabSize, maxTopLogprobs: 0 });
+  const prep: number[] = [];
+  for (let i = 0; i < 200; i++) {
+    t0 = performance.now();
+    gpu.prepare(step32);
+    prep.push((performance.now() - t0) * 1000);
+    gpu.synchronize();
+  }
+  prep.sort((a, b) => a - b);
+  const pctl = (q: number): number => +prep[Math.floor(q * (prep.length - 1))]!.toFixed(1);
+  result.host = { ffi_call_us: +ffiUs.toFixed(2), graph_launch: graphs, prepare_us: { p50: pctl(0.5), p90: pctl(0.9) } };
 }
 
 console.log(JSON.stringify(result, null, 1));
