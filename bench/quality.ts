@@ -23,7 +23,7 @@ import { parseArgs } from "node:util";
 import { toF32 } from "../src/backend/tensor.js";
 import { DEMO_ADAPTERS, DEMO_BASE, DEMO_DIR, DEMO_TASKS } from "../src/cli/paths.js";
 import { createEngine } from "../src/engine/engine.js";
-import { readEvalJsonl, runExactMatch } from "../src/eval/exact_match.js";
+import { EVAL_MAX_TOKENS, readEvalJsonl, runExactMatch } from "../src/eval/exact_match.js";
 import { SafetensorsDir } from "../src/model/safetensors.js";
 import { AGGREGATES, type Aggregate } from "../src/quant/aggregate.js";
 import { readQuantizedWeights } from "../src/quant/checkpoint.js";
@@ -82,7 +82,7 @@ async function evaluate(modelFor: (task: string) => string): Promise<{ exact: Re
       modelDir: dir, device: "cpu", adapters: Object.fromEntries(ts.map((t) => [t, DEMO_ADAPTERS[t]!])), maxBatch: 256, maxWaiting: 4096,
     });
     try {
-      for (const t of ts) exact[t] = (await runExactMatch(engine, t, evalRows[t]!, { maxTokens: 48 })).exactMatch;
+      for (const t of ts) exact[t] = (await runExactMatch(engine, t, evalRows[t]!, { maxTokens: EVAL_MAX_TOKENS })).exactMatch;
     } finally {
       await engine.close();
     }

@@ -2,7 +2,7 @@
 
 import { Command, Option } from "commander";
 import type { DeviceName } from "../backend/select.js";
-import { failures, readEvalJsonl, runExactMatch, type EvalResult } from "../eval/exact_match.js";
+import { EVAL_MAX_TOKENS, failures, readEvalJsonl, runExactMatch, type EvalResult } from "../eval/exact_match.js";
 import { loadEngine } from "./load.js";
 import { type AdapterSpec, deviceOption, maxBatchOption, parseAdapterSpec, parsePositiveInt } from "./options.js";
 import { createProgress } from "./progress.js";
@@ -31,7 +31,7 @@ export function addEvalCommand(program: Command): Command {
     .requiredOption("--data <file.jsonl>", 'one {"prompt", "completion"} object per line')
     .addOption(new Option("--limit <n>", "evaluate only the first n lines").argParser(parsePositiveInt("--limit")))
     .option("--json", "print one JSON object on stdout instead of the summary")
-    .addOption(new Option("--max-tokens <n>", "most tokens to generate per prompt").argParser(parsePositiveInt("--max-tokens")).default(48))
+    .addOption(new Option("--max-tokens <n>", "most tokens to generate per prompt").argParser(parsePositiveInt("--max-tokens")).default(EVAL_MAX_TOKENS))
     .addOption(deviceOption())
     .addOption(maxBatchOption("default: min(256, rows)"))
     .action(async (flags: EvalFlags) => {

@@ -1,7 +1,9 @@
 // Exact-match evaluation of one adapter (or the base) on {prompt, completion} rows:
 // every prompt is greedy-decoded, all submitted at once so the engine batches them;
 // a row matches when the generated text (EOS ends it) equals the completion exactly.
-// Used by `inlaid eval` and by the quantization quality harness.
+// Used by `inlaid eval` and by the quantization quality harness; bench/serve_eval.ts
+// sends the same requests (evalSamplingParams) through the HTTP server and scores the
+// answers with the same rule (scoreRow, summarize).
 
 import { randomUUID } from "node:crypto";
 import { readFileSync } from "node:fs";
@@ -42,6 +44,9 @@ export interface EvalResult {
   /** One per row, in input order. */
   readonly rows: readonly EvalRowResult[];
 }
+
+/** The generation budget of `inlaid eval` and the quality harness. */
+export const EVAL_MAX_TOKENS = 48;
 
 export interface ExactMatchOptions {
   /** Generation budget per row. */
@@ -95,21 +100,61 @@ export function readEvalJsonl(path: string, limit?: number): EvalRow[] {
   return rows;
 }
 
+/** What every eval row is generated with: greedy, no stop strings (EOS ends it), `maxTokens` at most. */
+export function evalSamplingParams(maxTokens: number): SamplingParams {
+  return { maxTokens, temperature: 0, topP: 1, topK: 0, stop: [], ignoreEos: false, logprobs: -1 };
+}
+
+/** How one row's generation ended, as far as scoring needs. */
+export interface RowOutcome {
+  readonly got: string;
+  /** null when the request never ran (then `error` says why). */
+  readonly finishReason: FinishReason | null;
+  readonly promptTokens: number;
+  readonly completionTokens: number;
+  readonly error?: string;
+}
+
+/** The scoring rule: a row matches when it finished normally and its text equals the completion. */
+export function scoreRow(row: EvalRow, outcome: RowOutcome): EvalRowResult {
+  const ok = outcome.error === undefined && outcome.finishReason !== null && outcome.finishReason !== "error" && outcome.finishReason !== "abort";
+  return {
+    prompt: row.prompt,
+    expected: row.completion,
+    got: outcome.got,
+    exact: ok && outcome.got === row.completion,
+    trimmed: ok && outcome.got.trim() === row.completion.trim(),
+    finishReason: outcome.finishReason,
+    promptTokens: outcome.promptTokens,
+    completionTokens: outcome.completionTokens,
+    ...(outcome.error !== undefined && { error: outcome.error }),
+  };
+}
+
+/** Totals over scored rows (in input order); `seconds` is the wall time they took. */
+export function summarize(adapter: string | null, results: readonly EvalRowResult[], seconds: number): EvalResult {
+  const n = results.length;
+  const completionTokens = results.reduce((a, r) => a + r.completionTokens, 0);
+  return {
+    adapter,
+    n,
+    exactMatch: n ? results.filter((r) => r.exact).length / n : 0,
+    exactMatchTrimmed: n ? results.filter((r) => r.trimmed).length / n : 0,
+    seconds,
+    tokensPerS: seconds > 0 ? completionTokens / seconds : 0,
+    promptTokens: results.reduce((a, r) => a + r.promptTokens, 0),
+    completionTokens,
+    rows: results,
+  };
+}
+
 export async function runExactMatch(
   engine: ServingEngine,
   adapter: string | null,
   rows: readonly EvalRow[],
   opts: ExactMatchOptions,
 ): Promise<EvalResult> {
-  const params: SamplingParams = {
-    maxTokens: opts.maxTokens,
-    temperature: 0,
-    topP: 1,
-    topK: 0,
-    stop: [],
-    ignoreEos: false,
-    logprobs: -1,
-  };
+  const params = evalSamplingParams(opts.maxTokens);
   const tag = randomUUID().slice(0, 8);
   const t0 = performance.now();
   let done = 0;
@@ -133,9 +178,8 @@ export async function runExactMatch(
   const results = await Promise.all(
     started.map(async (s, i): Promise<EvalRowResult> => {
       const row = rows[i]!;
-      const base = { prompt: row.prompt, expected: row.completion, promptTokens: s.promptIds.length };
       if (!("stream" in s)) {
-        return finishRow({ ...base, got: "", exact: false, trimmed: false, finishReason: null, completionTokens: 0, error: s.error });
+        return finishRow(scoreRow(row, { got: "", finishReason: null, promptTokens: s.promptIds.length, completionTokens: 0, error: s.error }));
       }
       let got = "";
       let last: GenerateOutput | null = null;
@@ -143,33 +187,16 @@ export async function runExactMatch(
         got += out.text;
         last = out;
       }
-      const ok = last?.finishReason !== "error" && last?.finishReason !== "abort";
-      return finishRow({
-        ...base,
+      return finishRow(scoreRow(row, {
         got,
-        exact: ok && got === row.completion,
-        trimmed: ok && got.trim() === row.completion.trim(),
         finishReason: last?.finishReason ?? null,
         promptTokens: last?.promptTokens ?? s.promptIds.length,
         completionTokens: last?.completionTokens ?? 0,
-      });
+      }));
     }),
   );
 
-  const seconds = (performance.now() - t0) / 1000;
-  const n = results.length;
-  const completionTokens = results.reduce((a, r) => a + r.completionTokens, 0);
-  return {
-    adapter,
-    n,
-    exactMatch: n ? results.filter((r) => r.exact).length / n : 0,
-    exactMatchTrimmed: n ? results.filter((r) => r.trimmed).length / n : 0,
-    seconds,
-    tokensPerS: seconds > 0 ? completionTokens / seconds : 0,
-    promptTokens: results.reduce((a, r) => a + r.promptTokens, 0),
-    completionTokens,
-    rows: results,
-  };
+  return summarize(adapter, results, (performance.now() - t0) / 1000);
 }
 
 /** The rows that did not match exactly, in input order. */
