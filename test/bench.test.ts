@@ -2,7 +2,6 @@
 // with random weights), the synthetic adapters it creates, the roofline arithmetic,
 // and the shipped benchmark shapes.
 
-import { spawn } from "node:child_process";
 import { copyFileSync, existsSync, mkdtempSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -13,24 +12,11 @@ import { decodeStepBytes, storageBytes } from "../src/bench/roofline.js";
 import { syntheticAdapterParams, syntheticAdapters, writeSyntheticAdapter } from "../src/bench/synthetic_adapter.js";
 import { loadPeftAdapter, TARGET_MODULES } from "../src/lora/peft.js";
 import { loadModelConfig } from "../src/model/config.js";
+import { runCli } from "./helpers/cli.js";
 import { DEMO_BASE, ROOT } from "./helpers/demo.js";
 
-const MAIN = join(ROOT, "src", "cli", "main.ts");
 const cache = mkdtempSync(join(tmpdir(), "inlaid-bench-test-"));
-
-function inlaid(...args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  const env = { ...process.env };
-  delete env.INLAID_DEBUG;
-  const child = spawn(process.execPath, ["--import", "tsx", MAIN, ...args], { cwd: ROOT, env, stdio: ["ignore", "pipe", "pipe"] });
-  let stdout = "";
-  let stderr = "";
-  child.stdout.on("data", (d: Buffer) => (stdout += d.toString()));
-  child.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
-  return new Promise((resolve, reject) => {
-    child.on("error", reject);
-    child.on("close", (code) => resolve({ code, stdout, stderr }));
-  });
-}
+const inlaid = runCli;
 
 function expectSane(r: OfflineBenchResult, batch: number, promptLen: number, gen: number): void {
   expect(r.bench).toBe("offline");

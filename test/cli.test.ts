@@ -1,39 +1,15 @@
 // The `inlaid` CLI end to end, run from source through tsx (the same code the build
 // emits to dist/cli/main.js), on the bundled demo model with the CPU backend.
 
-import { spawn, type ChildProcess } from "node:child_process";
 import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
+import { CLI_MAIN, runCli, startCli as start } from "./helpers/cli.js";
 import { DEMO, DEMO_BASE, DEMO_ADAPTERS, ROOT } from "./helpers/demo.js";
 
-const MAIN = join(ROOT, "src", "cli", "main.ts");
-
-interface Run {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-}
-
-function start(args: string[]): ChildProcess {
-  const env = { ...process.env };
-  delete env.INLAID_DEBUG;
-  delete env.INLAID_API_KEY;
-  return spawn(process.execPath, ["--import", "tsx", MAIN, ...args], { cwd: ROOT, env, stdio: ["ignore", "pipe", "pipe"] });
-}
-
-function inlaid(...args: string[]): Promise<Run> {
-  const child = start(args);
-  let stdout = "";
-  let stderr = "";
-  child.stdout!.on("data", (d: Buffer) => (stdout += d.toString()));
-  child.stderr!.on("data", (d: Buffer) => (stderr += d.toString()));
-  return new Promise((resolve, reject) => {
-    child.on("error", reject);
-    child.on("close", (code) => resolve({ code, stdout, stderr }));
-  });
-}
+const MAIN = CLI_MAIN;
+const inlaid = runCli;
 
 const reverse = `reverse=${DEMO_ADAPTERS.reverse}`;
 

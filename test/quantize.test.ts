@@ -2,7 +2,6 @@
 // incremental addition of tasks is byte-identical to quantizing them all at once, a
 // killed run resumes from its work folder, and usage errors exit 2.
 
-import { spawn, type ChildProcess } from "node:child_process";
 import { existsSync, mkdtempSync, readdirSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -12,38 +11,12 @@ import { QUANT_AGGREGATES, QUANT_METHODS } from "../src/cli/quantize.js";
 import { AGGREGATES } from "../src/quant/aggregate.js";
 import { readQuantizedWeights } from "../src/quant/checkpoint.js";
 import { DEFAULT_AGGREGATE, METHODS } from "../src/quant/methods.js";
-import { DEMO, DEMO_ADAPTERS, DEMO_BASE, ROOT } from "./helpers/demo.js";
+import { finishCli as finish, runCli, startCli as start } from "./helpers/cli.js";
+import { DEMO, DEMO_ADAPTERS, DEMO_BASE } from "./helpers/demo.js";
 
-const MAIN = join(ROOT, "src", "cli", "main.ts");
 const LIMIT = "6";
 
-interface Run {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-}
-
-function start(args: string[]): ChildProcess {
-  const env = { ...process.env };
-  delete env.INLAID_DEBUG;
-  return spawn(process.execPath, ["--import", "tsx", MAIN, ...args], { cwd: ROOT, env, stdio: ["ignore", "pipe", "pipe"] });
-}
-
-function finish(child: ChildProcess, onStderr?: (all: string) => void): Promise<Run> {
-  let stdout = "";
-  let stderr = "";
-  child.stdout!.on("data", (d: Buffer) => (stdout += d.toString()));
-  child.stderr!.on("data", (d: Buffer) => {
-    stderr += d.toString();
-    onStderr?.(stderr);
-  });
-  return new Promise((resolve, reject) => {
-    child.on("error", reject);
-    child.on("close", (code) => resolve({ code, stdout, stderr }));
-  });
-}
-
-const inlaid = (...args: string[]): Promise<Run> => finish(start(args));
+const inlaid = runCli;
 
 const task = (name: string): string[] => ["--task", `${name}=${DEMO_ADAPTERS[name]}:${join(DEMO, "data", name, "calib.jsonl")}`];
 const spec = ["--method", "mlgptq", "--bits", "3", "--group-size", "64", "--act-order", "--calib-limit", LIMIT];
