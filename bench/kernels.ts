@@ -15,6 +15,7 @@ import type { StepBatch, Tensor } from "../src/backend/backend.js";
 import { CudaBackend } from "../src/backend/cuda/cuda_backend.js";
 import { measureBandwidth } from "../src/bench/bandwidth.js";
 import { loadModelConfig } from "../src/model/config.js";
+import { copiesPastL2, graphTimer } from "./graph_timing.js";
 
 const { values } = parseArgs({
   options: {
@@ -30,23 +31,11 @@ const cfg = loadModelConfig(join("bench", "configs", values.config!));
 const gpu = await CudaBackend.create({ maxTokens: 2048, maxSeqs: 256, maxBlocksPerSeq: 256 });
 const L2 = gpu.device.l2Bytes;
 
-/** Device microseconds per call of `body(i)`, i = 0..REPS-1, replayed from a graph. */
-function timeCall(key: string, body: (i: number) => void, out: Tensor): number {
-  const fwd = (): Tensor => {
-    for (let i = 0; i < REPS; i++) body(i);
-    return out;
-  };
-  gpu.replay(key, fwd); // eager (warms plans and scratch) + capture
-  gpu.replay(key, fwd);
-  const ms = gpu.timeMs(() => {
-    for (let i = 0; i < ITERS; i++) gpu.replay(key, fwd);
-  });
-  return (ms * 1000) / (ITERS * REPS);
-}
+const timeCall = graphTimer(gpu, REPS, ITERS);
 
 /** Copies of a [rows, cols] bf16 matrix: enough that cycling through them misses L2. */
 function rotating(rows: number, cols: number, bytesPerEl = 2): Tensor[] {
-  const copies = Math.max(2, Math.ceil((2 * L2) / (rows * cols * bytesPerEl)));
+  const copies = copiesPastL2(L2, rows * cols * bytesPerEl);
   return Array.from({ length: copies }, (_, i) => {
     const t = gpu.empty([rows, cols], bytesPerEl === 2 ? "bf16" : "f32");
     gpu.fillRandom(t, 1000 + i, 0.02);
@@ -135,7 +124,7 @@ if (only.has("attention")) {
     const { batch, blocks } = makeStep(Array.from({ length: B }, () => ({ q: 1, ctx, slot: -1 })), blockSize);
     // Enough layers that their caches together exceed L2 twice, as in a step over all layers.
     const layerBytes = blocks * blockSize * nKv * D * 2 * 2;
-    const layers = Math.max(2, Math.ceil((2 * L2) / layerBytes));
+    const layers = copiesPastL2(L2, layerBytes);
     const kvc = gpu.createKvCache({ numLayers: layers, numBlocks: blocks, blockSize, numKvHeads: nKv, headDim: D });
     const step = gpu.prepare(batch);
     const q = gpu.empty([B, nH * D], "f32"), k = gpu.empty([B, nKv * D], "f32"), v = gpu.empty([B, nKv * D], "f32");
@@ -164,7 +153,7 @@ if (only.has("lora")) {
       const N = dims.reduce((a, b) => a + b, 0);
       // Several stacks (one per "layer") so the adapters' A and B come from HBM.
       const stackBytes = adapters * R * (K * dims.length + N) * 2;
-      const copies = Math.max(2, Math.ceil((2 * L2) / stackBytes));
+      const copies = copiesPastL2(L2, stackBytes);
       const stacks = Array.from({ length: copies }, () => {
         const s = gpu.createLoraStack(adapters, R, K, dims);
         for (let a = 0; a < adapters; a++) {

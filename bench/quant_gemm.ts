@@ -19,6 +19,7 @@ import { CudaBackend } from "../src/backend/cuda/cuda_backend.js";
 import { packQuantLayout, quantLayoutBytes, type QuantLayout } from "../src/backend/cuda/quant_layout.js";
 import { measureBandwidth } from "../src/bench/bandwidth.js";
 import type { QuantBits, QuantizedWeight } from "../src/quant/types.js";
+import { copiesPastL2, graphTimer } from "./graph_timing.js";
 
 const { values } = parseArgs({
   options: {
@@ -49,19 +50,7 @@ function oneTokenStep(): StepBatch {
 }
 gpu.prepare(oneTokenStep());
 
-/** Device microseconds per call of `body(i)`, i = 0..REPS-1, replayed from a graph. */
-function timeCall(key: string, body: (i: number) => void, out: Tensor): number {
-  const fwd = (): Tensor => {
-    for (let i = 0; i < REPS; i++) body(i);
-    return out;
-  };
-  gpu.replay(key, fwd); // eager (warms plans and scratch) + capture
-  gpu.replay(key, fwd);
-  const ms = gpu.timeMs(() => {
-    for (let i = 0; i < ITERS; i++) gpu.replay(key, fwd);
-  });
-  return (ms * 1000) / (ITERS * REPS);
-}
+const timeCall = graphTimer(gpu, REPS, ITERS);
 
 /** A random bits-bit weight: codes from a xorshift, scales 0.01, symmetric zeros. */
 function randomWeight(bits: QuantBits, K: number, N: number, seed: number): QuantizedWeight {
@@ -87,12 +76,12 @@ const layoutBytes = (l: QuantLayout): number => l.words.byteLength + l.scales.by
 
 /** Copies of a packed weight on the device: enough that cycling through them misses L2. */
 function quantCopies(l: QuantLayout): QuantizedTensor[] {
-  const n = Math.max(2, Math.ceil((2 * L2) / layoutBytes(l)));
+  const n = copiesPastL2(L2, layoutBytes(l));
   return Array.from({ length: n }, () => gpu.uploadQuantLayout(l));
 }
 
 function denseCopies(N: number, K: number): Tensor[] {
-  const n = Math.max(2, Math.ceil((2 * L2) / (N * K * 2)));
+  const n = copiesPastL2(L2, N * K * 2);
   return Array.from({ length: n }, (_, i) => {
     const t = gpu.empty([N, K], "bf16");
     gpu.fillRandom(t, 1000 + i, 0.02);
