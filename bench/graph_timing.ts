@@ -28,3 +28,12 @@ export function graphTimer(gpu: CudaBackend, reps: number, iters: number): TimeC
 export function copiesPastL2(l2Bytes: number, bytes: number): number {
   return Math.max(2, Math.ceil((2 * l2Bytes) / bytes));
 }
+
+/** Random bf16 weights [rows, cols] (std 0.02), in enough copies that cycling through them misses L2. */
+export function weightCopies(gpu: CudaBackend, rows: number, cols: number): Tensor[] {
+  return Array.from({ length: copiesPastL2(gpu.device.l2Bytes, rows * cols * 2) }, (_, i) => {
+    const t = gpu.empty([rows, cols], "bf16");
+    gpu.fillRandom(t, 1000 + i, 0.02);
+    return t;
+  });
+}

@@ -15,7 +15,7 @@ import type { StepBatch, Tensor } from "../src/backend/backend.js";
 import { CudaBackend } from "../src/backend/cuda/cuda_backend.js";
 import { measureBandwidth } from "../src/bench/bandwidth.js";
 import { loadModelConfig } from "../src/model/config.js";
-import { copiesPastL2, graphTimer } from "./graph_timing.js";
+import { copiesPastL2, graphTimer, weightCopies } from "./graph_timing.js";
 
 const { values } = parseArgs({
   options: {
@@ -32,16 +32,6 @@ const gpu = await CudaBackend.create({ maxTokens: 2048, maxSeqs: 256, maxBlocksP
 const L2 = gpu.device.l2Bytes;
 
 const timeCall = graphTimer(gpu, REPS, ITERS);
-
-/** Copies of a [rows, cols] bf16 matrix: enough that cycling through them misses L2. */
-function rotating(rows: number, cols: number, bytesPerEl = 2): Tensor[] {
-  const copies = copiesPastL2(L2, rows * cols * bytesPerEl);
-  return Array.from({ length: copies }, (_, i) => {
-    const t = gpu.empty([rows, cols], bytesPerEl === 2 ? "bf16" : "f32");
-    gpu.fillRandom(t, 1000 + i, 0.02);
-    return t;
-  });
-}
 
 const result: Record<string, unknown> = {
   device: gpu.device.name,
@@ -60,7 +50,7 @@ if (only.has("gemm")) {
   const rows = [1, 8, 16, 32, 64, 128, 512];
   const gemm: unknown[] = [];
   for (const [name, N, K] of shapes) {
-    const ws = rotating(N, K);
+    const ws = weightCopies(gpu, N, K);
     for (const M of rows) {
       const x = gpu.empty([M, K], "bf16");
       gpu.fillRandom(x, 7, 1);

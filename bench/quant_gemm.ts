@@ -19,7 +19,7 @@ import { CudaBackend } from "../src/backend/cuda/cuda_backend.js";
 import { packQuantLayout, quantLayoutBytes, type QuantLayout } from "../src/backend/cuda/quant_layout.js";
 import { measureBandwidth } from "../src/bench/bandwidth.js";
 import type { QuantBits, QuantizedWeight } from "../src/quant/types.js";
-import { copiesPastL2, graphTimer } from "./graph_timing.js";
+import { copiesPastL2, graphTimer, weightCopies } from "./graph_timing.js";
 
 const { values } = parseArgs({
   options: {
@@ -80,15 +80,6 @@ function quantCopies(l: QuantLayout): QuantizedTensor[] {
   return Array.from({ length: n }, () => gpu.uploadQuantLayout(l));
 }
 
-function denseCopies(N: number, K: number): Tensor[] {
-  const n = copiesPastL2(L2, N * K * 2);
-  return Array.from({ length: n }, (_, i) => {
-    const t = gpu.empty([N, K], "bf16");
-    gpu.fillRandom(t, 1000 + i, 0.02);
-    return t;
-  });
-}
-
 function activations(M: number, K: number, N: number): { x: Tensor; out: Tensor } {
   const x = gpu.empty([M, K], "bf16");
   gpu.fillRandom(x, 7, 1);
@@ -114,7 +105,7 @@ const SHAPES: [string, number, number][] = [["up K4096 N11008", 4096, 11008], ["
 const rowsOut: unknown[] = [];
 for (const [name, K, N] of SHAPES) {
   const cublasUs = new Map<number, number>();
-  const dense = denseCopies(N, K);
+  const dense = weightCopies(gpu, N, K);
   for (const M of ROWS) {
     const { x, out } = activations(M, K, N);
     cublasUs.set(M, timeCall(`bf16-${N}-${K}-${M}`, (i) => gpu.linear(out, x, dense[i % dense.length]!), out));
@@ -148,7 +139,7 @@ if (values.prefill) {
   const K = 4096, N = 11008;
   const layout = packQuantLayout(randomWeight(4, K, N, 99));
   const copies = quantCopies(layout);
-  const dense = denseCopies(N, K);
+  const dense = weightCopies(gpu, N, K);
   const prefill: unknown[] = [];
   const saved = gpu.quantFusedMaxRows;
   for (const M of [32, 64, 96, 128, 192, 256, 512]) {
