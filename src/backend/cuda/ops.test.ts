@@ -24,18 +24,24 @@ const KERNEL_DIR = dirname(KERNEL_FILES[0]!);
 
 type Kind = "ptr" | "i32" | "u32" | "f32";
 
-/** Kernel name -> parameter kinds, from the sources with their one-argument macros expanded. */
+/** Kernel name -> parameter kinds, from the sources with their instantiation macros expanded. */
 function parseKernels(): Map<string, Kind[]> {
   const files = readdirSync(KERNEL_DIR).filter((f) => /\.(cu|cuh)$/.test(f));
   let text = files.map((f) => readFileSync(join(KERNEL_DIR, f), "utf8")).join("\n");
   text = text.replace(/\\\n/g, " ");
-  const macros = new Map<string, { arg: string; body: string }>();
-  for (const m of text.matchAll(/^#define\s+(\w+)\((\w+)\)\s+(.*)$/gm)) macros.set(m[1]!, { arg: m[2]!, body: m[3]! });
+  const list = (args: string): string[] => args.split(",").map((a) => a.trim());
+  const macros = new Map<string, { args: string[]; body: string }>();
+  for (const m of text.matchAll(/^#define\s+(\w+)\(([\w\s,]+)\)\s+(.*)$/gm)) macros.set(m[1]!, { args: list(m[2]!), body: m[3]! });
   const expanded: string[] = [text.replace(/^#define.*$/gm, "")];
-  for (const m of text.matchAll(/^(\w+)\((\w+)\)\s*$/gm)) {
+  for (const m of text.matchAll(/^(\w+)\(([\w\s,]+)\)\s*$/gm)) {
     const mac = macros.get(m[1]!);
     if (!mac) continue;
-    expanded.push(mac.body.replace(new RegExp(`##${mac.arg}\\b`, "g"), m[2]!).replace(new RegExp(`\\b${mac.arg}\\b`, "g"), m[2]!));
+    const values = list(m[2]!);
+    let body = mac.body;
+    mac.args.forEach((arg, i) => {
+      body = body.replace(new RegExp(`##${arg}\\b`, "g"), values[i]!).replace(new RegExp(`\\b${arg}\\b`, "g"), values[i]!);
+    });
+    expanded.push(body.replace(/##/g, ""));
   }
   const all = expanded.join("\n");
   const out = new Map<string, Kind[]>();

@@ -460,43 +460,26 @@ __device__ __forceinline__ void quant_dequant(bf16* __restrict__ wOut, const uin
 
 }  // namespace
 
-// Minimum resident CTAs per SM the register budget is cut for (ops: quant_ops.ts ctasPerSm mirrors it).
-#define QGEMM_B2(T)                                                                                                            \
-  extern "C" __global__ void __launch_bounds__(128, T == 4 ? 3 : 4) quant_gemm_b2_t##T(                                       \
+// One instantiation per (bits B, row tiles T); MINB is the minimum resident CTAs per SM
+// the register budget is cut for (quant_ops.ts ctasPerSm mirrors it).
+#define QGEMM(B, T, MINB)                                                                                                      \
+  extern "C" __global__ void __launch_bounds__(128, MINB) quant_gemm_b##B##_t##T(                                             \
       float* out, const bf16* x, const uint4* qw, const uint2* scales, const unsigned* zeros, const float* bias,               \
       float* partials, int* counters, const int* live, int rows, int K, int N, int gs, int G, int S, int symZero) {            \
-    quant_gemm<2, T>(out, x, qw, scales, zeros, bias, partials, counters, live, rows, K, N, gs, G, S, symZero);               \
+    quant_gemm<B, T>(out, x, qw, scales, zeros, bias, partials, counters, live, rows, K, N, gs, G, S, symZero);               \
   }
-#define QGEMM_B3(T)                                                                                                            \
-  extern "C" __global__ void __launch_bounds__(128, T == 4 ? 3 : 4) quant_gemm_b3_t##T(                                       \
-      float* out, const bf16* x, const uint4* qw, const uint2* scales, const unsigned* zeros, const float* bias,               \
-      float* partials, int* counters, const int* live, int rows, int K, int N, int gs, int G, int S, int symZero) {            \
-    quant_gemm<3, T>(out, x, qw, scales, zeros, bias, partials, counters, live, rows, K, N, gs, G, S, symZero);               \
-  }
-#define QGEMM_B4(T)                                                                                                            \
-  extern "C" __global__ void __launch_bounds__(128, T == 4 ? 3 : 4) quant_gemm_b4_t##T(                                       \
-      float* out, const bf16* x, const uint4* qw, const uint2* scales, const unsigned* zeros, const float* bias,               \
-      float* partials, int* counters, const int* live, int rows, int K, int N, int gs, int G, int S, int symZero) {            \
-    quant_gemm<4, T>(out, x, qw, scales, zeros, bias, partials, counters, live, rows, K, N, gs, G, S, symZero);               \
-  }
-#define QGEMM_B8(T)                                                                                                            \
-  extern "C" __global__ void __launch_bounds__(128, T == 4 ? 2 : 3) quant_gemm_b8_t##T(                                       \
-      float* out, const bf16* x, const uint4* qw, const uint2* scales, const unsigned* zeros, const float* bias,               \
-      float* partials, int* counters, const int* live, int rows, int K, int N, int gs, int G, int S, int symZero) {            \
-    quant_gemm<8, T>(out, x, qw, scales, zeros, bias, partials, counters, live, rows, K, N, gs, G, S, symZero);               \
-  }
-QGEMM_B2(1)
-QGEMM_B2(2)
-QGEMM_B2(4)
-QGEMM_B3(1)
-QGEMM_B3(2)
-QGEMM_B3(4)
-QGEMM_B4(1)
-QGEMM_B4(2)
-QGEMM_B4(4)
-QGEMM_B8(1)
-QGEMM_B8(2)
-QGEMM_B8(4)
+QGEMM(2, 1, 4)
+QGEMM(2, 2, 4)
+QGEMM(2, 4, 3)
+QGEMM(3, 1, 4)
+QGEMM(3, 2, 4)
+QGEMM(3, 4, 3)
+QGEMM(4, 1, 4)
+QGEMM(4, 2, 4)
+QGEMM(4, 4, 3)
+QGEMM(8, 1, 3)
+QGEMM(8, 2, 3)
+QGEMM(8, 4, 2)
 
 #define QDEQUANT(B)                                                                                                            \
   extern "C" __global__ void __launch_bounds__(128) quant_dequant_b##B(bf16* w, const uint4* qw, const uint2* scales,          \
