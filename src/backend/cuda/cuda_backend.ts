@@ -291,7 +291,8 @@ export class CudaBackend implements Backend {
   }
 
   /** GEMM algorithm tuning (ffi/cublaslt.ts says why). The L2 flush writes a buffer of
-   * twice the L2 size, allocated for the duration of one plan's tuning only. */
+   * twice the L2 size, allocated at the first flush and freed when the current synchronous
+   * run (e.g. the warm-up forward that makes every plan) is over. */
   #gemmTuner(): GemmTuner {
     const flushBytes = Math.max(this.device.l2Bytes, 1 << 20) * 2;
     let flush: bigint | null = null;
@@ -305,7 +306,7 @@ export class CudaBackend implements Backend {
           } catch {
             return; // no room: tune on a warm L2 rather than fail
           }
-          // Freed once this plan's tuning is over (the next synchronous point).
+          // Freed after the current synchronous run: one buffer serves every plan it tunes.
           queueMicrotask(() => {
             if (flush !== null) this.#d.memFree(flush);
             flush = null;
