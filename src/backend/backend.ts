@@ -222,4 +222,6 @@ export interface Backend {
    * same tensors, with only the prepared step's contents changing.
    */
   replay?(key: string, forward: () => Tensor): Tensor;
+  /** Nodes of each captured graph, by key (diagnostics). */
+  graphNodes?(): Record<string, number>;
 }

@@ -270,6 +270,8 @@ export class Engine implements ServingEngine {
       const pct = (xs: number[], q: number): number => [...xs].sort((a, b) => a - b)[Math.floor(q * (xs.length - 1))] ?? 0;
       const summary = Object.fromEntries(Object.entries(this.#phases).map(([k, xs]) => [k, { p50: +pct(xs, 0.5).toFixed(1), p90: +pct(xs, 0.9).toFixed(1) }]));
       process.stderr.write(`inlaid: decode step host phases (${this.#decodeSteps} steps, us): ${JSON.stringify(summary)}\n`);
+      const nodes = this.#backend.graphNodes?.();
+      if (nodes) process.stderr.write(`inlaid: graph nodes: ${JSON.stringify(nodes)}\n`);
     }
     this.#backend.freeKvCache(this.#kv);
     this.#pool.dispose();

@@ -203,6 +203,8 @@ class CudaQuantTensor implements QuantizedTensor {
 interface Graph {
   readonly exec: bigint;
   readonly out: CudaTensor;
+  /** Kernel and copy nodes: a launch's host cost grows with them. */
+  readonly nodes: number;
 }
 
 const DEFAULT_WORKSPACE = 32 << 20;
@@ -1157,7 +1159,7 @@ export class CudaBackend implements Backend {
       // step's result), then record the same forward into a graph for later steps.
       const eager = this.#t(forward());
       const exec = this.#capture(forward, eager);
-      this.#graphs.set(k, { exec: exec.exec, out: exec.out });
+      this.#graphs.set(k, exec);
       return eager;
     } catch (e) {
       this.#note(e);
@@ -1186,7 +1188,7 @@ export class CudaBackend implements Backend {
       if (out.ptr !== eager.ptr || out.capRows !== eager.capRows) {
         throw new Error("replay(): forward returned a different tensor when captured than when run; it cannot be replayed");
       }
-      return { exec: this.#d.graphInstantiate(graph), out };
+      return { exec: this.#d.graphInstantiate(graph), out, nodes: this.#d.graphNodeCount(graph) };
     } finally {
       this.#d.graphDestroy(graph);
     }
@@ -1210,6 +1212,11 @@ export class CudaBackend implements Backend {
   /** Captured graphs (for tests and diagnostics). */
   get graphCount(): number {
     return this.#graphs.size;
+  }
+
+  /** Nodes of each captured graph, by key (diagnostics: launch cost grows with them). */
+  graphNodes(): Record<string, number> {
+    return Object.fromEntries([...this.#graphs].map(([k, g]) => [k, g.nodes]));
   }
 
   // ------------------------------------------------------------------ diagnostics and teardown

@@ -108,6 +108,7 @@ interface Fns {
   cuGraphLaunch: KoffiFn;
   cuGraphExecDestroy: KoffiFn;
   cuGraphDestroy: KoffiFn;
+  cuGraphGetNodes: KoffiFn;
   cuEventCreate: KoffiFn;
   cuEventRecord: KoffiFn;
   cuEventSynchronize: KoffiFn;
@@ -172,6 +173,7 @@ function bindAll(lib: Parameters<typeof bind>[0]): Fns {
     cuGraphLaunch: b("cuGraphLaunch", "int cuGraphLaunch(uint64_t exec, uint64_t stream)"),
     cuGraphExecDestroy: b("cuGraphExecDestroy", "int cuGraphExecDestroy(uint64_t exec)"),
     cuGraphDestroy: b("cuGraphDestroy", "int cuGraphDestroy(uint64_t graph)"),
+    cuGraphGetNodes: b("cuGraphGetNodes", "int cuGraphGetNodes(uint64_t graph, void *nodes, void *numNodes)"),
     cuEventCreate: b("cuEventCreate", "int cuEventCreate(void *event, uint32_t flags)"),
     cuEventRecord: b("cuEventRecord", "int cuEventRecord(uint64_t event, uint64_t stream)"),
     cuEventSynchronize: b("cuEventSynchronize", "int cuEventSynchronize(uint64_t event)"),
@@ -430,6 +432,13 @@ export class CudaDriver {
   graphInstantiate(graph: CuHandle): CuHandle {
     this.#check("cuGraphInstantiateWithFlags", this.#f.cuGraphInstantiateWithFlags(this.#u64, graph, 0n));
     return this.#u64[0]!;
+  }
+
+  /** Nodes in a (captured) graph: what its launch's host cost grows with. */
+  graphNodeCount(graph: CuHandle): number {
+    this.#u64[0] = 0n;
+    this.#check("cuGraphGetNodes", this.#f.cuGraphGetNodes(graph, null, this.#u64));
+    return Number(this.#u64[0]!);
   }
 
   graphLaunch(exec: CuHandle, stream: CuHandle): void {
