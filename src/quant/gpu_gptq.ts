@@ -29,6 +29,6 @@ export function cpuGptqSolver(): GptqSolver {
  * closed by dispose()).
  */
 export async function cudaGptqSolver(backend?: CudaBackend): Promise<GptqSolver> {
-  const { CudaGptqSolver } = await import("./cuda_gptq_solver.js");
+  const { CudaGptqSolver } = await import("./gpu_gptq_cuda.js");
   return CudaGptqSolver.create(backend);
 }
