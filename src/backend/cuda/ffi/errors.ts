@@ -3,12 +3,12 @@
 // abort), so a bad launch or an out-of-memory surfaces as a catchable error with
 // the call that failed, the numeric status and the library's own name for it.
 
-export type CudaLibrary = "cuda" | "nvrtc" | "cublasLt";
+export type CudaLibrary = "cuda" | "nvrtc" | "cublasLt" | "cublas" | "cusolver";
 
 export class CudaError extends Error {
   /** The C function that failed, e.g. "cuMemAlloc_v2". */
   readonly call: string;
-  /** The numeric status it returned (CUresult, nvrtcResult or cublasStatus_t). */
+  /** The numeric status it returned (CUresult, nvrtcResult, cublasStatus_t or cusolverStatus_t). */
   readonly code: number;
   /** The library's symbolic name for `code`, e.g. "CUDA_ERROR_OUT_OF_MEMORY". */
   override readonly name: string;
