@@ -80,6 +80,11 @@ export interface SampleResult {
   readonly topLogprobs: Float32Array;
 }
 
+/** Sampling issued on a device, its result not yet read back (Backend.sampleAsync). */
+export interface PendingSample {
+  wait(): SampleResult;
+}
+
 /** Backend-side copy of a step's metadata (device buffers on a GPU). */
 export interface PreparedStep {
   readonly batch: StepBatch;
@@ -194,10 +199,21 @@ export interface Backend {
   /** out = silu(gate) * up, where gateUp [n, 2I] is the fused gate/up output: gate its
    * first I columns, up the last I; out [n, I]. */
   siluMul(out: Tensor, gateUp: Tensor): void;
+  /** out [K, K] (f32) = x^T x, plus out's old value when `accumulate`; x [n, K] in
+   * activationDtype, all n rows of its shape. The Gram matrix of calibration activations
+   * (quantization Hessians: quant/stream_capture.ts); accumulate sums token chunks in place. */
+  gram(out: Tensor, x: Tensor, accumulate: boolean): void;
   /** out[r] = x[step.sampleRows[r]]. */
   gatherRows(out: Tensor, x: Tensor, step: PreparedStep): void;
   /** Picks one token per row of logits [numSample, V] as step.sampling says. */
   sample(logits: Tensor, step: PreparedStep): SampleResult;
+  /**
+   * Optional: `sample` split in two. Issues the sampling and returns at once; `wait()`
+   * blocks until the tokens are on the host and returns them. The engine does host work
+   * (the previous step's output handling) between the two, while the device computes.
+   * Nothing else may be issued to the backend before `wait()`.
+   */
+  sampleAsync?(logits: Tensor, step: PreparedStep): PendingSample;
 
   /** Optional, with linearQuantized and freeQuantized: low-bit weights (GPTQ, quant/types.ts).
    * Throws an error named "QuantLayoutError" for a shape or grouping the backend's kernels

@@ -268,6 +268,27 @@ export class CpuBackend implements Backend {
     }
   }
 
+  /** The reference of the GPU's gram: every dot product in float64 over this call's rows,
+   * added to out's f32 value (one rounding per call, as the GPU's f32 accumulator has). */
+  gram(out: Tensor, x: Tensor, accumulate: boolean): void {
+    const [n, K] = dims2(x);
+    const o = cpu(out).f32;
+    if (o.length !== K * K) throw new Error(`gram: out must be [${K}, ${K}] for x of ${K} columns, got [${cpu(out).shape.join(", ")}]`);
+    const xv = cpu(x).f32;
+    // Transposed once so each dot product reads two contiguous rows.
+    const xt = new Float64Array(K * n);
+    for (let t = 0; t < n; t++) for (let k = 0; k < K; k++) xt[k * n + t] = xv[t * K + k]!;
+    for (let i = 0; i < K; i++) {
+      for (let j = i; j < K; j++) {
+        let acc = 0;
+        for (let t = 0, a = i * n, b = j * n; t < n; t++) acc += xt[a + t]! * xt[b + t]!;
+        const v = Math.fround(accumulate ? o[i * K + j]! + acc : acc);
+        o[i * K + j] = v;
+        o[j * K + i] = v;
+      }
+    }
+  }
+
   gatherRows(out: Tensor, x: Tensor, step: PreparedStep): void {
     const [, H] = dims2(x);
     const o = cpu(out).f32, xv = cpu(x).f32;

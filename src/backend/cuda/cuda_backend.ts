@@ -64,7 +64,7 @@
 // unusable: the backend then refuses all further work with that first error.
 
 import type {
-  Backend, HostTensor, KvCache, KvCacheSpec, LoraStack, PreparedStep, QuantizedTensor, SampleResult, StepBatch, Tensor,
+  Backend, HostTensor, KvCache, KvCacheSpec, LoraStack, PendingSample, PreparedStep, QuantizedTensor, SampleResult, StepBatch, Tensor,
 } from "../backend.js";
 import type { QuantBits, QuantizedWeight, QuantSpec } from "../../quant/types.js";
 import { uniform } from "../rng.js";
@@ -245,6 +245,8 @@ export class CudaBackend implements Backend {
   /** Fixed split-K count of the fused low-bit kernel (null: chosen per shape; default INLAID_QGEMM_SPLITS). */
   quantSplits: number | null = splitsFromEnv();
   readonly #graphs = new Map<string, Graph>();
+  /** Counts sampleAsync calls: a pending sample reads the one pinned host buffer, so only the latest may be waited for. */
+  #sampleTicket = 0;
 
   // Step metadata: device buffer, pinned staging twin, layout. Null until the first step.
   #layout: StepLayout | null = null;
@@ -903,6 +905,16 @@ export class CudaBackend implements Backend {
     this.#blas.matmul(o.ptr, o.dtype, xi.ptr, wi.ptr, n, N, K, b);
   }
 
+  gram(out: Tensor, x: Tensor, accumulate: boolean): void {
+    this.#enter();
+    const o = this.#t(out), xi = this.#t(x);
+    const K = xi.cols;
+    if (xi.dtype !== "bf16") throw new Error(`gram: x must be bf16 (got ${xi.dtype})`);
+    if (o.dtype !== "f32" || o.rows !== K || o.cols !== K) throw new Error(`gram: out must be f32 [${K}, ${K}] for x of ${K} columns, got ${o.dtype} [${o.shape.join(", ")}]`);
+    // x's logical rows, not a step view's launch bucket: padding rows must not enter the sum.
+    this.#blas.gram(o.ptr, xi.ptr, xi.rows, K, accumulate);
+  }
+
   // ------------------------------------------------------------------ quantized weights
 
   /** Repacks a GPTQ weight into the low-bit kernels' layout and uploads it (QuantLayoutError: not a kernel shape). */
@@ -1084,14 +1096,22 @@ export class CudaBackend implements Backend {
   }
 
   sample(logits: Tensor, step: PreparedStep): SampleResult {
+    return this.sampleAsync(logits, step).wait();
+  }
+
+  sampleAsync(logits: Tensor, step: PreparedStep): PendingSample {
     this.#enter();
     if (this.#capturing) throw new Error("sample() while capturing a CUDA graph: sample after replay()");
     const p = this.#prep(step);
     const lg = this.#t(logits);
     const m = p.batch.sampleRows.length;
     const K = p.batch.sampling.numTopLogprobs;
-    if (m === 0) return { tokens: new Int32Array(0), logprobs: new Float32Array(0), topIds: new Int32Array(0), topLogprobs: new Float32Array(0) };
+    if (m === 0) {
+      const none: SampleResult = { tokens: new Int32Array(0), logprobs: new Float32Array(0), topIds: new Int32Array(0), topLogprobs: new Float32Array(0) };
+      return { wait: () => none };
+    }
     if (lg.dtype !== "f32") throw new Error("sample: logits must be f32");
+    let words: number;
     try {
       // Output words: tokens [m], logprobs [m], topIds [m*K], topLogprobs [m*K], contiguous: one copy back.
       const { out, scratch } = this.#ensureSampleBuffers(lg.cols, K);
@@ -1106,25 +1126,36 @@ export class CudaBackend implements Backend {
         scratchBytes: scratch.bytes,
       };
       this.#ops.sample(this.#operand(lg), p.run, outs);
-      const words = m * (2 + 2 * K);
-      const host = this.#sampleHost!;
-      this.#d.memcpyDtoHAsyncPinned(host.addr, base, words * 4, this.#stream);
-      this.#d.streamSynchronize(this.#stream);
-      // Everything issued is done, the staging upload included: the next prepare() need
-      // not wait on its event (one driver call less per step).
-      this.#stagingBusy = false;
-      const i32 = new Int32Array(host.buffer, 0, words);
-      const f32 = new Float32Array(host.buffer, 0, words);
-      return {
-        tokens: i32.slice(0, m),
-        logprobs: f32.slice(m, 2 * m),
-        topIds: i32.slice(2 * m, 2 * m + m * K),
-        topLogprobs: f32.slice(2 * m + m * K, words),
-      };
+      words = m * (2 + 2 * K);
+      this.#d.memcpyDtoHAsyncPinned(this.#sampleHost!.addr, base, words * 4, this.#stream);
     } catch (e) {
       this.#note(e);
       throw e;
     }
+    const ticket = ++this.#sampleTicket;
+    return {
+      wait: (): SampleResult => {
+        if (ticket !== this.#sampleTicket) throw new Error("a pending sample was overtaken by a later one; wait() for each before sampling again");
+        try {
+          this.#d.streamSynchronize(this.#stream);
+        } catch (e) {
+          this.#note(e);
+          throw e;
+        }
+        // Everything issued is done, the staging upload included: the next prepare() need
+        // not wait on its event (one driver call less per step).
+        this.#stagingBusy = false;
+        const host = this.#sampleHost!;
+        const i32 = new Int32Array(host.buffer, 0, words);
+        const f32 = new Float32Array(host.buffer, 0, words);
+        return {
+          tokens: i32.slice(0, m),
+          logprobs: f32.slice(m, 2 * m),
+          topIds: i32.slice(2 * m, 2 * m + m * K),
+          topLogprobs: f32.slice(2 * m + m * K, words),
+        };
+      },
+    };
   }
 
   /** Sampling outputs (device and pinned host, capSeqs rows of 2 + 2*numTop words) and the sampler's scratch. */

@@ -125,6 +125,7 @@ export class CublasLt {
   readonly #u64 = new BigUint64Array(1);
   readonly #alpha = new Float32Array([1]);
   readonly #beta = new Float32Array([0]);
+  readonly #one = new Float32Array([1]);
 
   private constructor(path: string, f: LtFns, stream: bigint, workspace: CuPtr, workspaceBytes: number) {
     this.path = path;
@@ -291,6 +292,47 @@ export class CublasLt {
     const rc = this.#f.cublasLtMatmul(this.#handle, p.desc, this.#alpha, w, p.a, x, p.b, this.#beta, out, p.d, out, p.d,
       p.algo, this.#workspace, this.#workspaceBytes, this.#stream) as number;
     if (rc !== CUBLAS_STATUS_SUCCESS) this.#check("cublasLtMatmul", rc, `n=${n} N=${N} K=${K} out=${outDtype}`);
+  }
+
+  /**
+   * out[K, K] (f32) = x^T x (+ out when `accumulate`), x [n, K] row-major bf16: the Gram
+   * matrix of n activation rows, for calibration Hessians (quant/stream_capture.ts).
+   * In cuBLAS terms x is col-major X^T [K, n] (ld K), so D = A op(B) with A = X^T (N) and
+   * B = X^T transposed (T): D = X^T X, symmetric, so its layout needs no transpose. beta 1
+   * adds into out, which is how chunks of calibration tokens sum without a scratch copy.
+   */
+  gram(out: CuPtr, x: CuPtr, n: number, K: number, accumulate: boolean): void {
+    if (n === 0) {
+      if (!accumulate) throw new Error("gram of 0 rows without accumulate would leave out unwritten; zero it instead");
+      return;
+    }
+    const key = `gram,${n},${K}`;
+    let p = this.#plans.get(key);
+    if (!p) {
+      const what = `gram n=${n} K=${K}`;
+      this.#check("cublasLtMatmulDescCreate", this.#f.cublasLtMatmulDescCreate(this.#out, CUBLAS_COMPUTE_32F, CUDA_R_32F), what);
+      const desc = this.#out[0]!;
+      this.#i32[0] = CUBLAS_OP_N;
+      this.#setDesc(desc, CUBLASLT_MATMUL_DESC_TRANSA, this.#i32);
+      this.#i32[0] = CUBLAS_OP_T;
+      this.#setDesc(desc, CUBLASLT_MATMUL_DESC_TRANSB, this.#i32);
+      const a = this.#layout(CUDA_R_16BF, K, n, K);
+      const b = this.#layout(CUDA_R_16BF, K, n, K);
+      const d = this.#layout(CUDA_R_32F, K, K, K);
+      const results = new Uint8Array(HEURISTIC_RESULT_BYTES);
+      const count = new Int32Array(1);
+      this.#check("cublasLtMatmulAlgoGetHeuristic",
+        this.#f.cublasLtMatmulAlgoGetHeuristic(this.#handle, desc, a, b, d, d, this.#pref, 1, results, count), what);
+      if (count[0]! < 1) {
+        throw new CudaError("cublasLt", "cublasLtMatmulAlgoGetHeuristic", 15, "CUBLAS_STATUS_NOT_SUPPORTED",
+          `no cuBLASLt algorithm for ${what} within a ${this.#workspaceBytes}-byte workspace`);
+      }
+      p = { desc, a, b, d, algo: results.slice(0, ALGO_BYTES), hasBias: false, choice: 0, candidates: count[0]! };
+      this.#plans.set(key, p);
+    }
+    const rc = this.#f.cublasLtMatmul(this.#handle, p.desc, this.#alpha, x, p.a, x, p.b, accumulate ? this.#one : this.#beta, out, p.d, out, p.d,
+      p.algo, this.#workspace, this.#workspaceBytes, this.#stream) as number;
+    if (rc !== CUBLAS_STATUS_SUCCESS) this.#check("cublasLtMatmul", rc, `gram n=${n} K=${K}`);
   }
 
   /** Number of cached plans (for tests and diagnostics). */
