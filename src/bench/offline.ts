@@ -97,6 +97,8 @@ export interface OfflineBenchResult {
   readonly decode_tokens_per_s: number | null;
   /** Mean host time of a decode step (building, launching, handling tokens), excluding the wait for the device. */
   readonly host_us_per_decode_step: number;
+  /** Host time per decode step the device waits through (EngineStats.decodeIdleUs). */
+  readonly device_idle_us_per_decode_step: number;
   readonly roofline: {
     readonly bytes_per_step: number;
     readonly weights_bytes: number;
@@ -179,6 +181,7 @@ interface RunTimes {
   readonly steps: number;
   /** Mean host time of this run's decode steps, excluding the wait for the device (us). */
   readonly hostUsPerDecodeStep: number;
+  readonly idleUsPerDecodeStep: number;
 }
 
 /** Submits every prompt at once and records when each token arrives. */
@@ -218,6 +221,8 @@ async function runBatch(
     t0, arrivals, steps: after.steps - before.steps,
     // Host time of this run's decode steps only (the warm-up run captures the graphs).
     hostUsPerDecodeStep: decodeSteps > 0 ? (after.decodeHostUs - before.decodeHostUs) / decodeSteps : 0,
+    idleUsPerDecodeStep: after.decodeIdleSteps > before.decodeIdleSteps
+      ? (after.decodeIdleUs - before.decodeIdleUs) / (after.decodeIdleSteps - before.decodeIdleSteps) : 0,
   };
 }
 
@@ -357,6 +362,7 @@ export async function runOfflineBench(opts: OfflineBenchOptions, progress: Progr
       : null,
     decode_tokens_per_s: stepMs.length > 0 ? round(B / (mean / 1000), 1) : null,
     host_us_per_decode_step: round(timed.hostUsPerDecodeStep, 1),
+    device_idle_us_per_decode_step: round(timed.idleUsPerDecodeStep, 1),
     roofline: {
       bytes_per_step: Math.round(bytes.total),
       weights_bytes: bytes.weights,

@@ -35,6 +35,16 @@ import {
   type TokenLogprob,
 } from "./types.js";
 
+/** A sampled token whose text is not streamed yet (Engine.flushOutputs). */
+interface PendingOutput {
+  readonly seq: Sequence;
+  readonly token: number;
+  readonly logprobs: TokenLogprob[];
+  readonly reason: FinishReason | null;
+}
+
+const NO_LOGPROBS: TokenLogprob[] = [];
+
 /** What a step needs to know about a sequence. */
 type BatchedSeq = Pick<Sequence, "computed" | "totalTokens" | "blocks" | "slot" | "seed" | "tokenAt"> & {
   readonly outputIds: { readonly length: number };
@@ -107,10 +117,16 @@ export class Engine implements ServingEngine {
   /** INLAID_PROFILE_STEPS=1: where decode steps spend host time, per step (printed at close
    * as medians and 90th percentiles in microseconds: totals would be dominated by the few
    * steps that capture a graph). */
-  readonly #phases: Record<"schedule" | "buildBatch" | "prepare" | "forward" | "sampleWithWait" | "outputs", number[]> | null =
+  readonly #phases: Record<"schedule" | "buildBatch" | "prepare" | "forward" | "outputs" | "wait" | "tokens" | "idle", number[]> | null =
     process.env.INLAID_PROFILE_STEPS === "1"
-      ? { schedule: [], buildBatch: [], prepare: [], forward: [], sampleWithWait: [], outputs: [] }
+      ? { schedule: [], buildBatch: [], prepare: [], forward: [], outputs: [], wait: [], tokens: [], idle: [] }
       : null;
+  /** Outputs of the last step not yet streamed (see step()). */
+  #outputs: PendingOutput[] = [];
+  /** When the last decode step's tokens reached the host (0: the last step was not a decode step). */
+  #lastTokensAt = 0;
+  #decodeIdleMs = 0;
+  #decodeIdleSteps = 0;
   #closed = false;
   #wake: (() => void) | null = null;
   readonly #loop: Promise<void>;
@@ -257,6 +273,8 @@ export class Engine implements ServingEngine {
       steps: this.#steps,
       decodeSteps: this.#decodeSteps,
       decodeHostUs: this.#decodeHostMs * 1000,
+      decodeIdleUs: this.#decodeIdleMs * 1000,
+      decodeIdleSteps: this.#decodeIdleSteps,
     };
   }
 
@@ -268,7 +286,9 @@ export class Engine implements ServingEngine {
     await this.#loop;
     if (this.#phases) {
       const pct = (xs: number[], q: number): number => [...xs].sort((a, b) => a - b)[Math.floor(q * (xs.length - 1))] ?? 0;
-      const summary = Object.fromEntries(Object.entries(this.#phases).map(([k, xs]) => [k, { p50: +pct(xs, 0.5).toFixed(1), p90: +pct(xs, 0.9).toFixed(1) }]));
+      const mean = (xs: number[]): number => xs.reduce((a, b) => a + b, 0) / Math.max(1, xs.length);
+      const summary = Object.fromEntries(Object.entries(this.#phases).map(([k, xs]) =>
+        [k, { p50: +pct(xs, 0.5).toFixed(1), p90: +pct(xs, 0.9).toFixed(1), mean: +mean(xs).toFixed(1) }]));
       process.stderr.write(`inlaid: decode step host phases (${this.#decodeSteps} steps, us): ${JSON.stringify(summary)}\n`);
       const nodes = this.#backend.graphNodes?.();
       if (nodes) process.stderr.write(`inlaid: graph nodes: ${JSON.stringify(nodes)}\n`);
@@ -323,6 +343,7 @@ export class Engine implements ServingEngine {
         // A failed step must not take the server down: fail the sequences in it and go on.
         const msg = err instanceof Error ? err.message : String(err);
         process.emitWarning(`inlaid: engine step failed: ${msg}`);
+        this.flushOutputs();
         for (const s of this.#running) {
           this.#free(s);
           s.emit("", [], [], "error");
@@ -354,14 +375,27 @@ export class Engine implements ServingEngine {
     }
   }
 
-  /** Admits waiting sequences, makes room for decodes, runs one forward, samples. Public for tests and benchmarks. */
+  /**
+   * Admits waiting sequences, makes room for decodes, runs one forward, samples. Public
+   * for tests and benchmarks.
+   *
+   * The previous step's output handling (detokenizing, streaming) runs while the device
+   * computes this step: after the launch, before the wait for the sampled tokens. Only
+   * what decides the next batch is done at once: appending the token, and finishing on
+   * EOS, length, or (for requests with stop strings, whose text must be matched first)
+   * a stop string. So a token reaches its stream about one launch after it is sampled.
+   */
   step(): void {
     const t0 = performance.now();
     const admitted = this.#admit();
     this.#reserveDecodeBlocks(admitted);
-    if (this.#running.length === 0) return;
+    if (this.#running.length === 0) {
+      this.flushOutputs();
+      return;
+    }
     const tA = performance.now();
-    const batch = this.#buildBatch(this.#running);
+    const running = this.#running;
+    const batch = this.#buildBatch(running);
     const tB = performance.now();
     const prepared = this.#backend.prepare(batch);
     const tC = performance.now();
@@ -370,59 +404,97 @@ export class Engine implements ServingEngine {
     const decodeOnly = batch.numTokens === batch.numSeqs;
     const forward = (): Tensor => this.#model.forward(prepared, this.#kv);
     const logits = decodeOnly && this.#backend.replay ? this.#backend.replay("decode", forward) : forward();
+    const pending = this.#backend.sampleAsync?.(logits, prepared) ?? null;
     const t1 = performance.now();
-    const result = this.#backend.sample(logits, prepared);
+    this.flushOutputs();
     const t2 = performance.now();
+    const result = pending ? pending.wait() : this.#backend.sample(logits, prepared);
+    const t3 = performance.now();
     this.#steps++;
     const nTop = batch.sampling.numTopLogprobs;
-    const finished: Sequence[] = [];
-    this.#running.forEach((s, r) => {
+    let finished = 0;
+    for (let r = 0; r < running.length; r++) {
+      const s = running[r]!;
       s.computed = s.totalTokens;
       const tok = result.tokens[r]!;
       s.outputIds.push(tok);
-      if (s.outputIds.length === 1) s.firstTokenAt = performance.now();
-      const lps: TokenLogprob[] = [];
+      if (s.outputIds.length === 1) s.firstTokenAt = t3;
+      let lps = NO_LOGPROBS;
       if (s.params.logprobs >= 0) {
         const top = [];
         for (let i = 0; i < Math.min(s.params.logprobs, nTop); i++) {
           top.push({ tokenId: result.topIds[r * nTop + i]!, logprob: result.topLogprobs[r * nTop + i]! });
         }
-        lps.push({ tokenId: tok, logprob: result.logprobs[r]!, top });
+        lps = [{ tokenId: tok, logprob: result.logprobs[r]!, top }];
       }
-      if (this.#onToken(s, tok, lps)) finished.push(s);
-    });
-    if (finished.length > 0) {
-      for (const s of finished) this.#free(s);
-      this.#running = this.#running.filter((s) => s.status !== "finished");
+      if (this.#onToken(s, tok, lps)) finished++;
     }
+    if (finished > 0) {
+      for (const s of running) if (s.done) this.#free(s);
+      this.#running = running.filter((s) => !s.done);
+    }
+    // Nothing runs next to hide the output handling behind: do it now.
+    if (this.#running.length === 0) this.flushOutputs();
     if (decodeOnly) {
-      // Host time: building and launching the step, and handling its tokens; the wait
-      // for the device inside sample() is excluded (sample's own launch is not).
-      const t3 = performance.now();
+      const t4 = performance.now();
       this.#decodeSteps++;
-      this.#decodeHostMs += t1 - t0 + (t3 - t2);
+      // Host time: everything but the wait for the device. Device idle: from the previous
+      // step's tokens arriving to this step's launch returning (the event-loop turn
+      // between steps included), plus this step's bookkeeping once its tokens arrive.
+      this.#decodeHostMs += t2 - t0 + (t4 - t3);
+      const idle = this.#lastTokensAt > 0 ? t1 - this.#lastTokensAt + (t4 - t3) : -1;
+      if (idle >= 0) {
+        this.#decodeIdleMs += idle;
+        this.#decodeIdleSteps++;
+      }
       if (this.#phases) {
         const p = this.#phases;
         p.schedule.push((tA - t0) * 1000);
         p.buildBatch.push((tB - tA) * 1000);
         p.prepare.push((tC - tB) * 1000);
         p.forward.push((t1 - tC) * 1000);
-        p.sampleWithWait.push((t2 - t1) * 1000);
-        p.outputs.push((t3 - t2) * 1000);
+        p.outputs.push((t2 - t1) * 1000);
+        p.wait.push((t3 - t2) * 1000);
+        p.tokens.push((t4 - t3) * 1000);
+        if (idle >= 0) p.idle.push(idle * 1000);
       }
+      this.#lastTokensAt = t4;
+    } else this.#lastTokensAt = 0;
+  }
+
+  /** Streams the outputs the last step held back (see step()). */
+  flushOutputs(): void {
+    const q = this.#outputs;
+    if (q.length === 0) return;
+    this.#outputs = [];
+    for (const o of q) {
+      const s = o.seq;
+      const text = s.detok.push(o.token);
+      if (o.reason === null) s.emit(text, [o.token], o.logprobs, null);
+      else s.emit(text + s.detok.flush(), [o.token], o.logprobs, o.reason);
     }
   }
 
-  /** Appends the output of one new token; true when the sequence is done. */
+  /**
+   * Takes one new token's output; true when it ends the sequence. Sequences with stop
+   * strings are matched and streamed at once; the others are queued for flushOutputs
+   * (and marked done when this token ends them).
+   */
   #onToken(s: Sequence, tok: number, lps: TokenLogprob[]): boolean {
     let reason: FinishReason | null = null;
     if (this.#eos.has(tok) && !s.params.ignoreEos) reason = "stop";
-    let text = s.stop.push(s.detok.push(tok));
+    else if (s.outputIds.length >= s.params.maxTokens || s.totalTokens >= this.maxModelLen) reason = "length";
+    if (!s.stop.active) {
+      this.#outputs.push({ seq: s, token: tok, logprobs: lps, reason });
+      if (reason !== null) s.done = true;
+      return reason !== null;
+    }
+    s.done = true; // unless it goes on below
+    const text = s.stop.push(s.detok.push(tok));
     if (text.stopped) {
       s.emit(text.text, [tok], lps, "stop");
       return true;
     }
-    if (reason === null && (s.outputIds.length >= s.params.maxTokens || s.totalTokens >= this.maxModelLen)) reason = "length";
     if (reason !== null) {
       // End of stream: release text held back for UTF-8 or a possible stop string.
       const tail = s.stop.push(s.detok.flush());
@@ -432,6 +504,7 @@ export class Engine implements ServingEngine {
       s.emit(out, [tok], lps, reason);
       return true;
     }
+    s.done = false;
     s.emit(text.text, [tok], lps, null);
     return false;
   }

@@ -19,6 +19,8 @@ export class Sequence implements QueuedRequest {
   /** Adapter pool slot while running with an adapter, else -1. */
   slot = -1;
   aborted = false;
+  /** The engine has ended it (EOS, length, stop); its last output may still be queued for streaming. */
+  done = false;
   /** Text emitted so far (after stop handling). */
   emitted = "";
   firstTokenAt = 0;

@@ -33,6 +33,11 @@ export class StopMatcher {
     this.#maxLen = this.#stops.reduce((m, s) => Math.max(m, s.length), 0);
   }
 
+  /** Whether there are stop strings at all (without, push returns its input). */
+  get active(): boolean {
+    return this.#stops.length > 0;
+  }
+
   get stopped(): boolean {
     return this.#stopped;
   }

@@ -82,6 +82,11 @@ export interface EngineStats {
    * wait for the device: differences between two readings give the host time of the steps between. */
   readonly decodeSteps: number;
   readonly decodeHostUs: number;
+  /** Of those steps, the ones that followed another decode step, and their total device-idle
+   * time (microseconds): from the previous step's tokens reaching the host to this step's
+   * launch returning, plus the bookkeeping after this step's tokens arrive. */
+  readonly decodeIdleSteps: number;
+  readonly decodeIdleUs: number;
 }
 
 /** What the server and CLI need from an engine (src/engine/engine.ts implements it). */
