@@ -43,7 +43,8 @@ import { quantKernelNames } from "./quant_ops.js";
 
 // ------------------------------------------------------------------ files and names
 
-const FILES = ["activation.cu", "attention.cu", "embedding.cu", "lora.cu", "norm.cu", "quant_gemm.cu", "rope.cu", "sample.cu", "utility.cu"] as const;
+// gptq.cu is launched by gptq_ops.ts (the GPTQ solver, quant/gpu_gptq_cuda.ts), not by CudaOps.
+const FILES = ["activation.cu", "attention.cu", "embedding.cu", "gptq.cu", "lora.cu", "norm.cu", "quant_gemm.cu", "rope.cu", "sample.cu", "utility.cu"] as const;
 
 /** The kernels folder: beside this module in the source tree; from dist/, the source tree's. */
 function kernelsFolder(): string {
