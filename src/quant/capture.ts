@@ -40,7 +40,8 @@ export interface CaptureOptions {
   readonly onProgress?: (done: number, total: number) => void;
 }
 
-const BLOCK_SIZE = 16;
+/** KV block size of the calibration forward (prefillBatch's block tables). */
+export const BLOCK_SIZE = 16;
 
 /** Passes the input to `record`, then runs the wrapped linear. */
 class RecordingLinear implements Linear {
@@ -154,7 +155,7 @@ export class HessianCapture {
 }
 
 /** Consecutive sequences grouped into steps of at most `stepTokens` tokens. */
-function packSteps(seqs: readonly number[][], stepTokens: number): number[][][] {
+export function packSteps(seqs: readonly number[][], stepTokens: number): number[][][] {
   const steps: number[][][] = [];
   let cur: number[][] = [];
   let n = 0;
@@ -172,7 +173,7 @@ function packSteps(seqs: readonly number[][], stepTokens: number): number[][][] 
 }
 
 /** One prefill step over whole sequences, each in its own fresh KV blocks. */
-function prefillBatch(seqs: readonly number[][], loraSlot: number): StepBatch {
+export function prefillBatch(seqs: readonly number[][], loraSlot: number): StepBatch {
   const numSeqs = seqs.length;
   const numTokens = seqs.reduce((a, s) => a + s.length, 0);
   const maxBlocksPerSeq = Math.max(...seqs.map((s) => Math.ceil(s.length / BLOCK_SIZE)));

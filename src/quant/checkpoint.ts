@@ -19,9 +19,21 @@ export { readQuantSpec } from "./gptq_config.js";
 /** The tensors each quantized module is stored as, `${module}.${suffix}`. */
 export const GPTQ_SUFFIXES = ["qweight", "qzeros", "scales", "g_idx"] as const;
 
+/** The unquantized base's tensors as the writer reads them: a SafetensorsDir, or random
+ * weights made on a backend for --load-format dummy (quant/layer_source.ts). */
+export interface BaseTensors {
+  names(): string[];
+  has(name: string): boolean;
+  info(name: string): { readonly shape: readonly number[]; readonly byteLength: number };
+  get(name: string): HostTensor;
+  close(): void;
+}
+
 export interface WriteQuantizedCheckpointOptions {
   /** The unquantized HF model the weights were solved from (non-quantized tensors and tokenizer files come from it). */
   readonly baseDir: string;
+  /** Where the base's tensors come from instead of baseDir's safetensors (closed by the caller). */
+  readonly baseTensors?: BaseTensors;
   readonly outDir: string;
   /** Every weight must carry this spec. */
   readonly spec: QuantSpec;
@@ -108,7 +120,7 @@ export function writeQuantizedCheckpoint(opts: WriteQuantizedCheckpointOptions):
   }
   const maxShard = opts.maxShardBytes ?? 4 * 2 ** 30;
 
-  const base = SafetensorsDir.open(baseDir);
+  const base: BaseTensors = opts.baseTensors ?? SafetensorsDir.open(baseDir);
   let tmp: string | null = null;
   try {
     for (const [name, q] of opts.weights) {
@@ -178,7 +190,7 @@ export function writeQuantizedCheckpoint(opts: WriteQuantizedCheckpointOptions):
     tmp = null;
     say(`wrote ${outDir}`);
   } finally {
-    base.close();
+    if (!opts.baseTensors) base.close();
     if (tmp !== null) rmSync(tmp, { recursive: true, force: true });
   }
 }

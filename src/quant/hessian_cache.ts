@@ -45,8 +45,9 @@ export function adapterFingerprint(adapterDir: string): string {
   return h.digest("hex");
 }
 
-/** The cache key of one task's capture. */
-export function captureKey(baseFp: string, set: CalibrationSet, stepTokens: number): string {
+/** The cache key of one task's capture. `device`: where it ran when not the CPU backend's
+ * float64 capture (a GPU's bf16 activations give other Hessians); absent keeps CPU keys as they were. */
+export function captureKey(baseFp: string, set: CalibrationSet, stepTokens: number, device?: string): string {
   return createHash("sha256")
     .update(JSON.stringify({
       recipe: CALIBRATION_RECIPE,
@@ -55,6 +56,7 @@ export function captureKey(baseFp: string, set: CalibrationSet, stepTokens: numb
       calib: fileHash(set.calibPath),
       limit: set.limit ?? null,
       stepTokens,
+      ...(device !== undefined && { device }),
     }))
     .digest("hex");
 }

@@ -172,7 +172,7 @@ function foldTasks(
   return entries;
 }
 
-function manifestOf(
+export function manifestOf(
   o: { method: Method; spec: QuantSpec; staticGroups: boolean; percDamp: number; stepTokens: number; limit: number | undefined },
   aggregate: AggregateKind | null,
   base: { path: string; fingerprint: string },
@@ -193,7 +193,7 @@ function manifestOf(
   };
 }
 
-function aggregateOf(method: Method, aggregate: Aggregate | undefined): AggregateKind | null {
+export function aggregateOf(method: Method, aggregate: Aggregate | undefined): AggregateKind | null {
   if (method === "mlgptq") return aggregate ?? DEFAULT_AGGREGATE;
   if (method === "gptq-mixed") return "pooled";
   return null;

@@ -47,7 +47,12 @@ export interface Manifest {
   readonly damp_percent: number;
   /** The unquantized base every Hessian came from. */
   readonly base: { readonly path: string; readonly fingerprint: string };
-  readonly calibration: { readonly recipe: string; readonly limit: number | null; readonly step_tokens: number; readonly adapters_active: boolean };
+  readonly calibration: {
+    readonly recipe: string; readonly limit: number | null; readonly step_tokens: number; readonly adapters_active: boolean;
+    /** Where Hessians were captured when not the CPU's one-pass capture (e.g. "stream-cuda": layer-streamed on
+     * the GPU, bf16 activations); absent in checkpoints written before it was recorded. */
+    readonly device?: string;
+  };
   readonly tasks: readonly ManifestTask[];
   readonly sites: readonly { readonly name: string; readonly in_dim: number; readonly linears: readonly string[] }[];
 }
