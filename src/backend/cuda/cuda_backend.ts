@@ -80,7 +80,7 @@ import {
 import { buildKernels, type KernelImage } from "./ffi/nvrtc.js";
 import type { Launcher } from "./launch.js";
 import { KernelLauncher } from "./launcher.js";
-import { CudaOps, KERNEL_FILES } from "./ops.js";
+import { CudaOps, KERNEL_FILES, PDL_KERNELS } from "./ops.js";
 import { packQuantLayout, randomQuantLayout, type QuantLayout } from "./quant_layout.js";
 import { QuantOps, dequantChunkCols, fusedPlan, splitsFromEnv, type DeviceQuantWeight } from "./quant_ops.js";
 import {
@@ -389,7 +389,9 @@ export class CudaBackend implements Backend {
         ? await buildKernels({ files, arch, ...(opts.kernelsDir ? { dir: opts.kernelsDir } : {}), ...(opts.cacheDir ? { cacheDir: opts.cacheDir } : {}) })
         : [];
       d.ctxSetCurrent(ctx); // the awaits above ran on this thread, but keep the invariant explicit
-      const launcher = new KernelLauncher(d, stream, images, device.maxSharedPerBlockOptin);
+      // Programmatic dependent launch needs sm_90 (the kernels' griddepcontrol.wait).
+      const pdl = major >= 9 && process.env.INLAID_PDL !== "0" ? PDL_KERNELS : new Set<string>();
+      const launcher = new KernelLauncher(d, stream, images, device.maxSharedPerBlockOptin, pdl);
       undo.push(() => launcher.dispose());
 
       const wsBytes = opts.workspaceBytes ?? DEFAULT_WORKSPACE;

@@ -80,6 +80,40 @@ describe.skipIf(!linux)("KernelLauncher", () => {
     l.dispose();
   });
 
+  it("launches PDL kernels through cuLaunchKernelEx with a CUlaunchConfig laid out as cuda.h declares it", () => {
+    const libc = koffi.load("libc.so.6");
+    const memcpy = libc.func("void *memcpy(void *dst, uint64_t src, size_t n)");
+    const seen: Seen[] = [];
+    const configs: { cfg: Uint32Array; stream: bigint; attr: Uint32Array; fn: bigint; arg0: number }[] = [];
+    const d = fakeDriver({ p: 0x22n, q: 0x33n }, () => 1, seen, []);
+    (d as unknown as { launchKernelEx: unknown }).launchKernelEx = (config: bigint, fn: bigint, params: bigint) => {
+      const bytes = new ArrayBuffer(56);
+      memcpy(new Uint8Array(bytes), config, 56);
+      const attrAddr = new BigUint64Array(bytes, 40, 1)[0]!;
+      const attr = new ArrayBuffer(72);
+      memcpy(new Uint8Array(attr), attrAddr, 72);
+      const slot = new BigUint64Array(1);
+      memcpy(slot, params, 8);
+      const arg0 = new Int32Array(1);
+      memcpy(arg0, slot[0]!, 4);
+      configs.push({ cfg: new Uint32Array(bytes.slice(0)), stream: new BigUint64Array(bytes, 32, 1)[0]!, attr: new Uint32Array(attr), fn, arg0: arg0[0]! });
+    };
+    const l = new KernelLauncher(d, 0x5157n, [{ file: "k.cu", image: new Uint8Array(1), cached: true, ms: 0 }], 227 * 1024, new Set(["p"]));
+    l.launch("p", [5, 6, 7], [128, 2, 1], 4096, [{ i32: 9 }]);
+    l.launch("q", [1, 1, 1], [32, 1, 1], 0, [{ i32: 1 }]);
+    expect(configs).toHaveLength(1);
+    expect(seen).toHaveLength(1); // "q" is not a PDL kernel: plain cuLaunchKernel
+    const c = configs[0]!;
+    expect([...c.cfg.slice(0, 7)]).toEqual([5, 6, 7, 128, 2, 1, 4096]);
+    expect(c.stream).toBe(0x5157n);
+    expect(c.cfg[12]).toBe(1); // numAttrs
+    expect(c.attr[0]).toBe(6); // CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    expect(c.attr[2]).toBe(1); // programmaticStreamSerializationAllowed
+    expect(c.fn).toBe(0x22n);
+    expect(c.arg0).toBe(9);
+    l.dispose();
+  });
+
   it("names the loaded files when a kernel is missing", () => {
     const d = fakeDriver({}, () => 0, [], []);
     const l = new KernelLauncher(d, 0n, [{ file: "a.cu", image: new Uint8Array(1), cached: false, ms: 0 }], 0);

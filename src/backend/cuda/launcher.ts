@@ -10,6 +10,16 @@
 // block and passes the table's address. The driver copies the values during the call,
 // so the block is reused by the next launch at once (and captured graphs keep their
 // own copies of the values).
+//
+// Kernels named in `pdlKernels` go through cuLaunchKernelEx with programmatic stream
+// serialization (sm_90+): they may start while the previous kernel on the stream is
+// finishing, and wait for it inside (kernels/common.cuh pdl_wait says what keeps that
+// safe). A second native block holds that launch's CUlaunchConfig and its one
+// attribute, laid out as cuda.h declares them:
+//   CUlaunchConfig (56 bytes): grid x/y/z, block x/y/z, sharedMemBytes (u32 at 0..24),
+//     hStream (u64 at 32), attrs (pointer at 40), numAttrs (u32 at 48)
+//   CUlaunchAttribute (72 bytes, at 56): id (u32 at 0), value (union at 8; here the int
+//     programmaticStreamSerializationAllowed = 1)
 
 import koffi from "koffi";
 import { CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, type CudaDriver } from "./ffi/driver.js";
@@ -17,11 +27,16 @@ import type { KernelImage } from "./ffi/nvrtc.js";
 import type { Dim3, KernelArg, Launcher } from "./launch.js";
 
 const MAX_ARGS = 64;
+const CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6;
+const CONFIG_BYTES = 56;
+const ATTR_BYTES = 72;
 /** Default per-block dynamic shared memory; more needs cuFuncSetAttribute first. */
 const DEFAULT_MAX_DYNAMIC_SMEM = 48 * 1024;
 
 interface Kernel {
   readonly fn: bigint;
+  /** Launched with programmatic stream serialization. */
+  readonly pdl: boolean;
   /** Largest dynamic shared memory this function has been allowed so far. */
   smemLimit: number;
 }
@@ -37,12 +52,24 @@ export class KernelLauncher implements Launcher {
   readonly #slotsI32: Int32Array;
   readonly #slotsU32: Uint32Array;
   readonly #slotsF32: Float32Array;
+  readonly #pdlKernels: ReadonlySet<string>;
+  readonly #config: unknown;
+  readonly #configAddr: bigint;
+  readonly #configU32: Uint32Array;
   /** Launches issued (diagnostics: launches per step). */
   launches = 0;
 
-  constructor(driver: CudaDriver, stream: bigint, images: readonly KernelImage[], readonly maxSharedOptin: number) {
+  constructor(
+    driver: CudaDriver,
+    stream: bigint,
+    images: readonly KernelImage[],
+    readonly maxSharedOptin: number,
+    /** Kernels to launch with programmatic dependent launch (empty: none). */
+    pdlKernels: ReadonlySet<string> = new Set(),
+  ) {
     this.#driver = driver;
     this.#stream = stream;
+    this.#pdlKernels = pdlKernels;
     try {
       for (const img of images) this.#modules.push({ file: img.file, mod: driver.moduleLoadData(img.image, img.file) });
     } catch (e) {
@@ -59,6 +86,19 @@ export class KernelLauncher implements Launcher {
     const table = new BigUint64Array(buf, 8 * MAX_ARGS, MAX_ARGS);
     for (let i = 0; i < MAX_ARGS; i++) table[i] = base + BigInt(8 * i);
     this.#table = base + BigInt(8 * MAX_ARGS);
+
+    this.#config = koffi.alloc("uint8_t", CONFIG_BYTES + ATTR_BYTES);
+    this.#configAddr = koffi.address(this.#config);
+    const cfg = koffi.view(this.#config, CONFIG_BYTES + ATTR_BYTES);
+    new Uint8Array(cfg).fill(0);
+    this.#configU32 = new Uint32Array(cfg, 0, CONFIG_BYTES / 4);
+    const c64 = new BigUint64Array(cfg, 0, CONFIG_BYTES / 8);
+    c64[4] = stream;
+    c64[5] = this.#configAddr + BigInt(CONFIG_BYTES);
+    this.#configU32[12] = 1;
+    const attr = new Uint32Array(cfg, CONFIG_BYTES, ATTR_BYTES / 4);
+    attr[0] = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr[2] = 1;
   }
 
   /** Kernel files loaded, in order. */
@@ -77,7 +117,7 @@ export class KernelLauncher implements Launcher {
     for (const m of this.#modules) {
       const fn = this.#driver.moduleGetFunction(m.mod, name);
       if (fn !== null) {
-        const kernel = { fn, smemLimit: DEFAULT_MAX_DYNAMIC_SMEM };
+        const kernel = { fn, pdl: this.#pdlKernels.has(name), smemLimit: DEFAULT_MAX_DYNAMIC_SMEM };
         this.#kernels.set(name, kernel);
         return kernel;
       }
@@ -106,7 +146,19 @@ export class KernelLauncher implements Launcher {
       else this.#slotsU32[2 * i] = a.u32;
     }
     this.launches++;
-    this.#driver.launchKernel(k.fn, grid[0], grid[1], grid[2], block[0], block[1], block[2], sharedBytes, this.#stream, this.#table, name);
+    if (k.pdl) {
+      const c = this.#configU32;
+      c[0] = grid[0];
+      c[1] = grid[1];
+      c[2] = grid[2];
+      c[3] = block[0];
+      c[4] = block[1];
+      c[5] = block[2];
+      c[6] = sharedBytes;
+      this.#driver.launchKernelEx(this.#configAddr, k.fn, this.#table, name);
+    } else {
+      this.#driver.launchKernel(k.fn, grid[0], grid[1], grid[2], block[0], block[1], block[2], sharedBytes, this.#stream, this.#table, name);
+    }
   }
 
   dispose(): void {
@@ -119,5 +171,6 @@ export class KernelLauncher implements Launcher {
     }
     this.#kernels.clear();
     if (this.#block) koffi.free(this.#block);
+    if (this.#config) koffi.free(this.#config);
   }
 }

@@ -14,18 +14,22 @@ import type { DeviceKv, DeviceLora, DeviceStep, Operand, StepRun } from "./devic
 import type { Dim3, KernelArg, Launcher } from "./launch.js";
 import {
   CudaOps, CudaOpsError, KERNEL_FILES, SUPPORTED_HEAD_DIMS, attentionScratchBytes, decodeCounterOffset, decodeSmemBytes, decodeSplit,
-  dummyWeightValue, kernelNames,
+  dummyWeightValue, kernelNames, PDL_KERNELS,
   type StepKinds,
 } from "./ops.js";
-import { QuantOps, dequantChunkCols, fusedSmemBytes, type DeviceQuantWeight } from "./quant_ops.js";
+import { QuantOps, dequantChunkCols, fusedSmemBytes, quantKernelNames, type DeviceQuantWeight } from "./quant_ops.js";
 import type { QuantBits } from "../../quant/types.js";
 
 const KERNEL_DIR = dirname(KERNEL_FILES[0]!);
 
 type Kind = "ptr" | "i32" | "u32" | "f32";
 
-/** Kernel name -> parameter kinds, from the sources with their instantiation macros expanded. */
+/** Kernel name -> parameter kinds (and body), from the sources with their instantiation macros expanded. */
 function parseKernels(): Map<string, Kind[]> {
+  return parseSources().kinds;
+}
+
+function parseSources(): { kinds: Map<string, Kind[]>; bodies: Map<string, string> } {
   const files = readdirSync(KERNEL_DIR).filter((f) => /\.(cu|cuh)$/.test(f));
   let text = files.map((f) => readFileSync(join(KERNEL_DIR, f), "utf8")).join("\n");
   text = text.replace(/\\\n/g, " ");
@@ -45,8 +49,16 @@ function parseKernels(): Map<string, Kind[]> {
   }
   const all = expanded.join("\n");
   const out = new Map<string, Kind[]>();
+  const bodies = new Map<string, string>();
   const re = /extern\s+"C"\s+__global__\s+void\s+(?:__(?:launch_bounds|cluster_dims)__\([^)]*\)\s+)*(\w+)\s*\(([^)]*)\)/g;
   for (const m of all.matchAll(re)) {
+    const open = all.indexOf("{", m.index! + m[0].length);
+    let depth = 0, end = open;
+    for (; end < all.length; end++) {
+      if (all[end] === "{") depth++;
+      else if (all[end] === "}" && --depth === 0) break;
+    }
+    bodies.set(m[1]!, all.slice(open + 1, end));
     const params = m[2]!.split(",").map((p) => p.trim()).filter((p) => p.length > 0);
     out.set(m[1]!, params.map((p): Kind => {
       if (p.includes("*")) return "ptr";
@@ -56,7 +68,7 @@ function parseKernels(): Map<string, Kind[]> {
       throw new Error(`cannot classify kernel parameter '${p}' of ${m[1]}`);
     }));
   }
-  return out;
+  return { kinds: out, bodies };
 }
 
 interface Launch {
@@ -150,6 +162,17 @@ describe("CUDA ops seam (CPU checks)", () => {
   it("every kernel name ops.ts may launch is defined, extern \"C\", in the sources", () => {
     const missing = kernelNames().filter((n) => !kernels.has(n));
     expect(missing).toEqual([]);
+  });
+
+  it("every PDL kernel waits for its predecessor first thing (after shared-memory declarations)", () => {
+    const { bodies } = parseSources();
+    for (const name of PDL_KERNELS) {
+      const body = bodies.get(name);
+      expect(body, `${name} is not defined`).toBeDefined();
+      expect(body!.includes("pdl_wait();"), `${name} never calls pdl_wait()`).toBe(true);
+      const before = body!.slice(0, body!.indexOf("pdl_wait();")).replace(/\/\/.*$/gm, "").replace(/__shared__[^;]*;/g, "").trim();
+      expect(before, `${name} does work before pdl_wait()`).toBe("");
+    }
   });
 
   it("sources include only headers NVRTC has (cuda_bf16.h, cuda_fp16.h) and the folder's own .cuh", () => {
@@ -315,7 +338,8 @@ describe("CUDA ops seam (CPU checks)", () => {
       }
     }
     const names = new Set(rec.launches.map((l) => l.name));
-    for (const b of [2, 3, 4, 8]) for (const n of [`quant_gemm_b${b}_t1`, `quant_gemm_b${b}_t2`, `quant_gemm_b${b}_t4`, `quant_dequant_b${b}`]) expect(names.has(n), n).toBe(true);
+    for (const b of [2, 3, 4, 8]) for (const n of [`quant_gemm_b${b}_t1_c3`, `quant_gemm_b${b}_t4_c1`, `quant_gemm_b${b}_t1_c6`, `quant_dequant_b${b}`]) expect(names.has(n), n).toBe(true);
+    for (const n of quantKernelNames()) expect(kernels.has(n), `quant_gemm.cu defines ${n}`).toBe(true);
     expect(names.has("quant_gather_cols")).toBe(true);
     for (const l of rec.launches) {
       const params = kernels.get(l.name);
@@ -326,11 +350,13 @@ describe("CUDA ops seam (CPU checks)", () => {
       expect(l.grid[1]).toBeLessThanOrEqual(65535);
       expect(l.grid[2]).toBeLessThanOrEqual(16);
       expect(l.block[0] === 128 || l.block[0] === 256).toBe(true);
-      // Dynamic rings stay under the 48 KB every kernel may use without an opt-in; the
-      // dequant kernel's 34 KB tile is static.
-      if (l.name.startsWith("quant_gemm_")) {
-        expect(l.smem).toBe(fusedSmemBytes(Number(l.name[12]) as QuantBits));
-        expect(l.smem).toBeLessThanOrEqual(48 * 1024);
+      // The fused kernel's ring (two CTAs per SM; the launcher opts in past 48 KB); its grid
+      // is whole clusters of _c{C} CTAs along z. The dequant kernel's 34 KB tile is static.
+      const fused = /^quant_gemm_b(\d)_t(\d)_c(\d)$/.exec(l.name);
+      if (fused) {
+        expect(l.smem).toBe(fusedSmemBytes(Number(fused[1]) as QuantBits, Number(fused[2]), l.block[0] / 32));
+        expect(2 * (l.smem + 1024)).toBeLessThanOrEqual(228 * 1024);
+        expect(l.grid[2]).toBe(Number(fused[3]));
       } else {
         expect(l.smem).toBe(0);
       }

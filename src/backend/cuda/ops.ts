@@ -59,6 +59,20 @@ export const KERNEL_FILES: string[] = FILES.map((f) => kernelsFolder() + f);
 /** Head dims with attention kernels (attn_*_d{D}); each must be a multiple of 16. */
 export const SUPPORTED_HEAD_DIMS: readonly number[] = [32, 64, 80, 96, 128];
 
+/**
+ * Kernels that call pdl_wait() before anything else that could depend on the kernel
+ * before them (kernels/common.cuh says the rules; a CPU test checks the sources): on
+ * sm_90+ the backend launches them with programmatic dependent launch, so each may
+ * start while its predecessor finishes (INLAID_PDL=0 turns it off).
+ */
+export const PDL_KERNELS: ReadonlySet<string> = new Set([
+  "embedding_bf16_f32", "gather_rows_bf16", "rmsnorm_f32_bf16", "add_rmsnorm_f32_bf16", "rope_qkv_f32",
+  "kv_cache_write_f32", "silu_mul_f32_bf16", "sample_rows",
+  ...[32, 64, 80, 96, 128].flatMap((d) => [`attn_prefill_d${d}`, `attn_decode_d${d}`]),
+  "lora_bgmv_fused", "lora_bgmv_shrink", "lora_bgmv_expand", "lora_sgmv_expand",
+  ...[16, 32, 64].map((r) => `lora_sgmv_shrink_r${r}`),
+]);
+
 /** Most heads sharing one KV head in the prefill kernel (its 64-row tile holds at least one token). */
 export const MAX_GQA_GROUP = 64;
 

@@ -98,6 +98,7 @@ interface Fns {
   cuFuncSetAttribute: KoffiFn;
   cuFuncGetAttribute: KoffiFn;
   cuLaunchKernel: KoffiFn;
+  cuLaunchKernelEx: KoffiFn;
   cuStreamCreate: KoffiFn;
   cuStreamDestroy: KoffiFn;
   cuStreamSynchronize: KoffiFn;
@@ -162,6 +163,7 @@ function bindAll(lib: Parameters<typeof bind>[0]): Fns {
     cuLaunchKernel: b("cuLaunchKernel",
       "int cuLaunchKernel(uint64_t fn, uint32_t gx, uint32_t gy, uint32_t gz, uint32_t bx, uint32_t by, uint32_t bz, " +
         "uint32_t sharedBytes, uint64_t stream, uint64_t kernelParams, uint64_t extra)"),
+    cuLaunchKernelEx: b("cuLaunchKernelEx", "int cuLaunchKernelEx(uint64_t config, uint64_t fn, uint64_t kernelParams, uint64_t extra)"),
     cuStreamCreate: b("cuStreamCreate", "int cuStreamCreate(void *stream, uint32_t flags)"),
     cuStreamDestroy: b("cuStreamDestroy", "int cuStreamDestroy_v2(uint64_t stream)", "int cuStreamDestroy(uint64_t stream)"),
     cuStreamSynchronize: b("cuStreamSynchronize", "int cuStreamSynchronize(uint64_t stream)"),
@@ -391,6 +393,12 @@ export class CudaDriver {
     if (rc !== CUDA_SUCCESS) {
       throw this.error("cuLaunchKernel", rc, `${what} grid [${gx}, ${gy}, ${gz}] block [${bx}, ${by}, ${bz}] shared ${sharedBytes}`);
     }
+  }
+
+  /** cuLaunchKernelEx: `config` is the address of a native CUlaunchConfig (launcher.ts builds it). */
+  launchKernelEx(config: CuPtr, fn: CuHandle, kernelParams: CuPtr, what: string): void {
+    const rc = this.#f.cuLaunchKernelEx(config, fn, kernelParams, 0n) as number;
+    if (rc !== CUDA_SUCCESS) throw this.error("cuLaunchKernelEx", rc, what);
   }
 
   // ------------------------------------------------------------------ streams, graphs, events

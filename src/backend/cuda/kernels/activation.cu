@@ -21,6 +21,7 @@ __device__ __forceinline__ float silu_mul(float g, float u) { return (g / (1.0f 
 
 extern "C" __global__ void silu_mul_f32_bf16(bf16* __restrict__ out, const float* __restrict__ gu,
                                              const int* __restrict__ live, int cap, int I) {
+  pdl_wait();
   const int row = blockIdx.x;
   if (row >= live_rows(live, cap)) return;
   const long long base = (long long)row * I;

@@ -791,6 +791,7 @@ extern "C" __global__ void kv_cache_write_f32(bf16* __restrict__ kCache, bf16* _
                                               const float* __restrict__ k, const float* __restrict__ v,
                                               const int* __restrict__ slotMapping, const int* __restrict__ live, int cap,
                                               int rowWidth, int* __restrict__ zero, int nZero) {
+  pdl_wait();
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < nZero; i += gridDim.x * blockDim.x) zero[i] = 0;
   const int t = blockIdx.x;
   const float4* ks = reinterpret_cast<const float4*>(k + (long long)t * rowWidth);
@@ -830,6 +831,7 @@ extern "C" __global__ void kv_cache_write_f32(bf16* __restrict__ kCache, bf16* _
       const bf16* __restrict__ vCache, const int* __restrict__ queryStart, const int* __restrict__ positions,          \
       const int* __restrict__ blockTables, const int* __restrict__ counts, int seqCap, int maxBlocksPerSeq,            \
       int blockSize, int nH, int nKv, float scale) {                                                                   \
+    pdl_wait();                                                                                                        \
     attn_prefill<D>(out, q, kCache, vCache, queryStart, positions, blockTables, counts, seqCap, maxBlocksPerSeq,      \
                     blockSize, nH, nKv, scale);                                                                        \
   }                                                                                                                    \
@@ -838,6 +840,7 @@ extern "C" __global__ void kv_cache_write_f32(bf16* __restrict__ kCache, bf16* _
       const bf16* __restrict__ kCache, const bf16* __restrict__ vCache, const int* __restrict__ queryStart,            \
       const int* __restrict__ positions, const int* __restrict__ blockTables, const int* __restrict__ counts,          \
       int seqCap, int maxBlocksPerSeq, int blockSize, int nH, int nKv, float scale, int maxSplits, int minChunk) {     \
+    pdl_wait();                                                                                                        \
     attn_decode<D>(out, scratch, q, kCache, vCache, queryStart, positions, blockTables, counts, seqCap,               \
                    maxBlocksPerSeq, blockSize, nH, nKv, scale, maxSplits, minChunk);                                   \
   }

@@ -13,6 +13,24 @@ namespace inlaid {
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
+// Programmatic dependent launch (sm_90+). The host launches the kernels listed in
+// ops.ts PDL_KERNELS with programmatic stream serialization, so such a kernel may start
+// while the kernel before it on the stream is still finishing; pdl_wait() blocks until
+// that one has completed and its writes are visible. Rules that keep this safe:
+// - every PDL kernel calls pdl_wait() on every path, before it reads anything an earlier
+//   kernel of the step wrote and before it writes anything (so its own completion still
+//   implies its predecessor's, and a chain of them stays ordered);
+// - no kernel triggers its dependents early (griddepcontrol.launch_dependents): a
+//   dependent starts only as its predecessor's last blocks finish, so work before the
+//   wait may read only what is fixed during a step (weights, adapter slots, the step's
+//   metadata) - never activations.
+// Without PDL (older GPUs, INLAID_PDL=0) the wait is a no-op: the stream orders kernels.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // Live row count of a launch over `cap` rows: *live (an i32 in device memory) or cap.
 __device__ __forceinline__ int live_rows(const int* live, int cap) { return live ? min(*live, cap) : cap; }
 

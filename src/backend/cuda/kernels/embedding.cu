@@ -18,6 +18,7 @@ using namespace inlaid;
 extern "C" __global__ void embedding_bf16_f32(float* __restrict__ out, const bf16* __restrict__ table,
                                               const int* __restrict__ tokenIds, const int* __restrict__ live,
                                               int cap, int H, int V) {
+  pdl_wait();
   const int row = blockIdx.x;
   if (row >= cap) return;
   const int id = row < live_rows(live, cap) ? tokenIds[row] : -1;
@@ -38,6 +39,7 @@ extern "C" __global__ void embedding_bf16_f32(float* __restrict__ out, const bf1
 extern "C" __global__ void gather_rows_bf16(bf16* __restrict__ out, const bf16* __restrict__ x,
                                             const int* __restrict__ sampleRows, const int* __restrict__ live,
                                             int cap, int H) {
+  pdl_wait();
   const int r = blockIdx.x;
   if (r >= live_rows(live, cap)) return;
   const long long src = sampleRows[r];

@@ -187,6 +187,7 @@ __device__ __forceinline__ void sgmv_shrink(float* __restrict__ t, const bf16* _
   extern "C" __global__ void __launch_bounds__(128) lora_sgmv_shrink_r##RW(                                       \
       float* t, const bf16* x, const bf16* A, const int* ranks, const int* loraSlots, const int* queryStart,       \
       const int* counts, int seqCap, int cap, int K, int maxRank, int mode, int S) {                              \
+    pdl_wait();                                                                                                    \
     sgmv_shrink<RW>(t, x, A, ranks, loraSlots, queryStart, counts, seqCap, cap, K, maxRank, mode, S);            \
   }
 SGMV_SHRINK(16)
@@ -200,6 +201,7 @@ extern "C" __global__ void __launch_bounds__(128) lora_sgmv_expand(float* __rest
                                                                    const int* __restrict__ queryStart,
                                                                    const int* __restrict__ counts, int seqCap, int cap,
                                                                    int N, int maxRank, int mode, int S, int ldOut) {
+  pdl_wait();
   constexpr int BM = kTile, BN = 128, RC = 64, LD = RC + 8, NT = BN / 8;
   __shared__ __align__(16) bf16 ts[BM * LD];
   __shared__ __align__(16) bf16 bs[BN * LD];
@@ -290,6 +292,7 @@ extern "C" __global__ void __launch_bounds__(256) lora_bgmv_shrink(float* __rest
                                                                    const int* __restrict__ queryStart,
                                                                    const int* __restrict__ counts, int seqCap, int cap, int K,
                                                                    int maxRank, int mode, int S) {
+  pdl_wait();
   constexpr int RG = 4;
   __shared__ float partial[RG][8];
   const int row = blockIdx.x;
@@ -342,6 +345,7 @@ extern "C" __global__ void __launch_bounds__(128) lora_bgmv_expand(float* __rest
                                                                    const int* __restrict__ queryStart,
                                                                    const int* __restrict__ counts, int seqCap, int cap, int N,
                                                                    int maxRank, int mode, int S, int ldOut) {
+  pdl_wait();
   extern __shared__ float tv[];  // [maxRank], zero past the slot's rank
   const int row = blockIdx.x;
   const int slot = row_slot(loraSlots, queryStart, counts, seqCap, cap, row, mode, true);
@@ -414,6 +418,7 @@ extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(128)
   __shared__ float part[kMaxSplits * kFusedMaxRank];  // this CTA's share of A x (its eighth of K)
   __shared__ float tv[kMaxSplits * kFusedMaxRank];    // A x, summed over the cluster; zero where invalid
   __shared__ int rk[kMaxSplits];
+  pdl_wait();
   const int row = blockIdx.x / kCluster;
   const unsigned crank = cluster_ctarank();
   // Every CTA of a cluster has the same row, so they all return here or none does (the

@@ -56,6 +56,7 @@ __device__ __forceinline__ void normalize_row(bf16* __restrict__ out, const floa
 extern "C" __global__ void __launch_bounds__(1024) rmsnorm_f32_bf16(bf16* __restrict__ out, const float* __restrict__ x,
                                                                     const bf16* __restrict__ w, const int* __restrict__ live,
                                                                     int cap, int H, float eps) {
+  pdl_wait();
   const int row = blockIdx.x;
   if (row >= live_rows(live, cap)) return;
   const float* xr = x + (long long)row * H;
@@ -71,6 +72,7 @@ extern "C" __global__ void __launch_bounds__(1024) rmsnorm_f32_bf16(bf16* __rest
 extern "C" __global__ void __launch_bounds__(1024) add_rmsnorm_f32_bf16(bf16* __restrict__ out, float* __restrict__ residual,
                                                                         const float* __restrict__ x, const bf16* __restrict__ w,
                                                                         const int* __restrict__ live, int cap, int H, float eps) {
+  pdl_wait();
   const int row = blockIdx.x;
   if (row >= live_rows(live, cap)) return;
   float* rr = residual + (long long)row * H;

@@ -38,6 +38,7 @@ extern "C" __global__ void rope_qkv_f32(float* __restrict__ q, float* __restrict
                                         const float* __restrict__ qkv, const float* __restrict__ invFreq,
                                         const int* __restrict__ positions, const int* __restrict__ live, int cap, int nH,
                                         int nKv, int D) {
+  pdl_wait();
   __shared__ float cs[256], sn[256];
   const int row = blockIdx.x;
   if (row >= live_rows(live, cap)) return;

@@ -262,6 +262,7 @@ extern "C" __global__ void __launch_bounds__(NT) sample_rows(int* __restrict__ t
                                                              const unsigned* __restrict__ seeds,
                                                              const unsigned* __restrict__ counters,
                                                              const int* __restrict__ live, int cap, int V, int nTop) {
+  pdl_wait();
   __shared__ Smem sm;
   const int row = blockIdx.x;
   if (row >= live_rows(live, cap)) return;
