@@ -19,7 +19,8 @@ const LIMIT = "6";
 const inlaid = runCli;
 
 const task = (name: string): string[] => ["--task", `${name}=${DEMO_ADAPTERS[name]}:${join(DEMO, "data", name, "calib.jsonl")}`];
-const spec = ["--method", "mlgptq", "--bits", "3", "--group-size", "64", "--act-order", "--calib-limit", LIMIT];
+// --device cpu: on a GPU machine auto would capture on the GPU (test/gpu/quantize_gpu.test.ts covers that).
+const spec = ["--method", "mlgptq", "--bits", "3", "--group-size", "64", "--act-order", "--calib-limit", LIMIT, "--device", "cpu"];
 
 /** Every tensor of every safetensors file under `dir` (recursively), as name -> {dtype, shape, bytes}. */
 function tensors(path: string): Map<string, { dtype: string; shape: string; bytes: Buffer }> {
@@ -55,7 +56,7 @@ describe("inlaid quantize", () => {
   it("--help lists every flag", async () => {
     const r = await inlaid("quantize", "--help");
     expect(r.code, r.stderr).toBe(0);
-    for (const f of ["--model", "--from", "--task", "--method", "--bits", "--group-size", "--act-order", "--aggregate", "--calib-limit", "--work", "--out"]) {
+    for (const f of ["--model", "--from", "--task", "--method", "--bits", "--group-size", "--act-order", "--aggregate", "--calib-limit", "--work", "--out", "--device"]) {
       expect(r.stdout).toContain(f);
     }
   });
@@ -97,7 +98,7 @@ describe("inlaid quantize", () => {
     const dir = mkdtempSync(join(tmpdir(), "inlaid-quantize-"));
     const perTask = join(dir, "gptq"), rtn = join(dir, "rtn");
     const [rGptq, rRtn] = await Promise.all([
-      inlaid("quantize", "--model", DEMO_BASE, "--method", "gptq", "--bits", "4", "--group-size", "-1", "--calib-limit", "2", ...task("reverse"), ...task("sort"), "--out", perTask, "--json"),
+      inlaid("quantize", "--model", DEMO_BASE, "--device", "cpu", "--method", "gptq", "--bits", "4", "--group-size", "-1", "--calib-limit", "2", ...task("reverse"), ...task("sort"), "--out", perTask, "--json"),
       inlaid("quantize", "--model", DEMO_BASE, "--method", "rtn", "--bits", "2", "--out", rtn),
     ]);
     expect(rGptq.code, rGptq.stderr).toBe(0);

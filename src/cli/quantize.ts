@@ -5,7 +5,8 @@
 
 import { existsSync, statSync } from "node:fs";
 import { Command, InvalidArgumentError, Option } from "commander";
-import { collectTask, parsePositiveInt, type TaskSpec, UsageError } from "./options.js";
+import type { DeviceName } from "../backend/select.js";
+import { collectTask, deviceOption, parsePositiveInt, type TaskSpec, UsageError } from "./options.js";
 import { createProgress } from "./progress.js";
 
 // Mirrors of quant/methods.ts and quant/aggregate.ts, kept here so `--help` and usage
@@ -30,6 +31,7 @@ interface QuantizeFlags {
   keepWork?: boolean;
   out: string;
   json?: boolean;
+  device: DeviceName;
 }
 
 function parseBits(value: string): 2 | 3 | 4 | 8 {
@@ -74,6 +76,7 @@ export function addQuantizeCommand(program: Command): Command {
     .option("--work <dir>", "folder for per-task Hessians, reused when a run is resumed (default OUT.work)")
     .option("--keep-work", "keep the work folder after success (to reuse Hessians for other bit widths or methods)")
     .requiredOption("--out <dir>", "output folder (replaced atomically); per-task gptq writes OUT/TASK/")
+    .addOption(deviceOption())
     .option("--json", "print a JSON summary on stdout")
     .addHelpText(
       "after",
@@ -84,7 +87,14 @@ Examples:
   inlaid quantize --from base-4bit --task caesar=adapters/caesar:data/caesar/calib.jsonl --out base-4bit-3tasks
 
 Calibration text is each line's prompt (with BOS) followed by its completion, as the
-model reads it while answering in \`inlaid eval\`. A crash resumes from the work folder.`,
+model reads it while answering in \`inlaid eval\`. A crash resumes from the work folder.
+
+--device cuda (auto: when a GPU is present) streams the base layer by layer through the GPU:
+every task's calibration runs one layer at a time with its adapter on, the layer's Hessians
+are summed on the device and solved with GPTQ on the GPU while only that layer is resident
+(one layer + its Hessians + the tasks' hidden states: under 4 GB for a 7B base). Its
+Hessians come from bf16 activations, so they differ slightly from --device cpu's; add tasks
+to a checkpoint on the device it was made on for byte-identical results. rtn runs on the CPU.`,
     )
     .action(async (flags: QuantizeFlags) => {
       await quantizeCommand(flags);
@@ -129,18 +139,42 @@ async function quantizeCommand(flags: QuantizeFlags): Promise<void> {
     keepWork: flags.keepWork === true,
     progress,
   };
-  const result = flags.from !== undefined
-    ? quantizeIncremental({ ...common, fromDir: flags.from, ...(flags.model !== undefined && { baseDir: flags.model }) })
-    : quantize({
-        ...common,
-        baseDir: flags.model!,
-        method: flags.method!,
-        spec: { bits: flags.bits!, groupSize: flags.groupSize ?? 128, sym: flags.sym === true, descAct: flags.actOrder === true },
-        ...(flags.aggregate !== undefined && { aggregate: flags.aggregate }),
-        ...(flags.staticGroups && { staticGroups: true }),
-        ...(flags.damp !== undefined && { percDamp: flags.damp }),
-        ...(flags.calibLimit !== undefined && { calibLimit: flags.calibLimit }),
-      });
+  const fresh = {
+    ...common,
+    baseDir: flags.model!,
+    method: flags.method!,
+    spec: { bits: flags.bits!, groupSize: flags.groupSize ?? 128, sym: flags.sym === true, descAct: flags.actOrder === true },
+    ...(flags.aggregate !== undefined && { aggregate: flags.aggregate }),
+    ...(flags.staticGroups && { staticGroups: true }),
+    ...(flags.damp !== undefined && { percDamp: flags.damp }),
+    ...(flags.calibLimit !== undefined && { calibLimit: flags.calibLimit }),
+  };
+  const incremental = { ...common, fromDir: flags.from!, ...(flags.model !== undefined && { baseDir: flags.model }) };
+
+  let result: Awaited<ReturnType<typeof quantize>> & { phases?: unknown; peakExtraBytes?: number | null; device?: string };
+  const device = flags.from === undefined && flags.method === "rtn" ? "cpu" : await resolveDevice(flags.device, flags.from);
+  if (device === "cpu") {
+    result = flags.from !== undefined ? quantizeIncremental(incremental) : quantize(fresh);
+  } else {
+    const [{ createBackend }, { quantizeOnDevice, quantizeIncrementalOnDevice }, { cpuGptqSolver, cudaGptqSolver }] = await Promise.all([
+      import("../backend/select.js"), import("../quant/stream_quantize.js"), import("../quant/gpu_gptq.js"),
+    ]);
+    const backend = await createBackend("cuda");
+    let solver;
+    try {
+      solver = await cudaGptqSolver(backend as import("../backend/cuda/cuda_backend.js").CudaBackend);
+    } catch (e) {
+      progress.note(`GPTQ solves on the CPU: ${e instanceof Error ? e.message : String(e)}`);
+      solver = cpuGptqSolver();
+    }
+    try {
+      const dev = { backend, solver };
+      result = flags.from !== undefined ? quantizeIncrementalOnDevice({ ...incremental, ...dev }) : quantizeOnDevice({ ...fresh, ...dev });
+    } finally {
+      solver.dispose();
+      (backend as { dispose?: () => void }).dispose?.();
+    }
+  }
 
   const worst = result.stats.reduce<(typeof result.stats)[number] | null>((a, s) => (a === null || s.damp > a.damp ? s : a), null);
   if (flags.json) {
@@ -152,6 +186,8 @@ async function quantizeCommand(flags: QuantizeFlags): Promise<void> {
       max_damp_linear: worst?.name ?? null,
       raised_damping: result.stats.filter((s) => s.attempts > 1).length,
       dead_inputs: result.stats.reduce((a, s) => a + s.deadColumns, 0),
+      device: result.device ?? "cpu",
+      ...(result.phases !== undefined && { phases: result.phases, peak_extra_gpu_bytes: result.peakExtraBytes }),
     })}\n`);
     return;
   }
@@ -161,4 +197,20 @@ async function quantizeCommand(flags: QuantizeFlags): Promise<void> {
     lines.push(`${result.stats.length} linears solved; damping raised above the initial value for ${raised}` + (raised > 0 ? ` (most: ${worst.damp} x mean diag, ${worst.name})` : ""));
   }
   process.stdout.write(`${lines.join("\n")}\n`);
+}
+
+/** auto: the device a --from checkpoint's Hessians were captured on (so added tasks fold in
+ * byte-identically), else cuda when a GPU is usable, else cpu. */
+async function resolveDevice(device: DeviceName, from: string | undefined): Promise<"cpu" | "cuda"> {
+  if (device !== "auto") return device;
+  if (from !== undefined) {
+    const { readManifest } = await import("../quant/mlgptq_dir.js");
+    return readManifest(from).calibration.device === "stream-cuda" ? "cuda" : "cpu";
+  }
+  try {
+    const { CudaBackend } = await import("../backend/cuda/cuda_backend.js");
+    return CudaBackend.available() ? "cuda" : "cpu";
+  } catch {
+    return "cpu";
+  }
 }

@@ -45,6 +45,9 @@ export interface DeviceQuantizeOptions {
   readonly loadFormat?: "auto" | "dummy";
   /** Largest per-task Hessians (bytes, f32) kept in the work folder (default 4 GiB). */
   readonly cacheLimitBytes?: number;
+  /** A task's calibration token ids, instead of tokenizing its jsonl (benchmarks: random ids).
+   * Cache keys still hash calibPath's bytes, so calibPath must identify the ids (e.g. hold them). */
+  readonly calibrationIds?: (task: QuantTask) => number[][];
 }
 
 export interface DeviceQuantizeResult extends QuantizeResult {
@@ -124,6 +127,7 @@ interface RunOptions {
   readonly cache: HessianCache;
   readonly cacheLimitBytes: number;
   readonly progress: QuantProgress;
+  readonly calibrationIds: ((task: QuantTask) => number[][]) | undefined;
   readonly phases: DeviceQuantizeResult["phases"];
   readonly memory: PeakMemory;
 }
@@ -132,11 +136,13 @@ interface RunOptions {
 function captureAndSolve(r: RunOptions, source: LayerSource): LinearStats[] {
   const { backend: b, config: cfg, progress } = r;
   const t0 = performance.now();
-  const tokenizer = r.tasks.some((t) => t.cached === null) ? TextTokenizer.load(r.baseDir) : null;
+  const tokenizer = r.tasks.some((t) => t.cached === null) && !r.calibrationIds ? TextTokenizer.load(r.baseDir) : null;
   const capture: { index: number; stream: StreamTask }[] = [];
   r.tasks.forEach((t, index) => {
     if (t.cached !== null) return;
-    const seqs = readCalibration(t.set.calibPath, t.set.limit).map((row) => calibrationIds(tokenizer!, row));
+    const seqs = r.calibrationIds
+      ? r.calibrationIds(t.task).slice(0, t.set.limit)
+      : readCalibration(t.set.calibPath, t.set.limit).map((row) => calibrationIds(tokenizer!, row));
     const adapter: PeftAdapter | null = r.withAdapter ? loadPeftAdapter(resolve(t.task.adapterDir!), cfg) : null;
     t.tokens = seqs.reduce((a, s) => a + s.length, 0);
     capture.push({ index, stream: { name: t.task.name, adapter, seqs } });
@@ -280,7 +286,7 @@ export function quantizeOnDevice(o: QuantizeOptions & DeviceQuantizeOptions): De
     stats = captureAndSolve({
       backend: o.backend, solver: o.solver, baseDir, dummy, config: cfg, sites, tasks, withAdapter, targets, spec: o.spec,
       gptq: { staticGroups, percDamp }, stepTokens, limit: o.calibLimit, cache, cacheLimitBytes: o.cacheLimitBytes ?? DEFAULT_CACHE_LIMIT,
-      progress, phases, memory,
+      progress, calibrationIds: o.calibrationIds, phases, memory,
     }, source);
     const tw = performance.now();
     const meta = { method: o.method, spec: o.spec, staticGroups, percDamp, stepTokens, limit: o.calibLimit };
@@ -363,7 +369,7 @@ export function quantizeIncrementalOnDevice(o: IncrementalOptions & DeviceQuanti
     stats = captureAndSolve({
       backend: o.backend, solver: o.solver, baseDir, dummy, config: cfg, sites, tasks, withAdapter: method === "mlgptq", targets: [target], spec,
       gptq: { staticGroups: m.static_groups, percDamp: m.damp_percent }, stepTokens, limit, cache, cacheLimitBytes: o.cacheLimitBytes ?? DEFAULT_CACHE_LIMIT,
-      progress, phases, memory,
+      progress, calibrationIds: o.calibrationIds, phases, memory,
     }, source);
     const tw = performance.now();
     const manifest: Manifest = {
