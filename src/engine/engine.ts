@@ -5,7 +5,7 @@
 
 import { randomInt } from "node:crypto";
 import { basename, resolve } from "node:path";
-import type { Backend, KvCache, StepBatch, Tensor } from "../backend/backend.js";
+import type { Backend, KvCache, PendingSample, PreparedStep, SampleResult, StepBatch, Tensor } from "../backend/backend.js";
 import { createBackend, type DeviceName } from "../backend/select.js";
 import { bytesPerElement } from "../backend/tensor.js";
 import { AdapterPool } from "../lora/adapter_pool.js";
@@ -34,6 +34,25 @@ import {
   type ServingEngine,
   type TokenLogprob,
 } from "./types.js";
+
+/** A step whose forward and sampling are issued, its tokens not yet taken (Engine.#launchStep). */
+interface LaunchedStep {
+  readonly running: Sequence[];
+  readonly nTop: number;
+  readonly decodeOnly: boolean;
+  readonly logits: Tensor;
+  readonly prepared: PreparedStep;
+  readonly pending: PendingSample | null;
+  /** performance.now() at: start, after scheduling, after the batch, after prepare, after issuing. */
+  readonly t0: number;
+  readonly tA: number;
+  readonly tB: number;
+  readonly tC: number;
+  readonly tD: number;
+  /** When the output handling of the previous step started and ended. */
+  t1: number;
+  tF: number;
+}
 
 /** A sampled token whose text is not streamed yet (Engine.flushOutputs). */
 interface PendingOutput {
@@ -117,16 +136,18 @@ export class Engine implements ServingEngine {
   /** INLAID_PROFILE_STEPS=1: where decode steps spend host time, per step (printed at close
    * as medians and 90th percentiles in microseconds: totals would be dominated by the few
    * steps that capture a graph). */
-  readonly #phases: Record<"schedule" | "buildBatch" | "prepare" | "forward" | "outputs" | "wait" | "tokens" | "idle", number[]> | null =
+  readonly #phases: Record<"schedule" | "buildBatch" | "prepare" | "forward" | "outputs" | "eventLoop" | "wait" | "tokens" | "idle", number[]> | null =
     process.env.INLAID_PROFILE_STEPS === "1"
-      ? { schedule: [], buildBatch: [], prepare: [], forward: [], outputs: [], wait: [], tokens: [], idle: [] }
+      ? { schedule: [], buildBatch: [], prepare: [], forward: [], outputs: [], eventLoop: [], wait: [], tokens: [], idle: [] }
       : null;
-  /** Outputs of the last step not yet streamed (see step()). */
+  /** Outputs of the last step not yet streamed (see #launchStep). */
   #outputs: PendingOutput[] = [];
   /** When the last decode step's tokens reached the host (0: the last step was not a decode step). */
   #lastTokensAt = 0;
   #decodeIdleMs = 0;
   #decodeIdleSteps = 0;
+  /** A step is issued and its tokens not yet taken (the loop is awaiting between the two). */
+  #inFlight = false;
   #closed = false;
   #wake: (() => void) | null = null;
   readonly #loop: Promise<void>;
@@ -305,6 +326,7 @@ export class Engine implements ServingEngine {
     const lora = adapter === null ? null : this.#registry.get(adapter) ?? null;
     if (adapter !== null && !lora) throw new RequestError(`The model \`${adapter}\` does not exist.`, 404, "model_not_found", "model");
     if (promptIds.length === 0 || promptIds.length > this.maxModelLen) throw new Error(`prompt of ${promptIds.length} tokens`);
+    if (this.#inFlight) throw new Error("lastLogits while an engine step is in flight; call it while the engine is idle");
     const blocks: number[] = [];
     if (!this.#blocks.grow(blocks, promptIds.length)) throw new Error("no free KV blocks for lastLogits; call it while the engine is idle");
     const slot = lora ? this.#pool.acquire(lora.id, lora.adapter) : -1;
@@ -338,7 +360,16 @@ export class Engine implements ServingEngine {
         continue;
       }
       try {
-        this.step();
+        const launched = this.#launchStep();
+        if (launched) {
+          // While the device computes: stream the previous step's outputs, and let the
+          // streams' consumers and other I/O (new requests, disconnects, socket writes) run.
+          launched.t1 = performance.now();
+          this.flushOutputs();
+          launched.tF = performance.now();
+          await new Promise<void>((r) => setImmediate(r));
+          this.#finishStep(launched);
+        } else await new Promise<void>((r) => setImmediate(r));
       } catch (err) {
         // A failed step must not take the server down: fail the sequences in it and go on.
         const msg = err instanceof Error ? err.message : String(err);
@@ -349,9 +380,8 @@ export class Engine implements ServingEngine {
           s.emit("", [], [], "error");
         }
         this.#running = [];
+        await new Promise<void>((r) => setImmediate(r));
       }
-      // Let I/O (new requests, disconnects, streaming writes) run between steps.
-      await new Promise<void>((r) => setImmediate(r));
     }
   }
 
@@ -376,22 +406,22 @@ export class Engine implements ServingEngine {
   }
 
   /**
-   * Admits waiting sequences, makes room for decodes, runs one forward, samples. Public
-   * for tests and benchmarks.
+   * Starts one step: admits waiting sequences, makes room for decodes, builds the batch
+   * and issues its forward and sampling. Returns null when nothing runs.
    *
    * The previous step's output handling (detokenizing, streaming) runs while the device
-   * computes this step: after the launch, before the wait for the sampled tokens. Only
-   * what decides the next batch is done at once: appending the token, and finishing on
+   * computes this step, between #launchStep and #finishStep (see #run). Only what decides
+   * the next batch is done when the tokens arrive: appending the token, and finishing on
    * EOS, length, or (for requests with stop strings, whose text must be matched first)
    * a stop string. So a token reaches its stream about one launch after it is sampled.
    */
-  step(): void {
+  #launchStep(): LaunchedStep | null {
     const t0 = performance.now();
     const admitted = this.#admit();
     this.#reserveDecodeBlocks(admitted);
     if (this.#running.length === 0) {
       this.flushOutputs();
-      return;
+      return null;
     }
     const tA = performance.now();
     const running = this.#running;
@@ -405,13 +435,23 @@ export class Engine implements ServingEngine {
     const forward = (): Tensor => this.#model.forward(prepared, this.#kv);
     const logits = decodeOnly && this.#backend.replay ? this.#backend.replay("decode", forward) : forward();
     const pending = this.#backend.sampleAsync?.(logits, prepared) ?? null;
-    const t1 = performance.now();
-    this.flushOutputs();
+    const tD = performance.now();
+    this.#inFlight = true;
+    return { running, nTop: batch.sampling.numTopLogprobs, decodeOnly, logits, prepared, pending, t0, tA, tB, tC, tD, t1: tD, tF: tD };
+  }
+
+  /** Waits for a launched step's tokens and takes them (see #launchStep). */
+  #finishStep(l: LaunchedStep): void {
     const t2 = performance.now();
-    const result = pending ? pending.wait() : this.#backend.sample(logits, prepared);
+    let result: SampleResult;
+    try {
+      result = l.pending ? l.pending.wait() : this.#backend.sample(l.logits, l.prepared);
+    } finally {
+      this.#inFlight = false;
+    }
     const t3 = performance.now();
     this.#steps++;
-    const nTop = batch.sampling.numTopLogprobs;
+    const { running, nTop } = l;
     let finished = 0;
     for (let r = 0; r < running.length; r++) {
       const s = running[r]!;
@@ -431,29 +471,31 @@ export class Engine implements ServingEngine {
     }
     if (finished > 0) {
       for (const s of running) if (s.done) this.#free(s);
-      this.#running = running.filter((s) => !s.done);
+      this.#running = this.#running.filter((s) => !s.done);
     }
     // Nothing runs next to hide the output handling behind: do it now.
     if (this.#running.length === 0) this.flushOutputs();
-    if (decodeOnly) {
+    if (l.decodeOnly) {
       const t4 = performance.now();
       this.#decodeSteps++;
-      // Host time: everything but the wait for the device. Device idle: from the previous
-      // step's tokens arriving to this step's launch returning (the event-loop turn
-      // between steps included), plus this step's bookkeeping once its tokens arrive.
-      this.#decodeHostMs += t2 - t0 + (t4 - t3);
-      const idle = this.#lastTokensAt > 0 ? t1 - this.#lastTokensAt + (t4 - t3) : -1;
+      // Host time: everything but the wait for the device (the event-loop turn while it
+      // computes is not counted: that time belongs to the streams' consumers). Device idle:
+      // from the previous step's tokens being taken to this step's sampling being issued,
+      // plus taking this step's tokens.
+      this.#decodeHostMs += l.tD - l.t0 + (l.tF - l.t1) + (t4 - t3);
+      const idle = this.#lastTokensAt > 0 ? l.tD - this.#lastTokensAt + (t4 - t3) : -1;
       if (idle >= 0) {
         this.#decodeIdleMs += idle;
         this.#decodeIdleSteps++;
       }
       if (this.#phases) {
         const p = this.#phases;
-        p.schedule.push((tA - t0) * 1000);
-        p.buildBatch.push((tB - tA) * 1000);
-        p.prepare.push((tC - tB) * 1000);
-        p.forward.push((t1 - tC) * 1000);
-        p.outputs.push((t2 - t1) * 1000);
+        p.schedule.push((l.tA - l.t0) * 1000);
+        p.buildBatch.push((l.tB - l.tA) * 1000);
+        p.prepare.push((l.tC - l.tB) * 1000);
+        p.forward.push((l.tD - l.tC) * 1000);
+        p.outputs.push((l.tF - l.t1) * 1000);
+        p.eventLoop.push((t2 - l.tF) * 1000);
         p.wait.push((t3 - t2) * 1000);
         p.tokens.push((t4 - t3) * 1000);
         if (idle >= 0) p.idle.push(idle * 1000);
@@ -462,7 +504,7 @@ export class Engine implements ServingEngine {
     } else this.#lastTokensAt = 0;
   }
 
-  /** Streams the outputs the last step held back (see step()). */
+  /** Streams the outputs the last step held back (see #launchStep). */
   flushOutputs(): void {
     const q = this.#outputs;
     if (q.length === 0) return;
