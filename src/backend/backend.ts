@@ -199,10 +199,11 @@ export interface Backend {
   /** out = silu(gate) * up, where gateUp [n, 2I] is the fused gate/up output: gate its
    * first I columns, up the last I; out [n, I]. */
   siluMul(out: Tensor, gateUp: Tensor): void;
-  /** out [K, K] (f32) = x^T x, plus out's old value when `accumulate`; x [n, K] in
+  /** out [K, K] (f32) = alpha * x^T x, plus out's old value when `accumulate`; x [n, K] in
    * activationDtype, all n rows of its shape. The Gram matrix of calibration activations
-   * (quantization Hessians: quant/stream_capture.ts); accumulate sums token chunks in place. */
-  gram(out: Tensor, x: Tensor, accumulate: boolean): void;
+   * (quantization Hessians: quant/stream_capture.ts); accumulate sums token chunks in place,
+   * alpha (default 1) weighs them (2/n for a per-token-normalized Hessian). */
+  gram(out: Tensor, x: Tensor, accumulate: boolean, alpha?: number): void;
   /** out[r] = x[step.sampleRows[r]]. */
   gatherRows(out: Tensor, x: Tensor, step: PreparedStep): void;
   /** Picks one token per row of logits [numSample, V] as step.sampling says. */

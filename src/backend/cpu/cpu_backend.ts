@@ -270,7 +270,7 @@ export class CpuBackend implements Backend {
 
   /** The reference of the GPU's gram: every dot product in float64 over this call's rows,
    * added to out's f32 value (one rounding per call, as the GPU's f32 accumulator has). */
-  gram(out: Tensor, x: Tensor, accumulate: boolean): void {
+  gram(out: Tensor, x: Tensor, accumulate: boolean, alpha = 1): void {
     const [n, K] = dims2(x);
     const o = cpu(out).f32;
     if (o.length !== K * K) throw new Error(`gram: out must be [${K}, ${K}] for x of ${K} columns, got [${cpu(out).shape.join(", ")}]`);
@@ -282,7 +282,7 @@ export class CpuBackend implements Backend {
       for (let j = i; j < K; j++) {
         let acc = 0;
         for (let t = 0, a = i * n, b = j * n; t < n; t++) acc += xt[a + t]! * xt[b + t]!;
-        const v = Math.fround(accumulate ? o[i * K + j]! + acc : acc);
+        const v = Math.fround(accumulate ? o[i * K + j]! + alpha * acc : alpha * acc);
         o[i * K + j] = v;
         o[j * K + i] = v;
       }

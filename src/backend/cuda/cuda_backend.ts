@@ -907,14 +907,14 @@ export class CudaBackend implements Backend {
     this.#blas.matmul(o.ptr, o.dtype, xi.ptr, wi.ptr, n, N, K, b);
   }
 
-  gram(out: Tensor, x: Tensor, accumulate: boolean): void {
+  gram(out: Tensor, x: Tensor, accumulate: boolean, alpha = 1): void {
     this.#enter();
     const o = this.#t(out), xi = this.#t(x);
     const K = xi.cols;
     if (xi.dtype !== "bf16") throw new Error(`gram: x must be bf16 (got ${xi.dtype})`);
     if (o.dtype !== "f32" || o.rows !== K || o.cols !== K) throw new Error(`gram: out must be f32 [${K}, ${K}] for x of ${K} columns, got ${o.dtype} [${o.shape.join(", ")}]`);
     // x's logical rows, not a step view's launch bucket: padding rows must not enter the sum.
-    this.#blas.gram(o.ptr, xi.ptr, xi.rows, K, accumulate);
+    this.#blas.gram(o.ptr, xi.ptr, xi.rows, K, accumulate, alpha);
   }
 
   // ------------------------------------------------------------------ quantized weights

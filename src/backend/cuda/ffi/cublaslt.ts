@@ -126,6 +126,7 @@ export class CublasLt {
   readonly #alpha = new Float32Array([1]);
   readonly #beta = new Float32Array([0]);
   readonly #one = new Float32Array([1]);
+  readonly #gramAlpha = new Float32Array([1]);
 
   private constructor(path: string, f: LtFns, stream: bigint, workspace: CuPtr, workspaceBytes: number) {
     this.path = path;
@@ -295,13 +296,13 @@ export class CublasLt {
   }
 
   /**
-   * out[K, K] (f32) = x^T x (+ out when `accumulate`), x [n, K] row-major bf16: the Gram
+   * out[K, K] (f32) = alpha x^T x (+ out when `accumulate`), x [n, K] row-major bf16: the Gram
    * matrix of n activation rows, for calibration Hessians (quant/stream_capture.ts).
    * In cuBLAS terms x is col-major X^T [K, n] (ld K), so D = A op(B) with A = X^T (N) and
    * B = X^T transposed (T): D = X^T X, symmetric, so its layout needs no transpose. beta 1
    * adds into out, which is how chunks of calibration tokens sum without a scratch copy.
    */
-  gram(out: CuPtr, x: CuPtr, n: number, K: number, accumulate: boolean): void {
+  gram(out: CuPtr, x: CuPtr, n: number, K: number, accumulate: boolean, alpha = 1): void {
     if (n === 0) {
       if (!accumulate) throw new Error("gram of 0 rows without accumulate would leave out unwritten; zero it instead");
       return;
@@ -330,7 +331,9 @@ export class CublasLt {
       p = { desc, a, b, d, algo: results.slice(0, ALGO_BYTES), hasBias: false, choice: 0, candidates: count[0]! };
       this.#plans.set(key, p);
     }
-    const rc = this.#f.cublasLtMatmul(this.#handle, p.desc, this.#alpha, x, p.a, x, p.b, accumulate ? this.#one : this.#beta, out, p.d, out, p.d,
+    // Host pointer mode: cuBLASLt reads alpha and beta when called, so one buffer serves every call.
+    this.#gramAlpha[0] = alpha;
+    const rc = this.#f.cublasLtMatmul(this.#handle, p.desc, this.#gramAlpha, x, p.a, x, p.b, accumulate ? this.#one : this.#beta, out, p.d, out, p.d,
       p.algo, this.#workspace, this.#workspaceBytes, this.#stream) as number;
     if (rc !== CUBLAS_STATUS_SUCCESS) this.#check("cublasLtMatmul", rc, `gram n=${n} K=${K}`);
   }
