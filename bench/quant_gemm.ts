@@ -5,7 +5,8 @@
 //   node --import tsx bench/quant_gemm.ts [--bits 4,3,2] [--rows 1,8,16,32] [--prefill] [--sweep]
 //     --prefill  also rows 64..512: the fused kernel, dequantize + cuBLASLt, and bf16 (to place
 //                quantFusedMaxRows / INLAID_QUANT_FUSED_MAX_ROWS)
-//     --sweep    also 4-bit K 4096 N 11008 at 1, 8, 32 rows with split counts 1..16 (CudaBackend.quantSplits)
+//     --sweep    also 4-bit, every decode shape at 1, 8, 32 rows, with every warps x splits
+//                launch (INLAID_QGEMM_WARPS, CudaBackend.quantSplits) against the default plan
 //
 // Timing as bench/kernels.ts: device time per call from CUDA-graph replays of `reps`
 // back-to-back calls (no host launch cost), weights rotated over enough copies to exceed
@@ -17,6 +18,7 @@ import { parseArgs } from "node:util";
 import type { QuantizedTensor, StepBatch, Tensor } from "../src/backend/backend.js";
 import { CudaBackend } from "../src/backend/cuda/cuda_backend.js";
 import { packQuantLayout, quantLayoutBytes, type QuantLayout } from "../src/backend/cuda/quant_layout.js";
+import { FUSED_SPLITS, FUSED_WARPS, fusedPlan } from "../src/backend/cuda/quant_ops.js";
 import { measureBandwidth } from "../src/bench/bandwidth.js";
 import type { QuantBits, QuantizedWeight } from "../src/quant/types.js";
 import { copiesPastL2, graphTimer, weightCopies } from "./graph_timing.js";
@@ -101,7 +103,12 @@ const result: Record<string, unknown> = {
 };
 
 // ---------------------------------------------------------------- decode shapes
-const SHAPES: [string, number, number][] = [["up K4096 N11008", 4096, 11008], ["q/o K4096 N4096", 4096, 4096], ["down K11008 N4096", 11008, 4096]];
+// Llama-2-7B's decode GEMMs as the engine runs them (q/k/v and gate/up fused along N), and
+// the unfused up_proj of issue 4's targets.
+const SHAPES: [string, number, number][] = [
+  ["up K4096 N11008", 4096, 11008], ["qkv K4096 N12288", 4096, 12288], ["o K4096 N4096", 4096, 4096],
+  ["gate_up K4096 N22016", 4096, 22016], ["down K11008 N4096", 11008, 4096],
+];
 const rowsOut: unknown[] = [];
 for (const [name, K, N] of SHAPES) {
   const cublasUs = new Map<number, number>();
@@ -121,8 +128,9 @@ for (const [name, K, N] of SHAPES) {
       const us = timeCall(`q${bits}-${N}-${K}-${M}`, (i) => gpu.linearQuantized(out, x, copies[i % copies.length]!), out);
       const bytes = layoutBytes(layout) + M * K * 2 + M * N * 4;
       const cu = cublasUs.get(M)!;
+      const plan = fusedPlan(bits, K, N, M, gpu.device.smCount, gpu.quantSplits);
       rowsOut.push({
-        op: name, bits, M, K, N, us: round(us), gbs: Math.round(bytes / us / 1e3), tflops: round((2 * M * N * K) / us / 1e6, 1),
+        op: name, bits, M, K, N, plan: M <= gpu.quantFusedMaxRows ? `w${plan.warps}s${plan.splits}` : "dequant", us: round(us), gbs: Math.round(bytes / us / 1e3), tflops: round((2 * M * N * K) / us / 1e6, 1),
         cublas_bf16_us: round(cu), cublas_bf16_gbs: Math.round((N * K * 2 + M * K * 2 + M * N * 4) / cu / 1e3),
         vs_cublas: round(us / cu, 3),
       });
@@ -159,25 +167,38 @@ if (values.prefill) {
   result.prefill = prefill;
 }
 
-// ---------------------------------------------------------------- split-K sweep
+// ---------------------------------------------------------------- launch sweep
 if (values.sweep) {
-  const K = 4096, N = 11008;
-  const layout = packQuantLayout(randomWeight(4, K, N, 5));
-  const copies = quantCopies(layout);
   const sweep: unknown[] = [];
-  const saved = gpu.quantSplits;
-  for (const M of [1, 8, 32]) {
-    const { x, out } = activations(M, K, N);
-    for (const S of [1, 2, 3, 4, 6, 8, 12, 16]) {
-      gpu.quantSplits = S;
-      sweep.push({ M, splits: S, us: round(timeCall(`sweep-${M}-${S}`, (i) => gpu.linearQuantized(out, x, copies[i % copies.length]!), out)) });
+  const saved = gpu.quantSplits, savedWarps = process.env.INLAID_QGEMM_WARPS;
+  for (const [name, K, N] of SHAPES) {
+    const layout = packQuantLayout(randomWeight(4, K, N, 5));
+    const copies = quantCopies(layout);
+    for (const M of [1, 8, 32]) {
+      const { x, out } = activations(M, K, N);
+      const time = (key: string): number => round(timeCall(key, (i) => gpu.linearQuantized(out, x, copies[i % copies.length]!), out));
+      gpu.quantSplits = null;
+      delete process.env.INLAID_QGEMM_WARPS;
+      const auto = fusedPlan(4, K, N, M, gpu.device.smCount);
+      const row: Record<string, unknown> = { op: name, M, auto: `w${auto.warps}s${auto.splits}`, auto_us: time(`sw-${N}-${K}-${M}-auto`) };
+      for (const w of FUSED_WARPS) {
+        process.env.INLAID_QGEMM_WARPS = String(w);
+        for (const S of FUSED_SPLITS) {
+          if (S > Math.ceil(K / 128)) continue;
+          gpu.quantSplits = S;
+          row[`w${w}s${S}`] = time(`sw-${N}-${K}-${M}-${w}-${S}`);
+        }
+      }
+      sweep.push(row);
+      gpu.free(x);
+      gpu.free(out);
     }
-    gpu.free(x);
-    gpu.free(out);
+    for (const c of copies) gpu.freeQuantized(c);
   }
   gpu.quantSplits = saved;
-  for (const c of copies) gpu.freeQuantized(c);
-  result.split_sweep = sweep;
+  if (savedWarps === undefined) delete process.env.INLAID_QGEMM_WARPS;
+  else process.env.INLAID_QGEMM_WARPS = savedWarps;
+  result.launch_sweep = sweep;
 }
 
 // ---------------------------------------------------------------- 4-bit Llama-2-7B weight memory

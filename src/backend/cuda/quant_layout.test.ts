@@ -13,7 +13,7 @@ import {
   COL_N, QuantLayoutError, UNIT_K, dequantizeLayout, kernelPerm, laneWordOffset, packQuantLayout, pairCoords, randomQuantLayout, readPair,
   type QuantLayout,
 } from "./quant_layout.js";
-import { fusedPlan, tokenTiles } from "./quant_ops.js";
+import { FUSED_SPLITS, FUSED_WARPS, ctasPerSm, fusedPlan, tokenTiles } from "./quant_ops.js";
 
 // ------------------------------------------------------------------ an emulation of quant_gemm_b{B}_t{T}
 
@@ -277,19 +277,31 @@ describe("low-bit kernel layout (quant_layout.ts)", () => {
     }
   });
 
-  it("split-K plans: splits fit the k units, partials are bounded by one wave of CTAs", () => {
+  it("fused plans: whole clusters of instantiated splits within the k units, one resident wave covering the SMs when one can", () => {
     for (const bits of [2, 3, 4, 8] as QuantBits[])
-      for (const [K, N] of [[4096, 11008], [4096, 4096], [11008, 4096], [4096, 22016], [256, 512], [704, 256]] as const)
+      for (const [K, N] of [[4096, 11008], [4096, 4096], [11008, 4096], [4096, 22016], [4096, 12288], [256, 512], [704, 256], [128, 64]] as const)
         for (const rows of [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128]) {
           const p = fusedPlan(bits, K, N, rows, 132);
-          expect(p.splits).toBeGreaterThanOrEqual(1);
-          expect(p.splits).toBeLessThanOrEqual(Math.min(16, Math.ceil(K / 128)));
+          const units = Math.ceil(K / 128), NC = N / 32;
+          expect(FUSED_SPLITS).toContain(p.splits);
+          expect(p.splits).toBeLessThanOrEqual(units);
+          expect(FUSED_WARPS).toContain(p.warps);
+          expect(p.kernel).toBe(`quant_gemm_b${bits}_t${p.T}_c${p.splits}`);
           expect(p.mBlocks * 8 * p.T).toBeGreaterThanOrEqual(rows);
-          if (p.splits > 1) {
-            // S * colGroups * mBlocks CTAs <= one wave, so the partials are at most a wave's tiles.
-            expect(p.grid[0] * p.grid[1] * p.grid[2]).toBeLessThanOrEqual(132 * 4);
-            expect(p.partialBytes).toBeLessThanOrEqual(132 * 4 * 128 * 32 * 4);
-          }
+          expect(p.grid).toEqual([p.mBlocks, Math.ceil(NC / p.warps), p.splits]);
+          expect(p.block).toEqual([32 * p.warps, 1, 1]);
+          const ctas = p.grid[0] * p.grid[1] * p.grid[2], resident = 132 * ctasPerSm(bits, p.T, p.warps);
+          expect(ctasPerSm(bits, p.T, p.warps)).toBeGreaterThanOrEqual(1);
+          // One wave whenever the unsplit 8-warp grid is one (only many m-blocks of a wide weight are not).
+          if (p.mBlocks * Math.ceil(NC / 8) <= 132 * ctasPerSm(bits, p.T, 8)) expect(ctas).toBeLessThanOrEqual(resident);
+          // Every SM has a CTA whenever some resident plan gives it one.
+          const best = Math.max(...FUSED_WARPS.flatMap((w) => FUSED_SPLITS.filter((s) => s <= units).map((s) => p.mBlocks * Math.ceil(NC / w) * s)
+            .filter((c) => c <= 132 * ctasPerSm(bits, p.T, w))));
+          if (best >= 132) expect(ctas).toBeGreaterThanOrEqual(132);
         }
+    // A fixed split count is rounded down to an instantiated one.
+    expect(fusedPlan(4, 4096, 4096, 1, 132, 16).splits).toBe(8);
+    expect(fusedPlan(4, 4096, 4096, 1, 132, 5).splits).toBe(4);
+    expect(fusedPlan(4, 256, 4096, 1, 132, 8).splits).toBe(2);
   });
 });

@@ -10,15 +10,14 @@
 //     scratch buffer and cuBLASLt multiplies (the GEMM is compute-bound there).
 // Act-order weights first gather x's columns into the kernel's k order (quant_gather_cols).
 //
-// Split-K. The fused kernel's grid is (m-blocks, ceil(N/128), S): one warp per (32-output
-// column, m-block, k split). S is chosen so that the CTAs fill about one wave of the
-// device at the kernel's occupancy (ctasPerSm, from its __launch_bounds__): S =
-// clamp(floor(SMs * ctasPerSm / (columnGroups * mBlocks)), 1, min(16, K/128)).
-// CudaBackend.quantSplits (default INLAID_QGEMM_SPLITS) fixes S, for tuning with
-// bench/quant_gemm.ts --sweep. With S > 1 the splits
-// meet in `partials` (f32 [S, rows, N]) and `counters` (i32 [mBlocks, N/32], zero between
-// launches); see the kernel's header. Every launch parameter depends on the weight's shape
-// and the launch's row capacity only, so a captured graph replays any step of its bucket.
+// The fused kernel's launch: grid (m-blocks, ceil(N / 32 / warps), splits), 32 x warps
+// threads (warps = 4 or 8 columns of 32 outputs per CTA, sharing one x tile in shared
+// memory), kernel quant_gemm_b{B}_t{T}_c{splits}: with splits > 1 the k splits of a column
+// tile are one thread-block cluster and meet in its distributed shared memory (no global
+// scratch). Every launch parameter depends on the weight's shape and the launch's row
+// capacity only, so a captured graph replays any step of its bucket. fusedPlan says how the
+// warps and splits are chosen; CudaBackend.quantSplits (INLAID_QGEMM_SPLITS) and
+// INLAID_QGEMM_WARPS fix them, for tuning with bench/quant_gemm.ts --sweep.
 
 import type { DevicePtr, Dim3, KernelArg, Launcher } from "./launch.js";
 import type { Operand } from "./device_ops.js";
@@ -42,70 +41,119 @@ export interface DeviceQuantWeight {
 }
 
 export const QUANT_BITS_WITH_KERNELS: readonly QuantBits[] = [2, 3, 4, 8];
-/** Warps per CTA of the fused and dequant kernels. */
-const WARPS = 4;
-/** Most k splits of the fused kernel. */
-export const MAX_SPLITS = 16;
+/** Warps per CTA of the dequant kernel. */
+const DEQUANT_WARPS = 4;
+/** Warps (32-output columns) per CTA the fused kernel may be launched with. */
+export const FUSED_WARPS: readonly number[] = [8, 4];
+/** K splits (cluster sizes) the fused kernel is instantiated for (quant_gemm.cu QGEMM_SPLIT). */
+export const FUSED_SPLITS: readonly number[] = [1, 2, 3, 4, 6, 8];
 /** Elements of one bf16 chunk of the prefill path (32 MiB). */
 export const DEQUANT_CHUNK_ELEMS = 16 << 20;
-
-/** Ring slots per warp of the fused kernel (quant_gemm.cu QCfg::kRing). */
-export function ringSlots(bits: QuantBits): number {
-  return bits === 2 ? 8 : bits === 3 ? 5 : bits === 4 ? 4 : 2;
-}
-
-/** Dynamic shared memory of quant_gemm_b{B}_t{T}: 4 warps x ring x (B x 512 + 384) bytes. */
-export function fusedSmemBytes(bits: QuantBits): number {
-  return WARPS * ringSlots(bits) * (bits * 32 + 24) * 16;
-}
+/** Shared memory of one SM and what the driver reserves per CTA (sm_90). */
+const SM_SMEM = 228 * 1024, CTA_RESERVED_SMEM = 1024;
+/** The ring's budget per CTA (quant_gemm.cu kRingBudget): two CTAs per SM. */
+const RING_BUDGET = 112 * 1024;
+/** CTAs per SM of the fused kernel's __launch_bounds__(256, 2). */
+const FUSED_MIN_CTAS = 2;
 
 /** Token tiles of 8 rows the fused kernel runs per m-block. */
 export function tokenTiles(rows: number): 1 | 2 | 4 {
   return rows <= 8 ? 1 : rows <= 16 ? 2 : 4;
 }
 
-/** CTAs per SM the fused kernel's registers are cut for (its __launch_bounds__ minimum). */
-export function ctasPerSm(bits: QuantBits, T: number): number {
-  if (bits === 8) return T === 4 ? 2 : 3;
-  return T === 4 ? 3 : 4;
+/** Bytes of one ring stage of the fused kernel: per warp B x 512 of words + 384 of scales and zeros, then the x tile. */
+function stageBytes(bits: QuantBits, T: number, warps: number): number {
+  return warps * (bits * 512 + 384) + 2048 * T;
+}
+
+/** Ring stages of quant_gemm_b{B}_t{T} (quant_gemm.cu QCfg::kRing): as many 8-warp stages as fit the budget, 2..6. */
+export function ringSlots(bits: QuantBits, T: number): number {
+  return Math.max(2, Math.min(6, Math.floor(RING_BUDGET / stageBytes(bits, T, 8))));
+}
+
+/** Dynamic shared memory of a fused launch: the ring (the split partials reuse it: NW x 32 x 8T f32, always smaller). */
+export function fusedSmemBytes(bits: QuantBits, T: number, warps: number): number {
+  return Math.max(ringSlots(bits, T) * stageBytes(bits, T, warps), warps * 32 * 8 * T * 4);
+}
+
+/** CTAs of a fused launch resident on one SM: the launch bounds' two, unless shared memory holds fewer. */
+export function ctasPerSm(bits: QuantBits, T: number, warps: number): number {
+  return Math.min(FUSED_MIN_CTAS, Math.floor(SM_SMEM / (fusedSmemBytes(bits, T, warps) + CTA_RESERVED_SMEM)));
 }
 
 export interface FusedPlan {
   readonly kernel: string;
   readonly T: 1 | 2 | 4;
   readonly mBlocks: number;
+  /** Warps (32-output columns) per CTA. */
+  readonly warps: number;
+  /** K splits = CTAs per cluster along z. */
   readonly splits: number;
   readonly grid: Dim3;
+  readonly block: Dim3;
   readonly smem: number;
-  /** Bytes of f32 partials (0 when splits = 1) and i32 counters the launch needs. */
-  readonly partialBytes: number;
-  readonly counterBytes: number;
+  /** Global scratch a launch needs: none (the splits meet in the cluster); kept at 0 for CudaBackend's sizing. */
+  readonly partialBytes: 0;
+  readonly counterBytes: 0;
 }
 
-/** INLAID_QGEMM_SPLITS as a split count, or null (unset, empty or not a positive integer). */
-export function splitsFromEnv(): number | null {
-  const v = process.env.INLAID_QGEMM_SPLITS;
+/** A positive integer from the environment, or null (unset, empty or not a positive integer). */
+function positiveEnv(name: string): number | null {
+  const v = process.env[name];
   if (v === undefined || v === "") return null;
   const n = Number(v);
   return Number.isInteger(n) && n >= 1 ? n : null;
 }
 
-/** The fused kernel's launch for `rows` rows (a capacity) of a K x N weight; `splits` fixes S (clamped). */
+/** INLAID_QGEMM_SPLITS as a split count, or null. */
+export function splitsFromEnv(): number | null {
+  return positiveEnv("INLAID_QGEMM_SPLITS");
+}
+
+/** The largest instantiated split count <= n (and <= the k units). */
+function splitsAtMost(n: number, units: number): number {
+  let best = 1;
+  for (const s of FUSED_SPLITS) if (s <= n && s <= units) best = s;
+  return best;
+}
+
+/**
+ * The fused kernel's launch for `rows` rows (a capacity) of a K x N weight. `splits` (or
+ * INLAID_QGEMM_SPLITS) fixes the k splits and INLAID_QGEMM_WARPS the warps per CTA (each
+ * rounded to what exists). Otherwise: every CTA of the grid must be resident at once (the
+ * kernel streams weights; a second wave would double the time), and the grid should cover
+ * every SM. So: 8 warps (each x tile feeds 256 outputs) and the fewest splits that reach
+ * one CTA per SM; if 8 warps cannot, 4 warps the same way; if neither can, the most CTAs
+ * that are resident.
+ */
 export function fusedPlan(bits: QuantBits, K: number, N: number, rows: number, smCount: number, splits?: number | null): FusedPlan {
   const T = tokenTiles(rows);
   const mBlocks = Math.ceil(rows / (8 * T));
-  const NC = N / COL_N, colGroups = Math.ceil(NC / WARPS), units = Math.ceil(K / UNIT_K);
-  const wanted = splits ?? Math.floor((smCount * ctasPerSm(bits, T)) / (colGroups * mBlocks));
-  const S = Math.max(1, Math.min(wanted, MAX_SPLITS, units));
+  const NC = N / COL_N, units = Math.ceil(K / UNIT_K);
+  const fixedWarps = positiveEnv("INLAID_QGEMM_WARPS");
+  const fixedSplits = splits ?? splitsFromEnv();
+  const warpChoices = fixedWarps !== null ? [fixedWarps >= 8 ? 8 : 4] : FUSED_WARPS;
+  const splitChoices = fixedSplits !== null ? [splitsAtMost(fixedSplits, units)] : FUSED_SPLITS.filter((s) => s <= units);
+  const options = warpChoices.flatMap((w) => splitChoices.map((s) => ({
+    w, s, ctas: mBlocks * Math.ceil(NC / w) * s, resident: smCount * ctasPerSm(bits, T, w),
+  })));
+  const fits = options.filter((o) => o.ctas <= o.resident);
+  // In preference order (8 warps first, fewer splits first): the first that covers the SMs,
+  // else the largest resident grid, else (more m-blocks than one wave holds) the first.
+  const chosen = fits.find((o) => o.ctas >= smCount) ?? fits.reduce<(typeof options)[number] | undefined>(
+    (best, o) => (best === undefined || o.ctas > best.ctas ? o : best), undefined) ?? options[0]!;
+  const { w, s } = chosen;
   return {
-    kernel: `quant_gemm_b${bits}_t${T}`,
+    kernel: `quant_gemm_b${bits}_t${T}_c${s}`,
     T,
     mBlocks,
-    splits: S,
-    grid: [mBlocks, colGroups, S],
-    smem: fusedSmemBytes(bits),
-    partialBytes: S > 1 ? S * rows * N * 4 : 0,
-    counterBytes: S > 1 ? mBlocks * NC * 4 : 0,
+    warps: w,
+    splits: s,
+    grid: [mBlocks, Math.ceil(NC / w), s],
+    block: [32 * w, 1, 1],
+    smem: fusedSmemBytes(bits, T, w),
+    partialBytes: 0,
+    counterBytes: 0,
   };
 }
 
@@ -118,7 +166,7 @@ export function dequantChunkCols(K: number, N: number): number {
 export function quantKernelNames(): string[] {
   const names: string[] = [];
   for (const b of QUANT_BITS_WITH_KERNELS) {
-    for (const t of [1, 2, 4]) names.push(`quant_gemm_b${b}_t${t}`);
+    for (const t of [1, 2, 4]) for (const c of FUSED_SPLITS) names.push(`quant_gemm_b${b}_t${t}_c${c}`);
     names.push(`quant_dequant_b${b}`);
   }
   names.push("quant_gather_cols");
@@ -148,21 +196,21 @@ export class QuantOps {
   /**
    * out f32 [rows, N] = x bf16 [rows, K] @ W^T (+ bias f32 [N]); x already in the weight's
    * k order (gathered for act-order). `live`: device i32 of the live rows (0n: all).
-   * partials / counters: at least the plan's bytes (unused when it has one split).
+   * `_partials` / `_counters`: unused (the splits meet in the cluster; the plan asks for 0 bytes).
    */
-  fused(out: DevicePtr, x: DevicePtr, live: DevicePtr, rows: number, w: DeviceQuantWeight, bias: DevicePtr, partials: DevicePtr,
-        counters: DevicePtr, plan: FusedPlan = this.plan(w, rows)): void {
+  fused(out: DevicePtr, x: DevicePtr, live: DevicePtr, rows: number, w: DeviceQuantWeight, bias: DevicePtr, _partials: DevicePtr,
+        _counters: DevicePtr, plan: FusedPlan = this.plan(w, rows)): void {
     if (rows === 0) return;
-    this.#l.launch(plan.kernel, plan.grid, [32 * WARPS, 1, 1], plan.smem, [
-      ptr(out), ptr(x), ptr(w.words), ptr(w.scales), ptr(w.zeros), ptr(bias), ptr(partials), ptr(counters), ptr(live),
-      i32(rows), i32(w.K), i32(w.N), i32(w.groupSize), i32(w.groups), i32(plan.splits), i32(w.symZero),
+    this.#l.launch(plan.kernel, plan.grid, plan.block, plan.smem, [
+      ptr(out), ptr(x), ptr(w.words), ptr(w.scales), ptr(w.zeros), ptr(bias), ptr(live),
+      i32(rows), i32(w.K), i32(w.N), i32(w.groupSize), i32(w.groups), i32(w.symZero),
     ]);
   }
 
   /** dst bf16 [ncols*32, K] = the weight's outputs [col0*32, (col0+ncols)*32), in its k order. */
   dequant(dst: DevicePtr, w: DeviceQuantWeight, col0: number, ncols: number): void {
     if (ncols <= 0) return;
-    this.#l.launch(`quant_dequant_b${w.bits}`, [Math.ceil(w.K / UNIT_K), Math.ceil(ncols / WARPS), 1], [32 * WARPS, 1, 1], 0, [
+    this.#l.launch(`quant_dequant_b${w.bits}`, [Math.ceil(w.K / UNIT_K), Math.ceil(ncols / DEQUANT_WARPS), 1], [32 * DEQUANT_WARPS, 1, 1], 0, [
       ptr(dst), ptr(w.words), ptr(w.scales), ptr(w.zeros), i32(w.K), i32(w.N), i32(w.groupSize), i32(w.groups), i32(w.symZero),
       i32(col0), i32(ncols),
     ]);

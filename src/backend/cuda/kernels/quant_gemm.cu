@@ -3,9 +3,9 @@
 // linearQuantized; quant/types.ts dequantize).
 //
 // Semantics:
-//   quant_gemm_b{B}_t{T}:  out[m, n] (f32) = sum_k x[m, k] * W[n, k] (+ bias[n])
-//   quant_dequant_b{B}:    w[n - 32*col0, k] (bf16) = bf16(W[n, k]) for the chunk's columns
-//   quant_gather_cols:     xp[m, i] = x[m, perm[i]]       (act-order: x in the weights' k order)
+//   quant_gemm_b{B}_t{T}_c{S}: out[m, n] (f32) = sum_k x[m, k] * W[n, k] (+ bias[n])
+//   quant_dequant_b{B}:        w[n - 32*col0, k] (bf16) = bf16(W[n, k]) for the chunk's columns
+//   quant_gather_cols:         xp[m, i] = x[m, perm[i]]       (act-order: x in the weights' k order)
 // with W[n, k] = s[g(k), n] * (q[k, n] - z[g(k), n]) in the kernel's k order (the host
 // permuted act-order rows into group order: g(k) = k / gs). x bf16 [rows, K] (a matmul
 // input), out f32 [rows, N] (a matmul output), bias f32 [N] or null.
@@ -13,11 +13,11 @@
 // Layout (built on the host, once: src/backend/cuda/quant_layout.ts, which says it bit by
 // bit and has a CPU emulation of these kernels that its tests check against the dense
 // matmul). N is cut into columns of 32 outputs (one warp's tile: two n16 mma tiles) and K
-// into units of 128 (K is padded up; x reads past K are zero-filled). For each (column,
-// unit) every lane of the warp owns B (= bits) 16-byte words holding the 128 codes it
-// needs as mma A fragments (W is the A operand, rows = n; x is the B operand, columns =
-// tokens): 16 tiles of 16 n x 16 k, 8 codes each. Consecutive lanes' words are
-// consecutive, so a warp's copy of a unit is B fully coalesced 512-byte rows:
+// into units of 128 (K is padded up; x past K is zero-filled). For each (column, unit)
+// every lane of the warp owns B (= bits) 16-byte words holding the 128 codes it needs as
+// mma A fragments (W is the A operand, rows = n; x is the B operand, columns = tokens): 16
+// tiles of 16 n x 16 k, 8 codes each. Consecutive lanes' words are consecutive, so a warp's
+// copy of a unit is B fully coalesced 512-byte rows:
 //   qw     uint4 [N/32][K/128 (padded)][B][32 lanes]
 //   scales fp16  [G][N/32][8][4]  entry (g, col, r): s of outputs col*32 + {r, r+8, r+16, r+24}
 //   zeros  u8    [G][N/32][8][4]  same order; null when every zero is 2^(B-1) (symZero)
@@ -34,21 +34,24 @@
 // matmul input) and f32 accumulation: closer to the f32 dequantized reference than a
 // dense bf16 weight is (that one rounds every weight to bf16).
 //
-// quant_gemm_b{B}_t{T} (decode shapes: rows <= 32, T = token tiles of 8 rows; larger row
-// counts run m-blocks of 32 rows, T = 4): grid (m-blocks, ceil(N/32/4), splits), 128
-// threads. Each WARP is an independent worker over one (column, m-block, k-split): no
-// block barriers anywhere. Per unit of 128 k it streams its weight words and the scale /
-// zero entries of the unit's four 32-k blocks through its own ring of R shared-memory
-// slots with cp.async (R - 1 units in flight while one is computed: the bytes in flight,
-// not registers, hide the memory latency), reads x straight from global memory (L1 keeps
-// the rows the CTA's four warps share; the next block's x is loaded before this block
-// computes), and runs 2 x T mma.sync m16n8k16 per 16-k step.
-// Split-K (deterministic, graph-capturable): with S > 1 every warp writes its f32 partial
-// tile to `partials` [S][rows][N], fences, and counts itself in at counters[m-block][col];
-// the warp that arrives last sums the S partials in split order 0..S-1 (its own from
-// registers: the same values it wrote), adds the bias, writes out, and sets the counter
-// back to 0 for the next launch on the stream. The result does not depend on which warp
-// finished last. counters must be zero before the first launch.
+// quant_gemm_b{B}_t{T}_c{S} (decode shapes: rows <= 32, T = token tiles of 8 rows; larger
+// row counts run m-blocks of 32 rows, T = 4): grid (m-blocks, ceil(N/32/NW), S), NW = 4 or
+// 8 warps (the launch's block size), one 32-output column per warp. A CTA streams its
+// columns' units of its k range through a ring of R stages in shared memory with cp.async
+// (R - 1 units in flight while one is computed: the bytes in flight hide the memory
+// latency); a stage holds every warp's weight words and scale / zero entries and ONE x
+// tile (8T rows x 128 k) that all NW warps read (x in global memory is read once per CTA,
+// not once per warp: at 32 rows x is 4x the bytes of a warp's 4-bit weights). One barrier
+// per unit. Per 32-k block a warp reads its B words of the block and T x fragments from
+// shared memory and runs 2 x 2 x T mma.sync m16n8k16.
+// Split-K (S > 1; deterministic, graph-capturable, no global scratch): the S CTAs of one
+// (m-block, column tile) are a thread-block cluster (1, 1, S); each sums a contiguous
+// range of units, parks its f32 tile in its shared memory, and after a cluster barrier
+// each CTA adds up a share of the tile's values over the S CTAs in rank order 0..S-1
+// (through distributed shared memory), adds the bias and writes out. The result does not
+// depend on timing.
+// Programmatic dependent launch: the weights of the first R - 1 units (fixed during a
+// step) are requested before pdl_wait(); x only after it (see common.cuh).
 //
 // quant_dequant_b{B} (the prefill path for many rows: dequantize a chunk of columns to
 // bf16, then cuBLASLt): grid (K/128 padded, ceil(ncols/4)), 128 threads; a warp expands one
@@ -70,18 +73,26 @@ using namespace inlaid;
 
 namespace {
 
-constexpr int kWarps = 4;  // warps (independent workers) per CTA
+constexpr int kDqWarps = 4;  // warps per CTA of quant_dequant
 constexpr unsigned kMagic = 0x43004300u;  // bf16x2 {128, 128}
 constexpr unsigned kOne2 = 0x3f803f80u;   // bf16x2 {1, 1}
 
-// Ring slots per warp (units in flight + 1) and a slot's size in 16-byte words: B x 32 lanes
-// of weights, 4 blocks x 8 entries x 8 B of scales (16 words), 4 x 8 x 4 B of zeros (8 words).
-template <int BITS>
+// The fused kernel's CTA: up to kMaxWarps warps (the launch picks 4 or 8), one 32-output
+// column each. Its shared memory is a ring of R stages, one unit of 128 k each: per warp B x
+// 32 lanes of weight words, 4 blocks x 8 entries x 8 B of scales (256 B) and x 4 B of zeros
+// (128 B); then the CTA's x tile (8T rows x 128 k bf16). R is as many stages of an 8-warp
+// CTA as fit kRingBudget (two CTAs per SM), at most 6. quant_ops.ts ringSlots mirrors it.
+constexpr int kMaxWarps = 8;
+constexpr int kRingBudget = 112 * 1024;
+template <int BITS, int T>
 struct QCfg {
-  static constexpr int kRing = BITS == 2 ? 8 : BITS == 3 ? 5 : BITS == 4 ? 4 : 2;
-  static constexpr int kSlotBytes = (BITS * 32 + 24) * 16;
+  static constexpr int kWarpBytes = BITS * 512 + 384;
   static constexpr int kScaleOff = BITS * 512;
   static constexpr int kZeroOff = BITS * 512 + 256;
+  static constexpr int kXBytes = 2048 * T;
+  static constexpr int kStageMax = kMaxWarps * kWarpBytes + kXBytes;
+  static constexpr int kFit = kRingBudget / kStageMax;
+  static constexpr int kRing = kFit > 6 ? 6 : kFit < 2 ? 2 : kFit;
 };
 
 __device__ __forceinline__ void cp_async8(unsigned dst, const void* src) {
@@ -113,9 +124,8 @@ __device__ __forceinline__ uint4 ldg_stream(const uint4* p) {
                : "l"(p));
   return v;
 }
-// Read-only global loads (x, scales, zeros, perm: L1-cached), and L2-only loads / stores for
-// the split-K partials (written and read by different SMs in one launch). Inline PTX rather
-// than __ldg / __ldcg / __stcg / __byte_perm, so the file needs no intrinsic headers.
+// Read-only global loads (scales, zeros, perm: L1-cached). Inline PTX rather than __ldg /
+// __byte_perm, so the file needs no intrinsic headers.
 __device__ __forceinline__ uint4 ldg_v4(const void* p) {
   uint4 v;
   asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
@@ -131,14 +141,6 @@ __device__ __forceinline__ unsigned ldg_u32(const void* p) {
   asm volatile("ld.global.nc.u32 %0, [%1];\n" : "=r"(v) : "l"(p));
   return v;
 }
-__device__ __forceinline__ float ldcg_f32(const float* p) {
-  float v;
-  asm volatile("ld.global.cg.f32 %0, [%1];\n" : "=f"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ void stcg_f32(float* p, float v) {
-  asm volatile("st.global.cg.f32 [%0], %1;\n" ::"l"(p), "f"(v) : "memory");
-}
 __device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned sel) {
   unsigned d;
   asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
@@ -153,6 +155,8 @@ __device__ __forceinline__ unsigned bf16x2_fma(unsigned a, unsigned b, unsigned 
 
 // bf16x2 {128 + lo, 128 + hi} of pair i (0..3) of tile tau (0..15) of a lane's words.
 // The packing (quant_layout.ts packLane) puts each pair's two codes in the two 16-bit halves.
+// A 32-k block j holds tiles 4j..4j+3 in words jB..jB+B-1 for every width, so the same
+// formulas read one block from its own B words with tau - 4j (block_words).
 template <int BITS>
 __device__ __forceinline__ unsigned magic_pair(const unsigned* w, int tau, int i) {
   if constexpr (BITS == 4) {
@@ -221,57 +225,96 @@ __device__ __forceinline__ void scale_terms(uint2 sv, float* sc) {
   sc[3] = b.y;
 }
 
-// x fragments of a 32-k block: lane (g, c) loads x[row0 + 8t + g, kb + 8c .. 8c + 7].
-template <int T>
-__device__ __forceinline__ void load_x(uint4* xv, const bf16* __restrict__ x, int row0, int rows, int K, int kb, int g, int c4,
-                                       bool on) {
-  const int k = kb + 8 * c4;
+// The B words of a lane for 32-k block j (tiles 4j..4j+3) from its slot in a stage: word w
+// of the lane lives at plane w / 4, component w % 4 (16-byte planes of 32 lanes).
+template <int BITS>
+__device__ __forceinline__ void block_words(unsigned wslot, int lane, int j, unsigned* w) {
+  const unsigned base = wslot + (unsigned)(lane * 16);
+  if constexpr (BITS == 4) {
+    const uint4 v = lds128(base + (unsigned)(j * 512));
+    w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+  } else if constexpr (BITS == 8) {
+    const uint4 v = lds128(base + (unsigned)(2 * j * 512)), u = lds128(base + (unsigned)((2 * j + 1) * 512));
+    w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w, w[4] = u.x, w[5] = u.y, w[6] = u.z, w[7] = u.w;
+  } else if constexpr (BITS == 2) {
+    const uint2 v = lds64(base + (unsigned)((j >> 1) * 512 + (j & 1) * 8));
+    w[0] = v.x, w[1] = v.y;
+  } else {
 #pragma unroll
-  for (int t = 0; t < T; t++) {
-    const int row = row0 + 8 * t + g;
-    xv[t] = make_uint4(0u, 0u, 0u, 0u);
-    if (on && row < rows && k < K) xv[t] = ldg_v4(x + (long long)row * K + k);
+    for (int i = 0; i < 3; i++) {
+      const int wi = 3 * j + i;
+      w[i] = lds32(base + (unsigned)((wi >> 2) * 512 + (wi & 3) * 4));
+    }
   }
 }
 
-template <int BITS, int T>
+template <int BITS, int T, int C>
 __device__ __forceinline__ void quant_gemm(float* __restrict__ out, const bf16* __restrict__ x, const uint4* __restrict__ qw,
                                            const uint2* __restrict__ scales, const unsigned* __restrict__ zeros,
-                                           const float* __restrict__ bias, float* __restrict__ partials,
-                                           int* __restrict__ counters, const int* __restrict__ live, int rows, int K, int N,
-                                           int gs, int G, int S, int symZero) {
-  using C = QCfg<BITS>;
-  constexpr int R = C::kRing;
+                                           const float* __restrict__ bias, const int* __restrict__ live, int rows, int K, int N,
+                                           int gs, int G, int symZero) {
+  using Q = QCfg<BITS, T>;
+  constexpr int R = Q::kRing;
   extern __shared__ __align__(16) unsigned char qsmem[];
+  const int NW = (int)(blockDim.x >> 5);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c4 = lane & 3;
   const int NC = N >> 5, KU = (K + 127) >> 7;
-  const int col = blockIdx.y * kWarps + warp;
-  if (col >= NC) return;
-  const int mb = blockIdx.x, s = blockIdx.z;
+  const int col = blockIdx.y * NW + warp;
+  // Warps past the last column copy x and meet every barrier, but compute nothing.
+  const bool active = col < NC;
+  const int mb = blockIdx.x, s = blockIdx.z;  // s: the k split, = the CTA's rank in its cluster (1, 1, C)
   const int row0 = mb * 8 * T;
-  // m-blocks past the live rows do nothing (every split of one skips alike: the counters stay consistent).
-  const int nLive = live ? min(*live, rows) : rows;
-  if (row0 >= nLive) return;
-  const int u0 = (int)(((long long)s * KU) / S), u1 = (int)(((long long)(s + 1) * KU) / S);
-  const unsigned ring = smem_addr(qsmem) + (unsigned)(warp * R * C::kSlotBytes);
+  const int nLive = live_rows(live, rows);
+  const int xRows = min(nLive - row0, 8 * T);  // x rows past these are zero-filled, not read
+  const int u0 = (s * KU) / C, u1 = ((s + 1) * KU) / C;
+  const int stageBytes = NW * Q::kWarpBytes + Q::kXBytes;
+  const unsigned ring = smem_addr(qsmem);
 
-  // Copies unit u into ring slot `slot` (or only commits an empty group past the range, so
-  // that every iteration commits exactly one group).
-  auto issue = [&](int u, int slot) {
-    if (u < u1) {
-      const unsigned dst = ring + (unsigned)(slot * C::kSlotBytes);
-      const uint4* src = qw + ((long long)col * KU + u) * (BITS * 32);
+  // Copies the weights, scales and zeros of unit u into ring stage `slot`.
+  auto issueWeights = [&](int u, int slot) {
+    if (!active || u >= u1) return;
+    const unsigned dst = ring + (unsigned)(slot * stageBytes + warp * Q::kWarpBytes);
+    const uint4* src = qw + ((long long)col * KU + u) * (BITS * 32);
 #pragma unroll
-      for (int p = 0; p < BITS; p++) cp_async16(dst + (unsigned)((p * 32 + lane) * 16), src + p * 32 + lane, true);
-      // Lane L copies scale / zero entry (block L/8, row L%8) of the unit.
-      const int jb = lane >> 3, rr = lane & 7;
-      const int gi = min((u * 128 + jb * 32) / gs, G - 1);
-      const long long e = ((long long)gi * NC + col) * 8 + rr;
-      cp_async8(dst + C::kScaleOff + lane * 8, scales + e);
-      if (zeros) cp_async4(dst + C::kZeroOff + lane * 4, zeros + e);
-    }
-    cp_async_commit();
+    for (int p = 0; p < BITS; p++) cp_async16(dst + (unsigned)((p * 32 + lane) * 16), src + p * 32 + lane, true);
+    // Lane L copies scale / zero entry (block L/8, row L%8) of the unit.
+    const int jb = lane >> 3, rr = lane & 7;
+    const int gi = min((u * 128 + jb * 32) / gs, G - 1);
+    const long long e = ((long long)gi * NC + col) * 8 + rr;
+    cp_async8(dst + Q::kScaleOff + lane * 8, scales + e);
+    if (zeros) cp_async4(dst + Q::kZeroOff + lane * 4, zeros + e);
   };
+  // Copies the x tile of unit u into stage `slot`, in fragment order: 16-byte chunk
+  // q = (4t + j) * 32 + L holds what lane L feeds token tile t in 32-k block j:
+  // x[row0 + 8t + L/4, 128u + 32j + 8(L%4) .. + 7].
+  auto issueX = [&](int u, int slot) {
+    if (u >= u1) return;
+    const unsigned xs = ring + (unsigned)(slot * stageBytes + NW * Q::kWarpBytes);
+    for (int q = threadIdx.x; q < 128 * T; q += blockDim.x) {
+      const int L = q & 31, j = (q >> 5) & 3, t = q >> 7;
+      const int r = 8 * t + (L >> 2), k = u * 128 + 32 * j + 8 * (L & 3);
+      const bool ok = r < xRows && k < K;
+      cp_async16(xs + (unsigned)(q * 16), ok ? x + (long long)(row0 + r) * K + k : x, ok);
+    }
+  };
+
+  // Prologue. The first R - 1 units' weights are fixed during a step, so they are requested
+  // before pdl_wait() (under programmatic dependent launch, while the kernel before this one
+  // finishes); x is the previous kernel's output, read only after it. One commit group per
+  // unit: group 0 also holds the early weights, so waiting for group i covers unit i.
+  if (row0 < nLive) {
+#pragma unroll
+    for (int i = 0; i < R - 1; i++) issueWeights(u0 + i, i);
+  }
+  pdl_wait();
+  // m-blocks past the live rows do nothing; the whole cluster shares the m-block, so it
+  // returns as one (the cluster barriers below see all of it or none).
+  if (row0 >= nLive) return;
+#pragma unroll
+  for (int i = 0; i < R - 1; i++) {
+    issueX(u0 + i, i);
+    cp_async_commit();
+  }
 
   float acc[2][T][4], tmp[2][T][4];
 #pragma unroll
@@ -296,60 +339,49 @@ __device__ __forceinline__ void quant_gemm(float* __restrict__ out, const bf16* 
         }
   };
 
-#pragma unroll
-  for (int i = 0; i < R - 1; i++) issue(u0 + i, i);
-  uint4 xc[T];
-  load_x<T>(xc, x, row0, rows, K, u0 * 128, g, c4, u0 < u1);
-
   for (int u = u0; u < u1; u++) {
     const int it = u - u0;
-    issue(u + R - 1, (it + R - 1) % R);
-    cp_async_wait<R - 1>();  // unit u's group (and every older one) has landed
-    __syncwarp();            // ... for every lane: the scale entries are read across lanes
-    const unsigned slot = ring + (unsigned)((it % R) * C::kSlotBytes);
-    unsigned w[4 * BITS];
-#pragma unroll
-    for (int p = 0; p < BITS; p++) {
-      const uint4 v = lds128(slot + (unsigned)((p * 32 + lane) * 16));
-      w[4 * p] = v.x;
-      w[4 * p + 1] = v.y;
-      w[4 * p + 2] = v.z;
-      w[4 * p + 3] = v.w;
-    }
+    cp_async_wait<R - 2>();  // this thread's copies of unit u (and every older one) have landed
+    __syncthreads();         // ... everyone's; and everyone is done with the stage refilled next
+    issueWeights(u + R - 1, (it + R - 1) % R);  // past u1: nothing, an empty group
+    issueX(u + R - 1, (it + R - 1) % R);
+    cp_async_commit();
+    if (!active) continue;
+    const unsigned st = ring + (unsigned)((it % R) * stageBytes);
+    const unsigned wslot = st + (unsigned)(warp * Q::kWarpBytes), xs = st + (unsigned)(NW * Q::kWarpBytes);
 #pragma unroll
     for (int j = 0; j < 4; j++) {
-      const int kb = u * 128 + j * 32;
-      // The next block's x (next unit's first after the last block) loads while this one computes.
-      uint4 xn[T];
-      load_x<T>(xn, x, row0, rows, K, kb + 32, g, c4, j < 3 || u + 1 < u1);
-      const int gi = min(kb / gs, G - 1);
+      unsigned w[BITS];
+      block_words<BITS>(wslot, lane, j, w);
+      uint4 xv[T];
+#pragma unroll
+      for (int t = 0; t < T; t++) xv[t] = lds128(xs + (unsigned)((((4 * t + j) * 32) + lane) * 16));
+      const int gi = min((u * 128 + j * 32) / gs, G - 1);
       if (gi != curG) {
         if (curG >= 0) flush();
-        scale_terms(lds64(slot + C::kScaleOff + (j * 8 + g) * 8), sc);
-        if (zeros) zero_terms<BITS>(lds32(slot + C::kZeroOff + (j * 8 + g) * 4), nz);
+        scale_terms(lds64(wslot + Q::kScaleOff + (j * 8 + g) * 8), sc);
+        if (zeros) zero_terms<BITS>(lds32(wslot + Q::kZeroOff + (j * 8 + g) * 4), nz);
         curG = gi;
       }
 #pragma unroll
-      for (int st = 0; st < 2; st++) {
+      for (int st2 = 0; st2 < 2; st2++) {
 #pragma unroll
         for (int nt = 0; nt < 2; nt++) {
           unsigned a[4];
-          dequant_tile<BITS>(w, (2 * j + st) * 2 + nt, nz[2 * nt], nz[2 * nt + 1], a);
+          dequant_tile<BITS>(w, 2 * st2 + nt, nz[2 * nt], nz[2 * nt + 1], a);
 #pragma unroll
-          for (int t = 0; t < T; t++) mma_bf16(tmp[nt][t], a, st ? xc[t].z : xc[t].x, st ? xc[t].w : xc[t].y);
+          for (int t = 0; t < T; t++) mma_bf16(tmp[nt][t], a, st2 ? xv[t].z : xv[t].x, st2 ? xv[t].w : xv[t].y);
         }
       }
-#pragma unroll
-      for (int t = 0; t < T; t++) xc[t] = xn[t];
     }
-    __syncwarp();  // every lane is done with this slot before the next iteration refills it
   }
   if (curG >= 0) flush();
-  cp_async_wait<0>();
+  cp_async_wait<0>();  // the trailing empty groups
 
   // acc[nt][t][e]: output n = col*32 + nt*16 + g + 8*(e/2), row = row0 + 8t + 2c + e%2.
   const int nb = col * 32 + g;
-  if (S == 1) {
+  if constexpr (C == 1) {
+    if (!active) return;
 #pragma unroll
     for (int nt = 0; nt < 2; nt++)
 #pragma unroll
@@ -362,42 +394,40 @@ __device__ __forceinline__ void quant_gemm(float* __restrict__ out, const bf16* 
           if (row < rows) out[(long long)row * N + n] = acc[nt][t][e] + b;
         }
       }
-    return;
-  }
-  float* mine = partials + (long long)s * rows * N;
+  } else {
+    // Split-K inside the cluster: each CTA parks its partial tile in its own shared memory
+    // (the ring, no longer needed), and CTA `s` sums value slots v = s, s + C, ... of every
+    // CTA in rank order 0..C-1 (the same order whichever CTA finished first: deterministic),
+    // reading the others through distributed shared memory. No global scratch, no counters.
+    __syncthreads();  // every warp is done reading the ring
+    float* part = reinterpret_cast<float*>(qsmem);  // [NW][8T values v = (nt*T + t)*4 + e][32 lanes]
+    if (active) {
 #pragma unroll
-  for (int nt = 0; nt < 2; nt++)
+      for (int nt = 0; nt < 2; nt++)
 #pragma unroll
-    for (int e = 0; e < 4; e++)
+        for (int t = 0; t < T; t++)
 #pragma unroll
-      for (int t = 0; t < T; t++) {
+          for (int e = 0; e < 4; e++) part[(warp * 8 * T + (nt * T + t) * 4 + e) * 32 + lane] = acc[nt][t][e];
+    }
+    cluster_arrive();
+    cluster_wait();  // every CTA's partials are written and visible
+    if (active) {
+#pragma unroll
+      for (int v0 = 0; v0 < 8 * T; v0 += C) {
+        const int v = v0 + s;
+        if (v >= 8 * T) break;
+        const int e = v & 3, nt = (v >> 2) / T, t = (v >> 2) % T;
         const int n = nb + nt * 16 + 8 * (e >> 1), row = row0 + 8 * t + 2 * c4 + (e & 1);
-        if (row < rows) stcg_f32(mine + (long long)row * N + n, acc[nt][t][e]);
-      }
-  __threadfence();  // this lane's partials are visible GPU-wide before the arrival counts
-  __syncwarp();
-  int* counter = counters + (long long)mb * NC + col;
-  int prev = 0;
-  if (lane == 0) prev = atomicAdd(counter, 1);
-  prev = __shfl_sync(0xffffffffu, prev, 0);
-  if (prev != S - 1) return;
-  __threadfence();  // every other split's partials (published before its arrival) are visible
-  if (lane == 0) *counter = 0;  // no other warp touches it again in this launch
+        const float* p = part + (warp * 8 * T + v) * 32 + lane;
+        float sum = 0.f;
 #pragma unroll
-  for (int nt = 0; nt < 2; nt++)
-#pragma unroll
-    for (int e = 0; e < 4; e++) {
-      const int n = nb + nt * 16 + 8 * (e >> 1);
-      const float b = bias ? bias[n] : 0.f;
-#pragma unroll
-      for (int t = 0; t < T; t++) {
-        const int row = row0 + 8 * t + 2 * c4 + (e & 1);
-        if (row >= rows) continue;
-        float v = 0.f;
-        for (int ss = 0; ss < S; ss++) v += ss == s ? acc[nt][t][e] : ldcg_f32(partials + ((long long)ss * rows + row) * N + n);
-        out[(long long)row * N + n] = v + b;
+        for (int q = 0; q < C; q++) sum += ld_cluster_f32(p, (unsigned)q);
+        if (row < rows) out[(long long)row * N + n] = sum + (bias ? bias[n] : 0.f);
       }
     }
+    cluster_arrive();
+    cluster_wait();  // no CTA leaves while another still reads its shared memory
+  }
 }
 
 constexpr int kLdTile = 136;  // dequant tile row pitch (bf16): 128 + 8 keeps rows 16-byte aligned
@@ -406,10 +436,11 @@ template <int BITS>
 __device__ __forceinline__ void quant_dequant(bf16* __restrict__ wOut, const uint4* __restrict__ qw, const uint2* __restrict__ scales,
                                               const unsigned* __restrict__ zeros, int K, int N, int gs, int G, int symZero, int col0,
                                               int ncols) {
-  __shared__ __align__(16) bf16 tile[kWarps][32 * kLdTile];
+  __shared__ __align__(16) bf16 tile[kDqWarps][32 * kLdTile];
+  pdl_wait();  // the scratch it writes may still be read by the previous chunk's matmul
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c4 = lane & 3;
   const int NC = N >> 5, KU = (K + 127) >> 7;
-  const int u = blockIdx.x, cl = blockIdx.y * kWarps + warp;
+  const int u = blockIdx.x, cl = blockIdx.y * kDqWarps + warp;
   if (cl >= ncols) return;
   const int col = col0 + cl;
   const uint4* src = qw + ((long long)col * KU + u) * (BITS * 32);
@@ -460,26 +491,94 @@ __device__ __forceinline__ void quant_dequant(bf16* __restrict__ wOut, const uin
 
 }  // namespace
 
-// One instantiation per (bits B, row tiles T); MINB is the minimum resident CTAs per SM
-// the register budget is cut for (quant_ops.ts ctasPerSm mirrors it).
-#define QGEMM(B, T, MINB)                                                                                                      \
-  extern "C" __global__ void __launch_bounds__(128, MINB) quant_gemm_b##B##_t##T(                                             \
-      float* out, const bf16* x, const uint4* qw, const uint2* scales, const unsigned* zeros, const float* bias,               \
-      float* partials, int* counters, const int* live, int rows, int K, int N, int gs, int G, int S, int symZero) {            \
-    quant_gemm<B, T>(out, x, qw, scales, zeros, bias, partials, counters, live, rows, K, N, gs, G, S, symZero);               \
+// One instantiation per (bits B, row tiles T, k splits NS): NS = 1 without a cluster, else a
+// cluster of NS CTAs along z (grid z = NS; the macro argument is not C, which would rewrite
+// extern "C" in ops.test.ts's macro expansion). Launch bounds: 256 threads, two CTAs per SM (the
+// ring budget above; quant_ops.ts ctasPerSm mirrors it).
+#define QGEMM(B, T)                                                                                                            \
+  extern "C" __global__ void __launch_bounds__(256, 2) quant_gemm_b##B##_t##T##_c1(                                           \
+      float* out, const bf16* x, const uint4* qw, const uint2* scales, const unsigned* zeros, const float* bias,         \
+      const int* live, int rows, int K, int N, int gs, int G, int symZero) {                                                                                     \
+    quant_gemm<B, T, 1>(out, x, qw, scales, zeros, bias, live, rows, K, N, gs, G, symZero);                                    \
   }
-QGEMM(2, 1, 4)
-QGEMM(2, 2, 4)
-QGEMM(2, 4, 3)
-QGEMM(3, 1, 4)
-QGEMM(3, 2, 4)
-QGEMM(3, 4, 3)
-QGEMM(4, 1, 4)
-QGEMM(4, 2, 4)
-QGEMM(4, 4, 3)
-QGEMM(8, 1, 3)
-QGEMM(8, 2, 3)
-QGEMM(8, 4, 2)
+#define QGEMM_SPLIT(B, T, NS)                                                                                                  \
+  extern "C" __global__ void __cluster_dims__(1, 1, NS) __launch_bounds__(256, 2) quant_gemm_b##B##_t##T##_c##NS(             \
+      float* out, const bf16* x, const uint4* qw, const uint2* scales, const unsigned* zeros, const float* bias,         \
+      const int* live, int rows, int K, int N, int gs, int G, int symZero) {                                                                                     \
+    quant_gemm<B, T, NS>(out, x, qw, scales, zeros, bias, live, rows, K, N, gs, G, symZero);                                    \
+  }
+QGEMM(2, 1)
+QGEMM_SPLIT(2, 1, 2)
+QGEMM_SPLIT(2, 1, 3)
+QGEMM_SPLIT(2, 1, 4)
+QGEMM_SPLIT(2, 1, 6)
+QGEMM_SPLIT(2, 1, 8)
+QGEMM(2, 2)
+QGEMM_SPLIT(2, 2, 2)
+QGEMM_SPLIT(2, 2, 3)
+QGEMM_SPLIT(2, 2, 4)
+QGEMM_SPLIT(2, 2, 6)
+QGEMM_SPLIT(2, 2, 8)
+QGEMM(2, 4)
+QGEMM_SPLIT(2, 4, 2)
+QGEMM_SPLIT(2, 4, 3)
+QGEMM_SPLIT(2, 4, 4)
+QGEMM_SPLIT(2, 4, 6)
+QGEMM_SPLIT(2, 4, 8)
+QGEMM(3, 1)
+QGEMM_SPLIT(3, 1, 2)
+QGEMM_SPLIT(3, 1, 3)
+QGEMM_SPLIT(3, 1, 4)
+QGEMM_SPLIT(3, 1, 6)
+QGEMM_SPLIT(3, 1, 8)
+QGEMM(3, 2)
+QGEMM_SPLIT(3, 2, 2)
+QGEMM_SPLIT(3, 2, 3)
+QGEMM_SPLIT(3, 2, 4)
+QGEMM_SPLIT(3, 2, 6)
+QGEMM_SPLIT(3, 2, 8)
+QGEMM(3, 4)
+QGEMM_SPLIT(3, 4, 2)
+QGEMM_SPLIT(3, 4, 3)
+QGEMM_SPLIT(3, 4, 4)
+QGEMM_SPLIT(3, 4, 6)
+QGEMM_SPLIT(3, 4, 8)
+QGEMM(4, 1)
+QGEMM_SPLIT(4, 1, 2)
+QGEMM_SPLIT(4, 1, 3)
+QGEMM_SPLIT(4, 1, 4)
+QGEMM_SPLIT(4, 1, 6)
+QGEMM_SPLIT(4, 1, 8)
+QGEMM(4, 2)
+QGEMM_SPLIT(4, 2, 2)
+QGEMM_SPLIT(4, 2, 3)
+QGEMM_SPLIT(4, 2, 4)
+QGEMM_SPLIT(4, 2, 6)
+QGEMM_SPLIT(4, 2, 8)
+QGEMM(4, 4)
+QGEMM_SPLIT(4, 4, 2)
+QGEMM_SPLIT(4, 4, 3)
+QGEMM_SPLIT(4, 4, 4)
+QGEMM_SPLIT(4, 4, 6)
+QGEMM_SPLIT(4, 4, 8)
+QGEMM(8, 1)
+QGEMM_SPLIT(8, 1, 2)
+QGEMM_SPLIT(8, 1, 3)
+QGEMM_SPLIT(8, 1, 4)
+QGEMM_SPLIT(8, 1, 6)
+QGEMM_SPLIT(8, 1, 8)
+QGEMM(8, 2)
+QGEMM_SPLIT(8, 2, 2)
+QGEMM_SPLIT(8, 2, 3)
+QGEMM_SPLIT(8, 2, 4)
+QGEMM_SPLIT(8, 2, 6)
+QGEMM_SPLIT(8, 2, 8)
+QGEMM(8, 4)
+QGEMM_SPLIT(8, 4, 2)
+QGEMM_SPLIT(8, 4, 3)
+QGEMM_SPLIT(8, 4, 4)
+QGEMM_SPLIT(8, 4, 6)
+QGEMM_SPLIT(8, 4, 8)
 
 #define QDEQUANT(B)                                                                                                            \
   extern "C" __global__ void __launch_bounds__(128) quant_dequant_b##B(bf16* w, const uint4* qw, const uint2* scales,          \
@@ -494,6 +593,7 @@ QDEQUANT(8)
 
 extern "C" __global__ void __launch_bounds__(256) quant_gather_cols(bf16* __restrict__ xp, const bf16* __restrict__ x,
                                                                     const int* __restrict__ perm, int rows, int K) {
+  pdl_wait();
   const int r = blockIdx.x, i0 = (blockIdx.y * 256 + threadIdx.x) * 8;
   if (r >= rows || i0 >= K) return;
   const bf16* xr = x + (long long)r * K;
