@@ -19,9 +19,20 @@
 // within rounding. Results are deterministic run to run (cuBLAS/cuSOLVER on one GPU model, no
 // atomics in the sums).
 //
+// Why f64 and not f32: on an H100 the f64 work is not what a solve waits for. bench/gptq_solve.ts
+// (4 bits, groups of 128, act-order; wall time of solve() from host arrays to host results):
+//   K x N          wall    upload  factor  column loop + DGEMMs  download
+//   4096 x 4096    52 ms   15 ms   13 ms    9 ms                 12 ms
+//   11008 x 4096  260 ms   87 ms  101 ms   35 ms                 31 ms
+//   4096 x 11008   90 ms   29 ms   13 ms   14 ms                 30 ms
+// so a Llama-2-7B (32 x (4 + 2 + 1) solves) takes about 21 s, and f32 could save at most the
+// "column loop" share while giving up bit-identical codes (the GPU test measured none
+// differing from the CPU's).
+//
 // Device memory is kept between solves and grown to the largest shape seen: at Llama-2-7B's
-// largest (K = 11008, N = 4096) about 2.1 GB (H f32 0.48 GB, A/U f64 0.97 GB, w f32 0.18 GB,
-// W f64 0.36 GB, codes 0.05 GB, cuSOLVER workspace). dispose() frees it.
+// shapes 2.05 GB (H f32 0.48 GB, A/U f64 0.97 GB, w f32 0.18 GB, W f64 0.36 GB, codes 0.05 GB,
+// cuSOLVER workspace); the device's free memory dropped by 2.06 GB in the benchmark, cuBLAS and
+// cuSOLVER included. dispose() frees it.
 
 import type { CudaBackend } from "../backend/cuda/cuda_backend.js";
 import { Cublas, CUBLAS_OP_N, CUBLAS_OP_T } from "../backend/cuda/ffi/cublas.js";

@@ -19,7 +19,13 @@
 //   rows, and at most 1% of all codes.
 // - loss: a row that took another path has a statistically equal loss, so the total moves
 //   by a small fraction of the touched rows' share: |gpu - cpu| <= 1e-3 * cpu; with no row
-//   touched it must agree to 1e-9 (summation order only).
+//   touched it must agree to 1e-9 (summation order only: n terms summed in another order
+//   differ by at most ~n * 2^-53 relative, 1e-10 for a million codes).
+// Measured on an H100 (node node_modules/vitest/vitest.mjs run --project gpu
+// test/gpu/gptq.test.ts with INLAID_GPTQ_TEST_LOG): not one differing code, scale or zero in
+// any case here (0.68M codes of random problems, 8.8M of the demo's 84 mean/max solves),
+// damping and attempts equal everywhere (max aggregate: 14-16 attempts, damping 1.6-6.4), loss
+// within 2.5e-14 relative. The row/code bounds are for larger layers, where a flip is likelier.
 
 import { appendFileSync } from "node:fs";
 import { join } from "node:path";
