@@ -39,6 +39,14 @@ export interface Aggregator {
   finish(state: AggState, K: number, tokens: readonly number[]): Float64Array;
 }
 
+/** a[i] / d in float64. A loop, not Float64Array.from(a, map): that builds a JS array
+ * first, which runs out of heap at 7B's sizes (121M entries for down_proj's K = 11008). */
+function scaled(a: Float32Array, d: number): Float64Array {
+  const out = new Float64Array(a.length);
+  for (let i = 0; i < a.length; i++) out[i] = a[i]! / d;
+  return out;
+}
+
 const maxAgg: Aggregator = {
   kind: "max",
   init: (K) => ({ max: new Float32Array(K * K).fill(-Infinity) }),
@@ -46,7 +54,7 @@ const maxAgg: Aggregator = {
     const m = s["max"]!;
     for (let i = 0; i < m.length; i++) if (h[i]! > m[i]!) m[i] = h[i]!;
   },
-  finish: (s) => Float64Array.from(s["max"]!),
+  finish: (s) => new Float64Array(s["max"]!),
 };
 
 /** The nearest PSD matrix (Frobenius): eigenvalues below 0 set to 0. */
@@ -71,7 +79,7 @@ const maxPsdAgg: Aggregator = {
   kind: "max-psd",
   init: maxAgg.init,
   fold: maxAgg.fold,
-  finish: (s, K) => psdProjection(Float64Array.from(s["max"]!), K),
+  finish: (s, K) => psdProjection(new Float64Array(s["max"]!), K),
 };
 
 const meanAgg: Aggregator = {
@@ -83,7 +91,7 @@ const meanAgg: Aggregator = {
   },
   finish(s, _K, tokens) {
     const T = tokens.length;
-    return Float64Array.from(s["sum"]!, (v) => v / T);
+    return scaled(s["sum"]!, T);
   },
 };
 
@@ -140,7 +148,7 @@ const pooledAgg: Aggregator = {
   },
   finish(s, _K, tokens) {
     const n = tokens.reduce((a, b) => a + b, 0);
-    return Float64Array.from(s["sum"]!, (v) => v / n);
+    return scaled(s["sum"]!, n);
   },
 };
 

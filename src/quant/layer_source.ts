@@ -228,7 +228,7 @@ export class DummyLayers implements LayerSource {
       const cols = info.shape.length === 2 ? info.shape[1]! : 1;
       const f = (this.backend.read(t) as Float32Array).subarray(rowStart * cols, (rowStart + rowCount) * cols);
       this.backend.free(t);
-      return dtype === "f32" ? { shape: info.shape, dtype, data: Float32Array.from(f) } : { shape: info.shape, dtype, data: f32ToBf16(f) };
+      return dtype === "f32" ? { shape: info.shape, dtype, data: f.slice() } : { shape: info.shape, dtype, data: f32ToBf16(f) };
     };
     if (info.kind === "norm") return { shape: info.shape, dtype: this.#dtype, data: this.#dtype === "f32" ? new Float32Array(info.shape[0]!).fill(1) : f32ToBf16(new Float32Array(info.shape[0]!).fill(1)) };
     if (info.kind === "embed") return toHost(this.embed(), this.#dtype);

@@ -7,6 +7,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { CpuBackend } from "../backend/cpu/cpu_backend.js";
+import { SafetensorsFile } from "../model/safetensors.js";
 import { readQuantizedWeights } from "./checkpoint.js";
 import { cpuGptqSolver } from "./gpu_gptq.js";
 import type { QuantTask } from "./methods.js";
@@ -55,5 +56,35 @@ describe("quantizeOnDevice on the CPU backend (demo)", () => {
     const q = readQuantizedWeights(all);
     expect(q.size).toBe(42);
     expect(q.get("model.layers.5.mlp.down_proj")!.spec).toEqual(spec);
+  }, 300_000);
+
+  it("sum mode (per-task Hessians too big to keep: summed on the backend) is incremental == full and agrees with per-task folding", () => {
+    const dir = mkdtempSync(join(tmpdir(), "inlaid-stream-quantize-"));
+    const common = { backend: new CpuBackend(), solver: cpuGptqSolver(), method: "mlgptq" as const, spec, calibLimit: 2, stepTokens: 128, baseDir: BASE };
+    const three = [task("reverse"), task("sort"), task("mirror")];
+    quantizeOnDevice({ ...common, outDir: join(dir, "all"), tasks: three, cacheLimitBytes: 0 });
+    quantizeOnDevice({ ...common, outDir: join(dir, "first"), tasks: three.slice(0, 2), cacheLimitBytes: 0 });
+    quantizeIncrementalOnDevice({ backend: common.backend, solver: common.solver, fromDir: join(dir, "first"), outDir: join(dir, "inc"), tasks: three.slice(2), cacheLimitBytes: 0 });
+    expect(sameFile(join(dir, "all", "model.safetensors"), join(dir, "inc", "model.safetensors"))).toBe(true);
+    expect(sameFile(join(dir, "all", "mlgptq", "hessians.safetensors"), join(dir, "inc", "mlgptq", "hessians.safetensors"))).toBe(true);
+
+    // The per-task path (cached Hessians, folded on the host) sums in another order: same state to f32 rounding.
+    quantizeOnDevice({ ...common, outDir: join(dir, "folded"), tasks: three });
+    const a = SafetensorsFile.open(join(dir, "all", "mlgptq", "hessians.safetensors"));
+    const b = SafetensorsFile.open(join(dir, "folded", "mlgptq", "hessians.safetensors"));
+    let worst = 0;
+    for (const name of b.names()) {
+      const x = a.get(name).data as Float32Array, y = b.get(name).data as Float32Array;
+      let d = 0, n = 0;
+      for (let i = 0; i < y.length; i++) {
+        d = Math.max(d, Math.abs(x[i]! - y[i]!));
+        n = Math.max(n, Math.abs(y[i]!));
+      }
+      worst = Math.max(worst, d / n);
+    }
+    a.close();
+    b.close();
+    expect(worst).toBeGreaterThan(0); // really another path
+    expect(worst).toBeLessThan(1e-5);
   }, 300_000);
 });

@@ -154,6 +154,16 @@ function captureAndSolve(r: RunOptions, source: LayerSource): LinearStats[] {
     progress.note(`per-task Hessians are ${(perTaskBytes / 2 ** 30).toFixed(1)} GiB each, above the work folder's ${(r.cacheLimitBytes / 2 ** 30).toFixed(1)} GiB limit: not cached (the aggregate still goes to mlgptq/)`);
   }
   const kept = capture.map(() => new Map<string, Float32Array>());
+  // Sum mode (stream_capture.ts): a sum aggregate of tasks none of which is cached sums on the
+  // device; every task's Hessians are needed on the host only to cache them or for the others.
+  const only = r.targets.length === 1 ? r.targets[0]! : null;
+  const sumMode = !keep && only !== null && (only.kind === "mean" || only.kind === "pooled") && r.tasks.every((t) => t.cached === null)
+    ? {
+        // mean's state is sum_t H_t = sum_t (2/n_t) X_t^T X_t; pooled's sum_t n_t H_t = sum_t 2 X_t^T X_t.
+        alpha: capture.map((c) => (only.kind === "mean" ? 2 / r.tasks[c.index]!.tokens : 2)),
+        initial: (site: HessianSite) => only.state.get(site.name)?.["sum"],
+      }
+    : undefined;
   r.phases.load += (performance.now() - t0) / 1000;
 
   const stats: LinearStats[] = [];
@@ -167,7 +177,8 @@ function captureAndSolve(r: RunOptions, source: LayerSource): LinearStats[] {
       started = true;
       progress.update(done);
     },
-    onLayer: (l, perTask, resident) => {
+    ...(sumMode && { sum: sumMode }),
+    onLayer: (l, perTask, resident, sums) => {
       const tf = performance.now();
       // Every task's H_t of this layer, in task order: cached, or just captured.
       const hOf = (i: number, site: string): Float32Array => {
@@ -179,6 +190,10 @@ function captureAndSolve(r: RunOptions, source: LayerSource): LinearStats[] {
       for (const target of r.targets) {
         const agg = aggregator(target.kind);
         for (const site of sitesOf(l)) {
+          if (sumMode) {
+            target.state.set(site.name, { sum: sums.get(site.name)! });
+            continue;
+          }
           let st = target.state.get(site.name);
           if (!st) target.state.set(site.name, (st = agg.init(site.inDim)));
           for (const i of target.tasks) agg.fold(st, hOf(i, site.name), site.inDim, r.tasks[i]!.tokens);
@@ -197,7 +212,7 @@ function captureAndSolve(r: RunOptions, source: LayerSource): LinearStats[] {
         const agg = aggregator(target.kind);
         const tokens = [...target.tokensBefore, ...target.tasks.map((i) => r.tasks[i]!.tokens)];
         for (const site of sitesOf(l)) {
-          const h = Float32Array.from(agg.finish(target.state.get(site.name)!, site.inDim, tokens));
+          const h = solverHessian(target.kind, target.state.get(site.name)!, site.inDim, tokens);
           for (const name of site.linears) {
             const proj = PROJECTIONS.find((p) => moduleName(l, p) === name)!;
             const { inDim, outDim } = projDims(cfg, proj);
@@ -220,6 +235,28 @@ function captureAndSolve(r: RunOptions, source: LayerSource): LinearStats[] {
     });
   }
   return stats;
+}
+
+/**
+ * The aggregate's Hessian as the solver takes it (f32, symmetric). For the sum aggregates
+ * (mean, pooled) straight from the f32 state: fround(sum / d), which is what converting
+ * finish()'s float64 result gives, without a 1 GB float64 copy per 7B down_proj; mirrored
+ * from the upper triangle, since device sums may differ between triangles in the last bit.
+ */
+function solverHessian(kind: AggregateKind, st: AggState, K: number, tokens: readonly number[]): Float32Array {
+  if (kind !== "mean" && kind !== "pooled") return new Float32Array(aggregator(kind).finish(st, K, tokens));
+  const d = kind === "mean" ? tokens.length : tokens.reduce((a, b) => a + b, 0);
+  const sum = st["sum"]!;
+  const h = new Float32Array(K * K);
+  for (let i = 0; i < h.length; i++) h[i] = sum[i]! / d;
+  const B = 64;
+  for (let i0 = 0; i0 < K; i0 += B) {
+    for (let j0 = i0; j0 < K; j0 += B) {
+      const i1 = Math.min(i0 + B, K), j1 = Math.min(j0 + B, K);
+      for (let i = i0; i < i1; i++) for (let j = Math.max(j0, i + 1); j < j1; j++) h[j * K + i] = h[i * K + j]!;
+    }
+  }
+  return h;
 }
 
 function openSource(backend: Backend, cfg: ModelConfig, baseDir: string, dummy: boolean): LayerSource {
