@@ -110,6 +110,9 @@ try {
     backend, solver, loadFormat: "dummy", baseDir, outDir, method: "mlgptq",
     spec: { bits, groupSize, sym: false, descAct: false }, tasks, stepTokens,
     calibrationIds: (t) => ids.get(t.name)!,
+    // The work folder is removed after the run: caching per-task Hessians would only cost time
+    // (and with --layers the model is small enough that it would, unlike the full 7B).
+    cacheLimitBytes: 0,
     progress: {
       note: say,
       start: (label, n, unit) => say(`${label}: 0/${n} ${unit ?? ""}`),
@@ -128,7 +131,7 @@ try {
     seconds: {
       setup_adapters_and_ids: +setupSeconds.toFixed(2),
       load: +r.phases.load.toFixed(2), capture: +r.phases.capture.toFixed(2), fold: +r.phases.fold.toFixed(2),
-      solve: +r.phases.solve.toFixed(2), write: +r.phases.write.toFixed(2), total: +r.seconds.toFixed(2),
+      solve: +r.phases.solve.toFixed(2), cache: +r.phases.cache.toFixed(2), write: +r.phases.write.toFixed(2), total: +r.seconds.toFixed(2),
     },
     peak_extra_gpu_gib: r.peakExtraBytes === null ? null : +(r.peakExtraBytes / 2 ** 30).toFixed(3),
     gpu_total_gib: +(total / 2 ** 30).toFixed(1),

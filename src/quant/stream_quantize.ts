@@ -52,8 +52,9 @@ export interface DeviceQuantizeOptions {
 
 export interface DeviceQuantizeResult extends QuantizeResult {
   /** Seconds by phase: load (tokenize, adapters, cached Hessians), capture (forward +
-   * Gram sums), fold (aggregating), solve, write. */
-  readonly phases: { load: number; capture: number; fold: number; solve: number; write: number };
+   * Gram sums), fold (aggregating), solve, cache (per-task Hessians into the work folder),
+   * write (the checkpoint). */
+  readonly phases: { load: number; capture: number; fold: number; solve: number; cache: number; write: number };
   /** Most device memory in use beyond what was in use at the start (cuMemGetInfo, sampled
    * after every chunk and every solved linear); null when the backend cannot tell. */
   readonly peakExtraBytes: number | null;
@@ -228,12 +229,14 @@ function captureAndSolve(r: RunOptions, source: LayerSource): LinearStats[] {
   });
   progress.stop();
   r.phases.capture += timing.captureSeconds;
+  const tc = performance.now();
   if (keep) {
     capture.forEach((c, k) => {
       const t = r.tasks[c.index]!;
       r.cache.save(t.key, { tokens: t.tokens, h: kept[k]! }, t.task.name);
     });
   }
+  r.phases.cache += (performance.now() - tc) / 1000;
   return stats;
 }
 
@@ -300,7 +303,7 @@ export function quantizeOnDevice(o: QuantizeOptions & DeviceQuantizeOptions): De
   const stepTokens = o.stepTokens ?? DEFAULT_STEP_TOKENS;
   const dummy = o.loadFormat === "dummy";
   const memory = new PeakMemory(o.backend);
-  const phases = { load: 0, capture: 0, fold: 0, solve: 0, write: 0 };
+  const phases = { load: 0, capture: 0, fold: 0, solve: 0, cache: 0, write: 0 };
   const cfg = loadModelConfig(baseDir);
   const sites = hessianSites(cfg);
   const fingerprint = baseFingerprint(baseDir);
@@ -385,7 +388,7 @@ export function quantizeIncrementalOnDevice(o: IncrementalOptions & DeviceQuanti
     progress.note(`${fromDir}'s Hessians were captured on ${m.calibration.device ?? "cpu"}, the new tasks' on ${device}: the result is a valid checkpoint but not byte-identical to quantizing every task on one device`);
   }
   const memory = new PeakMemory(o.backend);
-  const phases = { load: 0, capture: 0, fold: 0, solve: 0, write: 0 };
+  const phases = { load: 0, capture: 0, fold: 0, solve: 0, cache: 0, write: 0 };
   const cfg = loadModelConfig(baseDir);
   const sites = hessianSites(cfg);
   const workDir = resolve(o.workDir ?? `${outDir}.work`);
