@@ -2,8 +2,9 @@
 // against the CPU backend's reference (the dense matmul of the dequantized weight, f64
 // sums), for every bit width x group size x act-order, at 1, 7, 32 and 100 rows (the
 // fused kernel: one, two and four token tiles, and m-blocks) and 300 rows (dequantize +
-// cuBLASLt); split-K merges (forced 1 and 16 splits, bitwise-repeatable results), a
-// replayed CUDA graph over step-sized views, and a Llama-2-7B-sized weight. Then the demo
+// cuBLASLt); split-K cluster merges (forced 1 and 8 splits at 4 and 8 warps per CTA,
+// bitwise-repeatable results), a replayed CUDA graph over step-sized views, and a
+// Llama-2-7B-sized weight. Then the demo
 // served from 4-bit checkpoints on the GPU (low-bit kernels) against the same checkpoint
 // on the CPU. Run on the GPU machine:
 //   node node_modules/vitest/vitest.mjs run --project gpu test/gpu/quant_gemm.test.ts
@@ -137,25 +138,31 @@ describe.skipIf(reason !== null)(`low-bit GEMM on CUDA vs the CPU reference${rea
     }
   }
 
-  it("split-K: 1 and 16 forced splits and the default agree within the bound; each is bitwise repeatable", () => {
-    const q = randomQuantized({ bits: 4, groupSize: 128, sym: false, descAct: true }, 2048, 1024, 77);
+  it("split-K clusters: 1 and 8 forced splits and the default, at 4 and 8 warps per CTA, agree within the bound; each is bitwise repeatable", () => {
+    const q = randomQuantized({ bits: 4, groupSize: 128, sym: false, descAct: true }, 2048, 1056, 77); // 33 columns: a CTA with idle warps
     const qg = gpu.uploadQuantized(q);
     const W = dequantize(q);
-    const prev = gpu.quantSplits;
+    const prev = gpu.quantSplits, prevWarps = process.env.INLAID_QGEMM_WARPS;
     try {
       for (const rows of [1, 8, 32]) {
         const x = bf16Values(rows * 2048, 5 + rows);
-        const scale = absSums(x, rows, W, 2048, 1024);
-        for (const splits of [1, 16, null]) {
-          gpu.quantSplits = splits;
-          const [a, ref] = both(q, qg, x, rows);
-          const [b] = both(q, qg, x, rows);
-          expect(Array.from(b), `splits ${splits ?? "auto"} rows ${rows}: deterministic`).toEqual(Array.from(a));
-          expectWithin(`splits ${splits ?? "auto"} rows ${rows}`, a, ref, scale, fusedTol(2048));
+        const scale = absSums(x, rows, W, 2048, 1056);
+        for (const warps of ["4", "8"]) {
+          process.env.INLAID_QGEMM_WARPS = warps;
+          for (const splits of [1, 8, null]) {
+            gpu.quantSplits = splits;
+            const [a, ref] = both(q, qg, x, rows);
+            const [b] = both(q, qg, x, rows);
+            const label = `warps ${warps} splits ${splits ?? "auto"} rows ${rows}`;
+            expect(Array.from(b), `${label}: deterministic`).toEqual(Array.from(a));
+            expectWithin(label, a, ref, scale, fusedTol(2048));
+          }
         }
       }
     } finally {
       gpu.quantSplits = prev;
+      if (prevWarps === undefined) delete process.env.INLAID_QGEMM_WARPS;
+      else process.env.INLAID_QGEMM_WARPS = prevWarps;
       gpu.freeQuantized(qg);
     }
   });

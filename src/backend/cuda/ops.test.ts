@@ -347,7 +347,7 @@ describe("CUDA ops seam (CPU checks)", () => {
       }
     }
     const names = new Set(rec.launches.map((l) => l.name));
-    for (const b of [2, 3, 4, 8]) for (const n of [`quant_gemm_b${b}_t1_c3`, `quant_gemm_b${b}_t4_c1`, `quant_gemm_b${b}_t1_c6`, `quant_dequant_b${b}`]) expect(names.has(n), n).toBe(true);
+    for (const b of [2, 3, 4, 8]) for (const n of [`quant_gemm_b${b}_t1_c2`, `quant_gemm_b${b}_t4_c1`, `quant_gemm_b${b}_t1_c8`, `quant_dequant_b${b}`]) expect(names.has(n), n).toBe(true);
     for (const n of quantKernelNames()) expect(kernels.has(n), `quant_gemm.cu defines ${n}`).toBe(true);
     expect(names.has("quant_gather_cols")).toBe(true);
     for (const l of rec.launches) {

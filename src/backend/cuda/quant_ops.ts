@@ -2,7 +2,7 @@
 // Launcher seam, and the launch plans the backend sizes its scratch from. No FFI here.
 //
 // Paths of `linearQuantized` (CudaBackend picks by the launch's row count, a capacity):
-//   rows <= fusedMaxRows (default 128, INLAID_QUANT_FUSED_MAX_ROWS): quant_gemm_b{B}_t{T}, the
+//   rows <= fusedMaxRows (default 128, INLAID_QUANT_FUSED_MAX_ROWS): quant_gemm_b{B}_t{T}_c{S}, the
 //     fused kernel. T = 1, 2, 4 token tiles of 8 rows for up to 8, 16, 32 rows; more rows run
 //     m-blocks of 32 (the same weights re-read, mostly from L2, by the m-blocks of a column,
 //     which the grid launches next to each other).
@@ -46,14 +46,21 @@ const DEQUANT_WARPS = 4;
 /** Warps (32-output columns) per CTA the fused kernel may be launched with. */
 export const FUSED_WARPS: readonly number[] = [8, 4];
 /** K splits (cluster sizes) the fused kernel is instantiated for (quant_gemm.cu QGEMM_SPLIT). */
-export const FUSED_SPLITS: readonly number[] = [1, 2, 3, 4, 6, 8];
+export const FUSED_SPLITS: readonly number[] = [1, 2, 4, 8];
+/**
+ * Share of the resident CTA slots a plan may fill. A cluster's CTAs must share a GPC, so
+ * GPCs whose slots are not a multiple of the cluster size strand a few slots: a grid that
+ * needs all of them runs a second wave (measured on the H100: 384 CTAs in clusters of 4 at
+ * 3 per SM, 396 slots, ran slower than 192 CTAs).
+ */
+const RESIDENT_SHARE = 0.9;
 /** Elements of one bf16 chunk of the prefill path (32 MiB). */
 export const DEQUANT_CHUNK_ELEMS = 16 << 20;
 /** Shared memory of one SM and what the driver reserves per CTA (sm_90). */
 const SM_SMEM = 228 * 1024, CTA_RESERVED_SMEM = 1024;
 /** The ring's budget per CTA (quant_gemm.cu kRingBudget): two CTAs per SM. */
 const RING_BUDGET = 112 * 1024;
-/** CTAs per SM of the fused kernel's __launch_bounds__(256, 2). */
+/** 8-warp CTAs per SM of the fused kernel's __launch_bounds__(256, 2). */
 const FUSED_MIN_CTAS = 2;
 
 /** Token tiles of 8 rows the fused kernel runs per m-block. */
@@ -76,9 +83,12 @@ export function fusedSmemBytes(bits: QuantBits, T: number, warps: number): numbe
   return Math.max(ringSlots(bits, T) * stageBytes(bits, T, warps), warps * 32 * 8 * T * 4);
 }
 
-/** CTAs of a fused launch resident on one SM: the launch bounds' two, unless shared memory holds fewer. */
+/**
+ * CTAs of a fused launch resident on one SM: registers are cut for two 8-warp CTAs
+ * (__launch_bounds__(256, 2): 16 warps per SM), shared memory may hold fewer.
+ */
 export function ctasPerSm(bits: QuantBits, T: number, warps: number): number {
-  return Math.min(FUSED_MIN_CTAS, Math.floor(SM_SMEM / (fusedSmemBytes(bits, T, warps) + CTA_RESERVED_SMEM)));
+  return Math.min((FUSED_MIN_CTAS * 8) / warps, Math.floor(SM_SMEM / (fusedSmemBytes(bits, T, warps) + CTA_RESERVED_SMEM)));
 }
 
 export interface FusedPlan {
@@ -120,11 +130,14 @@ function splitsAtMost(n: number, units: number): number {
 /**
  * The fused kernel's launch for `rows` rows (a capacity) of a K x N weight. `splits` (or
  * INLAID_QGEMM_SPLITS) fixes the k splits and INLAID_QGEMM_WARPS the warps per CTA (each
- * rounded to what exists). Otherwise: every CTA of the grid must be resident at once (the
- * kernel streams weights; a second wave would double the time), and the grid should cover
- * every SM. So: 8 warps (each x tile feeds 256 outputs) and the fewest splits that reach
- * one CTA per SM; if 8 warps cannot, 4 warps the same way; if neither can, the most CTAs
- * that are resident.
+ * rounded to what exists). Otherwise, among the (warps, splits) whose CTAs are all resident
+ * at once (with RESIDENT_SHARE's margin): the most CTAs (a warp streams a unit at a time, so
+ * more of them in flight, each over fewer units, finish sooner), ties to 8 warps (each x
+ * tile feeds 256 outputs). When no grid is resident (many m-blocks of a wide weight): 8
+ * warps, no split (the fewest waves). Chosen from bench/quant_gemm.ts --sweep on an H100
+ * (4-bit, every Llama-2-7B decode shape at 1, 8 and 32 rows, warps 4/8 x splits 1..8): the
+ * rule's pick was the fastest launch with 1, 2, 4 or 8 splits, or within 1% of it. Splits
+ * of 3 and 6 (no longer instantiated) won only once, by 6% (down_proj at 32 rows).
  */
 export function fusedPlan(bits: QuantBits, K: number, N: number, rows: number, smCount: number, splits?: number | null): FusedPlan {
   const T = tokenTiles(rows);
@@ -135,13 +148,11 @@ export function fusedPlan(bits: QuantBits, K: number, N: number, rows: number, s
   const warpChoices = fixedWarps !== null ? [fixedWarps >= 8 ? 8 : 4] : FUSED_WARPS;
   const splitChoices = fixedSplits !== null ? [splitsAtMost(fixedSplits, units)] : FUSED_SPLITS.filter((s) => s <= units);
   const options = warpChoices.flatMap((w) => splitChoices.map((s) => ({
-    w, s, ctas: mBlocks * Math.ceil(NC / w) * s, resident: smCount * ctasPerSm(bits, T, w),
+    w, s, ctas: mBlocks * Math.ceil(NC / w) * s, resident: Math.floor(RESIDENT_SHARE * smCount * ctasPerSm(bits, T, w)),
   })));
-  const fits = options.filter((o) => o.ctas <= o.resident);
-  // In preference order (8 warps first, fewer splits first): the first that covers the SMs,
-  // else the largest resident grid, else (more m-blocks than one wave holds) the first.
-  const chosen = fits.find((o) => o.ctas >= smCount) ?? fits.reduce<(typeof options)[number] | undefined>(
-    (best, o) => (best === undefined || o.ctas > best.ctas ? o : best), undefined) ?? options[0]!;
+  const fits = options.filter((o) => o.ctas <= o.resident || fixedSplits !== null);
+  const chosen = fits.reduce<(typeof options)[number] | undefined>((best, o) => (best === undefined || o.ctas > best.ctas ? o : best), undefined)
+    ?? options[0]!;
   const { w, s } = chosen;
   return {
     kernel: `quant_gemm_b${bits}_t${T}_c${s}`,
