@@ -24,21 +24,10 @@ __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); 
 //   dependent starts only as its predecessor's last blocks finish, so work before the
 //   wait may read only what is fixed during a step (weights, adapter slots, the step's
 //   metadata) - never activations.
-// A kernel may do work before its wait only if the body says so with the marker comment
-// "pdl: static before the wait" (checked by the ops test); every return before the wait
-// must then be preceded by one.
 // Without PDL (older GPUs, INLAID_PDL=0) the wait is a no-op: the stream orders kernels.
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-// Starts `bytes` (a multiple of 16, from a 16-byte aligned address) on their way from
-// global memory into L2, without waiting (sm_90 bulk prefetch; a no-op before).
-__device__ __forceinline__ void prefetch_l2(const void* p, unsigned bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
 #endif
 }
 

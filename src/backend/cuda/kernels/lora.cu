@@ -418,54 +418,27 @@ extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(128)
   __shared__ float part[kMaxSplits * kFusedMaxRank];  // this CTA's share of A x (its eighth of K)
   __shared__ float tv[kMaxSplits * kFusedMaxRank];    // A x, summed over the cluster; zero where invalid
   __shared__ int rk[kMaxSplits];
-  // pdl: static before the wait. Until pdl_wait() this reads only what is fixed during a
-  // step (the step's metadata, adapter ranks and weights), so the slot lookup and the
-  // weights' trip to L2 overlap the end of the kernel before (the base GEMM).
+  pdl_wait();
   const int row = blockIdx.x / kCluster;
   const unsigned crank = cluster_ctarank();
   // Every CTA of a cluster has the same row, so they all return here or none does (the
   // cluster barriers below need all eight).
   const int slot = row_slot(loraSlots, queryStart, counts, seqCap, cap, row, mode, true);
-  if (slot < 0) {
-    pdl_wait();
-    return;
-  }
+  if (slot < 0) return;
   int any = 0;
   for (int j = 0; j < S; j++) any |= ranks[slot * S + j];
-  if (any == 0) {
-    pdl_wait();
-    return;
-  }
+  if (any == 0) return;
   if (threadIdx.x < kMaxSplits) rk[threadIdx.x] = threadIdx.x < S ? min(ranks[slot * S + threadIdx.x], kFusedMaxRank) : 0;
   __syncthreads();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int V = S * maxRank;
-  const int kv = K / 8, kper = (kv + kCluster - 1) / kCluster;
-  const int kv0 = crank * kper, kv1 = min(kv, kv0 + kper);
-  const int nv = N / 8, nper = (nv + kCluster - 1) / kCluster;
-  const int nv1 = min(nv, (int)(crank + 1) * nper);
-  const bf16* aSlot = A + (long long)slot * V * K;
-  // This CTA's A rows (its slice of K, valid ranks only) and B rows (its outputs, every
-  // rank column: one contiguous run), all requested at once; the loads below then mostly
-  // hit L2 instead of making one HBM round trip per dependent step.
-  if (kv1 > kv0) {
-    for (int v = threadIdx.x; v < V; v += blockDim.x) {
-      if (v % maxRank < rk[v / maxRank]) prefetch_l2(aSlot + (long long)v * K + kv0 * 8, (kv1 - kv0) * 16);
-    }
-  }
-  if (maxRank % 8 == 0 && nv1 > (int)crank * nper) {
-    const bf16* b0 = B + ((long long)slot * N + (long long)crank * nper * 8) * maxRank;
-    const long long bytes = (long long)(nv1 - (int)crank * nper) * 8 * maxRank * 2;
-    constexpr long long kPiece = 4096;
-    for (long long o = threadIdx.x * kPiece; o < bytes; o += blockDim.x * kPiece) {
-      prefetch_l2(reinterpret_cast<const char*>(b0) + o, (unsigned)min(kPiece, bytes - o));
-    }
-  }
-  pdl_wait();
 
   // Shrink over this CTA's slice of K (in 8-element vectors): warp w owns virtual ranks
   // 4w..4w+3, then 16 + 4w..., the lanes stride the slice.
+  const int kv = K / 8, kper = (kv + kCluster - 1) / kCluster;
+  const int kv0 = crank * kper, kv1 = min(kv, kv0 + kper);
   const uint4* xr = reinterpret_cast<const uint4*>(x + (long long)row * K);
+  const bf16* aSlot = A + (long long)slot * V * K;
   for (int v0 = warp * 4; v0 < V; v0 += 16) {
     bool ok[4];
     bool anyOk = false;
@@ -528,6 +501,8 @@ extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(128)
   __syncthreads();
 
   // Expand this CTA's eighth of N (in 8-output vectors); each vector lies in one split.
+  const int nv = N / 8, nper = (nv + kCluster - 1) / kCluster;
+  const int nv1 = min(nv, (int)(crank + 1) * nper);
   for (int u = crank * nper + threadIdx.x; u < nv1; u += blockDim.x) {
     const int n0 = u * 8;
     const int j = (S > 3 && n0 >= o3) ? 3 : (S > 2 && n0 >= o2) ? 2 : (S > 1 && n0 >= o1) ? 1 : 0;
