@@ -37,7 +37,7 @@ function fakeEngine(): ServingEngine & { submitted: GenerateRequest[]; maxConcur
       })();
     },
     listAdapters: () => [], loadAdapter: async () => ({ name: "", path: "", rank: 0 }), unloadAdapter: async () => {},
-    stats: () => ({ running: new Map(), waiting: new Map(), kvBlocksUsed: 0, kvBlocksTotal: 0, steps: 0, decodeSteps: 0, decodeHostUs: 0 }),
+    stats: () => ({ running: new Map(), waiting: new Map(), kvBlocksUsed: 0, kvBlocksTotal: 0, steps: 0, decodeSteps: 0, decodeHostUs: 0, decodeIdleSteps: 0, decodeIdleUs: 0 }),
     close: async () => {},
   };
   return engine;
