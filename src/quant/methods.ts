@@ -299,10 +299,20 @@ export interface IncrementalOptions {
   readonly progress?: QuantProgress;
 }
 
-/** `inlaid quantize --from QUANT_DIR --task ...`: adds tasks to a checkpoint's cached Hessians and re-solves. */
-export function quantizeIncremental(o: IncrementalOptions): QuantizeResult {
-  const t0 = performance.now();
-  const progress = o.progress ?? SILENT;
+/** A checkpoint new tasks may be added to (`--from`), checked against the options: where both incremental paths start. */
+export interface IncrementalStart {
+  readonly fromDir: string;
+  readonly outDir: string;
+  readonly manifest: Manifest;
+  readonly method: Method;
+  readonly spec: QuantSpec;
+  /** The unquantized base, and its fingerprint (equal to the one the checkpoint recorded). */
+  readonly baseDir: string;
+  readonly fingerprint: string;
+}
+
+/** Reads `o.fromDir`'s manifest and refuses what cannot be added to it, saying why. */
+export function openIncremental(o: IncrementalOptions): IncrementalStart {
   const fromDir = resolve(o.fromDir);
   const outDir = resolve(o.outDir);
   const m = readManifest(fromDir);
@@ -322,14 +332,23 @@ export function quantizeIncremental(o: IncrementalOptions): QuantizeResult {
   if (!existsSync(join(baseDir, "config.json"))) {
     throw new Error(`the unquantized base ${baseDir} recorded in ${fromDir} is gone; pass --model with its new location`);
   }
-  const workDir = resolve(o.workDir ?? `${outDir}.work`);
-  const source = new HessianSource(baseDir, workDir, m.calibration.limit ?? undefined, m.calibration.step_tokens, progress);
-  if (source.fingerprint !== m.base.fingerprint) {
+  const fingerprint = baseFingerprint(baseDir);
+  if (fingerprint !== m.base.fingerprint) {
     throw new Error(`the base at ${baseDir} is not the one ${fromDir} was quantized from (its config or weight files changed); incremental quantization needs the same base`);
   }
   if (m.calibration.recipe !== CALIBRATION_RECIPE) {
     throw new Error(`${fromDir} used calibration recipe ${m.calibration.recipe}, this version uses ${CALIBRATION_RECIPE}; quantize all tasks again`);
   }
+  return { fromDir, outDir, manifest: m, method, spec, baseDir, fingerprint };
+}
+
+/** `inlaid quantize --from QUANT_DIR --task ...`: adds tasks to a checkpoint's cached Hessians and re-solves. */
+export function quantizeIncremental(o: IncrementalOptions): QuantizeResult {
+  const t0 = performance.now();
+  const progress = o.progress ?? SILENT;
+  const { fromDir, outDir, manifest: m, method, spec, baseDir } = openIncremental(o);
+  const workDir = resolve(o.workDir ?? `${outDir}.work`);
+  const source = new HessianSource(baseDir, workDir, m.calibration.limit ?? undefined, m.calibration.step_tokens, progress);
   const kind = m.aggregate!;
   const state = readState(fromDir, m, Object.keys(aggregator(kind).init(1)));
   progress.note(`${fromDir}: ${m.tasks.length} task(s) cached (${m.tasks.map((t) => t.name).join(", ")}), adding ${o.tasks.map((t) => t.name).join(", ")}`);

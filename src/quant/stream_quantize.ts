@@ -22,7 +22,7 @@ import { PROJECTIONS, type Projection } from "../model/linear.js";
 import { TextTokenizer } from "../model/tokenizer.js";
 import { projDims } from "../model/weights.js";
 import { aggregator, type AggregateKind, type AggState } from "./aggregate.js";
-import { CALIBRATION_RECIPE, calibrationIds, readCalibration } from "./calibration.js";
+import { calibrationIds, readCalibration } from "./calibration.js";
 import type { CalibrationSet } from "./capture.js";
 import { writeQuantizedCheckpoint } from "./checkpoint.js";
 import { makeTempDirBeside, replaceDir } from "./durable.js";
@@ -31,9 +31,9 @@ import { hessianSites, moduleName, type HessianSite, type Hessians } from "./hes
 import { baseFingerprint, captureKey, HessianCache } from "./hessian_cache.js";
 import { CheckpointLayers, DummyLayers, type LayerSource } from "./layer_source.js";
 import {
-  aggregateOf, manifestOf, validateOptions, type IncrementalOptions, type Method, type QuantizeOptions, type QuantizeResult, type QuantTask,
+  aggregateOf, manifestOf, openIncremental, validateOptions, type IncrementalOptions, type QuantizeOptions, type QuantizeResult, type QuantTask,
 } from "./methods.js";
-import { readManifest, readState, specOfManifest, writeMlgptqDir, type Manifest, type ManifestTask } from "./mlgptq_dir.js";
+import { readState, writeMlgptqDir, type Manifest, type ManifestTask } from "./mlgptq_dir.js";
 import { SILENT, type LinearStats, type QuantProgress } from "./solve.js";
 import { streamCapture, type StreamTask } from "./stream_capture.js";
 import type { QuantizedWeight, QuantSpec } from "./types.js";
@@ -357,32 +357,7 @@ export function quantizeOnDevice(o: QuantizeOptions & DeviceQuantizeOptions): De
 export function quantizeIncrementalOnDevice(o: IncrementalOptions & DeviceQuantizeOptions): DeviceQuantizeResult {
   const t0 = performance.now();
   const progress = o.progress ?? SILENT;
-  const fromDir = resolve(o.fromDir);
-  const outDir = resolve(o.outDir);
-  const m = readManifest(fromDir);
-  const method = m.method as Method;
-  if (method !== "mlgptq" && method !== "gptq-mixed") {
-    throw new Error(`${fromDir} was made with --method ${m.method}, which keeps no Hessians to add to; only mlgptq and gptq-mixed checkpoints take new tasks`);
-  }
-  if (o.tasks.length === 0) throw new Error("--from needs at least one new --task NAME=ADAPTER_DIR:CALIB.jsonl");
-  for (const t of o.tasks) {
-    if (m.tasks.some((x) => x.name === t.name)) {
-      throw new Error(`task '${t.name}' is already in ${fromDir} (its tasks: ${m.tasks.map((x) => x.name).join(", ")}); give it another name`);
-    }
-  }
-  const spec = specOfManifest(m);
-  validateOptions({ method, spec, tasks: o.tasks });
-  const baseDir = resolve(o.baseDir ?? m.base.path);
-  if (!existsSync(join(baseDir, "config.json"))) {
-    throw new Error(`the unquantized base ${baseDir} recorded in ${fromDir} is gone; pass --model with its new location`);
-  }
-  const fingerprint = baseFingerprint(baseDir);
-  if (fingerprint !== m.base.fingerprint) {
-    throw new Error(`the base at ${baseDir} is not the one ${fromDir} was quantized from (its config or weight files changed); incremental quantization needs the same base`);
-  }
-  if (m.calibration.recipe !== CALIBRATION_RECIPE) {
-    throw new Error(`${fromDir} used calibration recipe ${m.calibration.recipe}, this version uses ${CALIBRATION_RECIPE}; quantize all tasks again`);
-  }
+  const { fromDir, outDir, manifest: m, method, spec, baseDir, fingerprint } = openIncremental(o);
   const device = deviceLabel(o.backend);
   if ((m.calibration.device ?? "cpu") !== device) {
     progress.note(`${fromDir}'s Hessians were captured on ${m.calibration.device ?? "cpu"}, the new tasks' on ${device}: the result is a valid checkpoint but not byte-identical to quantizing every task on one device`);
