@@ -43,8 +43,8 @@ export interface CaptureOptions {
 /** KV block size of the calibration forward (prefillBatch's block tables). */
 export const BLOCK_SIZE = 16;
 
-/** Passes the input to `record`, then runs the wrapped linear. */
-class RecordingLinear implements Linear {
+/** Passes the input to `record`, then runs the wrapped linear (a Hessian site's first linear). */
+export class RecordingLinear implements Linear {
   readonly inDim: number;
   readonly outDim: number;
   constructor(

@@ -25,13 +25,13 @@
 // once per chunk, so Hessians equal the one-pass capture's (float64 throughout) up to
 // that rounding; on the GPU the activations are bf16 (a test bounds the difference).
 
-import type { Backend, KvCache, PreparedStep, Tensor } from "../backend/backend.js";
+import type { Backend, KvCache, Tensor } from "../backend/backend.js";
 import { AdapterPool } from "../lora/adapter_pool.js";
 import type { PeftAdapter } from "../lora/peft.js";
-import { LINEAR_GROUPS, type Linear, type LinearWrapper } from "../model/linear.js";
+import { LINEAR_GROUPS, type LinearWrapper } from "../model/linear.js";
 import { createLayerScratch, DecoderLayer, freeLayerScratch, ropeTables, scratchRows } from "../model/llama.js";
 import type { LayerWeights } from "../model/weights.js";
-import { BLOCK_SIZE, packSteps, prefillBatch } from "./capture.js";
+import { BLOCK_SIZE, packSteps, prefillBatch, RecordingLinear } from "./capture.js";
 import { hessianSites, SITE_OF, type HessianSite, type Hessians } from "./hessian.js";
 import type { LayerSource } from "./layer_source.js";
 
@@ -78,24 +78,6 @@ interface Chunk {
   /** This chunk's residual stream [tokens, hidden] f32, carried from layer to layer. */
   readonly residual: Tensor;
   readonly slot: number;
-}
-
-/** Hands the input of a site's first linear to `record`, then runs the linear. */
-class GramLinear implements Linear {
-  readonly inDim: number;
-  readonly outDim: number;
-  constructor(
-    readonly inner: Linear,
-    readonly record: (x: Tensor) => void,
-  ) {
-    this.inDim = inner.inDim;
-    this.outDim = inner.outDim;
-  }
-
-  forward(out: Tensor, x: Tensor, step: PreparedStep): void {
-    this.record(x);
-    this.inner.forward(out, x, step);
-  }
 }
 
 /** A site's f32 sum of X^T X (fresh from Backend.read) turned in place into H = (2/n) X X^T,
@@ -220,7 +202,7 @@ export function streamCapture(backend: Backend, source: LayerSource, tasks: read
         // One fused linear per input: its first member names the site.
         const proj = LINEAR_GROUPS[group][0];
         if (SITE_OF[proj] !== proj) return inner;
-        return new GramLinear(inner, (x) => {
+        return new RecordingLinear(inner, (x) => {
           b.gram(sums.get(proj)!, x, started.has(proj), sumMode ? sumMode.alpha[task] : 1);
           started.add(proj);
         });
