@@ -35,6 +35,7 @@
 // cuSOLVER included. dispose() frees it.
 
 import type { CudaBackend } from "../backend/cuda/cuda_backend.js";
+import { quietly } from "../backend/cuda/ffi/errors.js";
 import { Cublas, CUBLAS_OP_N, CUBLAS_OP_T } from "../backend/cuda/ffi/cublas.js";
 import { CUBLAS_FILL_MODE_LOWER, CusolverDn } from "../backend/cuda/ffi/cusolver.js";
 import {
@@ -302,22 +303,15 @@ export class CudaGptqSolver implements GptqSolver {
     if (this.#disposed) return;
     this.#disposed = true;
     const d = this.#d;
-    const quiet = (f: () => void): void => {
-      try {
-        f();
-      } catch {
-        // tearing down: keep going
-      }
-    };
-    quiet(() => d.ctxSetCurrent(this.#ctx));
-    quiet(() => d.streamSynchronize(this.#stream));
-    for (const b of this.#buffers.values()) quiet(() => d.memFree(b.ptr));
+    quietly(() => d.ctxSetCurrent(this.#ctx));
+    quietly(() => d.streamSynchronize(this.#stream));
+    for (const b of this.#buffers.values()) quietly(() => d.memFree(b.ptr));
     this.#buffers.clear();
-    quiet(() => this.#blas.dispose());
-    quiet(() => this.#solver.dispose());
-    quiet(() => this.#launcher.dispose());
-    for (const e of this.#events) quiet(() => d.eventDestroy(e));
-    quiet(() => d.streamDestroy(this.#stream));
-    quiet(() => d.primaryCtxRelease(d.device(this.#ordinal)));
+    quietly(() => this.#blas.dispose());
+    quietly(() => this.#solver.dispose());
+    quietly(() => this.#launcher.dispose());
+    for (const e of this.#events) quietly(() => d.eventDestroy(e));
+    quietly(() => d.streamDestroy(this.#stream));
+    quietly(() => d.primaryCtxRelease(d.device(this.#ordinal)));
   }
 }

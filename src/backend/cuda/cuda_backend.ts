@@ -68,6 +68,7 @@ import type {
 } from "../backend.js";
 import type { QuantBits, QuantizedWeight, QuantSpec } from "../../quant/types.js";
 import { uniform } from "../rng.js";
+import { quietly } from "./ffi/errors.js";
 import { bf16ToF32, f16ToF32, f32ToBf16, loraOutDims, numel, toF32, type DType, type Shape } from "../tensor.js";
 import type { DeviceKv, DeviceLora, DeviceOps, DeviceStep, Operand, Scratch, StepRun } from "./device_ops.js";
 import { CublasLt, type GemmTuner } from "./ffi/cublaslt.js";
@@ -1290,50 +1291,43 @@ export class CudaBackend implements Backend {
   dispose(): void {
     if (this.#disposed) return;
     const d = this.#d;
-    const quiet = (f: () => void): void => {
-      try {
-        f();
-      } catch {
-        // tearing down: keep going
-      }
-    };
-    quiet(() => d.ctxSetCurrent(this.#ctx));
-    quiet(() => d.streamSynchronize(this.#stream));
-    for (const g of this.#graphs.values()) quiet(() => d.graphExecDestroy(g.exec));
+    quietly(() => d.ctxSetCurrent(this.#ctx));
+    quietly(() => d.streamSynchronize(this.#stream));
+    for (const g of this.#graphs.values()) quietly(() => d.graphExecDestroy(g.exec));
     this.#graphs.clear();
     for (const t of this.#owned) {
       t.markFreed();
-      quiet(() => d.memFree(t.ptr));
+      quietly(() => d.memFree(t.ptr));
     }
     this.#owned.clear();
     for (const kv of this.#kvCaches) {
       kv.markFreed();
-      quiet(() => d.memFree(kv.ptr));
+      quietly(() => d.memFree(kv.ptr));
     }
     this.#kvCaches.clear();
     for (const s of this.#loraStacks) {
       s.markFreed();
-      quiet(() => d.memFree(s.ptr));
+      quietly(() => d.memFree(s.ptr));
     }
     this.#loraStacks.clear();
     for (const q of this.#quantized) {
       q.markFreed();
-      quiet(() => d.memFree(q.ptr));
+      quietly(() => d.memFree(q.ptr));
     }
     this.#quantized.clear();
-    for (const sc of this.#scratch.values()) quiet(() => d.memFree(sc.ptr));
+    for (const sc of this.#scratch.values()) quietly(() => d.memFree(sc.ptr));
     this.#scratch.clear();
     for (const p of [this.#meta, this.#workspace]) {
-      if (p !== 0n) quiet(() => d.memFree(p));
+      if (p !== 0n) quietly(() => d.memFree(p));
     }
-    if (this.#staging) quiet(() => d.memFreeHost(this.#staging!));
-    if (this.#sampleHost) quiet(() => d.memFreeHost(this.#sampleHost!));
-    quiet(() => this.#blas.dispose());
-    quiet(() => this.#launcher.dispose());
-    quiet(() => d.eventDestroy(this.#stagingEvent));
-    for (const e of this.#timing) quiet(() => d.eventDestroy(e));
-    quiet(() => d.streamDestroy(this.#stream));
-    quiet(() => d.primaryCtxRelease(d.device(this.#ordinal)));
+    if (this.#staging) quietly(() => d.memFreeHost(this.#staging!));
+    if (this.#sampleHost) quietly(() => d.memFreeHost(this.#sampleHost!));
+    quietly(() => this.#blas.dispose());
+    quietly(() => this.#launcher.dispose());
+    quietly(() => d.eventDestroy(this.#stagingEvent));
+    for (const e of this.#timing) quietly(() => d.eventDestroy(e));
+    quietly(() => d.streamDestroy(this.#stream));
+    quietly(() => d.primaryCtxRelease(d.device(this.#ordinal)));
     this.#disposed = true;
     if (CudaBackend.#active === this) CudaBackend.#active = null;
   }

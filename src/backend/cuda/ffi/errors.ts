@@ -42,3 +42,12 @@ export class CudaLoadError extends Error {
     super(tried.length > 0 ? `${message} (tried: ${tried.join(", ")})` : message);
   }
 }
+
+/** Runs one teardown call, ignoring its error: a dispose frees what it can and goes on. */
+export function quietly(f: () => void): void {
+  try {
+    f();
+  } catch {
+    // tearing down: keep going
+  }
+}
