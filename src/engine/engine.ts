@@ -5,7 +5,7 @@
 
 import { randomInt } from "node:crypto";
 import { basename, resolve } from "node:path";
-import type { Backend, KvCache, PendingSample, PreparedStep, SampleResult, StepBatch, Tensor } from "../backend/backend.js";
+import type { Backend, KvCache, PendingSample, PreparedStep, SampleResult, SamplingBatch, StepBatch, Tensor } from "../backend/backend.js";
 import { createBackend, type DeviceName } from "../backend/select.js";
 import { bytesPerElement } from "../backend/tensor.js";
 import { AdapterPool } from "../lora/adapter_pool.js";
@@ -35,34 +35,70 @@ import {
   type TokenLogprob,
 } from "./types.js";
 
-/** A step whose forward and sampling are issued, its tokens not yet taken (Engine.#launchStep). */
+/**
+ * A step whose forward and sampling are issued, its tokens not yet taken (Engine.#launchStep).
+ * At most one is in flight, so the engine keeps one and rewrites it every step: the host
+ * time per step counts, and so do the GC pauses that per-step garbage brings.
+ */
 interface LaunchedStep {
-  readonly running: Sequence[];
-  readonly nTop: number;
-  readonly decodeOnly: boolean;
-  readonly logits: Tensor;
-  readonly prepared: PreparedStep;
-  readonly pending: PendingSample | null;
-  /** performance.now() at: start, after scheduling, after the batch, after prepare, after issuing. */
-  readonly t0: number;
-  readonly tA: number;
-  readonly tB: number;
-  readonly tC: number;
-  readonly tD: number;
+  running: Sequence[];
+  nTop: number;
+  decodeOnly: boolean;
+  logits: Tensor | null;
+  prepared: PreparedStep | null;
+  pending: PendingSample | null;
+  /** performance.now() at: start, after scheduling, after the batch, after prepare, after issuing
+   * (tA..tC only with INLAID_PROFILE_STEPS=1, else 0). */
+  t0: number;
+  tA: number;
+  tB: number;
+  tC: number;
+  tD: number;
   /** When the output handling of the previous step started and ended. */
   t1: number;
   tF: number;
 }
 
-/** A sampled token whose text is not streamed yet (Engine.flushOutputs). */
-interface PendingOutput {
-  readonly seq: Sequence;
-  readonly token: number;
-  readonly logprobs: TokenLogprob[];
-  readonly reason: FinishReason | null;
+/**
+ * Sampled tokens whose text is not streamed yet (Engine.flushOutputs), as parallel
+ * arrays reused from step to step (two of them, swapped at each flush).
+ */
+class OutputQueue {
+  readonly seqs: (Sequence | null)[] = [];
+  tokens = new Int32Array(64);
+  readonly logprobs: TokenLogprob[][] = [];
+  readonly reasons: (FinishReason | null)[] = [];
+  length = 0;
+
+  push(seq: Sequence, token: number, logprobs: TokenLogprob[], reason: FinishReason | null): void {
+    const n = this.length;
+    if (n === this.tokens.length) {
+      const grown = new Int32Array(2 * n);
+      grown.set(this.tokens);
+      this.tokens = grown;
+    }
+    this.seqs[n] = seq;
+    this.tokens[n] = token;
+    this.logprobs[n] = logprobs;
+    this.reasons[n] = reason;
+    this.length = n + 1;
+  }
+
+  /** Empties the queue, dropping its references to sequences and logprobs. */
+  clear(): void {
+    for (let i = 0; i < this.length; i++) {
+      this.seqs[i] = null;
+      this.logprobs[i] = NO_LOGPROBS;
+    }
+    this.length = 0;
+  }
 }
 
 const NO_LOGPROBS: TokenLogprob[] = [];
+const NOT_ADMITTED: ReadonlySet<Sequence> = new Set();
+
+/** A StepBatch the engine fills in place (its views are made once per decode batch size). */
+type StepViews = Omit<StepBatch, "sampling"> & { readonly sampling: { -readonly [K in keyof SamplingBatch]: SamplingBatch[K] } };
 
 /** What a step needs to know about a sequence. */
 type BatchedSeq = Pick<Sequence, "computed" | "totalTokens" | "blocks" | "slot" | "seed" | "tokenAt"> & {
@@ -140,8 +176,34 @@ export class Engine implements ServingEngine {
     process.env.INLAID_PROFILE_STEPS === "1"
       ? { schedule: [], buildBatch: [], prepare: [], forward: [], outputs: [], eventLoop: [], wait: [], tokens: [], idle: [] }
       : null;
-  /** Outputs of the last step not yet streamed (see #launchStep). */
-  #outputs: PendingOutput[] = [];
+  /** Outputs of the last step not yet streamed (see #launchStep), and the queue flushOutputs drains. */
+  #outputs = new OutputQueue();
+  #flushing = new OutputQueue();
+  readonly #launched: LaunchedStep = {
+    running: [], nTop: 0, decodeOnly: false, logits: null, prepared: null, pending: null,
+    t0: 0, tA: 0, tB: 0, tC: 0, tD: 0, t1: 0, tF: 0,
+  };
+  /** The forward of the step being launched, made once (a closure per step is garbage per step). */
+  readonly #forward = (): Tensor => this.#model.forward(this.#launched.prepared!, this.#kv);
+  readonly #yieldExecutor = (resolve: () => void): void => {
+    setImmediate(resolve);
+  };
+  /** Some sequence was aborted since the last #reapAborted. */
+  #abortsPending = false;
+  /**
+   * Per row of the step arrays: the sequence the last #buildBatch put there, and how many
+   * of its block ids and which top-logprobs count that row holds. A running sequence keeps
+   * its sampling parameters, and its blocks only grow, until it is freed; so while no
+   * sequence has been freed since the last build, a row that holds the same sequence as
+   * then only needs its new block ids written. Any free (#rowsStale) forgets every row.
+   */
+  readonly #rowSeq: (BatchedSeq | null)[] = [];
+  #rowsStale = false;
+  #rowBlocks: Int32Array;
+  #rowTop: Int32Array;
+  #rowsBuilt = 0;
+  /** Decode-only batches (one token per sequence) by sequence count: views made once. */
+  readonly #decodeBatches: (StepViews | undefined)[] = [];
   /** When the last decode step's tokens reached the host (0: the last step was not a decode step). */
   #lastTokensAt = 0;
   #decodeIdleMs = 0;
@@ -184,6 +246,8 @@ export class Engine implements ServingEngine {
       sampleRows: new Int32Array(S), temperature: new Float32Array(S), topP: new Float32Array(S), topK: new Int32Array(S),
       seeds: new Uint32Array(S), counters: new Uint32Array(S),
     };
+    this.#rowBlocks = new Int32Array(S);
+    this.#rowTop = new Int32Array(S);
     this.#kv = backend.createKvCache({
       numLayers: config.numLayers,
       numBlocks: opts.numBlocks,
@@ -255,6 +319,7 @@ export class Engine implements ServingEngine {
   #abort(seq: Sequence): void {
     if (seq.status === "finished") return;
     seq.aborted = true;
+    this.#abortsPending = true;
     this.#wakeUp();
   }
 
@@ -303,19 +368,29 @@ export class Engine implements ServingEngine {
     if (this.#closed) return;
     this.#closed = true;
     for (const s of [...this.#running, ...this.#waiting]) s.aborted = true;
+    this.#abortsPending = true;
     this.#wakeUp();
     await this.#loop;
-    if (this.#phases) {
-      const pct = (xs: number[], q: number): number => [...xs].sort((a, b) => a - b)[Math.floor(q * (xs.length - 1))] ?? 0;
-      const mean = (xs: number[]): number => xs.reduce((a, b) => a + b, 0) / Math.max(1, xs.length);
-      const summary = Object.fromEntries(Object.entries(this.#phases).map(([k, xs]) =>
-        [k, { p50: +pct(xs, 0.5).toFixed(1), p90: +pct(xs, 0.9).toFixed(1), mean: +mean(xs).toFixed(1) }]));
+    const summary = this.hostPhases();
+    if (summary) {
       process.stderr.write(`inlaid: decode step host phases (${this.#decodeSteps} steps, us): ${JSON.stringify(summary)}\n`);
       const nodes = this.#backend.graphNodes?.();
       if (nodes) process.stderr.write(`inlaid: graph nodes: ${JSON.stringify(nodes)}\n`);
     }
     this.#backend.freeKvCache(this.#kv);
     this.#pool.dispose();
+  }
+
+  /** With INLAID_PROFILE_STEPS=1: p50, p90 and mean microseconds of each decode-step phase
+   * since the start or the last reset (else null). */
+  hostPhases(reset = false): Record<string, { p50: number; p90: number; mean: number }> | null {
+    if (!this.#phases) return null;
+    const pct = (xs: number[], q: number): number => [...xs].sort((a, b) => a - b)[Math.floor(q * (xs.length - 1))] ?? 0;
+    const mean = (xs: number[]): number => xs.reduce((a, b) => a + b, 0) / Math.max(1, xs.length);
+    const summary = Object.fromEntries(Object.entries(this.#phases).map(([k, xs]) =>
+      [k, { p50: +pct(xs, 0.5).toFixed(1), p90: +pct(xs, 0.9).toFixed(1), mean: +mean(xs).toFixed(1) }]));
+    if (reset) for (const xs of Object.values(this.#phases)) xs.length = 0;
+    return summary;
   }
 
   /**
@@ -367,9 +442,9 @@ export class Engine implements ServingEngine {
           launched.t1 = performance.now();
           this.flushOutputs();
           launched.tF = performance.now();
-          await new Promise<void>((r) => setImmediate(r));
+          await new Promise<void>(this.#yieldExecutor);
           this.#finishStep(launched);
-        } else await new Promise<void>((r) => setImmediate(r));
+        } else await new Promise<void>(this.#yieldExecutor);
       } catch (err) {
         // A failed step must not take the server down: fail the sequences in it and go on.
         const msg = err instanceof Error ? err.message : String(err);
@@ -380,12 +455,14 @@ export class Engine implements ServingEngine {
           s.emit("", [], [], "error");
         }
         this.#running = [];
-        await new Promise<void>((r) => setImmediate(r));
+        await new Promise<void>(this.#yieldExecutor);
       }
     }
   }
 
   #reapAborted(): void {
+    if (!this.#abortsPending) return;
+    this.#abortsPending = false;
     const done = (s: Sequence): boolean => {
       if (!s.aborted) return false;
       this.#free(s);
@@ -398,6 +475,7 @@ export class Engine implements ServingEngine {
 
   #free(s: Sequence): void {
     this.#blocks.release(s.blocks);
+    this.#rowsStale = true;
     s.computed = 0;
     if (s.slot >= 0) {
       this.#pool.release(s.slot);
@@ -416,6 +494,7 @@ export class Engine implements ServingEngine {
    * a stop string. So a token reaches its stream about one launch after it is sampled.
    */
   #launchStep(): LaunchedStep | null {
+    const profile = this.#phases !== null;
     const t0 = performance.now();
     const admitted = this.#admit();
     this.#reserveDecodeBlocks(admitted);
@@ -423,31 +502,41 @@ export class Engine implements ServingEngine {
       this.flushOutputs();
       return null;
     }
-    const tA = performance.now();
+    const l = this.#launched;
+    l.t0 = t0;
+    l.tA = profile ? performance.now() : 0;
     const running = this.#running;
     const batch = this.#buildBatch(running);
-    const tB = performance.now();
+    l.tB = profile ? performance.now() : 0;
     const prepared = this.#backend.prepare(batch);
-    const tC = performance.now();
+    l.tC = profile ? performance.now() : 0;
     // Decode-only steps (one token per sequence) have the same op sequence every time:
     // a backend with graphs replays them (keyed further by its own batch buckets).
     const decodeOnly = batch.numTokens === batch.numSeqs;
-    const forward = (): Tensor => this.#model.forward(prepared, this.#kv);
-    const logits = decodeOnly && this.#backend.replay ? this.#backend.replay("decode", forward) : forward();
-    const pending = this.#backend.sampleAsync?.(logits, prepared) ?? null;
+    l.prepared = prepared;
+    const logits = decodeOnly && this.#backend.replay ? this.#backend.replay("decode", this.#forward) : this.#forward();
+    l.logits = logits;
+    l.pending = this.#backend.sampleAsync?.(logits, prepared) ?? null;
+    l.running = running;
+    l.nTop = batch.sampling.numTopLogprobs;
+    l.decodeOnly = decodeOnly;
     const tD = performance.now();
+    l.tD = tD;
+    l.t1 = tD;
+    l.tF = tD;
     this.#inFlight = true;
-    return { running, nTop: batch.sampling.numTopLogprobs, decodeOnly, logits, prepared, pending, t0, tA, tB, tC, tD, t1: tD, tF: tD };
+    return l;
   }
 
   /** Waits for a launched step's tokens and takes them (see #launchStep). */
   #finishStep(l: LaunchedStep): void {
-    const t2 = performance.now();
+    const t2 = this.#phases ? performance.now() : 0;
     let result: SampleResult;
     try {
-      result = l.pending ? l.pending.wait() : this.#backend.sample(l.logits, l.prepared);
+      result = l.pending ? l.pending.wait() : this.#backend.sample(l.logits!, l.prepared!);
     } finally {
       this.#inFlight = false;
+      l.pending = null;
     }
     const t3 = performance.now();
     this.#steps++;
@@ -508,12 +597,18 @@ export class Engine implements ServingEngine {
   flushOutputs(): void {
     const q = this.#outputs;
     if (q.length === 0) return;
-    this.#outputs = [];
-    for (const o of q) {
-      const s = o.seq;
-      const text = s.detok.push(o.token);
-      if (o.reason === null) s.emit(text, [o.token], o.logprobs, null);
-      else s.emit(text + s.detok.flush(), [o.token], o.logprobs, o.reason);
+    // Swap first: what the loop below triggers must not see this queue half drained.
+    this.#outputs = this.#flushing;
+    this.#flushing = q;
+    try {
+      for (let i = 0; i < q.length; i++) {
+        const s = q.seqs[i]!, token = q.tokens[i]!, reason = q.reasons[i] as FinishReason | null;
+        const text = s.detok.push(token);
+        if (reason === null) s.emit(text, [token], q.logprobs[i]!, null);
+        else s.emit(text + s.detok.flush(), [token], q.logprobs[i]!, reason);
+      }
+    } finally {
+      q.clear();
     }
   }
 
@@ -524,10 +619,10 @@ export class Engine implements ServingEngine {
    */
   #onToken(s: Sequence, tok: number, lps: TokenLogprob[]): boolean {
     let reason: FinishReason | null = null;
-    if (this.#eos.has(tok) && !s.params.ignoreEos) reason = "stop";
-    else if (s.outputIds.length >= s.params.maxTokens || s.totalTokens >= this.maxModelLen) reason = "length";
-    if (!s.stop.active) {
-      this.#outputs.push({ seq: s, token: tok, logprobs: lps, reason });
+    if (!s.ignoreEos && this.#eos.has(tok)) reason = "stop";
+    else if (s.outputIds.length >= s.maxTokens || s.totalTokens >= this.maxModelLen) reason = "length";
+    if (!s.hasStops) {
+      this.#outputs.push(s, tok, lps, reason);
       if (reason !== null) s.done = true;
       return reason !== null;
     }
@@ -552,9 +647,9 @@ export class Engine implements ServingEngine {
   }
 
   /** Moves waiting sequences into the running batch while slots, blocks and the token budget allow. */
-  #admit(): Set<Sequence> {
+  #admit(): ReadonlySet<Sequence> {
+    if (this.#waiting.length === 0 || this.#running.length >= this.maxBatch) return NOT_ADMITTED;
     const admitted = new Set<Sequence>();
-    if (this.#waiting.length === 0 || this.#running.length >= this.maxBatch) return admitted;
     let budget = this.maxBatchedTokens;
     const bySeqId = new Map(this.#waiting.map((s) => [s.seqId, s]));
     for (const q of this.#policy.order(this.#waiting, this.#running)) {
@@ -580,7 +675,7 @@ export class Engine implements ServingEngine {
   }
 
   /** Each decoding sequence needs room for one more token; preempt the newest if the cache is full. */
-  #reserveDecodeBlocks(admitted: Set<Sequence>): void {
+  #reserveDecodeBlocks(admitted: ReadonlySet<Sequence>): void {
     for (let i = 0; i < this.#running.length; i++) {
       const s = this.#running[i]!;
       if (admitted.has(s)) continue;
@@ -601,55 +696,99 @@ export class Engine implements ServingEngine {
   }
 
   #buildBatch(seqs: readonly BatchedSeq[]): StepBatch {
-    let numTokens = 0;
-    for (const s of seqs) numTokens += s.totalTokens - s.computed;
     const numSeqs = seqs.length;
+    let numTokens = 0;
+    for (let i = 0; i < numSeqs; i++) {
+      const s = seqs[i]!;
+      numTokens += s.totalTokens - s.computed;
+    }
     const B = this.#maxBlocksPerSeq;
     const bs = this.#blocks.blockSize;
-    // Views of arrays allocated once (host time per step counts); a step's batch is
-    // consumed before the next one is built.
+    // Arrays allocated once (host time per step counts); a step's batch is consumed
+    // before the next one is built.
     const a = this.#stepArrays;
     if (numTokens > a.tokenIds.length || numSeqs > a.contextLens.length) {
       throw new Error(`step of ${numTokens} tokens / ${numSeqs} sequences exceeds the engine's step capacity`);
     }
-    const tokenIds = a.tokenIds.subarray(0, numTokens);
-    const positions = a.positions.subarray(0, numTokens);
-    const slotMapping = a.slotMapping.subarray(0, numTokens);
-    const loraSlots = a.loraSlots.subarray(0, numTokens);
-    const queryStart = a.queryStart.subarray(0, numSeqs + 1);
-    const contextLens = a.contextLens.subarray(0, numSeqs);
-    const blockTables = a.blockTables.subarray(0, numSeqs * B).fill(-1);
-    const sampleRows = a.sampleRows.subarray(0, numSeqs);
-    const temperature = a.temperature.subarray(0, numSeqs);
-    const topP = a.topP.subarray(0, numSeqs);
-    const topK = a.topK.subarray(0, numSeqs);
-    const seeds = a.seeds.subarray(0, numSeqs);
-    const counters = a.counters.subarray(0, numSeqs);
+    const { tokenIds, positions, slotMapping, loraSlots, queryStart, contextLens, blockTables, sampleRows } = a;
+    const rowSeq = this.#rowSeq, rowBlocks = this.#rowBlocks, rowTop = this.#rowTop;
+    if (this.#rowsStale) {
+      rowSeq.fill(null);
+      this.#rowsStale = false;
+    }
     let numTopLogprobs = 0;
     let t = 0;
-    seqs.forEach((s, i) => {
+    for (let i = 0; i < numSeqs; i++) {
+      const s = seqs[i]!;
+      const total = s.totalTokens;
+      const blocks = s.blocks;
+      const slot = s.slot;
       queryStart[i] = t;
-      for (let p = s.computed; p < s.totalTokens; p++, t++) {
+      for (let p = s.computed; p < total; p++, t++) {
         tokenIds[t] = s.tokenAt(p);
         positions[t] = p;
-        slotMapping[t] = s.blocks[Math.floor(p / bs)]! * bs + (p % bs);
-        loraSlots[t] = s.slot;
+        slotMapping[t] = blocks[Math.floor(p / bs)]! * bs + (p % bs);
+        loraSlots[t] = slot;
       }
-      contextLens[i] = s.totalTokens;
-      blockTables.set(s.blocks, i * B);
+      contextLens[i] = total;
       sampleRows[i] = t - 1;
-      temperature[i] = s.params.temperature;
-      topP[i] = s.params.topP;
-      topK[i] = s.params.topK;
-      seeds[i] = s.seed;
-      counters[i] = s.outputIds.length;
-      numTopLogprobs = Math.max(numTopLogprobs, s.params.logprobs);
-    });
+      a.counters[i] = s.outputIds.length;
+      const row = i * B;
+      const nBlocks = blocks.length;
+      if (rowSeq[i] !== s || rowBlocks[i]! > nBlocks) {
+        // A new sequence in this row (see #rowSeq): its constants and whole block-table row.
+        rowSeq[i] = s;
+        const p = s.params;
+        a.temperature[i] = p.temperature;
+        a.topP[i] = p.topP;
+        a.topK[i] = p.topK;
+        a.seeds[i] = s.seed;
+        rowTop[i] = p.logprobs;
+        for (let j = 0; j < nBlocks; j++) blockTables[row + j] = blocks[j]!;
+        blockTables.fill(-1, row + nBlocks, row + B);
+      } else {
+        for (let j = rowBlocks[i]!; j < nBlocks; j++) blockTables[row + j] = blocks[j]!;
+      }
+      rowBlocks[i] = nBlocks;
+      if (rowTop[i]! > numTopLogprobs) numTopLogprobs = rowTop[i]!;
+    }
     queryStart[numSeqs] = t;
+    for (let i = numSeqs; i < this.#rowsBuilt; i++) rowSeq[i] = null;
+    this.#rowsBuilt = numSeqs;
+
+    // Decode-only steps reuse their views; other steps (prefills, rare) get fresh ones.
+    let batch = numTokens === numSeqs ? this.#decodeBatches[numSeqs] : undefined;
+    if (!batch) {
+      batch = this.#views(numTokens, numSeqs);
+      if (numTokens === numSeqs) this.#decodeBatches[numSeqs] = batch;
+    }
+    batch.sampling.numTopLogprobs = numTopLogprobs;
+    return batch;
+  }
+
+  /** Views of the step arrays for a step of `numTokens` tokens over `numSeqs` sequences. */
+  #views(numTokens: number, numSeqs: number): StepViews {
+    const a = this.#stepArrays;
+    const B = this.#maxBlocksPerSeq;
     return {
-      numTokens, numSeqs, tokenIds, positions, slotMapping, loraSlots, queryStart, contextLens, blockTables,
-      maxBlocksPerSeq: B, sampleRows,
-      sampling: { temperature, topP, topK, seeds, counters, numTopLogprobs },
+      numTokens, numSeqs,
+      tokenIds: a.tokenIds.subarray(0, numTokens),
+      positions: a.positions.subarray(0, numTokens),
+      slotMapping: a.slotMapping.subarray(0, numTokens),
+      loraSlots: a.loraSlots.subarray(0, numTokens),
+      queryStart: a.queryStart.subarray(0, numSeqs + 1),
+      contextLens: a.contextLens.subarray(0, numSeqs),
+      blockTables: a.blockTables.subarray(0, numSeqs * B),
+      maxBlocksPerSeq: B,
+      sampleRows: a.sampleRows.subarray(0, numSeqs),
+      sampling: {
+        temperature: a.temperature.subarray(0, numSeqs),
+        topP: a.topP.subarray(0, numSeqs),
+        topK: a.topK.subarray(0, numSeqs),
+        seeds: a.seeds.subarray(0, numSeqs),
+        counters: a.counters.subarray(0, numSeqs),
+        numTopLogprobs: 0,
+      },
     };
   }
 }

@@ -24,6 +24,13 @@ export class Sequence implements QueuedRequest {
   /** Text emitted so far (after stop handling). */
   emitted = "";
   firstTokenAt = 0;
+  /** Fixed at creation and read for every token of every step: kept on the sequence itself,
+   * so taking a step's tokens touches one object per sequence rather than three. */
+  readonly promptTokens: number;
+  readonly maxTokens: number;
+  readonly ignoreEos: boolean;
+  /** The request has stop strings (its text is matched as its tokens arrive). */
+  readonly hasStops: boolean;
 
   constructor(
     readonly seqId: number,
@@ -39,22 +46,20 @@ export class Sequence implements QueuedRequest {
     readonly channel: Channel<GenerateOutput>,
     readonly detok: IncrementalDetokenizer,
     readonly stop: StopMatcher,
-  ) {}
-
-  get promptTokens(): number {
-    return this.promptIds.length;
-  }
-
-  get maxTokens(): number {
-    return this.params.maxTokens;
+  ) {
+    this.promptTokens = promptIds.length;
+    this.maxTokens = params.maxTokens;
+    this.ignoreEos = params.ignoreEos;
+    this.hasStops = stop.active;
   }
 
   get totalTokens(): number {
-    return this.promptIds.length + this.outputIds.length;
+    return this.promptTokens + this.outputIds.length;
   }
 
   tokenAt(i: number): number {
-    return i < this.promptIds.length ? this.promptIds[i]! : this.outputIds[i - this.promptIds.length]!;
+    const n = this.promptTokens;
+    return i < n ? this.promptIds[i]! : this.outputIds[i - n]!;
   }
 
   /** Sends an increment; one with a finish reason is the last and closes the stream. */

@@ -150,6 +150,15 @@ export function stagingViews(buffer: ArrayBuffer, byteOffset = 0, words = (buffe
   };
 }
 
+/**
+ * Writes src[0, n) at dst[off] and `pad` over [off + n, off + padTo). A source of exactly
+ * n elements (as the engine's views are) is copied without making a view of it.
+ */
+function put<A extends Int32Array | Uint32Array | Float32Array>(dst: A, off: number, src: A, n: number, padTo: number, pad: number): void {
+  dst.set((src.length === n ? src : src.subarray(0, n)) as ArrayLike<number>, off);
+  dst.fill(pad, off + n, off + padTo);
+}
+
 /** Why `batch` does not fit `capacity`, or null when it fits. */
 export function capacityShortfall(batch: StepBatch, capacity: StepCapacity): string | null {
   const numSample = batch.sampleRows.length;
@@ -186,14 +195,10 @@ export function packStep(batch: StepBatch, layout: StepLayout, v: StagingViews):
   i32[c + 2] = M;
   i32[c + 3] = padTokens;
 
-  const tok = (off: number, src: Int32Array, pad: number): void => {
-    i32.set(T === src.length ? src : src.subarray(0, T), off);
-    i32.fill(pad, off + T, off + padTokens);
-  };
-  tok(layout.tokenIds, batch.tokenIds, 0);
-  tok(layout.positions, batch.positions, 0);
-  tok(layout.slotMapping, batch.slotMapping, -1);
-  tok(layout.loraSlots, batch.loraSlots, -1);
+  put(i32, layout.tokenIds, batch.tokenIds, T, padTokens, 0);
+  put(i32, layout.positions, batch.positions, T, padTokens, 0);
+  put(i32, layout.slotMapping, batch.slotMapping, T, padTokens, -1);
+  put(i32, layout.loraSlots, batch.loraSlots, T, padTokens, -1);
   let anyLora = false;
   const ls = batch.loraSlots;
   for (let t = 0; t < T; t++) {
@@ -210,31 +215,25 @@ export function packStep(batch: StepBatch, layout: StepLayout, v: StagingViews):
     if (len > 1) hasPrefill = true;
     else if (len === 1) hasDecode = true;
   }
-  i32.set(qs.subarray(0, S + 1), layout.queryStart);
-  i32.fill(T, layout.queryStart + S + 1, layout.queryStart + padSeqs + 1);
-  i32.set(batch.contextLens.subarray(0, S), layout.contextLens);
-  i32.fill(0, layout.contextLens + S, layout.contextLens + padSeqs);
+  // Padded sequences are empty: they start (and end) at numTokens.
+  put(i32, layout.queryStart, qs, S + 1, padSeqs + 1, T);
+  put(i32, layout.contextLens, batch.contextLens, S, padSeqs, 0);
 
   const sp = batch.sampling;
-  i32.set(batch.sampleRows, layout.sampleRows);
-  i32.fill(0, layout.sampleRows + M, layout.sampleRows + padSeqs);
-  f32.set(sp.temperature.subarray(0, M), layout.temperature);
-  f32.fill(0, layout.temperature + M, layout.temperature + padSeqs);
-  f32.set(sp.topP.subarray(0, M), layout.topP);
-  f32.fill(1, layout.topP + M, layout.topP + padSeqs);
-  i32.set(sp.topK.subarray(0, M), layout.topK);
-  i32.fill(0, layout.topK + M, layout.topK + padSeqs);
-  u32.set(sp.seeds.subarray(0, M), layout.seeds);
-  u32.fill(0, layout.seeds + M, layout.seeds + padSeqs);
-  u32.set(sp.counters.subarray(0, M), layout.counters);
-  u32.fill(0, layout.counters + M, layout.counters + padSeqs);
+  put(i32, layout.sampleRows, batch.sampleRows, M, padSeqs, 0);
+  put(f32, layout.temperature, sp.temperature, M, padSeqs, 0);
+  put(f32, layout.topP, sp.topP, M, padSeqs, 1);
+  put(i32, layout.topK, sp.topK, M, padSeqs, 0);
+  put(u32, layout.seeds, sp.seeds, M, padSeqs, 0);
+  put(u32, layout.counters, sp.counters, M, padSeqs, 0);
 
+  const bt = batch.blockTables;
   if (Bb === B) {
-    i32.set(batch.blockTables.subarray(0, S * B), layout.blockTables);
+    i32.set(bt.length === S * B ? bt : bt.subarray(0, S * B), layout.blockTables);
   } else {
     for (let s = 0; s < S; s++) {
       const row = layout.blockTables + s * B;
-      i32.set(batch.blockTables.subarray(s * Bb, (s + 1) * Bb), row);
+      i32.set(bt.subarray(s * Bb, (s + 1) * Bb), row);
       i32.fill(-1, row + Bb, row + B);
     }
   }
