@@ -182,12 +182,22 @@ export interface Backend {
   rmsnorm(out: Tensor, x: Tensor, w: Tensor, eps: number): void;
   /** residual += x (in place), then out = rmsnorm(residual) * w. */
   addRmsnorm(out: Tensor, residual: Tensor, x: Tensor, w: Tensor, eps: number): void;
-  /** out = x @ w^T (+ bias). x: [n, K], w: [N, K], out: [n, N]. */
-  linear(out: Tensor, x: Tensor, w: Tensor, bias?: Tensor): void;
+  /** out = x @ w^T (+ bias); with `accumulate`, out += x @ w^T (+ bias) (onto a LoRA term
+   * that loraFirst wrote). x: [n, K], w: [N, K], out: [n, N]. */
+  linear(out: Tensor, x: Tensor, w: Tensor, bias?: Tensor, accumulate?: boolean): void;
   /** Semantics: for each row i with s = loraSlots[i] >= 0 and each split j (columns
    * [o_j, o_j + outDims[j]) of out):
    *   out[i, o_j:o_j+N_j] += scale[s,j] * B[s,j] @ (A[s,j] @ x[i]). */
   lora(out: Tensor, x: Tensor, stack: LoraStack, step: PreparedStep): void;
+  /**
+   * Optional: the LoRA term issued BEFORE the base matmul, which then accumulates onto it
+   * (linear with `accumulate`): out[i] = the sum `lora` adds (0 on rows without an
+   * adapter and past the live rows). Returns false when it wrote nothing because no row
+   * of the step has an adapter (the caller's matmul then overwrites out). Why: on a GPU the
+   * LoRA launch then depends on the kernel that made x (a norm, attention, silu-mul), whose
+   * tail it can overlap, instead of on the GEMM.
+   */
+  loraFirst?(out: Tensor, x: Tensor, stack: LoraStack, step: PreparedStep): boolean;
   /** Splits the fused q/k/v projection output qkv [n, (nH + 2 nKv) * D] into q [n, nH*D],
    * k and v [n, nKv*D] (its column blocks, in that order), applying the rotary embedding
    * (rotate-half convention) to q and k. invFreq: [D/2] f32; positions from the step. */

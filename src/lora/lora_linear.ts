@@ -16,7 +16,14 @@ export class LoraLinear implements Linear {
   }
 
   forward(out: Tensor, x: Tensor, step: PreparedStep): void {
+    const b = this.backend;
+    if (this.base.canAccumulate && b.loraFirst) {
+      // The LoRA term first, the base matmul accumulating onto it (backend.ts loraFirst).
+      const wrote = b.loraFirst(out, x, this.stack, step);
+      this.base.forward(out, x, step, wrote);
+      return;
+    }
     this.base.forward(out, x, step);
-    this.backend.lora(out, x, this.stack, step);
+    b.lora(out, x, this.stack, step);
   }
 }

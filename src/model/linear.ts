@@ -11,13 +11,17 @@ export type Projection = (typeof PROJECTIONS)[number];
 export interface Linear {
   readonly inDim: number;
   readonly outDim: number;
-  /** out[n, outDim] = x[n, inDim] W^T (+ bias); overwrites out. */
-  forward(out: Tensor, x: Tensor, step: PreparedStep): void;
+  /** out[n, outDim] = x[n, inDim] W^T (+ bias); overwrites out, or with `accumulate` (only
+   * where `canAccumulate`) adds onto it. */
+  forward(out: Tensor, x: Tensor, step: PreparedStep, accumulate?: boolean): void;
+  /** Whether forward takes `accumulate` (LoraLinear then issues the LoRA term first). */
+  readonly canAccumulate?: boolean;
 }
 
 export class DenseLinear implements Linear {
   readonly inDim: number;
   readonly outDim: number;
+  readonly canAccumulate = true;
   constructor(
     private readonly backend: Backend,
     readonly weight: Tensor,
@@ -27,8 +31,8 @@ export class DenseLinear implements Linear {
     this.inDim = weight.shape[1]!;
   }
 
-  forward(out: Tensor, x: Tensor, _step: PreparedStep): void {
-    this.backend.linear(out, x, this.weight, this.bias);
+  forward(out: Tensor, x: Tensor, _step: PreparedStep, accumulate = false): void {
+    this.backend.linear(out, x, this.weight, this.bias, accumulate);
   }
 }
 

@@ -503,6 +503,40 @@ if (reason !== null) {
       });
     }
 
+    // LoraLinear's GPU order (backend.ts loraFirst): the LoRA term written first (the fused
+    // decode kernel's write mode on decode-only steps; zero + add otherwise), then the base
+    // GEMM accumulating onto it, against the CPU's GEMM-then-add. out starts as garbage: every
+    // live row must be overwritten.
+    for (const c of LORA_CASES) {
+      it(`loraFirst + accumulating linear: ${c.label}`, () => {
+        const stack = loraStacks(c.ranks.length, c.maxRank, c.K, c.dims ?? [c.N], c.ranks, c.K + c.N);
+        const step = makeStep(c.seqs, paging(c.seqs.map((s) => Math.max(1, s.ctx)), 16, 6));
+        const n = step.numTokens, cap = n + 7;
+        const x = b.tensor([cap, c.K], bf16Values(cap * c.K, c.K), "bf16");
+        const w = b.tensor([c.N, c.K], bf16Values(c.N * c.K, c.N + 3, 0.05), "bf16");
+        const out = b.tensor([cap, c.N], f32Values(cap * c.N, c.N, 1e3), "f32");
+        const ov = b.rows(out, n), xv = b.rows(x, n);
+        const cpuStep = b.cpu.prepare(step);
+        b.cpu.linear(ov.cpu, xv.cpu, w.cpu);
+        b.cpu.lora(ov.cpu, xv.cpu, stack.cpu, cpuStep);
+        const gpuStep = b.gpu.prepare(step);
+        expect(cuda.loraFirst, "loraFirst is on (INLAID_LORA_FIRST unset)").toBeDefined();
+        const wrote = cuda.loraFirst!(ov.gpu, xv.gpu, stack.gpu, gpuStep);
+        expect(wrote, "every case has adapter rows").toBe(true);
+        b.gpu.linear(ov.gpu, xv.gpu, w.gpu, undefined, wrote);
+        const r = b.read(ov);
+        let maxAbs = 0;
+        for (const v of r.cpu) maxAbs = Math.max(maxAbs, Math.abs(v));
+        // The GEMM's f32 sums over K bf16 products in another order than the CPU's: ~1e-6
+        // relative to the row's scale; SGMV's bf16 intermediate as in the lora test above.
+        const hasPrefill = c.seqs.some((q) => q.q > 1);
+        expectClose(`loraFirst ${c.label}`, r.gpu, r.cpu, 1e-4 * maxAbs + (hasPrefill ? 2 ** -8 * maxAbs : 0), 0);
+        b.free(x, w, out);
+        b.cpu.freeLoraStack(stack.cpu);
+        b.gpu.freeLoraStack(stack.gpu);
+      });
+    }
+
     /** Sampling rows: one per parameter set, each with its own logits row. */
     interface Row {
       readonly t: number;

@@ -54,6 +54,15 @@ describe("CpuBackend", () => {
     }
   });
 
+  it("linear with accumulate adds x w^T + bias onto out's old values", () => {
+    const n = 3, K = 5, N = 4;
+    const x = rand(n * K, 6), w = rand(N * K, 7), bias = rand(N, 8), old = rand(n * N, 9);
+    const plain = new Float32Array(n * N), acc = old.slice();
+    be.linear(t([n, N], plain), t([n, K], x), t([N, K], w), t([N], bias));
+    be.linear(t([n, N], acc), t([n, K], x), t([N, K], w), t([N], bias), true);
+    for (let i = 0; i < n * N; i++) expect(acc[i]).toBeCloseTo(plain[i]! + old[i]!, 6);
+  });
+
   it("a row's linear output does not depend on the other rows in the call", () => {
     const K = 33, N = 7;
     const x = rand(6 * K, 4), w = rand(N * K, 5);

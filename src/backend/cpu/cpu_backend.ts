@@ -156,11 +156,14 @@ export class CpuBackend implements Backend {
     for (let r = 0; r < n; r++) rmsnormRow(o, res, wv, r * H, H, eps);
   }
 
-  linear(out: Tensor, x: Tensor, w: Tensor, bias?: Tensor): void {
+  linear(out: Tensor, x: Tensor, w: Tensor, bias?: Tensor, accumulate = false): void {
     const [n, K] = dims2(x);
     const [N, Kw] = dims2(w);
     if (K !== Kw) throw new Error(`linear: x has ${K} columns but the weight has ${Kw}`);
-    matmulNT(cpu(out).f32, cpu(x).f32, cpu(w).f32, n, K, N, bias ? cpu(bias).f32 : undefined);
+    const o = cpu(out).f32;
+    const before = accumulate ? o.slice(0, n * N) : null;
+    matmulNT(o, cpu(x).f32, cpu(w).f32, n, K, N, bias ? cpu(bias).f32 : undefined);
+    if (before) for (let i = 0; i < n * N; i++) o[i] = o[i]! + before[i]!;
   }
 
   uploadQuantized(q: QuantizedWeight): QuantizedTensor {

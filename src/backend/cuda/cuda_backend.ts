@@ -245,6 +245,8 @@ export class CudaBackend implements Backend {
   quantFusedMaxRows = Number(process.env.INLAID_QUANT_FUSED_MAX_ROWS ?? 128);
   /** Fixed split-K count of the fused low-bit kernel (null: chosen per shape; default INLAID_QGEMM_SPLITS). */
   quantSplits: number | null = splitsFromEnv();
+  /** backend.ts loraFirst; absent with INLAID_LORA_FIRST=0 (the LoRA term is then added after the GEMM). */
+  readonly loraFirst?: (out: Tensor, x: Tensor, stack: LoraStack, step: PreparedStep) => boolean;
   readonly #graphs = new Map<string, Graph>();
   /** Counts sampleAsync calls: a pending sample reads the one pinned host buffer, so only the latest may be waited for. */
   #sampleTicket = 0;
@@ -280,6 +282,7 @@ export class CudaBackend implements Backend {
     this.#ordinal = init.ordinal;
     this.#ctx = init.ctx;
     this.#stream = init.stream;
+    if (process.env.INLAID_LORA_FIRST !== "0") this.loraFirst = (o, x, st, step) => this.#loraFirst(o, x, st, step);
     this.#launcher = init.launcher;
     this.#blas = init.blas;
     this.#ops = init.ops;
@@ -387,7 +390,11 @@ export class CudaBackend implements Backend {
       // Kernels: ops.ts names the files; NVRTC builds them (or the cache has them).
       const files = opts.kernelFiles ?? KERNEL_FILES;
       const images = files.length > 0
-        ? await buildKernels({ files, arch, ...(opts.kernelsDir ? { dir: opts.kernelsDir } : {}), ...(opts.cacheDir ? { cacheDir: opts.cacheDir } : {}) })
+        ? await buildKernels({
+          files, arch, ...(opts.kernelsDir ? { dir: opts.kernelsDir } : {}), ...(opts.cacheDir ? { cacheDir: opts.cacheDir } : {}),
+          // PDL kernels trigger their dependents after their wait (kernels/common.cuh) unless told not to.
+          ...(process.env.INLAID_PDL_TRIGGER === "0" ? { extraOptions: ["-DINLAID_PDL_TRIGGER=0"] } : {}),
+        })
         : [];
       d.ctxSetCurrent(ctx); // the awaits above ran on this thread, but keep the invariant explicit
       // Programmatic dependent launch needs sm_90 (the kernels' griddepcontrol.wait).
@@ -883,7 +890,7 @@ export class CudaBackend implements Backend {
     this.#ops.addRmsnorm(this.#operand(out), this.#operand(residual), this.#operand(x), this.#operand(w), eps);
   }
 
-  linear(out: Tensor, x: Tensor, w: Tensor, bias?: Tensor): void {
+  linear(out: Tensor, x: Tensor, w: Tensor, bias?: Tensor, accumulate = false): void {
     this.#enter();
     const o = this.#t(out), xi = this.#t(x), wi = this.#t(w);
     const K = xi.cols, N = wi.rows;
@@ -905,7 +912,12 @@ export class CudaBackend implements Backend {
     }
     // Rows: the launch capacity (bucket) so eager and replayed steps run the same GEMM.
     const n = Math.min(o.capRows, xi.capRows);
-    this.#blas.matmul(o.ptr, o.dtype, xi.ptr, wi.ptr, n, N, K, b);
+    // An accumulating GEMM that is about to tune its plan tunes into scratch, not onto out.
+    const tunes = accumulate && this.#blas.wouldTune(n, N, K, o.dtype, b);
+    const acc = accumulate
+      ? { accumulate: true, tuneOut: tunes ? this.#ensureScratch("gemm_tune_out", n * N * (o.dtype === "f32" ? 4 : 2)).ptr : 0n }
+      : null;
+    this.#blas.matmul(o.ptr, o.dtype, xi.ptr, wi.ptr, n, N, K, b, N, acc);
   }
 
   gram(out: Tensor, x: Tensor, accumulate: boolean, alpha = 1): void {
@@ -1056,16 +1068,34 @@ export class CudaBackend implements Backend {
   lora(out: Tensor, x: Tensor, stack: LoraStack, step: PreparedStep): void {
     this.#enter();
     const p = this.#prep(step);
+    const dl = this.#loraLaunch(stack, p);
+    if (dl) this.#ops.lora(this.#operand(out), this.#operand(x), dl, p.run);
+  }
+
+  #loraFirst(out: Tensor, x: Tensor, stack: LoraStack, step: PreparedStep): boolean {
+    this.#enter();
+    const p = this.#prep(step);
+    const dl = this.#loraLaunch(stack, p);
+    if (!dl) return false;
+    const o = this.#operand(out);
+    const write = this.#ops.loraWrites(dl, p.run);
+    // Otherwise (steps with prefill rows: eager) zero the launch rows, then add.
+    if (!write) this.#d.memsetD32Async(o.ptr, 0, Math.min(o.rowsCap, this.#operand(x).rowsCap) * o.cols, this.#stream);
+    this.#ops.lora(o, this.#operand(x), dl, p.run, write);
+    return true;
+  }
+
+  /** The stack as the LoRA kernels see it, or null when this (eager) step has no adapter row. */
+  #loraLaunch(stack: LoraStack, p: CudaPrepared): DeviceLora | null {
     const s = this.#lora(stack);
     // Sized here, before the skip below, so that an eager warm-up always allocates it.
     const scratch = this.#ensureLoraScratch()!;
     // Eagerly, a step without adapters skips the launches; a captured graph always has them.
-    if (!this.#capturing && !p.packed.anyLora) return;
-    const dl: DeviceLora = {
+    if (!this.#capturing && !p.packed.anyLora) return null;
+    return {
       a: s.a, b: s.b, ranks: s.ranks, scales: s.scales, numSlots: s.numSlots, maxRank: s.maxRank,
       inDim: s.inDim, outDim: s.outDim, outDims: s.outDims, scratch: scratch.ptr,
     };
-    this.#ops.lora(this.#operand(out), this.#operand(x), dl, p.run);
   }
 
   rope(q: Tensor, k: Tensor, v: Tensor, qkv: Tensor, invFreq: Tensor, headDim: number, step: PreparedStep): void {

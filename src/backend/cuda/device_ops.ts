@@ -123,7 +123,11 @@ export interface DeviceOps {
   embedding(out: Operand, table: Operand, run: StepRun): void;
   rmsnorm(out: Operand, x: Operand, w: Operand, eps: number): void;
   addRmsnorm(out: Operand, residual: Operand, x: Operand, w: Operand, eps: number): void;
-  lora(out: Operand, x: Operand, stack: DeviceLora, run: StepRun): void;
+  /** write: out = the LoRA term on every launch row (0 without an adapter) instead of
+   * out += it; only where loraWrites says so (else the caller zeroes out, then adds). */
+  lora(out: Operand, x: Operand, stack: DeviceLora, run: StepRun, write?: boolean): void;
+  /** Whether `lora` can write (not add) for this stack and step. */
+  loraWrites(stack: DeviceLora, run: StepRun): boolean;
   rope(q: Operand, k: Operand, v: Operand, qkv: Operand, invFreq: Operand, headDim: number, run: StepRun): void;
   attention(out: Operand, q: Operand, k: Operand, v: Operand, kv: DeviceKv, scale: number, run: StepRun, scratch: Scratch): void;
   /** Scratch `attention` needs at a capacity of `seqs` sequences (split-K partials). */
@@ -150,6 +154,7 @@ export function unavailableOps(reason: string): DeviceOps {
     rmsnorm: fail("rmsnorm"),
     addRmsnorm: fail("addRmsnorm"),
     lora: fail("lora"),
+    loraWrites: () => false,
     rope: fail("rope"),
     attention: fail("attention"),
     attentionScratchBytes: () => 0,

@@ -391,8 +391,15 @@ export class CudaOps implements DeviceOps {
   }
 
   /** out[i] (f32) += scale_s * B_s (A_s x[i]) (x bf16) for rows with an adapter slot s >= 0 (see kernels/lora.cu). */
-  lora(out: Operand, x: Operand, stack: DeviceLora, run: StepRun): void {
+  /** The fused decode kernel writes every row itself (lora_bgmv_fused's `write`): decode-only steps. */
+  loraWrites(stack: DeviceLora, run: StepRun): boolean {
+    const kinds = run as StepRun & StepKinds;
+    return kinds.hasPrefill === false && this.#clusters && stack.maxRank <= FUSED_LORA_MAX_RANK;
+  }
+
+  lora(out: Operand, x: Operand, stack: DeviceLora, run: StepRun, write = false): void {
     const op = "lora";
+    need(!write || this.loraWrites(stack, run), op, "write", "only the fused decode-only kernel writes; zero out and add instead");
     dtype(op, "out", out, "f32");
     dtype(op, "x", x, "bf16");
     const K = stack.inDim, N = stack.outDim, R = stack.maxRank, S = stack.outDims.length;
@@ -415,7 +422,7 @@ export class CudaOps implements DeviceOps {
       const o = (j: number): number => (j < S ? starts[j]! : N);
       this.#launch("lora_bgmv_fused", [rows * 8, 1, 1], [128, 1, 1], 0, [
         ptr(out.ptr), ptr(x.ptr), ptr(stack.a), ptr(stack.b), ptr(stack.ranks), ptr(stack.scales), ...rowArgs,
-        i32(K), i32(N), i32(R), i32(hasPrefill ? 0 : 1), i32(S), i32(o(1)), i32(o(2)), i32(o(3)),
+        i32(K), i32(N), i32(R), i32(hasPrefill ? 0 : 1), i32(S), i32(o(1)), i32(o(2)), i32(o(3)), i32(write ? 1 : 0),
       ]);
     } else if (hasDecode) {
       const mode = hasPrefill ? 0 : 1;

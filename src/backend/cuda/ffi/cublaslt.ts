@@ -107,6 +107,10 @@ const STATUS_NAMES: Record<number, string> = {
   14: "CUBLAS_STATUS_INTERNAL_ERROR", 15: "CUBLAS_STATUS_NOT_SUPPORTED", 16: "CUBLAS_STATUS_LICENSE_ERROR",
 };
 
+function planKey(n: number, N: number, K: number, out: GemmOutDtype, bias: CuPtr, ldOut: number): string {
+  return `${n},${N},${K},${out},${bias !== 0n ? 1 : 0}${ldOut !== N ? `,ld${ldOut}` : ""}`;
+}
+
 export class CublasLt {
   readonly path: string;
   readonly version: number;
@@ -218,8 +222,14 @@ export class CublasLt {
     this.#tuner = tuner;
   }
 
+  /** Whether the next matmul of this shape would tune its plan (it has none yet, and tuning is on). */
+  wouldTune(n: number, N: number, K: number, out: GemmOutDtype, bias: CuPtr, ldOut = N): boolean {
+    const t = this.#tuner;
+    return !this.#plans.has(planKey(n, N, K, out, bias, ldOut)) && t !== null && n <= TUNE_MAX_ROWS && t.canTune();
+  }
+
   #plan(n: number, N: number, K: number, out: GemmOutDtype, bias: CuPtr, ptrs: { out: CuPtr; x: CuPtr; w: CuPtr }, ldOut: number): Plan {
-    const key = `${n},${N},${K},${out},${bias !== 0n ? 1 : 0}${ldOut !== N ? `,ld${ldOut}` : ""}`;
+    const key = planKey(n, N, K, out, bias, ldOut);
     const cached = this.#plans.get(key);
     if (cached) return cached;
     const what = `linear n=${n} N=${N} K=${K} out=${out}${bias !== 0n ? " +bias" : ""}${ldOut !== N ? ` ldOut=${ldOut}` : ""}`;
@@ -239,7 +249,7 @@ export class CublasLt {
     const b = this.#layout(CUDA_R_16BF, K, n, K);
     const d = this.#layout(out === "f32" ? CUDA_R_32F : CUDA_R_16BF, N, n, ldOut);
     const tuner = this.#tuner;
-    const tune = tuner !== null && n <= TUNE_MAX_ROWS && tuner.canTune();
+    const tune = tuner !== null && n <= TUNE_MAX_ROWS && tuner.canTune() && ptrs.out !== 0n;
     const want = tune ? TUNE_CANDIDATES : 1;
     const results = new Uint8Array(HEURISTIC_RESULT_BYTES * want);
     const count = new Int32Array(1);
@@ -281,18 +291,24 @@ export class CublasLt {
    * out[n, N] = x[n, K] @ w[N, K]^T (+ bias[N]); x and w bf16, out bf16 or f32, bias
    * of out's dtype (0n for none). Enqueued on the handle's stream; graph-capturable.
    * ldOut: out's row stride in elements (default N; larger writes N columns of a wider matrix).
+   * acc.accumulate: out += ... instead (beta 1), onto a LoRA term written first.
    */
-  matmul(out: CuPtr, outDtype: GemmOutDtype, x: CuPtr, w: CuPtr, n: number, N: number, K: number, bias: CuPtr = 0n, ldOut = N): void {
+  matmul(out: CuPtr, outDtype: GemmOutDtype, x: CuPtr, w: CuPtr, n: number, N: number, K: number, bias: CuPtr = 0n, ldOut = N,
+    acc: { accumulate: boolean; tuneOut: CuPtr } | null = null): void {
     if (n === 0) return;
-    const p = this.#plan(n, N, K, outDtype, bias, { out, x, w }, ldOut);
+    // Tuning runs candidates with beta 0: for an accumulating call they write into
+    // `tuneOut` (n x ldOut of out's dtype), or tuning is skipped, so out's old values survive.
+    const tuneTo = acc?.accumulate ? acc.tuneOut : out;
+    const p = this.#plan(n, N, K, outDtype, bias, { out: tuneTo, x, w }, ldOut);
     if (p.hasBias) {
       // The descriptor is shared by every layer of this shape; the bias differs per layer.
       this.#u64[0] = bias;
       this.#setDesc(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, this.#u64);
     }
-    const rc = this.#f.cublasLtMatmul(this.#handle, p.desc, this.#alpha, w, p.a, x, p.b, this.#beta, out, p.d, out, p.d,
+    const beta = acc?.accumulate ? this.#one : this.#beta;
+    const rc = this.#f.cublasLtMatmul(this.#handle, p.desc, this.#alpha, w, p.a, x, p.b, beta, out, p.d, out, p.d,
       p.algo, this.#workspace, this.#workspaceBytes, this.#stream) as number;
-    if (rc !== CUBLAS_STATUS_SUCCESS) this.#check("cublasLtMatmul", rc, `n=${n} N=${N} K=${K} out=${outDtype}`);
+    if (rc !== CUBLAS_STATUS_SUCCESS) this.#check("cublasLtMatmul", rc, `n=${n} N=${N} K=${K} out=${outDtype}${acc?.accumulate ? " accumulate" : ""}`);
   }
 
   /**

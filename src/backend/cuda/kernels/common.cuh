@@ -15,20 +15,36 @@ __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); 
 
 // Programmatic dependent launch (sm_90+). The host launches the kernels listed in
 // ops.ts PDL_KERNELS with programmatic stream serialization, so such a kernel may start
-// while the kernel before it on the stream is still finishing; pdl_wait() blocks until
+// while the kernel before it on the stream is still running; pdl_wait() blocks until
 // that one has completed and its writes are visible. Rules that keep this safe:
 // - every PDL kernel calls pdl_wait() on every path, before it reads anything an earlier
 //   kernel of the step wrote and before it writes anything (so its own completion still
 //   implies its predecessor's, and a chain of them stays ordered);
-// - no kernel triggers its dependents early (griddepcontrol.launch_dependents): a
-//   dependent starts only as its predecessor's last blocks finish, so work before the
-//   wait may read only what is fixed during a step (weights, adapter slots, the step's
-//   metadata) - never activations.
+// - work before the wait reads only what is fixed during a step (weights, adapter slots,
+//   the step's metadata), never activations.
+// pdl_wait() then triggers this kernel's own dependents (griddepcontrol.launch_dependents):
+// the next PDL kernel may launch once every block of this one has passed its wait, instead
+// of when they exit, so its launch latency and its pre-wait work overlap this kernel. That
+// is safe by the first rule: the dependent still waits for this kernel's completion before
+// touching activations, and every block of this one is already resident, so the early
+// blocks only take what is left over. Compile with -DINLAID_PDL_TRIGGER=0
+// (INLAID_PDL_TRIGGER=0 in the environment) to trigger at exit instead.
 // Without PDL (older GPUs, INLAID_PDL=0) the wait is a no-op: the stream orders kernels.
+#ifndef INLAID_PDL_TRIGGER
+#define INLAID_PDL_TRIGGER 1
+#endif
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
+#if INLAID_PDL_TRIGGER
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
+#endif
+}
+
+// Requests the 128-byte line holding p into L2 (no register, no wait).
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
 // Live row count of a launch over `cap` rows: *live (an i32 in device memory) or cap.

@@ -1,5 +1,8 @@
 // Batched multi-LoRA: out[i] += scales[s] * B_s[:, :r_s] @ (A_s[:r_s, :] @ x[i]) for every
 // live row i (< counts[0]) whose adapter slot s = loraSlots[i] is >= 0; ranks mixed freely.
+// lora_bgmv_fused with write = 1 writes instead: out[i] = that term for every row i < cap,
+// 0 for rows without an adapter or past the live rows (the base GEMM then accumulates onto
+// it: backend.ts loraFirst).
 // Reference: src/backend/cpu/cpu_backend.ts (lora).
 //
 // Layouts: x bf16 [cap, K] (a matmul input); out f32 [cap, N] (the base projection's f32
@@ -410,24 +413,54 @@ constexpr int kMaxSplits = 4;
 // multiple of 8. A slot holds S (A, B, rank, scale): A [S][maxRank][K] per slot, so the
 // shrink runs over S * maxRank "virtual ranks" v = j * maxRank + r, valid when r is below
 // split j's rank; B keeps one row per output column ([N][maxRank] per slot).
-extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(128)
+extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(128, 1)
     lora_bgmv_fused(float* __restrict__ out, const bf16* __restrict__ x, const bf16* __restrict__ A, const bf16* __restrict__ B,
                     const int* __restrict__ ranks, const float* __restrict__ scales, const int* __restrict__ loraSlots,
                     const int* __restrict__ queryStart, const int* __restrict__ counts, int seqCap, int cap, int K, int N,
-                    int maxRank, int mode, int S, int o1, int o2, int o3) {
+                    int maxRank, int mode, int S, int o1, int o2, int o3, int write) {
   __shared__ float part[kMaxSplits * kFusedMaxRank];  // this CTA's share of A x (its eighth of K)
   __shared__ float tv[kMaxSplits * kFusedMaxRank];    // A x, summed over the cluster; zero where invalid
   __shared__ int rk[kMaxSplits];
-  pdl_wait();
   const int row = blockIdx.x / kCluster;
   const unsigned crank = cluster_ctarank();
+  const int kv = K / 8, kper = (kv + kCluster - 1) / kCluster;
+  const int kv0 = crank * kper, kv1 = min(kv, kv0 + kper);
+  const int nv = N / 8, nper = (nv + kCluster - 1) / kCluster;
+  const int nv0 = crank * nper, nv1 = min(nv, (int)(crank + 1) * nper);
+  // Before the wait, only what is fixed during a step (common.cuh): the row's slot and
+  // ranks, and this CTA's slices of A and B requested into L2, so that the weights' DRAM
+  // latency overlaps the kernel before (the norm, attention or silu-mul that makes x, when
+  // the LoRA term is issued before the base GEMM: backend.ts loraFirst).
+  const int slot = row_slot(loraSlots, queryStart, counts, seqCap, cap, row, mode, true);
+  int any = 0;
+  if (slot >= 0) {
+    for (int j = 0; j < S; j++) any |= ranks[slot * S + j];
+  }
+  if (any != 0) {
+    const char* aSlot = reinterpret_cast<const char*>(A + (long long)slot * S * maxRank * K);
+    const int aLines = (max(0, kv1 - kv0) * 16 + 127) / 128;  // 128-byte lines of one A row's K slice
+    for (int i = threadIdx.x; i < S * maxRank * aLines; i += blockDim.x) {
+      const int v = i / aLines;
+      if (v % maxRank < ranks[slot * S + v / maxRank]) prefetch_l2(aSlot + (long long)v * K * 2 + kv0 * 16 + (i % aLines) * 128);
+    }
+    const char* bSlice = reinterpret_cast<const char*>(B + ((long long)slot * N + nv0 * 8) * maxRank);
+    const int bBytes = max(0, nv1 - nv0) * 8 * maxRank * 2;
+    for (int i = threadIdx.x * 128; i < bBytes; i += blockDim.x * 128) prefetch_l2(bSlice + i);
+  }
+  pdl_wait();
   // Every CTA of a cluster has the same row, so they all return here or none does (the
   // cluster barriers below need all eight).
-  const int slot = row_slot(loraSlots, queryStart, counts, seqCap, cap, row, mode, true);
-  if (slot < 0) return;
-  int any = 0;
-  for (int j = 0; j < S; j++) any |= ranks[slot * S + j];
-  if (any == 0) return;
+  if (any == 0) {
+    // No adapter (or a dead row): in write mode the row's term is zero.
+    if (write) {
+      for (int u = nv0 + threadIdx.x; u < nv1; u += blockDim.x) {
+        float4* d4 = reinterpret_cast<float4*>(out + (long long)row * N + u * 8);
+        d4[0] = make_float4(0.f, 0.f, 0.f, 0.f);
+        d4[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+    }
+    return;
+  }
   if (threadIdx.x < kMaxSplits) rk[threadIdx.x] = threadIdx.x < S ? min(ranks[slot * S + threadIdx.x], kFusedMaxRank) : 0;
   __syncthreads();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -435,8 +468,6 @@ extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(128)
 
   // Shrink over this CTA's slice of K (in 8-element vectors): warp w owns virtual ranks
   // 4w..4w+3, then 16 + 4w..., the lanes stride the slice.
-  const int kv = K / 8, kper = (kv + kCluster - 1) / kCluster;
-  const int kv0 = crank * kper, kv1 = min(kv, kv0 + kper);
   const uint4* xr = reinterpret_cast<const uint4*>(x + (long long)row * K);
   const bf16* aSlot = A + (long long)slot * V * K;
   for (int v0 = warp * 4; v0 < V; v0 += 16) {
@@ -501,20 +532,28 @@ extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(128)
   __syncthreads();
 
   // Expand this CTA's eighth of N (in 8-output vectors); each vector lies in one split.
-  const int nv = N / 8, nper = (nv + kCluster - 1) / kCluster;
-  const int nv1 = min(nv, (int)(crank + 1) * nper);
-  for (int u = crank * nper + threadIdx.x; u < nv1; u += blockDim.x) {
+  for (int u = nv0 + threadIdx.x; u < nv1; u += blockDim.x) {
     const int n0 = u * 8;
     const int j = (S > 3 && n0 >= o3) ? 3 : (S > 2 && n0 >= o2) ? 2 : (S > 1 && n0 >= o1) ? 1 : 0;
     const int rank = rk[j];
-    if (rank <= 0) continue;
+    float4* d4 = reinterpret_cast<float4*>(out + (long long)row * N + n0);
+    if (rank <= 0) {
+      if (write) {
+        d4[0] = make_float4(0.f, 0.f, 0.f, 0.f);
+        d4[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+      continue;
+    }
     const float scale = scales[slot * S + j];
     const float* tj = tv + j * maxRank;
     const bf16* bb = B + ((long long)slot * N + n0) * maxRank;
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    // out's old values load together with the first B rows (independent of each other).
-    float4* d4 = reinterpret_cast<float4*>(out + (long long)row * N + n0);
-    float4 oa = d4[0], ob = d4[1];
+    // out's old values (add mode) load together with the first B rows (independent of each other).
+    float4 oa = make_float4(0.f, 0.f, 0.f, 0.f), ob = oa;
+    if (!write) {
+      oa = d4[0];
+      ob = d4[1];
+    }
     if (maxRank % 8 == 0) {
       // Sixteen ranks per trip (two 8-rank chunks of 8 B rows), loads before math.
       for (int rc = 0; rc < rank; rc += 16) {
