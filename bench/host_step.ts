@@ -15,7 +15,10 @@
 //
 //   npx tsx bench/host_step.ts [--config DIR] [--batch 32] [--prompt-len 128] [--gen 128]
 //                              [--adapters 8] [--rounds 20] [--warmup-rounds 5] [--evict-kib 0]
+//                              [--compact 0|1]
 //
+// --compact 1 packs with step_layout's compact layout (decode steps' token rows in
+// seqs-sized regions; a smaller upload), which CudaBackend does not use yet.
 // --evict-kib N walks N KiB of unrelated memory while each step "computes" (in the wait
 // for its tokens, which is not host time), as the driver's graph launch and
 // synchronization do on the GPU host: the engine's next host work then starts with
@@ -49,10 +52,11 @@ interface Options {
   rounds: number;
   warmupRounds: number;
   evictKib: number;
+  compact: boolean;
 }
 
 function parseArgs(argv: string[]): Options {
-  const o: Options = { config: "bench/configs/llama-2-7b", batch: 32, promptLen: 128, gen: 128, adapters: 8, rounds: 20, warmupRounds: 5, evictKib: 0 };
+  const o: Options = { config: "bench/configs/llama-2-7b", batch: 32, promptLen: 128, gen: 128, adapters: 8, rounds: 20, warmupRounds: 5, evictKib: 0, compact: false };
   for (let i = 0; i < argv.length; i += 2) {
     const k = argv[i]!, v = argv[i + 1];
     if (v === undefined) throw new Error(`${k} needs a value`);
@@ -66,6 +70,7 @@ function parseArgs(argv: string[]): Options {
       case "--rounds": o.rounds = n; break;
       case "--warmup-rounds": o.warmupRounds = n; break;
       case "--evict-kib": o.evictKib = n; break;
+      case "--compact": o.compact = n === 1; break;
       default: throw new Error(`unknown option ${k}`);
     }
   }
@@ -99,9 +104,9 @@ class HostOnlyBackend {
   readonly #evict: Int32Array;
   evictSum = 0;
 
-  constructor(capacity: { tokens: number; seqs: number; blocksPerSeq: number }, readonly vocab: number, evictKib: number) {
+  constructor(capacity: { tokens: number; seqs: number; blocksPerSeq: number }, readonly vocab: number, evictKib: number, compact: boolean) {
     this.#evict = new Int32Array(evictKib * 256);
-    this.#layout = stepLayout(capacity);
+    this.#layout = stepLayout(capacity, { compact });
     this.#views = stagingViews(new ArrayBuffer(this.#layout.totalWords * 4));
     this.#tokens = new Int32Array(capacity.seqs);
     this.#result = { tokens: this.#tokens, logprobs: new Float32Array(capacity.seqs), topIds: new Int32Array(0), topLogprobs: new Float32Array(0) };
@@ -167,7 +172,7 @@ function makeEngine(o: Options, config: ModelConfig, tokenizer: TextTokenizer, p
   const maxBatchedTokens = Math.max(o.promptLen, Math.min(o.batch * o.promptLen, 8192), maxLen);
   const maxTokens = maxBatchedTokens + o.batch;
   const blocksPerSeq = Math.ceil(maxLen / blockSize);
-  const backend = new HostOnlyBackend({ tokens: maxTokens, seqs: o.batch, blocksPerSeq }, config.vocabSize, o.evictKib);
+  const backend = new HostOnlyBackend({ tokens: maxTokens, seqs: o.batch, blocksPerSeq }, config.vocabSize, o.evictKib, o.compact);
   const names = Array.from({ length: o.adapters }, (_, i) => `synthetic-${i}`);
   const registered = new Map(names.map((name, id) => [name, { id, name, path: "", adapter: { maxRank: 16 } }]));
   const registry = { get: (n: string) => registered.get(n), list: () => [...registered.values()] };
@@ -264,7 +269,7 @@ async function main(): Promise<void> {
   console.log(JSON.stringify({
     bench: "host_step (engine + packStep JS host work on the CPU; no device, no FFI)",
     node: process.version,
-    workload: { config: o.config, batch: o.batch, prompt_len: o.promptLen, gen: o.gen, adapters: o.adapters, rounds: o.rounds, warmup_rounds: o.warmupRounds, evict_kib: o.evictKib },
+    workload: { config: o.config, batch: o.batch, prompt_len: o.promptLen, gen: o.gen, adapters: o.adapters, rounds: o.rounds, warmup_rounds: o.warmupRounds, evict_kib: o.evictKib, compact_layout: o.compact },
     decode_steps: s1.decodeSteps - s0.decodeSteps,
     phases_us: {
       schedule: us("schedule"),

@@ -549,9 +549,9 @@ export class Engine implements ServingEngine {
       s.outputIds.push(tok);
       if (s.outputIds.length === 1) s.firstTokenAt = t3;
       let lps = NO_LOGPROBS;
-      if (s.params.logprobs >= 0) {
+      if (s.logprobs >= 0) {
         const top = [];
-        for (let i = 0; i < Math.min(s.params.logprobs, nTop); i++) {
+        for (let i = 0; i < Math.min(s.logprobs, nTop); i++) {
           top.push({ tokenId: result.topIds[r * nTop + i]!, logprob: result.topLogprobs[r * nTop + i]! });
         }
         lps = [{ tokenId: tok, logprob: result.logprobs[r]!, top }];

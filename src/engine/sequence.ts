@@ -29,6 +29,8 @@ export class Sequence implements QueuedRequest {
   readonly promptTokens: number;
   readonly maxTokens: number;
   readonly ignoreEos: boolean;
+  /** params.logprobs: top log-probs per token (0: the chosen token's only, -1: none). */
+  readonly logprobs: number;
   /** The request has stop strings (its text is matched as its tokens arrive). */
   readonly hasStops: boolean;
 
@@ -50,6 +52,7 @@ export class Sequence implements QueuedRequest {
     this.promptTokens = promptIds.length;
     this.maxTokens = params.maxTokens;
     this.ignoreEos = params.ignoreEos;
+    this.logprobs = params.logprobs;
     this.hasStops = stop.active;
   }
 

@@ -120,6 +120,7 @@ describe("packStep", () => {
     const { packed, v } = pack(b, layout);
     expect(packed).toEqual({
       padTokens: 8, padSeqs: 4, padSample: 4, copyWords: layout.blockTables + 3 * B, anyLora: true, hasPrefill: true, hasDecode: true,
+      compact: false,
     });
     const i32 = (off: number, n: number) => Array.from(v.i32.subarray(off, off + n));
     expect(i32(layout.counts, 4)).toEqual([5, 3, 3, 8]);
@@ -172,5 +173,83 @@ describe("packStep", () => {
     const { packed, v } = pack(b, layout);
     expect(packed.copyWords).toBe(layout.blockTables + 2 * B);
     expect(Array.from(v.i32.subarray(layout.blockTables, layout.blockTables + 2 * B))).toEqual([0, 1, -1, -1, 10, 11, 12, -1]);
+  });
+});
+
+describe("compact layout", () => {
+  const B = 4;
+  const cap = { tokens: 300, seqs: 16, blocksPerSeq: B };
+  const layout = stepLayout(cap, { compact: true });
+
+  it("puts seqs-row token regions first and the full-size ones after the block tables", () => {
+    const c = layout.compactTokens!;
+    const regions: [string, number, number][] = [
+      ["counts", layout.counts, 4], ["c.tokenIds", c.tokenIds, 16], ["c.positions", c.positions, 16],
+      ["c.slotMapping", c.slotMapping, 16], ["c.loraSlots", c.loraSlots, 16], ["queryStart", layout.queryStart, 17],
+      ["contextLens", layout.contextLens, 16], ["sampleRows", layout.sampleRows, 16], ["temperature", layout.temperature, 16],
+      ["topP", layout.topP, 16], ["topK", layout.topK, 16], ["seeds", layout.seeds, 16], ["counters", layout.counters, 16],
+      ["blockTables", layout.blockTables, 16 * B], ["tokenIds", layout.tokenIds, 300], ["positions", layout.positions, 300],
+      ["slotMapping", layout.slotMapping, 300], ["loraSlots", layout.loraSlots, 300],
+    ];
+    for (let i = 0; i < regions.length; i++) {
+      const [name, off, len] = regions[i]!;
+      expect(off % 64, `${name} aligned to 256 bytes`).toBe(0);
+      if (i > 0) {
+        const [, poff, plen] = regions[i - 1]!;
+        expect(off, `${name} after its predecessor`).toBeGreaterThanOrEqual(poff + plen);
+      }
+      expect(off + len).toBeLessThanOrEqual(layout.totalWords);
+    }
+    // The default layout is unchanged by the option's existence.
+    expect(stepLayout(cap).compactTokens).toBeNull();
+    expect(stepLayout(cap).tokenIds).toBe(64);
+  });
+
+  it("packs a decode step into the compact regions and uploads only up to its block-table rows", () => {
+    const b = batch([1, 1, 1], [5, 18, 40], B, [2, -1, 0]);
+    const buf = new ArrayBuffer(layout.totalWords * 4);
+    const { packed, v } = pack(b, layout, buf);
+    const c = layout.compactTokens!;
+    expect(packed).toEqual({
+      padTokens: 4, padSeqs: 4, padSample: 4, copyWords: layout.blockTables + 3 * B, anyLora: true, hasPrefill: false, hasDecode: true,
+      compact: true,
+    });
+    const i32 = (off: number, n: number) => Array.from(v.i32.subarray(off, off + n));
+    expect(i32(c.tokenIds, 4)).toEqual([100, 101, 102, 0]);
+    expect(i32(c.positions, 4)).toEqual([4, 17, 39, 0]);
+    expect(i32(c.slotMapping, 4)).toEqual([1000, 2000, 3000, -1]);
+    expect(i32(c.loraSlots, 4)).toEqual([2, -1, 0, -1]);
+    expect(i32(layout.queryStart, 5)).toEqual([0, 1, 2, 3, 3]);
+    expect(i32(layout.blockTables, 3 * B)).toEqual([0, -1, -1, -1, 10, 11, -1, -1, 20, 21, 22, -1]);
+    // The full-size token regions are not written (nor uploaded).
+    expect(v.i32[layout.tokenIds]).toBe(0x7eadbeef);
+    expect(v.i32[packed.copyWords]).toBe(0x7eadbeef);
+    // About 12 * seqs + live block rows: far less than the default layout's prefix.
+    const plain = pack(b, stepLayout(cap)).packed.copyWords;
+    expect(packed.copyWords).toBeLessThan(plain / 2);
+  });
+
+  it("packs a step of more rows than sequences into the full-size regions and uploads through them", () => {
+    const b = batch([12, 1, 4], [12, 18, 40], B);
+    const { packed, v } = pack(b, layout);
+    expect(packed.padTokens).toBe(24);
+    expect(packed.compact).toBe(false);
+    expect(packed.copyWords).toBe(layout.loraSlots + 24);
+    const i32 = (off: number, n: number) => Array.from(v.i32.subarray(off, off + n));
+    expect(i32(layout.tokenIds, 24)).toEqual([...Array.from({ length: 17 }, (_, t) => 100 + t), 0, 0, 0, 0, 0, 0, 0]);
+    expect(i32(layout.slotMapping + 16, 8)).toEqual([3003, -1, -1, -1, -1, -1, -1, -1]);
+    expect(v.i32[layout.compactTokens!.tokenIds]).toBe(0x7eadbeef);
+    expect(i32(layout.blockTables, 3 * B)).toEqual([0, -1, -1, -1, 10, 11, -1, -1, 20, 21, 22, -1]);
+  });
+
+  it("chooses the regions by the padded row count alone (one choice per graph bucket)", () => {
+    // capacity.seqs 12 is not a bucket: 9..12 rows pad to 16 and cannot use the 12-row regions.
+    const odd = stepLayout({ tokens: 300, seqs: 12, blocksPerSeq: B }, { compact: true });
+    expect(pack(batch(new Array(8).fill(1), new Array(8).fill(3), B), odd).packed.compact).toBe(true);
+    expect(pack(batch([1], [3], B), odd).packed.compact).toBe(true);
+    // A small prefill fits as well as a decode of the same bucket.
+    expect(pack(batch([3, 1], [3, 3], B), odd).packed.compact).toBe(true);
+    const nine = batch(new Array(9).fill(1), new Array(9).fill(3), B);
+    expect(capacityShortfall(nine, odd.capacity)).toMatch(/9 sequences/);
   });
 });

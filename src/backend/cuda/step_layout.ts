@@ -26,6 +26,15 @@
 //   blockTables  [seqs * B]     i32, row stride B = the capacity's blocksPerSeq (a step
 //                               with fewer blocks per sequence is re-strided, -1 filled);
 //                               rows of padded sequences are not uploaded (context 0)
+//
+// Compact layout (stepLayout(capacity, { compact: true })): the four token regions
+// above, sized at `tokens`, move after blockTables, and a second set of them sized at
+// `seqs` comes right after counts. A step whose token rows fit that second set (every
+// decode step: one row per sequence) is packed there (PackedStep.compact), and its
+// copy stops after the live block-table rows, so it uploads about
+// 12 * seqs + numSeqs * B words instead of 4 * tokens + ... (tokens is the prefill
+// budget, thousands of rows). Kernels must then read token rows from the set the step
+// was packed into; which one is a function of padTokens (so of a graph's bucket key).
 
 import type { StepBatch } from "../backend.js";
 
@@ -36,8 +45,16 @@ export interface StepCapacity {
   readonly blocksPerSeq: number;
 }
 
+/** Word offsets of the four per-token regions. */
+export interface TokenRegions {
+  readonly tokenIds: number;
+  readonly positions: number;
+  readonly slotMapping: number;
+  readonly loraSlots: number;
+}
+
 /** Word offsets of each region in the metadata buffer. */
-export interface StepLayout {
+export interface StepLayout extends TokenRegions {
   readonly capacity: StepCapacity;
   readonly counts: number;
   readonly tokenIds: number;
@@ -54,6 +71,8 @@ export interface StepLayout {
   readonly counters: number;
   readonly blockTables: number;
   readonly totalWords: number;
+  /** Compact layouts: token regions of capacity.seqs rows, for steps of at most that many padded rows. */
+  readonly compactTokens: TokenRegions | null;
 }
 
 /** Words per 256 bytes: every region is aligned for vector loads and cuBLAS-style alignment. */
@@ -86,7 +105,7 @@ export function decodeGraphKey(batch: Pick<StepBatch, "numTokens" | "numSeqs" | 
   return `decode:${bucketRows(n)}`;
 }
 
-export function stepLayout(capacity: StepCapacity): StepLayout {
+export function stepLayout(capacity: StepCapacity, opts: { readonly compact?: boolean } = {}): StepLayout {
   const { tokens, seqs, blocksPerSeq } = capacity;
   if (tokens < 1 || seqs < 1 || blocksPerSeq < 1) {
     throw new Error(`step capacity needs at least one token, sequence and block (got ${tokens}, ${seqs}, ${blocksPerSeq})`);
@@ -97,11 +116,11 @@ export function stepLayout(capacity: StepCapacity): StepLayout {
     at = alignUp(at + words, ALIGN_WORDS);
     return start;
   };
+  const tokenRegions = (rows: number): TokenRegions =>
+    ({ tokenIds: region(rows), positions: region(rows), slotMapping: region(rows), loraSlots: region(rows) });
   const counts = region(4);
-  const tokenIds = region(tokens);
-  const positions = region(tokens);
-  const slotMapping = region(tokens);
-  const loraSlots = region(tokens);
+  const compactTokens = opts.compact ? tokenRegions(seqs) : null;
+  const full = opts.compact ? null : tokenRegions(tokens);
   const queryStart = region(seqs + 1);
   const contextLens = region(seqs);
   const sampleRows = region(seqs);
@@ -111,9 +130,10 @@ export function stepLayout(capacity: StepCapacity): StepLayout {
   const seeds = region(seqs);
   const counters = region(seqs);
   const blockTables = region(seqs * blocksPerSeq);
+  const { tokenIds, positions, slotMapping, loraSlots } = full ?? tokenRegions(tokens);
   return {
     capacity, counts, tokenIds, positions, slotMapping, loraSlots, queryStart, contextLens, sampleRows,
-    temperature, topP, topK, seeds, counters, blockTables, totalWords: at,
+    temperature, topP, topK, seeds, counters, blockTables, totalWords: at, compactTokens,
   };
 }
 
@@ -133,6 +153,8 @@ export interface PackedStep {
   readonly hasPrefill: boolean;
   /** Some sequence has exactly one query row (decode kernels have work). */
   readonly hasDecode: boolean;
+  /** The token rows are in the layout's compactTokens regions (else in its full-size ones). */
+  readonly compact: boolean;
 }
 
 /** The three views of one staging buffer that packing writes through. */
@@ -195,10 +217,12 @@ export function packStep(batch: StepBatch, layout: StepLayout, v: StagingViews):
   i32[c + 2] = M;
   i32[c + 3] = padTokens;
 
-  put(i32, layout.tokenIds, batch.tokenIds, T, padTokens, 0);
-  put(i32, layout.positions, batch.positions, T, padTokens, 0);
-  put(i32, layout.slotMapping, batch.slotMapping, T, padTokens, -1);
-  put(i32, layout.loraSlots, batch.loraSlots, T, padTokens, -1);
+  const compact = layout.compactTokens !== null && padTokens <= layout.capacity.seqs;
+  const tr = compact ? layout.compactTokens! : layout;
+  put(i32, tr.tokenIds, batch.tokenIds, T, padTokens, 0);
+  put(i32, tr.positions, batch.positions, T, padTokens, 0);
+  put(i32, tr.slotMapping, batch.slotMapping, T, padTokens, -1);
+  put(i32, tr.loraSlots, batch.loraSlots, T, padTokens, -1);
   let anyLora = false;
   const ls = batch.loraSlots;
   for (let t = 0; t < T; t++) {
@@ -237,5 +261,8 @@ export function packStep(batch: StepBatch, layout: StepLayout, v: StagingViews):
       i32.fill(-1, row + Bb, row + B);
     }
   }
-  return { padTokens, padSeqs, padSample, copyWords: layout.blockTables + S * B, anyLora, hasPrefill, hasDecode };
+  // The copy ends after the live block-table rows, or (full-size token rows after them
+  // in a compact layout) after the last padded token row.
+  const copyWords = layout.compactTokens !== null && !compact ? layout.loraSlots + padTokens : layout.blockTables + S * B;
+  return { padTokens, padSeqs, padSample, copyWords, anyLora, hasPrefill, hasDecode, compact };
 }
