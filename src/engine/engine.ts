@@ -185,6 +185,7 @@ export class Engine implements ServingEngine {
   };
   /** The forward of the step being launched, made once (a closure per step is garbage per step). */
   readonly #forward = (): Tensor => this.#model.forward(this.#launched.prepared!, this.#kv);
+  /** Resolves a promise on the next event-loop turn; made once for the same reason. */
   readonly #yieldExecutor = (resolve: () => void): void => {
     setImmediate(resolve);
   };
@@ -199,8 +200,8 @@ export class Engine implements ServingEngine {
    */
   readonly #rowSeq: (BatchedSeq | null)[] = [];
   #rowsStale = false;
-  #rowBlocks: Int32Array;
-  #rowTop: Int32Array;
+  readonly #rowBlocks: Int32Array;
+  readonly #rowTop: Int32Array;
   #rowsBuilt = 0;
   /** Decode-only batches (one token per sequence) by sequence count: views made once. */
   readonly #decodeBatches: (StepViews | undefined)[] = [];
