@@ -258,6 +258,7 @@ export class CudaBackend implements Backend {
   #stagingViews: StagingViews | null = null;
   #stagingBusy = false;
   #deviceStep: DeviceStep | null = null;
+  #compactStep: DeviceStep | null = null;
   #initialCapacity: Partial<StepCapacity>;
 
   #current: CudaPrepared | null = null;
@@ -636,7 +637,8 @@ export class CudaBackend implements Backend {
       this.#d.eventRecord(this.#stagingEvent, this.#stream);
       this.#stagingBusy = true;
       const run: StepRun = {
-        step: this.#deviceStep!,
+        // Which token regions a step uses depends only on padTokens, part of every graph key.
+        step: packed.compact ? this.#compactStep! : this.#deviceStep!,
         padTokens: packed.padTokens,
         padSeqs: packed.padSeqs,
         padSample: packed.padSample,
@@ -666,7 +668,9 @@ export class CudaBackend implements Backend {
 
   /** (Re)allocates the metadata buffers at `capacity`. Drops graphs (addresses change). */
   #relayout(capacity: StepCapacity): void {
-    const layout = stepLayout(capacity);
+    // Compact: decode steps' token rows sit in seqs-sized regions before the block tables,
+    // so their upload stops after the live block-table rows (step_layout.ts).
+    const layout = stepLayout(capacity, { compact: process.env.INLAID_COMPACT_STEP !== "0" });
     this.#d.streamSynchronize(this.#stream);
     this.#stagingBusy = false;
     if (this.#meta !== 0n) {
@@ -692,6 +696,14 @@ export class CudaBackend implements Backend {
       temperature: at(layout.temperature), topP: at(layout.topP), topK: at(layout.topK), seeds: at(layout.seeds),
       counters: at(layout.counters), blocksPerSeq: capacity.blocksPerSeq, capTokens: capacity.tokens, capSeqs: capacity.seqs,
     };
+    // The same step read through the compact token regions (steps whose packing says so).
+    const ct = layout.compactTokens;
+    this.#compactStep = ct
+      ? {
+        ...this.#deviceStep, tokenIds: at(ct.tokenIds), positions: at(ct.positions), slotMapping: at(ct.slotMapping),
+        loraSlots: at(ct.loraSlots), capTokens: capacity.seqs,
+      }
+      : null;
     this.#current = null;
     this.#ensureLoraScratch();
   }
