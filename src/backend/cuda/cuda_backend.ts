@@ -230,6 +230,13 @@ export class CudaBackend implements Backend {
   readonly #workspace: bigint;
   readonly #graphsEnabled: boolean;
   readonly #stagingEvent: bigint;
+  /** Recorded after each sampling's copy back; polled by a "poll" wait (INLAID_CUDA_SYNC). */
+  #sampleEvent = 0n;
+  /**
+   * How `PendingSample.wait` waits: "spin" blocks in cuStreamSynchronize (the driver spins);
+   * "poll" loops on cuEventQuery in JavaScript. Default INLAID_CUDA_SYNC, else "spin".
+   */
+  syncMode: "spin" | "poll" = process.env.INLAID_CUDA_SYNC === "poll" ? "poll" : "spin";
   readonly #timing: [bigint, bigint];
 
   readonly #owned = new Set<CudaTensor>();
@@ -1173,6 +1180,10 @@ export class CudaBackend implements Backend {
       this.#ops.sample(this.#operand(lg), p.run, outs);
       words = m * (2 + 2 * K);
       this.#d.memcpyDtoHAsyncPinned(this.#sampleHost!.addr, base, words * 4, this.#stream);
+      if (this.syncMode === "poll") {
+        if (this.#sampleEvent === 0n) this.#sampleEvent = this.#d.eventCreate(CU_EVENT_DISABLE_TIMING);
+        this.#d.eventRecord(this.#sampleEvent, this.#stream);
+      }
     } catch (e) {
       this.#note(e);
       throw e;
@@ -1182,7 +1193,10 @@ export class CudaBackend implements Backend {
       wait: (): SampleResult => {
         if (ticket !== this.#sampleTicket) throw new Error("a pending sample was overtaken by a later one; wait() for each before sampling again");
         try {
-          this.#d.streamSynchronize(this.#stream);
+          if (this.syncMode === "poll" && this.#sampleEvent !== 0n) {
+            // The event follows everything issued so far (nothing is issued before wait()).
+            while (!this.#d.eventQuery(this.#sampleEvent));
+          } else this.#d.streamSynchronize(this.#stream);
         } catch (e) {
           this.#note(e);
           throw e;
@@ -1367,6 +1381,7 @@ export class CudaBackend implements Backend {
     quietly(() => this.#blas.dispose());
     quietly(() => this.#launcher.dispose());
     quietly(() => d.eventDestroy(this.#stagingEvent));
+    if (this.#sampleEvent !== 0n) quietly(() => d.eventDestroy(this.#sampleEvent));
     for (const e of this.#timing) quietly(() => d.eventDestroy(e));
     quietly(() => d.streamDestroy(this.#stream));
     quietly(() => d.primaryCtxRelease(d.device(this.#ordinal)));
