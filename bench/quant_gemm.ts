@@ -5,8 +5,11 @@
 //   node --import tsx bench/quant_gemm.ts [--bits 4,3,2] [--rows 1,8,16,32] [--prefill] [--sweep]
 //     --prefill  also rows 64..512: the fused kernel, dequantize + cuBLASLt, and bf16 (to place
 //                quantFusedMaxRows / INLAID_QUANT_FUSED_MAX_ROWS)
-//     --sweep    also 4-bit, every decode shape at 1, 8, 32 rows, with every warps x splits
-//                launch (INLAID_QGEMM_WARPS, CudaBackend.quantSplits) against the default plan
+//     --sweep    also 4-bit, every decode shape at --sweep-rows (default 1,8,32), with every
+//                warps x splits launch (INLAID_QGEMM_WARPS, CudaBackend.quantSplits) against the
+//                default plan; each row is also printed to stderr as it is measured
+//     --shapes up,qkv,o,gate_up,down  only these shapes;  --no-cublas  skip the bf16 peer;
+//     --no-memory  skip the 7B weight-memory section
 //
 // Timing as bench/kernels.ts: device time per call from CUDA-graph replays of `reps`
 // back-to-back calls (no host launch cost), weights rotated over enough copies to exceed
@@ -31,6 +34,10 @@ const { values } = parseArgs({
     iters: { type: "string", default: "20" },
     prefill: { type: "boolean", default: false },
     sweep: { type: "boolean", default: false },
+    "sweep-rows": { type: "string", default: "1,8,32" },
+    shapes: { type: "string", default: "" },
+    "no-cublas": { type: "boolean", default: false },
+    "no-memory": { type: "boolean", default: false },
   },
 });
 const BITS = values.bits!.split(",").map(Number) as QuantBits[];
@@ -105,15 +112,17 @@ const result: Record<string, unknown> = {
 // ---------------------------------------------------------------- decode shapes
 // Llama-2-7B's decode GEMMs as the engine runs them (q/k/v and gate/up fused along N), and
 // the unfused up_proj of issue 4's targets.
-const SHAPES: [string, number, number][] = [
+const ALL_SHAPES: [string, number, number][] = [
   ["up K4096 N11008", 4096, 11008], ["qkv K4096 N12288", 4096, 12288], ["o K4096 N4096", 4096, 4096],
   ["gate_up K4096 N22016", 4096, 22016], ["down K11008 N4096", 11008, 4096],
 ];
+// --shapes up,o,...: the shapes whose name starts with one of these (all by default).
+const SHAPES = values.shapes ? ALL_SHAPES.filter(([name]) => values.shapes!.split(",").includes(name.split(" ")[0]!)) : ALL_SHAPES;
 const rowsOut: unknown[] = [];
 for (const [name, K, N] of SHAPES) {
   const cublasUs = new Map<number, number>();
-  const dense = weightCopies(gpu, N, K);
-  for (const M of ROWS) {
+  const dense = values["no-cublas"] ? [] : weightCopies(gpu, N, K);
+  for (const M of values["no-cublas"] ? [] : ROWS) {
     const { x, out } = activations(M, K, N);
     cublasUs.set(M, timeCall(`bf16-${N}-${K}-${M}`, (i) => gpu.linear(out, x, dense[i % dense.length]!), out));
     gpu.free(x);
@@ -127,7 +136,7 @@ for (const [name, K, N] of SHAPES) {
       const { x, out } = activations(M, K, N);
       const us = timeCall(`q${bits}-${N}-${K}-${M}`, (i) => gpu.linearQuantized(out, x, copies[i % copies.length]!), out);
       const bytes = layoutBytes(layout) + M * K * 2 + M * N * 4;
-      const cu = cublasUs.get(M)!;
+      const cu = cublasUs.get(M) ?? NaN;
       const plan = fusedPlan(bits, K, N, M, gpu.device.smCount, gpu.quantSplits);
       rowsOut.push({
         op: name, bits, M, K, N, plan: M <= gpu.quantFusedMaxRows ? `w${plan.warps}s${plan.splits}` : "dequant", us: round(us), gbs: Math.round(bytes / us / 1e3), tflops: round((2 * M * N * K) / us / 1e6, 1),
@@ -171,16 +180,17 @@ if (values.prefill) {
 if (values.sweep) {
   const sweep: unknown[] = [];
   const saved = gpu.quantSplits, savedWarps = process.env.INLAID_QGEMM_WARPS;
+  const sweepRows = values["sweep-rows"]!.split(",").map(Number);
   for (const [name, K, N] of SHAPES) {
     const layout = packQuantLayout(randomWeight(4, K, N, 5));
     const copies = quantCopies(layout);
-    for (const M of [1, 8, 32]) {
+    for (const M of sweepRows) {
       const { x, out } = activations(M, K, N);
       const time = (key: string): number => round(timeCall(key, (i) => gpu.linearQuantized(out, x, copies[i % copies.length]!), out));
       gpu.quantSplits = null;
       delete process.env.INLAID_QGEMM_WARPS;
       const auto = fusedPlan(4, K, N, M, gpu.device.smCount);
-      const row: Record<string, unknown> = { op: name, M, auto: `w${auto.warps}s${auto.splits}`, auto_us: time(`sw-${N}-${K}-${M}-auto`) };
+      const row: Record<string, unknown> = { op: name.split(" ")[0], M, auto: `w${auto.warps}s${auto.splits}`, auto_us: time(`sw-${N}-${K}-${M}-auto`) };
       for (const w of FUSED_WARPS) {
         process.env.INLAID_QGEMM_WARPS = String(w);
         for (const S of FUSED_SPLITS) {
@@ -190,6 +200,7 @@ if (values.sweep) {
         }
       }
       sweep.push(row);
+      console.error(JSON.stringify(row));
       gpu.free(x);
       gpu.free(out);
     }
@@ -202,7 +213,7 @@ if (values.sweep) {
 }
 
 // ---------------------------------------------------------------- 4-bit Llama-2-7B weight memory
-{
+if (!values["no-memory"]) {
   const H = 4096, I = 11008, V = 32000, L = 32;
   const groups: [string, number, number][] = [["qkv", H, 3 * H], ["o", H, H], ["gate_up", H, 2 * I], ["down", I, H]];
   const denseBytes = 2 * V * H * 2 + (2 * L + 1) * H * 2; // embed + lm_head, norms (bf16)

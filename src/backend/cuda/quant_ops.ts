@@ -58,14 +58,20 @@ const RESIDENT_SHARE = 0.9;
 export const DEQUANT_CHUNK_ELEMS = 16 << 20;
 /** Shared memory of one SM and what the driver reserves per CTA (sm_90). */
 const SM_SMEM = 228 * 1024, CTA_RESERVED_SMEM = 1024;
-/** The ring's budget per CTA (quant_gemm.cu kRingBudget): two CTAs per SM. */
+/** The ring's budget per CTA (quant_gemm.cu kRingBudget): two 8-warp CTAs per SM. */
 const RING_BUDGET = 112 * 1024;
-/** 8-warp CTAs per SM of the fused kernel's __launch_bounds__(256, 2). */
-const FUSED_MIN_CTAS = 2;
 
 /** Token tiles of 8 rows the fused kernel runs per m-block. */
 export function tokenTiles(rows: number): 1 | 2 | 4 {
   return rows <= 8 ? 1 : rows <= 16 ? 2 : 4;
+}
+
+/**
+ * 8-warp CTAs per SM the registers allow: quant_gemm.cu's __launch_bounds__(256, MINB), MINB 3
+ * for one token tile (80 registers), 2 for two and four (128).
+ */
+function minCtas(T: number): number {
+  return T === 1 ? 3 : 2;
 }
 
 /** Bytes of one ring stage of the fused kernel: per warp B x 512 of words + 384 of scales and zeros, then the x tile. */
@@ -73,9 +79,9 @@ function stageBytes(bits: QuantBits, T: number, warps: number): number {
   return warps * (bits * 512 + 384) + 2048 * T;
 }
 
-/** Ring stages of quant_gemm_b{B}_t{T} (quant_gemm.cu QCfg::kRing): as many 8-warp stages as fit the budget, 2..6. */
+/** Ring stages of quant_gemm_b{B}_t{T} (quant_gemm.cu QCfg::kRing): 3, or 2 where three 8-warp stages pass the budget. */
 export function ringSlots(bits: QuantBits, T: number): number {
-  return Math.max(2, Math.min(6, Math.floor(RING_BUDGET / stageBytes(bits, T, 8))));
+  return Math.floor(RING_BUDGET / stageBytes(bits, T, 8)) >= 3 ? 3 : 2;
 }
 
 /** Dynamic shared memory of a fused launch: the ring (the split partials reuse it: NW x 32 x 8T f32, always smaller). */
@@ -84,11 +90,11 @@ export function fusedSmemBytes(bits: QuantBits, T: number, warps: number): numbe
 }
 
 /**
- * CTAs of a fused launch resident on one SM: registers are cut for two 8-warp CTAs
- * (__launch_bounds__(256, 2): 16 warps per SM), shared memory may hold fewer.
+ * CTAs of a fused launch resident on one SM: the registers' limit (minCtas 8-warp CTAs, twice
+ * as many of 4 warps) or what shared memory holds, whichever is fewer.
  */
 export function ctasPerSm(bits: QuantBits, T: number, warps: number): number {
-  return Math.min((FUSED_MIN_CTAS * 8) / warps, Math.floor(SM_SMEM / (fusedSmemBytes(bits, T, warps) + CTA_RESERVED_SMEM)));
+  return Math.min((minCtas(T) * 8) / warps, Math.floor(SM_SMEM / (fusedSmemBytes(bits, T, warps) + CTA_RESERVED_SMEM)));
 }
 
 export interface FusedPlan {
@@ -137,7 +143,9 @@ function splitsAtMost(n: number, units: number): number {
  * warps, no split (the fewest waves). Chosen from bench/quant_gemm.ts --sweep on an H100
  * (4-bit, every Llama-2-7B decode shape at 1, 8 and 32 rows, warps 4/8 x splits 1..8): the
  * rule's pick was the fastest launch with 1, 2, 4 or 8 splits, or within 1% of it. Splits
- * of 3 and 6 (no longer instantiated) won only once, by 6% (down_proj at 32 rows).
+ * of 3 and 6 (no longer instantiated) won only once, by 6% (down_proj at 32 rows). That sweep
+ * ran the previous loop (deeper ring, two 8-warp CTAs per SM); the rule has not been re-swept
+ * with the 3-stage ring's residency (ctasPerSm).
  */
 export function fusedPlan(bits: QuantBits, K: number, N: number, rows: number, smCount: number, splits?: number | null): FusedPlan {
   const T = tokenTiles(rows);

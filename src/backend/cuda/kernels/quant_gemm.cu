@@ -37,13 +37,21 @@
 // quant_gemm_b{B}_t{T}_c{S} (decode shapes: rows <= 32, T = token tiles of 8 rows; larger
 // row counts run m-blocks of 32 rows, T = 4): grid (m-blocks, ceil(N/32/NW), S), NW = 4 or
 // 8 warps (the launch's block size), one 32-output column per warp. A CTA streams its
-// columns' units of its k range through a ring of R stages in shared memory with cp.async
+// columns' units of its k range through a ring of R (3) stages in shared memory with cp.async
 // (R - 1 units in flight while one is computed: the bytes in flight hide the memory
 // latency); a stage holds every warp's weight words and scale / zero entries and ONE x
 // tile (8T rows x 128 k) that all NW warps read (x in global memory is read once per CTA,
 // not once per warp: at 32 rows x is 4x the bytes of a warp's 4-bit weights). One barrier
 // per unit. Per 32-k block a warp reads its B words of the block and T x fragments from
 // shared memory and runs 2 x 2 x T mma.sync m16n8k16.
+// What bounds the loop at decode sizes is each warp's latency per unit, not the bytes in
+// flight (an H100 sweep: time grew ~0.5-0.8 us per unit a warp streams, also with DRAM mostly
+// idle), so the loop keeps that path short: no integer division (the groups of the copies
+// and of the computed unit are tracked incrementally), a unit that lies in one group (every
+// unit when gs is a multiple of 128) runs its 4 blocks with no branch between them (at most
+// one scale fold, before them), copy addresses are computed once, and with T = 1 the group's
+// partial sums are split by 16-k step parity (two mma chains of 4 instead of one of 8). The
+// ring is shallow (3 stages) so that more CTAs fit an SM (more warps hide each one's latency).
 // Split-K (S > 1; deterministic, graph-capturable, no global scratch): the S CTAs of one
 // (m-block, column tile) are a thread-block cluster (1, 1, S); each sums a contiguous
 // range of units, parks its f32 tile in its shared memory, and after a cluster barrier
@@ -78,10 +86,14 @@ constexpr unsigned kMagic = 0x43004300u;  // bf16x2 {128, 128}
 constexpr unsigned kOne2 = 0x3f803f80u;   // bf16x2 {1, 1}
 
 // The fused kernel's CTA: up to kMaxWarps warps (the launch picks 4 or 8), one 32-output
-// column each. Its shared memory is a ring of R stages, one unit of 128 k each: per warp B x
+// column each. Its shared memory is a ring of kRing stages, one unit of 128 k each: per warp B x
 // 32 lanes of weight words, 4 blocks x 8 entries x 8 B of scales (256 B) and x 4 B of zeros
-// (128 B); then the CTA's x tile (8T rows x 128 k bf16). R is as many stages of an 8-warp
-// CTA as fit kRingBudget (two CTAs per SM), at most 6. quant_ops.ts ringSlots mirrors it.
+// (128 B); then the CTA's x tile (8T rows x 128 k bf16). Three stages (two units in flight
+// while one is computed) already hold more bytes in flight per SM than the memory latency
+// needs; a shallow ring leaves room for more CTAs per SM (quant_ops.ts ctasPerSm), and the
+// loop is bound by each warp's per-unit latency, which more warps per SM hide. Wide stages
+// (8 bits) get two stages where three 8-warp ones would not fit kRingBudget (two CTAs per SM).
+// quant_ops.ts ringSlots mirrors kRing.
 constexpr int kMaxWarps = 8;
 constexpr int kRingBudget = 112 * 1024;
 template <int BITS, int T>
@@ -91,8 +103,7 @@ struct QCfg {
   static constexpr int kZeroOff = BITS * 512 + 256;
   static constexpr int kXBytes = 2048 * T;
   static constexpr int kStageMax = kMaxWarps * kWarpBytes + kXBytes;
-  static constexpr int kFit = kRingBudget / kStageMax;
-  static constexpr int kRing = kFit > 6 ? 6 : kFit < 2 ? 2 : kFit;
+  static constexpr int kRing = kRingBudget / kStageMax >= 3 ? 3 : 2;
 };
 
 __device__ __forceinline__ void cp_async8(unsigned dst, const void* src) {
@@ -264,65 +275,96 @@ __device__ __forceinline__ void quant_gemm(float* __restrict__ out, const bf16* 
   const bool active = col < NC;
   const int mb = blockIdx.x, s = blockIdx.z;  // s: the k split, = the CTA's rank in its cluster (1, 1, C)
   const int row0 = mb * 8 * T;
-  const int nLive = live_rows(live, rows);
-  const int xRows = min(nLive - row0, 8 * T);  // x rows past these are zero-filled, not read
   const int u0 = (s * KU) / C, u1 = ((s + 1) * KU) / C;
   const int stageBytes = NW * Q::kWarpBytes + Q::kXBytes;
   const unsigned ring = smem_addr(qsmem);
 
-  // Copies the weights, scales and zeros of unit u into ring stage `slot`.
+  // Weight copies: the warp's words of unit u start at wsrc + (u - u0) * B * 32 (lane included).
+  // Lane L copies scale / zero entry (block L/8, row L%8) of each unit; its group is tracked
+  // incrementally (cGi, the group of k = 128u + 32(L/8), and cNext, where the next one starts:
+  // no division in the loop). Groups are runs of gs inputs, the last one clamped (G - 1).
+  const uint4* wsrc = qw + ((long long)(active ? col : 0) * KU + u0) * (BITS * 32) + lane;
+  const unsigned wdst = (unsigned)(warp * Q::kWarpBytes);
+  const int ckOff = (lane >> 3) * 32;
+  int cGi = min((u0 * 128 + ckOff) / gs, G - 1);
+  int cNext = (cGi + 1) * gs;
+  const int eBase = col * 8 + (lane & 7);
   auto issueWeights = [&](int u, int slot) {
     if (!active || u >= u1) return;
-    const unsigned dst = ring + (unsigned)(slot * stageBytes + warp * Q::kWarpBytes);
-    const uint4* src = qw + ((long long)col * KU + u) * (BITS * 32);
+    const unsigned dst = ring + (unsigned)(slot * stageBytes) + wdst;
+    const uint4* src = wsrc + (long long)(u - u0) * (BITS * 32);
 #pragma unroll
-    for (int p = 0; p < BITS; p++) cp_async16(dst + (unsigned)((p * 32 + lane) * 16), src + p * 32 + lane, true);
-    // Lane L copies scale / zero entry (block L/8, row L%8) of the unit.
-    const int jb = lane >> 3, rr = lane & 7;
-    const int gi = min((u * 128 + jb * 32) / gs, G - 1);
-    const long long e = ((long long)gi * NC + col) * 8 + rr;
+    for (int p = 0; p < BITS; p++) cp_async16(dst + (unsigned)((p * 32 + lane) * 16), src + p * 32, true);
+    const int k = u * 128 + ckOff;
+    while (k >= cNext && cGi < G - 1) {
+      cGi++;
+      cNext += gs;
+    }
+    const long long e = (long long)cGi * (NC * 8) + eBase;
     cp_async8(dst + Q::kScaleOff + lane * 8, scales + e);
     if (zeros) cp_async4(dst + Q::kZeroOff + lane * 4, zeros + e);
-  };
-  // Copies the x tile of unit u into stage `slot`, in fragment order: 16-byte chunk
-  // q = (4t + j) * 32 + L holds what lane L feeds token tile t in 32-k block j:
-  // x[row0 + 8t + L/4, 128u + 32j + 8(L%4) .. + 7].
-  auto issueX = [&](int u, int slot) {
-    if (u >= u1) return;
-    const unsigned xs = ring + (unsigned)(slot * stageBytes + NW * Q::kWarpBytes);
-    for (int q = threadIdx.x; q < 128 * T; q += blockDim.x) {
-      const int L = q & 31, j = (q >> 5) & 3, t = q >> 7;
-      const int r = 8 * t + (L >> 2), k = u * 128 + 32 * j + 8 * (L & 3);
-      const bool ok = r < xRows && k < K;
-      cp_async16(xs + (unsigned)(q * 16), ok ? x + (long long)(row0 + r) * K + k : x, ok);
-    }
   };
 
   // Prologue. The first R - 1 units' weights are fixed during a step, so they are requested
   // before pdl_wait() (under programmatic dependent launch, while the kernel before this one
   // finishes); x is the previous kernel's output, read only after it. One commit group per
-  // unit: group 0 also holds the early weights, so waiting for group i covers unit i.
-  if (row0 < nLive) {
+  // unit: group 0 also holds the early weights, so waiting for group i covers unit i. m-blocks
+  // past the live rows return after the wait (the weights they asked for are harmless reads);
+  // the whole cluster shares the m-block, so it returns as one (the cluster barriers below see
+  // all of it or none).
 #pragma unroll
-    for (int i = 0; i < R - 1; i++) issueWeights(u0 + i, i);
-  }
+  for (int i = 0; i < R - 1; i++) issueWeights(u0 + i, i);
   pdl_wait();
-  // m-blocks past the live rows do nothing; the whole cluster shares the m-block, so it
-  // returns as one (the cluster barriers below see all of it or none).
-  if (row0 >= nLive) return;
+  const int nLive = live_rows(live, rows);
+  if (row0 >= nLive) {
+    cp_async_commit();
+    cp_async_wait<0>();  // no copy may land in shared memory after the CTA has left
+    return;
+  }
+  const int xRows = min(nLive - row0, 8 * T);  // x rows past these are zero-filled, not read
+
+  // x copies: 16-byte chunk q = (4t + j) * 32 + L of a stage's x tile holds what lane L feeds
+  // token tile t in 32-k block j: x[row0 + 8t + L/4, 128u + 32j + 8(L%4) .. + 7]. Thread i copies
+  // chunks i + c * blockDim (c < kXPer); blockDim is a multiple of 128, so all of a thread's
+  // chunks share k (xk) and lie 8 * blockDim / 128 rows apart (from xr0).
+  constexpr int kXChunks = 128 * T;
+  constexpr int kXPer = (kXChunks + 127) / 128;  // per thread with >= 4 warps
+  const int xq = threadIdx.x & 127;
+  const int xk = 32 * ((xq >> 5) & 3) + 8 * (xq & 3);
+  const int xr0 = 8 * (int)(threadIdx.x >> 7) + ((xq & 31) >> 2), xrStep = 8 * (int)(blockDim.x >> 7);
+  auto issueX = [&](int u, int slot) {
+    if (u >= u1) return;
+    const unsigned xs = ring + (unsigned)(slot * stageBytes + NW * Q::kWarpBytes);
+    const bool kOk = u * 128 + xk < K;
+#pragma unroll
+    for (int c = 0; c < kXPer; c++) {
+      const int q = threadIdx.x + c * (int)blockDim.x, r = xr0 + c * xrStep;
+      if (q < kXChunks) {
+        const bool ok = kOk && r < xRows;
+        cp_async16(xs + (unsigned)(q * 16), ok ? x + (long long)(row0 + r) * K + u * 128 + xk : x, ok);
+      }
+    }
+  };
 #pragma unroll
   for (int i = 0; i < R - 1; i++) {
     issueX(u0 + i, i);
     cp_async_commit();
   }
 
-  float acc[2][T][4], tmp[2][T][4];
+  // Per-group partial sums: T == 1 keeps two (by 16-k step parity) so that a unit's mma chain
+  // is 4 deep instead of 8; they are added when the group's scale folds them into acc.
+  constexpr int P = T == 1 ? 2 : 1;
+  float acc[2][T][4], tmp[P][2][T][4];
 #pragma unroll
   for (int nt = 0; nt < 2; nt++)
 #pragma unroll
     for (int t = 0; t < T; t++)
 #pragma unroll
-      for (int e = 0; e < 4; e++) acc[nt][t][e] = tmp[nt][t][e] = 0.f;
+      for (int e = 0; e < 4; e++) {
+        acc[nt][t][e] = 0.f;
+#pragma unroll
+        for (int pp = 0; pp < P; pp++) tmp[pp][nt][t][e] = 0.f;
+      }
   float sc[4] = {0.f, 0.f, 0.f, 0.f};
   unsigned nz[4];
   sym_terms<BITS>(symZero, nz);
@@ -334,11 +376,41 @@ __device__ __forceinline__ void quant_gemm(float* __restrict__ out, const bf16* 
       for (int t = 0; t < T; t++)
 #pragma unroll
         for (int e = 0; e < 4; e++) {
-          acc[nt][t][e] = fmaf(sc[2 * nt + (e >> 1)], tmp[nt][t][e], acc[nt][t][e]);
-          tmp[nt][t][e] = 0.f;
+          float v = tmp[0][nt][t][e];
+#pragma unroll
+          for (int pp = 1; pp < P; pp++) v += tmp[pp][nt][t][e];
+          acc[nt][t][e] = fmaf(sc[2 * nt + (e >> 1)], v, acc[nt][t][e]);
+#pragma unroll
+          for (int pp = 0; pp < P; pp++) tmp[pp][nt][t][e] = 0.f;
         }
   };
+  auto loadGroup = [&](unsigned wslot, int j) {
+    scale_terms(lds64(wslot + Q::kScaleOff + (j * 8 + g) * 8), sc);
+    if (zeros) zero_terms<BITS>(lds32(wslot + Q::kZeroOff + (j * 8 + g) * 4), nz);
+  };
+  // One 32-k block: dequantize its 4 tiles and run them against the T x fragments.
+  auto block = [&](unsigned wslot, unsigned xs, int j) {
+    unsigned w[BITS];
+    block_words<BITS>(wslot, lane, j, w);
+    uint4 xv[T];
+#pragma unroll
+    for (int t = 0; t < T; t++) xv[t] = lds128(xs + (unsigned)((((4 * t + j) * 32) + lane) * 16));
+#pragma unroll
+    for (int st2 = 0; st2 < 2; st2++) {
+#pragma unroll
+      for (int nt = 0; nt < 2; nt++) {
+        unsigned a[4];
+        dequant_tile<BITS>(w, 2 * st2 + nt, nz[2 * nt], nz[2 * nt + 1], a);
+#pragma unroll
+        for (int t = 0; t < T; t++) mma_bf16(tmp[st2 % P][nt][t], a, st2 ? xv[t].z : xv[t].x, st2 ? xv[t].w : xv[t].y);
+      }
+    }
+  };
 
+  // The group of the unit's first block (uGi) and where the next group starts (uNext), tracked
+  // like the copies' (no division).
+  int uGi = min((u0 * 128) / gs, G - 1);
+  int uNext = (uGi + 1) * gs;
   for (int u = u0; u < u1; u++) {
     const int it = u - u0;
     cp_async_wait<R - 2>();  // this thread's copies of unit u (and every older one) have landed
@@ -346,32 +418,34 @@ __device__ __forceinline__ void quant_gemm(float* __restrict__ out, const bf16* 
     issueWeights(u + R - 1, (it + R - 1) % R);  // past u1: nothing, an empty group
     issueX(u + R - 1, (it + R - 1) % R);
     cp_async_commit();
+    const int k0 = u * 128;
+    while (k0 >= uNext && uGi < G - 1) {
+      uGi++;
+      uNext += gs;
+    }
     if (!active) continue;
     const unsigned st = ring + (unsigned)((it % R) * stageBytes);
-    const unsigned wslot = st + (unsigned)(warp * Q::kWarpBytes), xs = st + (unsigned)(NW * Q::kWarpBytes);
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-      unsigned w[BITS];
-      block_words<BITS>(wslot, lane, j, w);
-      uint4 xv[T];
-#pragma unroll
-      for (int t = 0; t < T; t++) xv[t] = lds128(xs + (unsigned)((((4 * t + j) * 32) + lane) * 16));
-      const int gi = min((u * 128 + j * 32) / gs, G - 1);
-      if (gi != curG) {
+    const unsigned wslot = st + wdst, xs = st + (unsigned)(NW * Q::kWarpBytes);
+    if (uGi == G - 1 || k0 + 96 < uNext) {
+      // The whole unit is one group (every unit when gs is a multiple of 128): at most one fold,
+      // then 4 blocks with no branch between them.
+      if (uGi != curG) {
         if (curG >= 0) flush();
-        scale_terms(lds64(wslot + Q::kScaleOff + (j * 8 + g) * 8), sc);
-        if (zeros) zero_terms<BITS>(lds32(wslot + Q::kZeroOff + (j * 8 + g) * 4), nz);
-        curG = gi;
+        loadGroup(wslot, 0);
+        curG = uGi;
       }
 #pragma unroll
-      for (int st2 = 0; st2 < 2; st2++) {
+      for (int j = 0; j < 4; j++) block(wslot, xs, j);
+    } else {
 #pragma unroll
-        for (int nt = 0; nt < 2; nt++) {
-          unsigned a[4];
-          dequant_tile<BITS>(w, 2 * st2 + nt, nz[2 * nt], nz[2 * nt + 1], a);
-#pragma unroll
-          for (int t = 0; t < T; t++) mma_bf16(tmp[nt][t], a, st2 ? xv[t].z : xv[t].x, st2 ? xv[t].w : xv[t].y);
+      for (int j = 0; j < 4; j++) {
+        const int gi = min((k0 + j * 32) / gs, G - 1);
+        if (gi != curG) {
+          if (curG >= 0) flush();
+          loadGroup(wslot, j);
+          curG = gi;
         }
+        block(wslot, xs, j);
       }
     }
   }
@@ -493,68 +567,69 @@ __device__ __forceinline__ void quant_dequant(bf16* __restrict__ wOut, const uin
 
 // One instantiation per (bits B, row tiles T, k splits NS): NS = 1 without a cluster, else a
 // cluster of NS CTAs along z (grid z = NS; the macro argument is not C, which would rewrite
-// extern "C" in ops.test.ts's macro expansion). Launch bounds: 256 threads, two CTAs per SM (the
-// ring budget above; quant_ops.ts ctasPerSm mirrors it).
-#define QGEMM(B, T)                                                                                                            \
-  extern "C" __global__ void __launch_bounds__(256, 2) quant_gemm_b##B##_t##T##_c1(                                           \
+// extern "C" in ops.test.ts's macro expansion). Launch bounds: 256 threads, MINB CTAs of 8 warps
+// per SM: 3 for T = 1 (80 registers: up to six 4-warp CTAs per SM), 2 for T = 2 and 4 (128);
+// quant_ops.ts ctasPerSm mirrors it.
+#define QGEMM(B, T, MINB)                                                                                                      \
+  extern "C" __global__ void __launch_bounds__(256, MINB) quant_gemm_b##B##_t##T##_c1(                                           \
       float* out, const bf16* x, const uint4* qw, const uint2* scales, const unsigned* zeros, const float* bias,         \
       const int* live, int rows, int K, int N, int gs, int G, int symZero) {                                                                                     \
     quant_gemm<B, T, 1>(out, x, qw, scales, zeros, bias, live, rows, K, N, gs, G, symZero);                                    \
   }
-#define QGEMM_SPLIT(B, T, NS)                                                                                                  \
-  extern "C" __global__ void __cluster_dims__(1, 1, NS) __launch_bounds__(256, 2) quant_gemm_b##B##_t##T##_c##NS(             \
+#define QGEMM_SPLIT(B, T, NS, MINB)                                                                                            \
+  extern "C" __global__ void __cluster_dims__(1, 1, NS) __launch_bounds__(256, MINB) quant_gemm_b##B##_t##T##_c##NS(             \
       float* out, const bf16* x, const uint4* qw, const uint2* scales, const unsigned* zeros, const float* bias,         \
       const int* live, int rows, int K, int N, int gs, int G, int symZero) {                                                                                     \
     quant_gemm<B, T, NS>(out, x, qw, scales, zeros, bias, live, rows, K, N, gs, G, symZero);                                    \
   }
-QGEMM(2, 1)
-QGEMM_SPLIT(2, 1, 2)
-QGEMM_SPLIT(2, 1, 4)
-QGEMM_SPLIT(2, 1, 8)
-QGEMM(2, 2)
-QGEMM_SPLIT(2, 2, 2)
-QGEMM_SPLIT(2, 2, 4)
-QGEMM_SPLIT(2, 2, 8)
-QGEMM(2, 4)
-QGEMM_SPLIT(2, 4, 2)
-QGEMM_SPLIT(2, 4, 4)
-QGEMM_SPLIT(2, 4, 8)
-QGEMM(3, 1)
-QGEMM_SPLIT(3, 1, 2)
-QGEMM_SPLIT(3, 1, 4)
-QGEMM_SPLIT(3, 1, 8)
-QGEMM(3, 2)
-QGEMM_SPLIT(3, 2, 2)
-QGEMM_SPLIT(3, 2, 4)
-QGEMM_SPLIT(3, 2, 8)
-QGEMM(3, 4)
-QGEMM_SPLIT(3, 4, 2)
-QGEMM_SPLIT(3, 4, 4)
-QGEMM_SPLIT(3, 4, 8)
-QGEMM(4, 1)
-QGEMM_SPLIT(4, 1, 2)
-QGEMM_SPLIT(4, 1, 4)
-QGEMM_SPLIT(4, 1, 8)
-QGEMM(4, 2)
-QGEMM_SPLIT(4, 2, 2)
-QGEMM_SPLIT(4, 2, 4)
-QGEMM_SPLIT(4, 2, 8)
-QGEMM(4, 4)
-QGEMM_SPLIT(4, 4, 2)
-QGEMM_SPLIT(4, 4, 4)
-QGEMM_SPLIT(4, 4, 8)
-QGEMM(8, 1)
-QGEMM_SPLIT(8, 1, 2)
-QGEMM_SPLIT(8, 1, 4)
-QGEMM_SPLIT(8, 1, 8)
-QGEMM(8, 2)
-QGEMM_SPLIT(8, 2, 2)
-QGEMM_SPLIT(8, 2, 4)
-QGEMM_SPLIT(8, 2, 8)
-QGEMM(8, 4)
-QGEMM_SPLIT(8, 4, 2)
-QGEMM_SPLIT(8, 4, 4)
-QGEMM_SPLIT(8, 4, 8)
+QGEMM(2, 1, 3)
+QGEMM_SPLIT(2, 1, 2, 3)
+QGEMM_SPLIT(2, 1, 4, 3)
+QGEMM_SPLIT(2, 1, 8, 3)
+QGEMM(2, 2, 2)
+QGEMM_SPLIT(2, 2, 2, 2)
+QGEMM_SPLIT(2, 2, 4, 2)
+QGEMM_SPLIT(2, 2, 8, 2)
+QGEMM(2, 4, 2)
+QGEMM_SPLIT(2, 4, 2, 2)
+QGEMM_SPLIT(2, 4, 4, 2)
+QGEMM_SPLIT(2, 4, 8, 2)
+QGEMM(3, 1, 3)
+QGEMM_SPLIT(3, 1, 2, 3)
+QGEMM_SPLIT(3, 1, 4, 3)
+QGEMM_SPLIT(3, 1, 8, 3)
+QGEMM(3, 2, 2)
+QGEMM_SPLIT(3, 2, 2, 2)
+QGEMM_SPLIT(3, 2, 4, 2)
+QGEMM_SPLIT(3, 2, 8, 2)
+QGEMM(3, 4, 2)
+QGEMM_SPLIT(3, 4, 2, 2)
+QGEMM_SPLIT(3, 4, 4, 2)
+QGEMM_SPLIT(3, 4, 8, 2)
+QGEMM(4, 1, 3)
+QGEMM_SPLIT(4, 1, 2, 3)
+QGEMM_SPLIT(4, 1, 4, 3)
+QGEMM_SPLIT(4, 1, 8, 3)
+QGEMM(4, 2, 2)
+QGEMM_SPLIT(4, 2, 2, 2)
+QGEMM_SPLIT(4, 2, 4, 2)
+QGEMM_SPLIT(4, 2, 8, 2)
+QGEMM(4, 4, 2)
+QGEMM_SPLIT(4, 4, 2, 2)
+QGEMM_SPLIT(4, 4, 4, 2)
+QGEMM_SPLIT(4, 4, 8, 2)
+QGEMM(8, 1, 3)
+QGEMM_SPLIT(8, 1, 2, 3)
+QGEMM_SPLIT(8, 1, 4, 3)
+QGEMM_SPLIT(8, 1, 8, 3)
+QGEMM(8, 2, 2)
+QGEMM_SPLIT(8, 2, 2, 2)
+QGEMM_SPLIT(8, 2, 4, 2)
+QGEMM_SPLIT(8, 2, 8, 2)
+QGEMM(8, 4, 2)
+QGEMM_SPLIT(8, 4, 2, 2)
+QGEMM_SPLIT(8, 4, 4, 2)
+QGEMM_SPLIT(8, 4, 8, 2)
 
 #define QDEQUANT(B)                                                                                                            \
   extern "C" __global__ void __launch_bounds__(128) quant_dequant_b##B(bf16* w, const uint4* qw, const uint2* scales,          \
