@@ -413,7 +413,7 @@ constexpr int kMaxSplits = 4;
 // multiple of 8. A slot holds S (A, B, rank, scale): A [S][maxRank][K] per slot, so the
 // shrink runs over S * maxRank "virtual ranks" v = j * maxRank + r, valid when r is below
 // split j's rank; B keeps one row per output column ([N][maxRank] per slot).
-extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(128, 1)
+extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(256, 1)
     lora_bgmv_fused(float* __restrict__ out, const bf16* __restrict__ x, const bf16* __restrict__ A, const bf16* __restrict__ B,
                     const int* __restrict__ ranks, const float* __restrict__ scales, const int* __restrict__ loraSlots,
                     const int* __restrict__ queryStart, const int* __restrict__ counts, int seqCap, int cap, int K, int N,
@@ -466,11 +466,12 @@ extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(128, 1)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int V = S * maxRank;
 
-  // Shrink over this CTA's slice of K (in 8-element vectors): warp w owns virtual ranks
-  // 4w..4w+3, then 16 + 4w..., the lanes stride the slice.
+  // Shrink over this CTA's slice of K (in 8-element vectors): warp w of NW owns virtual
+  // ranks 4w..4w+3, then 4NW + 4w..., the lanes stride the slice.
+  const int NW = (int)(blockDim.x >> 5);
   const uint4* xr = reinterpret_cast<const uint4*>(x + (long long)row * K);
   const bf16* aSlot = A + (long long)slot * V * K;
-  for (int v0 = warp * 4; v0 < V; v0 += 16) {
+  for (int v0 = warp * 4; v0 < V; v0 += 4 * NW) {
     bool ok[4];
     bool anyOk = false;
 #pragma unroll
