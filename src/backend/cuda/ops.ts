@@ -75,10 +75,6 @@ export const PDL_KERNELS: ReadonlySet<string> = new Set([
   ...quantKernelNames().filter((n) => n.startsWith("quant_gemm_")),
 ]);
 
-/** Threads per CTA of lora_bgmv_fused (128 or 256; INLAID_LORA_THREADS): more warps per row
- * shorten each warp's chain of dependent loads. */
-const LORA_FUSED_THREADS = process.env.INLAID_LORA_THREADS === "256" ? 256 : 128;
-
 /** Most heads sharing one KV head in the prefill kernel (its 64-row tile holds at least one token). */
 export const MAX_GQA_GROUP = 64;
 
@@ -426,7 +422,7 @@ export class CudaOps implements DeviceOps {
       // BGMV, one launch for every split: a cluster of 8 CTAs per row splits K for the
       // shrink and N for the expand.
       const o = (j: number): number => (j < S ? starts[j]! : N);
-      this.#launch("lora_bgmv_fused", [rows * 8, 1, 1], [LORA_FUSED_THREADS, 1, 1], 0, [
+      this.#launch("lora_bgmv_fused", [rows * 8, 1, 1], [128, 1, 1], 0, [
         ptr(out.ptr), ptr(x.ptr), ptr(stack.a), ptr(stack.b), ptr(stack.ranks), ptr(stack.scales), ...rowArgs,
         i32(K), i32(N), i32(R), i32(hasPrefill ? 0 : 1), i32(S), i32(o(1)), i32(o(2)), i32(o(3)), i32(write ? 1 : 0),
       ]);

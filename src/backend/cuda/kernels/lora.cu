@@ -413,7 +413,7 @@ constexpr int kMaxSplits = 4;
 // multiple of 8. A slot holds S (A, B, rank, scale): A [S][maxRank][K] per slot, so the
 // shrink runs over S * maxRank "virtual ranks" v = j * maxRank + r, valid when r is below
 // split j's rank; B keeps one row per output column ([N][maxRank] per slot).
-extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(256, 1)
+extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(128, 1)
     lora_bgmv_fused(float* __restrict__ out, const bf16* __restrict__ x, const bf16* __restrict__ A, const bf16* __restrict__ B,
                     const int* __restrict__ ranks, const float* __restrict__ scales, const int* __restrict__ loraSlots,
                     const int* __restrict__ queryStart, const int* __restrict__ counts, int seqCap, int cap, int K, int N,

@@ -314,7 +314,7 @@ __device__ __forceinline__ void quant_gemm(float* __restrict__ out, const bf16* 
   // all of it or none).
 #pragma unroll
   for (int i = 0; i < R - 1; i++) issueWeights(u0 + i, i);
-  pdl_wait();
+  pdl_wait<false>();  // no early trigger (common.cuh)
   const int nLive = live_rows(live, rows);
   if (row0 >= nLive) {
     cp_async_commit();
