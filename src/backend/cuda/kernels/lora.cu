@@ -38,7 +38,9 @@
 //                        running the decode LoRA on a side stream beside the base GEMM (into
 //                        a delta buffer, joined by an add): the Llama-2-7B decode step with 8
 //                        adapters went from 9.28 to 10.34 ms, the concurrent kernels slowing
-//                        the GEMMs more than the LoRA time they hid.
+//                        the GEMMs more than the LoRA time they hid; and 256-thread CTAs
+//                        (9.11 -> 9.45 ms for that step). Issuing the term before the GEMM
+//                        (write = 1, with the L2 requests before the wait) measured neutral.
 //                        Each thread of the expand makes 8 consecutive outputs (32-byte f32
 //                        out RMW) from 8 contiguous rows of its slot's B.
 //     lora_bgmv_shrink / lora_bgmv_expand: the same in two launches, for devices without
