@@ -934,7 +934,7 @@ export class CudaBackend implements Backend {
     // An accumulating GEMM that is about to tune its plan tunes into scratch, not onto out.
     const tunes = accumulate && this.#blas.wouldTune(n, N, K, o.dtype, b);
     const acc = accumulate
-      ? { accumulate: true, tuneOut: tunes ? this.#ensureScratch("gemm_tune_out", n * N * (o.dtype === "f32" ? 4 : 2)).ptr : 0n }
+      ? { tuneOut: tunes ? this.#ensureScratch("gemm_tune_out", n * N * (o.dtype === "f32" ? 4 : 2)).ptr : 0n }
       : null;
     this.#blas.matmul(o.ptr, o.dtype, xi.ptr, wi.ptr, n, N, K, b, N, acc);
   }
@@ -1096,11 +1096,11 @@ export class CudaBackend implements Backend {
     const p = this.#prep(step);
     const dl = this.#loraLaunch(stack, p);
     if (!dl) return false;
-    const o = this.#operand(out);
+    const o = this.#operand(out), xo = this.#operand(x);
     const write = this.#ops.loraWrites(dl, p.run);
     // Otherwise (steps with prefill rows: eager) zero the launch rows, then add.
-    if (!write) this.#d.memsetD32Async(o.ptr, 0, Math.min(o.rowsCap, this.#operand(x).rowsCap) * o.cols, this.#stream);
-    this.#ops.lora(o, this.#operand(x), dl, p.run, write);
+    if (!write) this.#d.memsetD32Async(o.ptr, 0, Math.min(o.rowsCap, xo.rowsCap) * o.cols, this.#stream);
+    this.#ops.lora(o, xo, dl, p.run, write);
     return true;
   }
 

@@ -392,13 +392,17 @@ export class CudaOps implements DeviceOps {
     ]);
   }
 
-  /** out[i] (f32) += scale_s * B_s (A_s x[i]) (x bf16) for rows with an adapter slot s >= 0 (see kernels/lora.cu). */
-  /** The fused decode kernel writes every row itself (lora_bgmv_fused's `write`): decode-only steps. */
-  loraWrites(stack: DeviceLora, run: StepRun): boolean {
-    const kinds = run as StepRun & StepKinds;
-    return kinds.hasPrefill === false && this.#clusters && stack.maxRank <= FUSED_LORA_MAX_RANK;
+  /** Whether the step's decode rows take the fused clustered kernel (lora_bgmv_fused). */
+  #fusedDecode(stack: DeviceLora, run: StepRun): boolean {
+    return (run as StepRun & StepKinds).hasDecode !== false && this.#clusters && stack.maxRank <= FUSED_LORA_MAX_RANK;
   }
 
+  /** The fused decode kernel writes every row itself (lora_bgmv_fused's `write`): decode-only steps. */
+  loraWrites(stack: DeviceLora, run: StepRun): boolean {
+    return (run as StepRun & StepKinds).hasPrefill === false && this.#fusedDecode(stack, run);
+  }
+
+  /** out[i] (f32) += scale_s * B_s (A_s x[i]) (x bf16) for rows with an adapter slot s >= 0 (see kernels/lora.cu). */
   lora(out: Operand, x: Operand, stack: DeviceLora, run: StepRun, write = false): void {
     const op = "lora";
     need(!write || this.loraWrites(stack, run), op, "write", "only the fused decode-only kernel writes; zero out and add instead");
@@ -418,7 +422,7 @@ export class CudaOps implements DeviceOps {
     const rowArgs: KernelArg[] = [ptr(st.loraSlots), ptr(st.queryStart), ptr(st.counts), i32(seqCap), i32(rows)];
     const starts = stack.outDims.map((_, j) => stack.outDims.slice(0, j).reduce((a, b) => a + b, 0));
 
-    if (hasDecode && this.#clusters && R <= FUSED_LORA_MAX_RANK) {
+    if (this.#fusedDecode(stack, run)) {
       // BGMV, one launch for every split: a cluster of 8 CTAs per row splits K for the
       // shrink and N for the expand.
       const o = (j: number): number => (j < S ? starts[j]! : N);

@@ -291,24 +291,24 @@ export class CublasLt {
    * out[n, N] = x[n, K] @ w[N, K]^T (+ bias[N]); x and w bf16, out bf16 or f32, bias
    * of out's dtype (0n for none). Enqueued on the handle's stream; graph-capturable.
    * ldOut: out's row stride in elements (default N; larger writes N columns of a wider matrix).
-   * acc.accumulate: out += ... instead (beta 1), onto a LoRA term written first.
+   * acc: out += ... instead (beta 1), onto a LoRA term written first.
    */
   matmul(out: CuPtr, outDtype: GemmOutDtype, x: CuPtr, w: CuPtr, n: number, N: number, K: number, bias: CuPtr = 0n, ldOut = N,
-    acc: { accumulate: boolean; tuneOut: CuPtr } | null = null): void {
+    acc: { tuneOut: CuPtr } | null = null): void {
     if (n === 0) return;
     // Tuning runs candidates with beta 0: for an accumulating call they write into
     // `tuneOut` (n x ldOut of out's dtype), or tuning is skipped, so out's old values survive.
-    const tuneTo = acc?.accumulate ? acc.tuneOut : out;
+    const tuneTo = acc ? acc.tuneOut : out;
     const p = this.#plan(n, N, K, outDtype, bias, { out: tuneTo, x, w }, ldOut);
     if (p.hasBias) {
       // The descriptor is shared by every layer of this shape; the bias differs per layer.
       this.#u64[0] = bias;
       this.#setDesc(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, this.#u64);
     }
-    const beta = acc?.accumulate ? this.#one : this.#beta;
+    const beta = acc ? this.#one : this.#beta;
     const rc = this.#f.cublasLtMatmul(this.#handle, p.desc, this.#alpha, w, p.a, x, p.b, beta, out, p.d, out, p.d,
       p.algo, this.#workspace, this.#workspaceBytes, this.#stream) as number;
-    if (rc !== CUBLAS_STATUS_SUCCESS) this.#check("cublasLtMatmul", rc, `n=${n} N=${N} K=${K} out=${outDtype}${acc?.accumulate ? " accumulate" : ""}`);
+    if (rc !== CUBLAS_STATUS_SUCCESS) this.#check("cublasLtMatmul", rc, `n=${n} N=${N} K=${K} out=${outDtype}${acc ? " accumulate" : ""}`);
   }
 
   /**
