@@ -34,6 +34,7 @@ import type { LayerWeights } from "../model/weights.js";
 import { BLOCK_SIZE, packSteps, prefillBatch, RecordingLinear } from "./capture.js";
 import { hessianSites, SITE_OF, type HessianSite, type Hessians } from "./hessian.js";
 import type { LayerSource } from "./layer_source.js";
+import { mirrorUpper } from "./linalg.js";
 
 /** One task's calibration as the streamer runs it. */
 export interface StreamTask {
@@ -85,14 +86,7 @@ interface Chunk {
 function normalize(sum: Float32Array, K: number, n: number): Float32Array {
   const c = 2 / n;
   for (let i = 0; i < sum.length; i++) sum[i] = Math.fround(c * sum[i]!);
-  // In 64 x 64 tiles: walking a column of an 11008-wide matrix misses the cache at every step.
-  const B = 64;
-  for (let i0 = 0; i0 < K; i0 += B) {
-    for (let j0 = i0; j0 < K; j0 += B) {
-      const i1 = Math.min(i0 + B, K), j1 = Math.min(j0 + B, K);
-      for (let i = i0; i < i1; i++) for (let j = Math.max(j0, i + 1); j < j1; j++) sum[j * K + i] = sum[i * K + j]!;
-    }
-  }
+  mirrorUpper(sum, K);
   return sum;
 }
 

@@ -30,6 +30,7 @@ import type { GptqSolver } from "./gpu_gptq.js";
 import { hessianSites, moduleName, type HessianSite, type Hessians } from "./hessian.js";
 import { baseFingerprint, captureKey, HessianCache } from "./hessian_cache.js";
 import { CheckpointLayers, DummyLayers, type LayerSource } from "./layer_source.js";
+import { mirrorUpper } from "./linalg.js";
 import {
   aggregateOf, manifestOf, openIncremental, validateOptions, type IncrementalOptions, type QuantizeOptions, type QuantizeResult, type QuantTask,
 } from "./methods.js";
@@ -252,13 +253,7 @@ function solverHessian(kind: AggregateKind, st: AggState, K: number, tokens: rea
   const sum = st["sum"]!;
   const h = new Float32Array(K * K);
   for (let i = 0; i < h.length; i++) h[i] = sum[i]! / d;
-  const B = 64;
-  for (let i0 = 0; i0 < K; i0 += B) {
-    for (let j0 = i0; j0 < K; j0 += B) {
-      const i1 = Math.min(i0 + B, K), j1 = Math.min(j0 + B, K);
-      for (let i = i0; i < i1; i++) for (let j = Math.max(j0, i + 1); j < j1; j++) h[j * K + i] = h[i * K + j]!;
-    }
-  }
+  mirrorUpper(h, K);
   return h;
 }
 
