@@ -79,6 +79,21 @@ export interface QuantizeResult {
   readonly seconds: number;
 }
 
+/** The options both quantize entry points (CPU and layer-streamed) resolve alike: absolute
+ * paths and defaults; the step length's default is the caller's. */
+export function resolveQuantizeOptions(o: QuantizeOptions, defaultStepTokens: number) {
+  const outDir = resolve(o.outDir);
+  return {
+    progress: o.progress ?? SILENT,
+    baseDir: resolve(o.baseDir),
+    outDir,
+    workDir: resolve(o.workDir ?? `${outDir}.work`),
+    staticGroups: o.staticGroups ?? false,
+    percDamp: o.percDamp ?? 0.01,
+    stepTokens: o.stepTokens ?? defaultStepTokens,
+  };
+}
+
 /** Fails early, before any work, with a message that names the option. */
 export function validateOptions(o: Pick<QuantizeOptions, "method" | "spec" | "tasks" | "aggregate">): void {
   if (o.method === "rtn" && o.spec.descAct) {
@@ -226,13 +241,7 @@ function solveAndWrite(
 export function quantize(o: QuantizeOptions): QuantizeResult {
   const t0 = performance.now();
   validateOptions(o);
-  const progress = o.progress ?? SILENT;
-  const baseDir = resolve(o.baseDir);
-  const outDir = resolve(o.outDir);
-  const workDir = resolve(o.workDir ?? `${outDir}.work`);
-  const staticGroups = o.staticGroups ?? false;
-  const percDamp = o.percDamp ?? 0.01;
-  const stepTokens = o.stepTokens ?? 512;
+  const { progress, baseDir, outDir, workDir, staticGroups, percDamp, stepTokens } = resolveQuantizeOptions(o, 512);
   const meta = { method: o.method, spec: o.spec, staticGroups, percDamp, stepTokens, limit: o.calibLimit };
   let outDirs: string[] = [outDir];
   let stats: LinearStats[] = [];

@@ -32,7 +32,7 @@ import { baseFingerprint, captureKey, HessianCache } from "./hessian_cache.js";
 import { CheckpointLayers, DummyLayers, type LayerSource } from "./layer_source.js";
 import { mirrorUpper } from "./linalg.js";
 import {
-  aggregateOf, manifestOf, openIncremental, validateOptions, type IncrementalOptions, type QuantizeOptions, type QuantizeResult, type QuantTask,
+  aggregateOf, manifestOf, openIncremental, resolveQuantizeOptions, validateOptions, type IncrementalOptions, type QuantizeOptions, type QuantizeResult, type QuantTask,
 } from "./methods.js";
 import { readState, writeMlgptqDir, type Manifest, type ManifestTask } from "./mlgptq_dir.js";
 import { SILENT, type LinearStats, type QuantProgress } from "./solve.js";
@@ -289,13 +289,7 @@ export function quantizeOnDevice(o: QuantizeOptions & DeviceQuantizeOptions): De
   const t0 = performance.now();
   validateOptions(o);
   if (o.method === "rtn") throw new Error("rtn needs no calibration forward; run it with --device cpu");
-  const progress = o.progress ?? SILENT;
-  const baseDir = resolve(o.baseDir);
-  const outDir = resolve(o.outDir);
-  const workDir = resolve(o.workDir ?? `${outDir}.work`);
-  const staticGroups = o.staticGroups ?? false;
-  const percDamp = o.percDamp ?? 0.01;
-  const stepTokens = o.stepTokens ?? DEFAULT_STEP_TOKENS;
+  const { progress, baseDir, outDir, workDir, staticGroups, percDamp, stepTokens } = resolveQuantizeOptions(o, DEFAULT_STEP_TOKENS);
   const dummy = o.loadFormat === "dummy";
   const memory = new PeakMemory(o.backend);
   const phases = { load: 0, capture: 0, fold: 0, solve: 0, cache: 0, write: 0 };
