@@ -4,6 +4,20 @@ import {
   SMALL_BUCKETS, bucketRows, capacityShortfall, decodeGraphKey, packStep, stagingViews, stepLayout, type StepLayout,
 } from "./step_layout.js";
 
+/** Regions [name, word offset, words], in layout order: each 256-byte aligned, after its
+ * predecessor's end, and inside the buffer. */
+function expectOrderedRegions(regions: readonly [string, number, number][], totalWords: number): void {
+  for (let i = 0; i < regions.length; i++) {
+    const [name, off, len] = regions[i]!;
+    expect(off % 64, `${name} aligned to 256 bytes`).toBe(0);
+    if (i > 0) {
+      const [, poff, plen] = regions[i - 1]!;
+      expect(off, `${name} after its predecessor`).toBeGreaterThanOrEqual(poff + plen);
+    }
+    expect(off + len).toBeLessThanOrEqual(totalWords);
+  }
+}
+
 /** A step: sequence s has `lens[s]` new tokens and `ctx[s]` context after the step. */
 function batch(lens: number[], ctx: number[], B: number, lora: number[] = lens.map(() => -1), numTop = 0): StepBatch {
   const T = lens.reduce((a, b) => a + b, 0), S = lens.length;
@@ -91,15 +105,7 @@ describe("stepLayout", () => {
       ["topP", l.topP, 20], ["topK", l.topK, 20], ["seeds", l.seeds, 20], ["counters", l.counters, 20],
       ["blockTables", l.blockTables, 140],
     ];
-    for (let i = 0; i < regions.length; i++) {
-      const [name, off, len] = regions[i]!;
-      expect(off % 64, `${name} aligned to 256 bytes`).toBe(0);
-      if (i > 0) {
-        const [, poff, plen] = regions[i - 1]!;
-        expect(off, `${name} after its predecessor`).toBeGreaterThanOrEqual(poff + plen);
-      }
-      expect(off + len).toBeLessThanOrEqual(l.totalWords);
-    }
+    expectOrderedRegions(regions, l.totalWords);
     expect(l.blockTables + 140).toBeLessThanOrEqual(l.totalWords);
     expect(l.totalWords % 64).toBe(0);
   });
@@ -191,15 +197,7 @@ describe("compact layout", () => {
       ["blockTables", layout.blockTables, 16 * B], ["tokenIds", layout.tokenIds, 300], ["positions", layout.positions, 300],
       ["slotMapping", layout.slotMapping, 300], ["loraSlots", layout.loraSlots, 300],
     ];
-    for (let i = 0; i < regions.length; i++) {
-      const [name, off, len] = regions[i]!;
-      expect(off % 64, `${name} aligned to 256 bytes`).toBe(0);
-      if (i > 0) {
-        const [, poff, plen] = regions[i - 1]!;
-        expect(off, `${name} after its predecessor`).toBeGreaterThanOrEqual(poff + plen);
-      }
-      expect(off + len).toBeLessThanOrEqual(layout.totalWords);
-    }
+    expectOrderedRegions(regions, layout.totalWords);
     // The default layout is unchanged by the option's existence.
     expect(stepLayout(cap).compactTokens).toBeNull();
     expect(stepLayout(cap).tokenIds).toBe(64);
