@@ -430,24 +430,12 @@ extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(128, 1)
   const int nv = N / 8, nper = (nv + kCluster - 1) / kCluster;
   const int nv0 = crank * nper, nv1 = min(nv, (int)(crank + 1) * nper);
   // Before the wait, only what is fixed during a step (common.cuh): the row's slot and
-  // ranks, and this CTA's slices of A and B requested into L2, so that the weights' DRAM
-  // latency overlaps the kernel before (the norm, attention or silu-mul that makes x, when
-  // the LoRA term is issued before the base GEMM: backend.ts loraFirst).
+  // ranks. (Requesting this CTA's A and B slices into L2 here as well measured neutral end
+  // to end and slowed back-to-back launches: bench/kernels.ts, fused q/k/v 1550 -> 1356 GB/s.)
   const int slot = row_slot(loraSlots, queryStart, counts, seqCap, cap, row, mode, true);
   int any = 0;
   if (slot >= 0) {
     for (int j = 0; j < S; j++) any |= ranks[slot * S + j];
-  }
-  if (any != 0) {
-    const char* aSlot = reinterpret_cast<const char*>(A + (long long)slot * S * maxRank * K);
-    const int aLines = (max(0, kv1 - kv0) * 16 + 127) / 128;  // 128-byte lines of one A row's K slice
-    for (int i = threadIdx.x; i < S * maxRank * aLines; i += blockDim.x) {
-      const int v = i / aLines;
-      if (v % maxRank < ranks[slot * S + v / maxRank]) prefetch_l2(aSlot + (long long)v * K * 2 + kv0 * 16 + (i % aLines) * 128);
-    }
-    const char* bSlice = reinterpret_cast<const char*>(B + ((long long)slot * N + nv0 * 8) * maxRank);
-    const int bBytes = max(0, nv1 - nv0) * 8 * maxRank * 2;
-    for (int i = threadIdx.x * 128; i < bBytes; i += blockDim.x * 128) prefetch_l2(bSlice + i);
   }
   pdl_wait();
   // Every CTA of a cluster has the same row, so they all return here or none does (the
