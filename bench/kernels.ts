@@ -13,6 +13,7 @@ import { parseArgs } from "node:util";
 import { join } from "node:path";
 import type { StepBatch, Tensor } from "../src/backend/backend.js";
 import { CudaBackend } from "../src/backend/cuda/cuda_backend.js";
+import { LORA_SLOTS_MAX_COLS } from "../src/backend/cuda/ops.js";
 import { measureBandwidth } from "../src/bench/bandwidth.js";
 import { loadModelConfig } from "../src/model/config.js";
 import { copiesPastL2, graphTimer, weightCopies } from "./graph_timing.js";
@@ -159,7 +160,28 @@ if (only.has("lora")) {
       const us = timeCall(`lora-${rows}-${adapters}-${R}-${K}-${dims.join("x")}`, (i) => gpu.lora(out, x, stacks[i % copies]!, step), out);
       // The bytes a launch must move: each adapter's A and B once, x, and out read and written.
       const bytes = stackBytes + rows * K * 2 + 2 * rows * N * 4;
-      lora.push({ op: name, rows, adapters, rank: R, K, N, us: +us.toFixed(2), gbs: +(bytes / us / 1e3).toFixed(0) });
+      const entry: Record<string, unknown> = { op: name, rows, adapters, rank: R, K, N, us: +us.toFixed(2), gbs: +(bytes / us / 1e3).toFixed(0) };
+      // The all-slots path the decode steps take where the pool is small (backend.ts
+      // attachLoraStack / linearLora): A beside the base weight, one GEMM for both, then the
+      // expand. Its LoRA cost is the time over the base GEMM alone on the same weights; the
+      // bytes are the same adapters' A and B.
+      if (R % 8 === 0 && adapters * dims.length * R <= LORA_SLOTS_MAX_COLS) {
+        const ws = stacks.map((st, i) => {
+          const w = gpu.empty([N, K], "bf16");
+          gpu.fillRandom(w, 11 + i, 0.02);
+          if (!gpu.attachLoraStack(st, w)) throw new Error(`lora ${name}: the stack did not attach (INLAID_LORA_SLOTS=0?)`);
+          return w;
+        });
+        const tag = `${rows}-${adapters}-${R}-${K}-${dims.join("x")}`;
+        const baseUs = timeCall(`gemm-${tag}`, (i) => gpu.linear(out, x, ws[i % copies]!), out);
+        const bothUs = timeCall(`linear-lora-${tag}`, (i) => {
+          if (!gpu.linearLora(out, x, ws[i % copies]!, stacks[i % copies]!, step)) throw new Error(`lora ${name}: linearLora declined`);
+        }, out);
+        const loraUs = bothUs - baseUs;
+        entry.attached = { gemm_us: +baseUs.toFixed(2), gemm_lora_us: +bothUs.toFixed(2), lora_us: +loraUs.toFixed(2), gbs: +(stackBytes / loraUs / 1e3).toFixed(0) };
+        for (const w of ws) gpu.free(w);
+      }
+      lora.push(entry);
       gpu.free(x);
       gpu.free(out);
       for (const s of stacks) gpu.freeLoraStack(s);

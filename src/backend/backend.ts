@@ -192,12 +192,26 @@ export interface Backend {
   /**
    * Optional: the LoRA term issued BEFORE the base matmul, which then accumulates onto it
    * (linear with `accumulate`): out[i] = the sum `lora` adds (0 on rows without an
-   * adapter and past the live rows). Returns false when it wrote nothing because no row
-   * of the step has an adapter (the caller's matmul then overwrites out). Why: on a GPU the
+   * adapter and past the live rows). Returns false when it wrote nothing (no row of the
+   * step has an adapter, or the backend does this step's term after the matmul): the caller
+   * then runs the matmul and `lora` as usual. Why: on a GPU the
    * LoRA launch then depends on the kernel that made x (a norm, attention, silu-mul), whose
    * tail it can overlap, instead of on the GEMM.
    */
   loraFirst?(out: Tensor, x: Tensor, stack: LoraStack, step: PreparedStep): boolean;
+  /**
+   * Optional, with linearLora: lets the backend keep the stack's A beside `weight` (the
+   * dense base weight [outDim, inDim] of the linear the stack decorates; it keeps its
+   * identity and contents) so that one matmul can make the base output and the shrink.
+   * Called once, when the model is built; returns false when it declines.
+   */
+  attachLoraStack?(stack: LoraStack, weight: Tensor): boolean;
+  /**
+   * Optional: out = x @ weight^T + the LoRA term (`linear` then `lora`) in the backend's
+   * own way, for a stack attached to `weight`. Returns false, having done nothing, when
+   * it does not take this step; the caller then runs the usual path.
+   */
+  linearLora?(out: Tensor, x: Tensor, weight: Tensor, stack: LoraStack, step: PreparedStep): boolean;
   /** Splits the fused q/k/v projection output qkv [n, (nH + 2 nKv) * D] into q [n, nH*D],
    * k and v [n, nKv*D] (its column blocks, in that order), applying the rotary embedding
    * (rotate-half convention) to q and k. invFreq: [D/2] f32; positions from the step. */

@@ -6,6 +6,9 @@ export class LoraLinear implements Linear {
   readonly inDim: number;
   readonly outDim: number;
 
+  /** The dense base weight the backend attached the stack to (backend.ts attachLoraStack), or null. */
+  readonly attached: Tensor | null = null;
+
   constructor(
     private readonly backend: Backend,
     readonly base: Linear,
@@ -13,14 +16,17 @@ export class LoraLinear implements Linear {
   ) {
     this.inDim = base.inDim;
     this.outDim = base.outDim;
+    const w = base.denseWeight;
+    if (w && backend.linearLora && backend.attachLoraStack?.(stack, w)) this.attached = w;
   }
 
   forward(out: Tensor, x: Tensor, step: PreparedStep): void {
     const b = this.backend;
-    if (this.base.canAccumulate && b.loraFirst) {
-      // The LoRA term first, the base matmul accumulating onto it (backend.ts loraFirst).
-      const wrote = b.loraFirst(out, x, this.stack, step);
-      this.base.forward(out, x, step, wrote);
+    // One matmul for the base output and the shrink, where the backend set that up (backend.ts linearLora).
+    if (this.attached && b.linearLora!(out, x, this.attached, this.stack, step)) return;
+    if (this.base.canAccumulate && b.loraFirst?.(out, x, this.stack, step)) {
+      // The LoRA term went first; the base matmul accumulates onto it (backend.ts loraFirst).
+      this.base.forward(out, x, step, true);
       return;
     }
     this.base.forward(out, x, step);

@@ -16,12 +16,16 @@ export interface Linear {
   forward(out: Tensor, x: Tensor, step: PreparedStep, accumulate?: boolean): void;
   /** Whether forward takes `accumulate` (LoraLinear then issues the LoRA term first). */
   readonly canAccumulate?: boolean;
+  /** The dense weight when forward is exactly `linear(out, x, weight)` with no bias (LoraLinear
+   * may then fuse its shrink into that matmul: backend.ts linearLora). */
+  readonly denseWeight?: Tensor;
 }
 
 export class DenseLinear implements Linear {
   readonly inDim: number;
   readonly outDim: number;
   readonly canAccumulate = true;
+  readonly denseWeight?: Tensor;
   constructor(
     private readonly backend: Backend,
     readonly weight: Tensor,
@@ -29,6 +33,7 @@ export class DenseLinear implements Linear {
   ) {
     this.outDim = weight.shape[0]!;
     this.inDim = weight.shape[1]!;
+    if (!bias) this.denseWeight = weight;
   }
 
   forward(out: Tensor, x: Tensor, _step: PreparedStep, accumulate = false): void {

@@ -537,6 +537,64 @@ if (reason !== null) {
       });
     }
 
+    // The all-slots path (backend.ts attachLoraStack + linearLora): the stack's A moves beside
+    // the base weight; on decode-only steps one GEMM makes [base | every slot's shrink] and a
+    // one-phase expand writes base + term; other steps decline (the caller's usual path).
+    // Against the CPU's GEMM-then-add, out starting as garbage; then a slot rewritten after
+    // the move must land in the moved A.
+    for (const c of LORA_CASES) {
+      it(`attached linearLora: ${c.label}`, () => {
+        const dims = c.dims ?? [c.N];
+        const stack = loraStacks(c.ranks.length, c.maxRank, c.K, dims, c.ranks, c.K + c.N);
+        const step = makeStep(c.seqs, paging(c.seqs.map((s) => Math.max(1, s.ctx)), 16, 6));
+        const n = step.numTokens, cap = n + 7;
+        const x = b.tensor([cap, c.K], bf16Values(cap * c.K, c.K), "bf16");
+        const w = b.tensor([c.N, c.K], bf16Values(c.N * c.K, c.N + 3, 0.05), "bf16");
+        const out = b.tensor([cap, c.N], f32Values(cap * c.N, c.N, 1e3), "f32");
+        const ov = b.rows(out, n), xv = b.rows(x, n);
+        const small = c.maxRank % 8 === 0 && c.ranks.length * dims.length * c.maxRank <= 1024;
+        expect(cuda.attachLoraStack!(stack.gpu, w.gpu), "the stack attaches").toBe(small && process.env.INLAID_LORA_SLOTS !== "0");
+        const decodeOnly = c.seqs.every((q) => q.q === 1);
+        for (const round of [0, 1]) {
+          if (round === 1) {
+            // Slot 0 rewritten with other (bf16-exact, as the device keeps them) values, rank 8
+            // or the max rank when smaller.
+            const r = Math.min(8, c.maxRank);
+            for (let j = 0; j < dims.length; j++) {
+              const a = bf16Values(r * c.K, 31 + j, 0.05), bb = bf16Values(dims[j]! * r, 37 + j, 0.05);
+              b.cpu.writeLoraSlot(stack.cpu, 0, r, 0.75, a, bb, j);
+              b.gpu.writeLoraSlot(stack.gpu, 0, r, 0.75, a, bb, j);
+            }
+          }
+          const cpuStep = b.cpu.prepare(step), gpuStep = b.gpu.prepare(step);
+          b.cpu.linear(ov.cpu, xv.cpu, w.cpu);
+          b.cpu.lora(ov.cpu, xv.cpu, stack.cpu, cpuStep);
+          const took = cuda.linearLora!(ov.gpu, xv.gpu, w.gpu, stack.gpu, gpuStep);
+          expect(took, "linearLora takes the attached decode-only steps").toBe(small && decodeOnly && process.env.INLAID_LORA_SLOTS !== "0");
+          if (!took) {
+            b.gpu.linear(ov.gpu, xv.gpu, w.gpu);
+            b.gpu.lora(ov.gpu, xv.gpu, stack.gpu, gpuStep);
+          }
+          const r = b.read(ov);
+          let maxAbs = 0;
+          for (const v of r.cpu) maxAbs = Math.max(maxAbs, Math.abs(v));
+          const tol = 1e-4 * maxAbs + (decodeOnly ? 0 : 2 ** -8 * maxAbs);
+          // The LoRA term must stand well above the tolerance, or a missing term would pass.
+          const plain = b.cpu.empty([n, c.N], "f32");
+          b.cpu.linear(plain, xv.cpu, w.cpu);
+          const base = b.cpu.read(plain) as Float32Array;
+          b.cpu.free(plain);
+          let maxDelta = 0;
+          for (let i = 0; i < base.length; i++) maxDelta = Math.max(maxDelta, Math.abs(r.cpu[i]! - base[i]!));
+          expect(maxDelta, `linearLora ${c.label}: the LoRA term is visible at this tolerance`).toBeGreaterThan(20 * tol);
+          expectClose(`linearLora ${c.label} (round ${round})`, r.gpu, r.cpu, tol, 0);
+        }
+        b.free(x, w, out);
+        b.cpu.freeLoraStack(stack.cpu);
+        b.gpu.freeLoraStack(stack.gpu);
+      });
+    }
+
     /** Sampling rows: one per parameter set, each with its own logits row. */
     interface Row {
       readonly t: number;

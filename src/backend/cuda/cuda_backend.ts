@@ -81,7 +81,7 @@ import {
 import { buildKernels, type KernelImage } from "./ffi/nvrtc.js";
 import type { Launcher } from "./launch.js";
 import { KernelLauncher } from "./launcher.js";
-import { CudaOps, KERNEL_FILES, PDL_KERNELS } from "./ops.js";
+import { CudaOps, KERNEL_FILES, LORA_SLOTS_MAX_COLS, PDL_KERNELS } from "./ops.js";
 import { packQuantLayout, randomQuantLayout, type QuantLayout } from "./quant_layout.js";
 import { QuantOps, dequantChunkCols, fusedPlan, splitsFromEnv, type DeviceQuantWeight } from "./quant_ops.js";
 import {
@@ -160,15 +160,22 @@ class CudaLoraStack implements LoraStack {
     readonly inDim: number,
     readonly outDims: readonly number[],
     readonly outDim: number,
-    /** One allocation: A, then B, then ranks, then scales (layouts in device_ops.ts DeviceLora). */
+    /** One allocation: B, then ranks, then scales (layouts in device_ops.ts DeviceLora). */
     readonly ptr: bigint,
-    readonly a: bigint,
+    /** A: its own allocation, or (attachLoraStack) the rows after the base weight's. */
+    public a: bigint,
     readonly b: bigint,
     readonly ranks: bigint,
     readonly scales: bigint,
     /** Host copy of ranks [numSlots, splits] (to know whether a slot is in use). */
     readonly hostRanks: Int32Array,
   ) {}
+  /** The base weight whose allocation holds A after its rows (attachLoraStack), or null. */
+  attachedTo: CudaTensor | null = null;
+  /** Shrink columns of the all-slots path: numSlots x splits x maxRank. */
+  get slotCols(): number {
+    return this.numSlots * this.outDims.length * this.maxRank;
+  }
   get freed(): boolean {
     return this.#freed;
   }
@@ -252,6 +259,8 @@ export class CudaBackend implements Backend {
   quantFusedMaxRows = Number(process.env.INLAID_QUANT_FUSED_MAX_ROWS ?? 128);
   /** Fixed split-K count of the fused low-bit kernel (null: chosen per shape; default INLAID_QGEMM_SPLITS). */
   quantSplits: number | null = splitsFromEnv();
+  /** The all-slots decode LoRA path (attachLoraStack, linearLora); INLAID_LORA_SLOTS=0 turns it off. */
+  readonly #loraSlotsOn: boolean;
   /** backend.ts loraFirst; absent with INLAID_LORA_FIRST=0 (the LoRA term is then added after the GEMM). */
   readonly loraFirst?: (out: Tensor, x: Tensor, stack: LoraStack, step: PreparedStep) => boolean;
   readonly #graphs = new Map<string, Graph>();
@@ -290,6 +299,7 @@ export class CudaBackend implements Backend {
     this.#ordinal = init.ordinal;
     this.#ctx = init.ctx;
     this.#stream = init.stream;
+    this.#loraSlotsOn = process.env.INLAID_LORA_SLOTS !== "0";
     if (process.env.INLAID_LORA_FIRST !== "0") this.loraFirst = (o, x, st, step) => this.#loraFirst(o, x, st, step);
     this.#launcher = init.launcher;
     this.#blas = init.blas;
@@ -798,13 +808,15 @@ export class CudaBackend implements Backend {
     if (numSlots < 1 || maxRank < 1) throw new Error(`a LoRA stack needs at least one slot and rank 1 (got ${numSlots}, ${maxRank})`);
     const dims = loraOutDims(outDims);
     const S = dims.length, outDim = dims.reduce((a, b) => a + b, 0);
-    const aBytes = align256(numSlots * S * maxRank * inDim * 2);
+    const aBytes = numSlots * S * maxRank * inDim * 2;
     const bBytes = align256(numSlots * outDim * maxRank * 2);
     const rBytes = align256(numSlots * S * 4);
-    const total = aBytes + bBytes + 2 * rBytes;
+    const total = bBytes + 2 * rBytes;
+    const a = this.#alloc(aBytes);
+    this.#d.memsetD8Async(a, 0, aBytes, this.#stream);
     const ptr = this.#alloc(total);
     this.#d.memsetD8Async(ptr, 0, total, this.#stream);
-    const a = ptr, b = ptr + BigInt(aBytes), ranks = b + BigInt(bBytes), scales = ranks + BigInt(rBytes);
+    const b = ptr, ranks = b + BigInt(bBytes), scales = ranks + BigInt(rBytes);
     const s = new CudaLoraStack(this, numSlots, maxRank, inDim, dims, outDim, ptr, a, b, ranks, scales, new Int32Array(numSlots * S));
     this.#loraStacks.add(s);
     this.#ensureLoraScratch();
@@ -848,7 +860,58 @@ export class CudaBackend implements Backend {
     const s = this.#lora(stack);
     this.#loraStacks.delete(s);
     s.markFreed();
+    if (s.attachedTo === null) this.#release(s.a);
     this.#release(s.ptr);
+  }
+
+  /**
+   * backend.ts attachLoraStack: moves `weight` into a new allocation with the stack's A
+   * right after its rows ([outDim + numSlots * splits * maxRank, inDim]), so that one GEMM
+   * (linearLora) makes the base output and every slot's shrink. Only for stacks the
+   * all-slots path can run (ops.ts loraSlotsPath: rank in 8-wide vectors, a small pool);
+   * INLAID_LORA_SLOTS=0 declines.
+   */
+  attachLoraStack(stack: LoraStack, weight: Tensor): boolean {
+    this.#enter();
+    if (this.#capturing) throw new Error("attachLoraStack() while capturing a CUDA graph");
+    const s = this.#lora(stack), w = this.#t(weight);
+    if (!this.#loraSlotsOn || s.attachedTo !== null || w.isView || w.dtype !== "bf16") return false;
+    if (w.rows !== s.outDim || w.cols !== s.inDim || s.maxRank % 8 !== 0 || s.slotCols > LORA_SLOTS_MAX_COLS) return false;
+    const wBytes = w.bytes, aBytes = s.slotCols * s.inDim * 2;
+    const ptr = this.#alloc(wBytes + aBytes);
+    this.#d.memcpyDtoDAsync(ptr, w.ptr, wBytes, this.#stream);
+    this.#d.memcpyDtoDAsync(ptr + BigInt(wBytes), s.a, aBytes, this.#stream);
+    this.#release(w.ptr);
+    this.#release(s.a);
+    w.relocate(ptr);
+    s.a = ptr + BigInt(wBytes);
+    s.attachedTo = w;
+    this.#ensureLoraScratch();
+    return true;
+  }
+
+  /**
+   * backend.ts linearLora: on decode-only steps, for a stack attached to `weight`, one GEMM
+   * writes [base output | every slot's shrink] per row into scratch and a one-phase expand
+   * (kernels/lora.cu lora_bgmv_expand_slots) writes out = base + the row's LoRA term.
+   */
+  linearLora(out: Tensor, x: Tensor, weight: Tensor, stack: LoraStack, step: PreparedStep): boolean {
+    this.#enter();
+    const s = this.#lora(stack), w = this.#t(weight);
+    if (s.attachedTo !== w) return false;
+    const p = this.#prep(step);
+    const dl = this.#loraLaunch(s, p);
+    const wide = this.#scratch.get("lora_wide");
+    if (!dl || !wide || !this.#ops.loraSlotsPath(dl, p.run)) return false;
+    const o = this.#operand(out), xo = this.#operand(x);
+    const K = s.inDim, N = s.outDim, ld = N + s.slotCols;
+    if (xo.cols !== K || o.cols !== N) throw new Error(`linearLora: x must have ${K} columns and out ${N} (got ${xo.cols}, ${o.cols})`);
+    const n = Math.min(o.rowsCap, xo.rowsCap);
+    if (n * ld * 4 > wide.bytes) return false;
+    this.#blas.matmul(wide.ptr, "f32", xo.ptr, w.ptr, n, ld, K, 0n, ld, null);
+    const base: Operand = { ptr: wide.ptr, dtype: "f32", cols: ld, rowsCap: n, liveRows: 0n };
+    this.#ops.loraExpandSlots(o, base, wide.ptr + BigInt(N * 4), ld, dl, p.run);
+    return true;
   }
 
   #lora(stack: LoraStack): CudaLoraStack {
@@ -877,12 +940,17 @@ export class CudaBackend implements Backend {
     return s;
   }
 
-  /** The shrink intermediate: f32 [capTokens, largest maxRank]. */
+  /** The shrink intermediate f32 [capTokens, largest maxRank]; and for attached stacks
+   * (linearLora, decode-only steps: one row per sequence) f32 [capSeqs, outDim + slotCols]. */
   #ensureLoraScratch(): Scratch | null {
-    let rank = 0;
-    for (const s of this.#loraStacks) rank = Math.max(rank, s.maxRank);
+    let rank = 0, wide = 0;
+    for (const s of this.#loraStacks) {
+      rank = Math.max(rank, s.maxRank);
+      if (s.attachedTo !== null) wide = Math.max(wide, s.outDim + s.slotCols);
+    }
     const tokens = this.#layout?.capacity.tokens ?? 0;
     if (rank === 0 || tokens === 0) return null;
+    if (wide > 0) this.#ensureScratch("lora_wide", this.#layout!.capacity.seqs * wide * 4);
     return this.#ensureScratch("lora", tokens * rank * 4);
   }
 

@@ -69,7 +69,7 @@ export const PDL_KERNELS: ReadonlySet<string> = new Set([
   "embedding_bf16_f32", "gather_rows_bf16", "rmsnorm_f32_bf16", "add_rmsnorm_f32_bf16", "rope_qkv_f32",
   "kv_cache_write_f32", "silu_mul_f32_bf16", "sample_rows",
   ...[32, 64, 80, 96, 128].flatMap((d) => [`attn_prefill_d${d}`, `attn_decode_d${d}`]),
-  "lora_bgmv_fused", "lora_bgmv_shrink", "lora_bgmv_expand", "lora_sgmv_expand",
+  "lora_bgmv_fused", "lora_bgmv_shrink", "lora_bgmv_expand", "lora_bgmv_expand_slots", "lora_sgmv_expand",
   ...[16, 32, 64].map((r) => `lora_sgmv_shrink_r${r}`),
   // The fused low-bit GEMMs request their first units of weights before the wait.
   ...quantKernelNames().filter((n) => n.startsWith("quant_gemm_")),
@@ -119,7 +119,7 @@ export function kernelNames(): string[] {
   return [
     "embedding_bf16_f32", "gather_rows_bf16", "rmsnorm_f32_bf16", "add_rmsnorm_f32_bf16", "rope_qkv_f32", "silu_mul_f32_bf16",
     "kv_cache_write_f32", ...attn,
-    "lora_bgmv_fused", "lora_bgmv_shrink", "lora_bgmv_expand", "lora_sgmv_shrink_r16", "lora_sgmv_shrink_r32", "lora_sgmv_shrink_r64", "lora_sgmv_expand",
+    "lora_bgmv_fused", "lora_bgmv_shrink", "lora_bgmv_expand", "lora_bgmv_expand_slots", "lora_sgmv_shrink_r16", "lora_sgmv_shrink_r32", "lora_sgmv_shrink_r64", "lora_sgmv_expand",
     "sample_rows",
     "convert_f32_to_bf16", "convert_bf16_to_f32", "convert_f16_to_bf16", "convert_f16_to_f32", "fill_u32", "fill_u16",
     "fill_random_bf16", "fill_random_f32",
@@ -185,6 +185,12 @@ export interface DeviceInfo {
 export const FUSED_LORA_MAX_RANK = 64;
 /** Most output splits (members of a fused linear) a LoRA stack may have (kernels/lora.cu kMaxSplits). */
 export const MAX_LORA_SPLITS = 4;
+/**
+ * Most shrink columns (numSlots x splits x maxRank) for which decode-only steps compute the
+ * shrink for every slot in one GEMM (loraSlotsPath): past it the GEMM's extra bytes of A
+ * outgrow what the per-row kernel reads.
+ */
+export const LORA_SLOTS_MAX_COLS = 1024;
 
 const ptr = (p: DevicePtr): KernelArg => ({ ptr: p });
 const i32 = (v: number): KernelArg => ({ i32: v });
@@ -400,6 +406,36 @@ export class CudaOps implements DeviceOps {
   /** The fused decode kernel writes every row itself (lora_bgmv_fused's `write`): decode-only steps. */
   loraWrites(stack: DeviceLora, run: StepRun): boolean {
     return (run as StepRun & StepKinds).hasPrefill === false && this.#fusedDecode(stack, run);
+  }
+
+  /**
+   * Whether this step's LoRA may run as a shrink GEMM over every slot's A (the caller's, into
+   * t f32 [rows, ldT >= numSlots * splits * maxRank]) and loraExpandSlots: decode-only steps
+   * with a small pool (LORA_SLOTS_MAX_COLS) and ranks in 8-wide vectors.
+   */
+  loraSlotsPath(stack: DeviceLora, run: StepRun): boolean {
+    return (run as StepRun & StepKinds).hasPrefill === false && stack.maxRank % 8 === 0 &&
+      stack.outDims.length <= MAX_LORA_SPLITS && stack.numSlots * stack.outDims.length * stack.maxRank <= LORA_SLOTS_MAX_COLS;
+  }
+
+  /** out[i] = base[i] + scale_s * B_s t[i, s] for decode rows with a slot s; t from the all-slots shrink (kernels/lora.cu lora_bgmv_expand_slots). */
+  loraExpandSlots(out: Operand, base: Operand, t: DevicePtr, ldT: number, stack: DeviceLora, run: StepRun): void {
+    const op = "loraExpandSlots";
+    need(this.loraSlotsPath(stack, run), op, "step", "only decode-only steps with a small pool take the all-slots path (loraSlotsPath)");
+    dtype(op, "out", out, "f32");
+    dtype(op, "base", base, "f32");
+    const N = stack.outDim, R = stack.maxRank, S = stack.outDims.length;
+    need(out.cols === N && base.cols >= N, op, "shape", `out must have ${N} columns and base at least that (got ${out.cols}, ${base.cols})`);
+    for (const d of stack.outDims) vec8(op, "out split", d);
+    vec8(op, "base row", base.cols);
+    const rows = Math.min(out.rowsCap, base.rowsCap);
+    const starts = stack.outDims.map((_, j) => stack.outDims.slice(0, j).reduce((a, b) => a + b, 0));
+    const o = (j: number): number => (j < S ? starts[j]! : N);
+    need(ldT >= stack.numSlots * S * R && ldT % 4 === 0, op, "t", `t's row stride ${ldT} must hold every slot's ranks and keep 16-byte rows`);
+    this.#launch("lora_bgmv_expand_slots", [cdiv(N, 1024), rows, 1], [128, 1, 1], 0, [
+      ptr(out.ptr), ptr(base.ptr), ptr(t), ptr(stack.b), ptr(stack.ranks), ptr(stack.scales), ptr(run.step.loraSlots),
+      ptr(run.step.counts), i32(rows), i32(N), i32(base.cols), i32(ldT), i32(R), i32(S), i32(o(1)), i32(o(2)), i32(o(3)),
+    ]);
   }
 
   /** out[i] (f32) += scale_s * B_s (A_s x[i]) (x bf16) for rows with an adapter slot s >= 0 (see kernels/lora.cu). */

@@ -21,19 +21,36 @@ export type RowTrack = "tokens" | "sample" | "fixed";
 
 export class CudaTensor implements Tensor {
   #freed = false;
+  #ptr: bigint;
 
   constructor(
     /** The backend instance that made it (tensors never cross backends). */
     readonly owner: object,
     readonly shape: Shape,
     readonly dtype: DeviceDType,
-    readonly ptr: bigint,
+    ptr: bigint,
     /** Rows kernels may touch: shape[0] for owned tensors, the bucket for views. */
     readonly capRows: number,
     readonly track: RowTrack = "fixed",
     /** The owning tensor for views, null for owned tensors. */
     readonly base: CudaTensor | null = null,
-  ) {}
+  ) {
+    this.#ptr = ptr;
+  }
+
+  get ptr(): bigint {
+    return this.#ptr;
+  }
+
+  /**
+   * Moves an owned tensor's storage (its contents already copied to `ptr` by the
+   * backend, which frees the old one). Only for weights before any graph is captured or
+   * view made (cuda_backend.ts attachLoraStack): those would keep the old address.
+   */
+  relocate(ptr: bigint): void {
+    if (this.base !== null) throw new Error("a view's storage cannot move");
+    this.#ptr = ptr;
+  }
 
   get isView(): boolean {
     return this.base !== null;
