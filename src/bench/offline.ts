@@ -99,6 +99,8 @@ export interface OfflineBenchResult {
   readonly host_us_per_decode_step: number;
   /** Host time per decode step the device waits through (EngineStats.decodeIdleUs). */
   readonly device_idle_us_per_decode_step: number;
+  /** With INLAID_PROFILE_STEPS=1: the timed run's decode-step host phases (Engine.hostPhases), `host` the whole. */
+  readonly host_phases_us?: Record<string, { p50: number; p90: number; p99: number; max: number; mean: number }>;
   readonly roofline: {
     readonly bytes_per_step: number;
     readonly weights_bytes: number;
@@ -281,6 +283,7 @@ export async function runOfflineBench(opts: OfflineBenchOptions, progress: Progr
   });
 
   let timed: RunTimes;
+  let hostPhases: ReturnType<typeof engine.hostPhases> = null;
   try {
     const { kvBlocksTotal } = engine.stats();
     if (kvBlocksTotal < kvBlocks) {
@@ -292,12 +295,14 @@ export async function runOfflineBench(opts: OfflineBenchOptions, progress: Progr
       await runBatch(engine, prompts, names, Math.min(G, WARMUP_GEN));
       progress.note(`warm-up (${B} requests, ${Math.min(G, WARMUP_GEN)} tokens) in ${((performance.now() - t) / 1000).toFixed(2)} s`);
     }
+    engine.hostPhases(true); // the timed run's phases only
     progress.start(`bench ${B}x(${P}+${G})`, B * G, "tokens");
     try {
       timed = await runBatch(engine, prompts, names, G, (n) => progress.update(n));
     } finally {
       progress.stop();
     }
+    hostPhases = engine.hostPhases();
   } finally {
     await engine.close();
   }
@@ -363,6 +368,7 @@ export async function runOfflineBench(opts: OfflineBenchOptions, progress: Progr
     decode_tokens_per_s: stepMs.length > 0 ? round(B / (mean / 1000), 1) : null,
     host_us_per_decode_step: round(timed.hostUsPerDecodeStep, 1),
     device_idle_us_per_decode_step: round(timed.idleUsPerDecodeStep, 1),
+    ...(hostPhases && { host_phases_us: hostPhases }),
     roofline: {
       bytes_per_step: Math.round(bytes.total),
       weights_bytes: bytes.weights,

@@ -172,9 +172,9 @@ export class Engine implements ServingEngine {
   /** INLAID_PROFILE_STEPS=1: where decode steps spend host time, per step (printed at close
    * as medians and 90th percentiles in microseconds: totals would be dominated by the few
    * steps that capture a graph). */
-  readonly #phases: Record<"schedule" | "buildBatch" | "prepare" | "forward" | "outputs" | "eventLoop" | "wait" | "tokens" | "idle", number[]> | null =
+  readonly #phases: Record<"schedule" | "buildBatch" | "prepare" | "forward" | "outputs" | "eventLoop" | "wait" | "tokens" | "idle" | "host", number[]> | null =
     process.env.INLAID_PROFILE_STEPS === "1"
-      ? { schedule: [], buildBatch: [], prepare: [], forward: [], outputs: [], eventLoop: [], wait: [], tokens: [], idle: [] }
+      ? { schedule: [], buildBatch: [], prepare: [], forward: [], outputs: [], eventLoop: [], wait: [], tokens: [], idle: [], host: [] }
       : null;
   /** Outputs of the last step not yet streamed (see #launchStep), and the queue flushOutputs drains. */
   #outputs = new OutputQueue();
@@ -382,14 +382,16 @@ export class Engine implements ServingEngine {
     this.#pool.dispose();
   }
 
-  /** With INLAID_PROFILE_STEPS=1: p50, p90 and mean microseconds of each decode-step phase
-   * since the start or the last reset (else null). */
-  hostPhases(reset = false): Record<string, { p50: number; p90: number; mean: number }> | null {
+  /** With INLAID_PROFILE_STEPS=1: p50, p90, p99, max and mean microseconds of each
+   * decode-step phase (`host`: the step's whole host time, as hostUsPerDecodeStep counts
+   * it) since the start or the last reset (else null). */
+  hostPhases(reset = false): Record<string, { p50: number; p90: number; p99: number; max: number; mean: number }> | null {
     if (!this.#phases) return null;
     const pct = (xs: number[], q: number): number => [...xs].sort((a, b) => a - b)[Math.floor(q * (xs.length - 1))] ?? 0;
     const mean = (xs: number[]): number => xs.reduce((a, b) => a + b, 0) / Math.max(1, xs.length);
+    const r1 = (v: number): number => +v.toFixed(1);
     const summary = Object.fromEntries(Object.entries(this.#phases).map(([k, xs]) =>
-      [k, { p50: +pct(xs, 0.5).toFixed(1), p90: +pct(xs, 0.9).toFixed(1), mean: +mean(xs).toFixed(1) }]));
+      [k, { p50: r1(pct(xs, 0.5)), p90: r1(pct(xs, 0.9)), p99: r1(pct(xs, 0.99)), max: r1(pct(xs, 1)), mean: r1(mean(xs)) }]));
     if (reset) for (const xs of Object.values(this.#phases)) xs.length = 0;
     return summary;
   }
@@ -572,7 +574,8 @@ export class Engine implements ServingEngine {
       // computes is not counted: that time belongs to the streams' consumers). Device idle:
       // from the previous step's tokens being taken to this step's sampling being issued,
       // plus taking this step's tokens.
-      this.#decodeHostMs += l.tD - l.t0 + (l.tF - l.t1) + (t4 - t3);
+      const host = l.tD - l.t0 + (l.tF - l.t1) + (t4 - t3);
+      this.#decodeHostMs += host;
       const idle = this.#lastTokensAt > 0 ? l.tD - this.#lastTokensAt + (t4 - t3) : -1;
       if (idle >= 0) {
         this.#decodeIdleMs += idle;
@@ -588,6 +591,7 @@ export class Engine implements ServingEngine {
         p.eventLoop.push((t2 - l.tF) * 1000);
         p.wait.push((t3 - t2) * 1000);
         p.tokens.push((t4 - t3) * 1000);
+        p.host.push(host * 1000);
         if (idle >= 0) p.idle.push(idle * 1000);
       }
       this.#lastTokensAt = t4;

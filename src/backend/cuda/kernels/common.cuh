@@ -46,11 +46,6 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
-// Requests the 128-byte line holding p into L2 (no register, no wait).
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-}
-
 // Live row count of a launch over `cap` rows: *live (an i32 in device memory) or cap.
 __device__ __forceinline__ int live_rows(const int* live, int cap) { return live ? min(*live, cap) : cap; }
 
