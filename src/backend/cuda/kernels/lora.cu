@@ -404,73 +404,79 @@ extern "C" __global__ void __launch_bounds__(128) lora_bgmv_expand(float* __rest
 }
 
 // Decode-only steps, when the pool is small (ops.ts loraSlotsPath): the shrink for every
-// slot at once is one dense GEMM of x against the whole pool's A (cuBLASLt, cuda_backend.ts
-// lora), t f32 [cap, ldT] with row i's (slot s, split j, rank r) value at
-// t[i * ldT + (s * S + j) * maxRank + r]; this kernel is the expand. One thread per 8
-// outputs of one row, grid (ceil(N / 1024), rows): a single phase with no reduction and no
-// cluster barrier, where the fused kernel's chain of dependent loads made it latency-bound.
-// out[i] = base[i] + scale * B t (base may be out itself: then rows without an adapter are
-// left untouched; otherwise they copy base). The row's first 16 ranks of B load before
-// the PDL wait (adapter weights are fixed during a step).
+// slot at once is part of the base GEMM (cuda_backend.ts linearLora: the pool's A rows sit
+// after the weight's), t f32 [cap, ldT] with row i's (slot s, split j, rank r) value at
+// t[i * ldT + (s * S + j) * maxRank + r]; this kernel is the expand. A CTA of 128 threads
+// covers 512 outputs of one row, grid (ceil(N / 512), rows); thread x takes outputs
+// x, x + 128, x + 256, x + 384 of the CTA's span, so a warp's loads of B read 32
+// consecutive B rows (each thread its output's 2 * maxRank contiguous bytes): coalesced,
+// with no reduction and no cluster barrier (the per-row kernel's chain of dependent loads
+// made it latency-bound). Measured on an H100 (bench/kernels.ts, 32 rows): one output per
+// thread was faster with adapters and slower without (the copy of rows without one, with
+// 4x the CTAs); 8 contiguous outputs per thread was slower with adapters.
+// out[i] = base[i] + scale * B t (base may be out itself: rows without an adapter are then
+// left untouched; otherwise they copy base). The first 16 ranks of the threads' B rows load
+// before the PDL wait (adapter weights are fixed during a step).
+namespace {
+constexpr int kExpandPer = 4;  // outputs per thread, 128 apart
+}  // namespace
+
 extern "C" __global__ void __launch_bounds__(128)
     lora_bgmv_expand_slots(float* __restrict__ out, const float* base, const float* __restrict__ t, const bf16* __restrict__ B,
                            const int* __restrict__ ranks, const float* __restrict__ scales, const int* __restrict__ loraSlots,
                            const int* __restrict__ counts, int cap, int N, int ldBase, int ldT, int maxRank, int S, int o1,
                            int o2, int o3) {
   const int row = blockIdx.y;
-  const int n0 = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
+  const int n0 = blockIdx.x * (128 * kExpandPer) + threadIdx.x;
   const int slot = row_slot(loraSlots, nullptr, counts, 0, cap, row, 1, true);
-  int j = 0, rank = 0;
-  if (slot >= 0 && n0 < N) {
-    j = (S > 3 && n0 >= o3) ? 3 : (S > 2 && n0 >= o2) ? 2 : (S > 1 && n0 >= o1) ? 1 : 0;
-    rank = ranks[slot * S + j];
-  }
-  const bf16* bb = B + ((long long)(slot < 0 ? 0 : slot) * N + n0) * maxRank;
-  uint4 bv[2][8];  // ranks [rc, rc + 16) of the thread's 8 rows of B
-  auto loadB = [&](int rc) {
+  int js[kExpandPer], rk[kExpandPer];
+  uint4 b0[kExpandPer], b1[kExpandPer];  // ranks [0, 16) of each output's B row
 #pragma unroll
-    for (int e = 0; e < 8; e++) {
-      bv[0][e] = *reinterpret_cast<const uint4*>(bb + (long long)e * maxRank + rc);
-      if (rc + 8 < rank) bv[1][e] = *reinterpret_cast<const uint4*>(bb + (long long)e * maxRank + rc + 8);
+  for (int e = 0; e < kExpandPer; e++) {
+    const int n = n0 + e * 128;
+    js[e] = 0;
+    rk[e] = 0;
+    b0[e] = b1[e] = make_uint4(0u, 0u, 0u, 0u);
+    if (slot >= 0 && n < N) {
+      js[e] = (S > 3 && n >= o3) ? 3 : (S > 2 && n >= o2) ? 2 : (S > 1 && n >= o1) ? 1 : 0;
+      rk[e] = ranks[slot * S + js[e]];
+      const uint4* bb = reinterpret_cast<const uint4*>(B + ((long long)slot * N + n) * maxRank);
+      if (rk[e] > 0) b0[e] = bb[0];
+      if (rk[e] > 8) b1[e] = bb[1];
     }
-  };
-  if (rank > 0) loadB(0);
+  }
   pdl_wait();
-  if (n0 >= N) return;
-  float* dst = out + (long long)row * N + n0;
-  const float* src = base + (long long)row * ldBase + n0;
-  if (rank <= 0 && src == dst) return;
-  float4 oa = reinterpret_cast<const float4*>(src)[0], ob = reinterpret_cast<const float4*>(src)[1];
-  if (rank > 0) {
-    const float* tj = t + (long long)row * ldT + (slot * S + j) * maxRank;
-    const float scale = scales[slot * S + j];
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int rc = 0; rc < rank; rc += 16) {
-      if (rc > 0) loadB(rc);
+  float* dstRow = out + (long long)row * N;
+  const float* srcRow = base + (long long)row * ldBase;
+  const bool inPlace = srcRow == dstRow;
+  float v[kExpandPer];
 #pragma unroll
-      for (int h = 0; h < 2; h++) {
-        const int r0 = rc + 8 * h;
-        if (r0 >= rank) break;
+  for (int e = 0; e < kExpandPer; e++) {
+    const int n = n0 + e * 128;
+    v[e] = n < N && (rk[e] > 0 || !inPlace) ? srcRow[n] : 0.f;
+  }
+#pragma unroll
+  for (int e = 0; e < kExpandPer; e++) {
+    const int n = n0 + e * 128, rank = rk[e];
+    if (n >= N || (rank <= 0 && inPlace)) continue;
+    if (rank > 0) {
+      const float* tj = t + (long long)row * ldT + (slot * S + js[e]) * maxRank;
+      const uint4* bb = reinterpret_cast<const uint4*>(B + ((long long)slot * N + n) * maxRank);
+      float acc = 0.f;
+      for (int r0 = 0; r0 < rank; r0 += 8) {
+        const uint4 bv = r0 == 0 ? b0[e] : r0 == 8 ? b1[e] : bb[r0 / 8];
         const float4 t0 = reinterpret_cast<const float4*>(tj + r0)[0], t1 = reinterpret_cast<const float4*>(tj + r0)[1];
         const float tt[8] = {t0.x, t0.y, t0.z, t0.w, t1.x, t1.y, t1.z, t1.w};
-        float tr[8];
+        float bf[8];
+        unpack8(bv, bf);
         // Masked, not multiplied by zero: values past the rank could hold NaN bits.
 #pragma unroll
-        for (int q = 0; q < 8; q++) tr[q] = r0 + q < rank ? tt[q] : 0.f;
-#pragma unroll
-        for (int e = 0; e < 8; e++) {
-          float bf[8];
-          unpack8(bv[h][e], bf);
-#pragma unroll
-          for (int q = 0; q < 8; q++) acc[e] = fmaf(r0 + q < rank ? bf[q] : 0.f, tr[q], acc[e]);
-        }
+        for (int q = 0; q < 8; q++) acc = fmaf(r0 + q < rank ? bf[q] : 0.f, r0 + q < rank ? tt[q] : 0.f, acc);
       }
+      v[e] += scales[slot * S + js[e]] * acc;
     }
-    oa.x += scale * acc[0]; oa.y += scale * acc[1]; oa.z += scale * acc[2]; oa.w += scale * acc[3];
-    ob.x += scale * acc[4]; ob.y += scale * acc[5]; ob.z += scale * acc[6]; ob.w += scale * acc[7];
+    dstRow[n] = v[e];
   }
-  reinterpret_cast<float4*>(dst)[0] = oa;
-  reinterpret_cast<float4*>(dst)[1] = ob;
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 || !defined(__CUDA_ARCH__)
