@@ -151,6 +151,11 @@ class CudaKvCache implements KvCache {
   }
 }
 
+/** Slots the all-slots LoRA GEMM covers for a step whose highest slot in use is span - 1: a power of two (0 when none). */
+function loraSlotBucket(span: number): number {
+  return span <= 0 ? 0 : 2 ** Math.ceil(Math.log2(span));
+}
+
 class CudaLoraStack implements LoraStack {
   #freed = false;
   constructor(
@@ -892,22 +897,30 @@ export class CudaBackend implements Backend {
 
   /**
    * backend.ts linearLora: on decode-only steps, for a stack attached to `weight`, one GEMM
-   * writes [base output | every slot's shrink] per row into scratch and a one-phase expand
-   * (kernels/lora.cu lora_bgmv_expand_slots) writes out = base + the row's LoRA term.
+   * writes [base output | the shrink of slots 0..b-1] per row into scratch, b the power of
+   * two at or above the step's highest slot + 1 (so graphs are keyed by b, not by the
+   * slots), and a one-phase expand (kernels/lora.cu lora_bgmv_expand_slots) writes out =
+   * base + the row's LoRA term. A step without adapter rows is the plain GEMM.
    */
   linearLora(out: Tensor, x: Tensor, weight: Tensor, stack: LoraStack, step: PreparedStep): boolean {
     this.#enter();
     const s = this.#lora(stack), w = this.#t(weight);
     if (s.attachedTo !== w) return false;
     const p = this.#prep(step);
-    const dl = this.#loraLaunch(s, p);
     const wide = this.#scratch.get("lora_wide");
-    if (!dl || !wide || !this.#ops.loraSlotsPath(dl, p.run)) return false;
+    if (!wide || !this.#ops.loraSlotsPath(this.#deviceLora(s), p.run)) return false;
     const o = this.#operand(out), xo = this.#operand(x);
-    const K = s.inDim, N = s.outDim, ld = N + s.slotCols;
+    const K = s.inDim, N = s.outDim;
     if (xo.cols !== K || o.cols !== N) throw new Error(`linearLora: x must have ${K} columns and out ${N} (got ${xo.cols}, ${o.cols})`);
     const n = Math.min(o.rowsCap, xo.rowsCap);
+    const slots = Math.min(s.numSlots, loraSlotBucket(p.packed.loraSlotSpan));
+    if (slots === 0) {
+      this.#blas.matmul(o.ptr, "f32", xo.ptr, w.ptr, n, N, K);
+      return true;
+    }
+    const ld = N + slots * s.outDims.length * s.maxRank;
     if (n * ld * 4 > wide.bytes) return false;
+    const dl = this.#loraLaunch(s, p)!;
     this.#blas.matmul(wide.ptr, "f32", xo.ptr, w.ptr, n, ld, K, 0n, ld, null);
     const base: Operand = { ptr: wide.ptr, dtype: "f32", cols: ld, rowsCap: n, liveRows: 0n };
     this.#ops.loraExpandSlots(o, base, wide.ptr + BigInt(N * 4), ld, dl, p.run);
@@ -1176,12 +1189,16 @@ export class CudaBackend implements Backend {
   #loraLaunch(stack: LoraStack, p: CudaPrepared): DeviceLora | null {
     const s = this.#lora(stack);
     // Sized here, before the skip below, so that an eager warm-up always allocates it.
-    const scratch = this.#ensureLoraScratch()!;
+    this.#ensureLoraScratch();
     // Eagerly, a step without adapters skips the launches; a captured graph always has them.
     if (!this.#capturing && !p.packed.anyLora) return null;
+    return this.#deviceLora(s);
+  }
+
+  #deviceLora(s: CudaLoraStack): DeviceLora {
     return {
       a: s.a, b: s.b, ranks: s.ranks, scales: s.scales, numSlots: s.numSlots, maxRank: s.maxRank,
-      inDim: s.inDim, outDim: s.outDim, outDims: s.outDims, scratch: scratch.ptr,
+      inDim: s.inDim, outDim: s.outDim, outDims: s.outDims, scratch: this.#scratch.get("lora")?.ptr ?? 0n,
     };
   }
 
@@ -1306,7 +1323,9 @@ export class CudaBackend implements Backend {
     const cur = this.#current;
     if (!this.#graphsEnabled || !cur) return forward();
     const pk = cur.packed;
-    const k = `${key}|t${pk.padTokens}|s${pk.padSeqs}|m${pk.padSample}|${pk.hasPrefill ? "P" : ""}${pk.hasDecode ? "D" : ""}`;
+    // The all-slots LoRA GEMM's width follows the highest adapter slot in use (linearLora).
+    const k = `${key}|t${pk.padTokens}|s${pk.padSeqs}|m${pk.padSample}|${pk.hasPrefill ? "P" : ""}${pk.hasDecode ? "D" : ""}` +
+      `|l${loraSlotBucket(pk.loraSlotSpan)}`;
     try {
       const g = this.#graphs.get(k);
       if (g) {

@@ -431,7 +431,8 @@ export class CudaOps implements DeviceOps {
     const rows = Math.min(out.rowsCap, base.rowsCap);
     const starts = stack.outDims.map((_, j) => stack.outDims.slice(0, j).reduce((a, b) => a + b, 0));
     const o = (j: number): number => (j < S ? starts[j]! : N);
-    need(ldT >= stack.numSlots * S * R && ldT % 4 === 0, op, "t", `t's row stride ${ldT} must hold every slot's ranks and keep 16-byte rows`);
+    // ldT covers at least the slots the step's rows use (the caller's GEMM made those).
+    need(ldT >= S * R && ldT % 4 === 0, op, "t", `t's row stride ${ldT} must hold a slot's ranks and keep 16-byte rows`);
     // 512 outputs of a row per 128-thread CTA (kernels/lora.cu kExpandPer).
     this.#launch("lora_bgmv_expand_slots", [cdiv(N, 512), rows, 1], [128, 1, 1], 0, [
       ptr(out.ptr), ptr(base.ptr), ptr(t), ptr(stack.b), ptr(stack.ranks), ptr(stack.scales), ptr(run.step.loraSlots),

@@ -125,7 +125,7 @@ describe("packStep", () => {
     const b = batch([3, 1, 1], [3, 18, 40], B, [2, -1, 0], 2);
     const { packed, v } = pack(b, layout);
     expect(packed).toEqual({
-      padTokens: 8, padSeqs: 4, padSample: 4, copyWords: layout.blockTables + 3 * B, anyLora: true, hasPrefill: true, hasDecode: true,
+      padTokens: 8, padSeqs: 4, padSample: 4, copyWords: layout.blockTables + 3 * B, anyLora: true, loraSlotSpan: 3, hasPrefill: true, hasDecode: true,
       compact: false,
     });
     const i32 = (off: number, n: number) => Array.from(v.i32.subarray(off, off + n));
@@ -149,6 +149,7 @@ describe("packStep", () => {
     const b = batch([1, 1], [5, 6], B);
     const { packed, v } = pack(b, layout);
     expect(packed.anyLora).toBe(false);
+    expect(packed.loraSlotSpan).toBe(0);
     expect([packed.hasPrefill, packed.hasDecode]).toEqual([false, true]);
     expect(packed.padTokens).toBe(2);
     expect(packed.copyWords).toBe(layout.blockTables + 2 * B);
@@ -209,7 +210,7 @@ describe("compact layout", () => {
     const { packed, v } = pack(b, layout, buf);
     const c = layout.compactTokens!;
     expect(packed).toEqual({
-      padTokens: 4, padSeqs: 4, padSample: 4, copyWords: layout.blockTables + 3 * B, anyLora: true, hasPrefill: false, hasDecode: true,
+      padTokens: 4, padSeqs: 4, padSample: 4, copyWords: layout.blockTables + 3 * B, anyLora: true, loraSlotSpan: 3, hasPrefill: false, hasDecode: true,
       compact: true,
     });
     const i32 = (off: number, n: number) => Array.from(v.i32.subarray(off, off + n));

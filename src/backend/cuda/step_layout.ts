@@ -149,6 +149,9 @@ export interface PackedStep {
   readonly copyWords: number;
   /** Whether any token uses an adapter (eager runs may skip LoRA launches otherwise). */
   readonly anyLora: boolean;
+  /** 1 + the highest adapter slot a token uses, 0 when none (how many slots' shrink
+   * columns the all-slots LoRA GEMM must make: cuda_backend.ts linearLora). */
+  readonly loraSlotSpan: number;
   /** Some sequence has more than one query row (prefill kernels have work). */
   readonly hasPrefill: boolean;
   /** Some sequence has exactly one query row (decode kernels have work). */
@@ -223,14 +226,10 @@ export function packStep(batch: StepBatch, layout: StepLayout, v: StagingViews):
   put(i32, tr.positions, batch.positions, T, padTokens, 0);
   put(i32, tr.slotMapping, batch.slotMapping, T, padTokens, -1);
   put(i32, tr.loraSlots, batch.loraSlots, T, padTokens, -1);
-  let anyLora = false;
+  let loraSlotSpan = 0;
   const ls = batch.loraSlots;
-  for (let t = 0; t < T; t++) {
-    if (ls[t]! >= 0) {
-      anyLora = true;
-      break;
-    }
-  }
+  for (let t = 0; t < T; t++) loraSlotSpan = Math.max(loraSlotSpan, ls[t]! + 1);
+  const anyLora = loraSlotSpan > 0;
 
   const qs = batch.queryStart;
   let hasPrefill = false, hasDecode = false;
@@ -264,5 +263,5 @@ export function packStep(batch: StepBatch, layout: StepLayout, v: StagingViews):
   // The copy ends after the live block-table rows, or (full-size token rows after them
   // in a compact layout) after the last padded token row.
   const copyWords = layout.compactTokens !== null && !compact ? layout.loraSlots + padTokens : layout.blockTables + S * B;
-  return { padTokens, padSeqs, padSample, copyWords, anyLora, hasPrefill, hasDecode, compact };
+  return { padTokens, padSeqs, padSample, copyWords, anyLora, loraSlotSpan, hasPrefill, hasDecode, compact };
 }
