@@ -872,16 +872,15 @@ export class CudaBackend implements Backend {
   /**
    * backend.ts attachLoraStack: moves `weight` into a new allocation with the stack's A
    * right after its rows ([outDim + numSlots * splits * maxRank, inDim]), so that one GEMM
-   * (linearLora) makes the base output and every slot's shrink. Only for stacks the
-   * all-slots path can run (ops.ts loraSlotsPath: rank in 8-wide vectors, a small pool);
-   * INLAID_LORA_SLOTS=0 declines.
+   * (linearLora) makes the base output and the shrink of the slots a step uses. Only for
+   * ranks in 8-wide vectors (ops.ts loraSlotsPath); INLAID_LORA_SLOTS=0 declines.
    */
   attachLoraStack(stack: LoraStack, weight: Tensor): boolean {
     this.#enter();
     if (this.#capturing) throw new Error("attachLoraStack() while capturing a CUDA graph");
     const s = this.#lora(stack), w = this.#t(weight);
     if (!this.#loraSlotsOn || s.attachedTo !== null || w.isView || w.dtype !== "bf16") return false;
-    if (w.rows !== s.outDim || w.cols !== s.inDim || s.maxRank % 8 !== 0 || s.slotCols > LORA_SLOTS_MAX_COLS) return false;
+    if (w.rows !== s.outDim || w.cols !== s.inDim || s.maxRank % 8 !== 0) return false;
     const wBytes = w.bytes, aBytes = s.slotCols * s.inDim * 2;
     const ptr = this.#alloc(wBytes + aBytes);
     this.#d.memcpyDtoDAsync(ptr, w.ptr, wBytes, this.#stream);
@@ -908,12 +907,13 @@ export class CudaBackend implements Backend {
     if (s.attachedTo !== w) return false;
     const p = this.#prep(step);
     const wide = this.#scratch.get("lora_wide");
-    if (!wide || !this.#ops.loraSlotsPath(this.#deviceLora(s), p.run)) return false;
+    const slots = Math.min(s.numSlots, loraSlotBucket(p.packed.loraSlotSpan));
+    // Past LORA_SLOTS_MAX_COLS shrink columns the per-row kernel (the caller's path) reads less.
+    if (!wide || !this.#ops.loraSlotsPath(this.#deviceLora(s), p.run, slots)) return false;
     const o = this.#operand(out), xo = this.#operand(x);
     const K = s.inDim, N = s.outDim;
     if (xo.cols !== K || o.cols !== N) throw new Error(`linearLora: x must have ${K} columns and out ${N} (got ${xo.cols}, ${o.cols})`);
     const n = Math.min(o.rowsCap, xo.rowsCap);
-    const slots = Math.min(s.numSlots, loraSlotBucket(p.packed.loraSlotSpan));
     if (slots === 0) {
       this.#blas.matmul(o.ptr, "f32", xo.ptr, w.ptr, n, N, K);
       return true;
@@ -954,12 +954,12 @@ export class CudaBackend implements Backend {
   }
 
   /** The shrink intermediate f32 [capTokens, largest maxRank]; and for attached stacks
-   * (linearLora, decode-only steps: one row per sequence) f32 [capSeqs, outDim + slotCols]. */
+   * (linearLora, decode-only steps: one row per sequence) f32 [capSeqs, outDim + min(slotCols, LORA_SLOTS_MAX_COLS)]. */
   #ensureLoraScratch(): Scratch | null {
     let rank = 0, wide = 0;
     for (const s of this.#loraStacks) {
       rank = Math.max(rank, s.maxRank);
-      if (s.attachedTo !== null) wide = Math.max(wide, s.outDim + s.slotCols);
+      if (s.attachedTo !== null) wide = Math.max(wide, s.outDim + Math.min(s.slotCols, LORA_SLOTS_MAX_COLS));
     }
     const tokens = this.#layout?.capacity.tokens ?? 0;
     if (rank === 0 || tokens === 0) return null;

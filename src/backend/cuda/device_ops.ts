@@ -128,10 +128,10 @@ export interface DeviceOps {
   lora(out: Operand, x: Operand, stack: DeviceLora, run: StepRun, write?: boolean): void;
   /** Whether `lora` can write (not add) for this stack and step. */
   loraWrites(stack: DeviceLora, run: StepRun): boolean;
-  /** Whether this step may run the LoRA term as a shrink GEMM over every slot's A (into t
-   * f32 [rows, ldT], the caller's: row i's slot s, split j, rank r at (s * splits + j) *
-   * maxRank + r) and loraExpandSlots. */
-  loraSlotsPath(stack: DeviceLora, run: StepRun): boolean;
+  /** Whether this step may run the LoRA term as a shrink GEMM over the A of slots
+   * 0..slots-1 (into t f32 [rows, ldT], the caller's: row i's slot s, split j, rank r at
+   * (s * splits + j) * maxRank + r) and loraExpandSlots. */
+  loraSlotsPath(stack: DeviceLora, run: StepRun, slots: number): boolean;
   /** out[i] = base[i] + scale_s * B_s t[i, s] on rows with an adapter slot s (base may be
    * out: rows without one are then untouched; base may be wider than out, ld = its cols). */
   loraExpandSlots(out: Operand, base: Operand, t: bigint, ldT: number, stack: DeviceLora, run: StepRun): void;

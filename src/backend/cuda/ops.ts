@@ -409,19 +409,20 @@ export class CudaOps implements DeviceOps {
   }
 
   /**
-   * Whether this step's LoRA may run as a shrink GEMM over every slot's A (the caller's, into
-   * t f32 [rows, ldT >= numSlots * splits * maxRank]) and loraExpandSlots: decode-only steps
-   * with a small pool (LORA_SLOTS_MAX_COLS) and ranks in 8-wide vectors.
+   * Whether this step's LoRA may run as a shrink GEMM over the A of slots 0..slots-1 (the
+   * caller's, into t f32 [rows, ldT]) and loraExpandSlots: decode-only steps whose shrink
+   * columns (slots x splits x maxRank) stay within LORA_SLOTS_MAX_COLS, ranks in 8-wide vectors.
    */
-  loraSlotsPath(stack: DeviceLora, run: StepRun): boolean {
-    return (run as StepRun & StepKinds).hasPrefill === false && stack.maxRank % 8 === 0 &&
-      stack.outDims.length <= MAX_LORA_SPLITS && stack.numSlots * stack.outDims.length * stack.maxRank <= LORA_SLOTS_MAX_COLS;
+  loraSlotsPath(stack: DeviceLora, run: StepRun, slots: number): boolean {
+    return (run as StepRun & StepKinds).hasPrefill === false && stack.maxRank % 8 === 0 && slots <= stack.numSlots &&
+      stack.outDims.length <= MAX_LORA_SPLITS && slots * stack.outDims.length * stack.maxRank <= LORA_SLOTS_MAX_COLS;
   }
 
   /** out[i] = base[i] + scale_s * B_s t[i, s] for decode rows with a slot s; t from the all-slots shrink (kernels/lora.cu lora_bgmv_expand_slots). */
   loraExpandSlots(out: Operand, base: Operand, t: DevicePtr, ldT: number, stack: DeviceLora, run: StepRun): void {
     const op = "loraExpandSlots";
-    need(this.loraSlotsPath(stack, run), op, "step", "only decode-only steps with a small pool take the all-slots path (loraSlotsPath)");
+    need((run as StepRun & StepKinds).hasPrefill === false && stack.maxRank % 8 === 0, op, "step",
+      "only decode-only steps with ranks in 8-wide vectors take the all-slots path (loraSlotsPath)");
     dtype(op, "out", out, "f32");
     dtype(op, "base", base, "f32");
     const N = stack.outDim, R = stack.maxRank, S = stack.outDims.length;
