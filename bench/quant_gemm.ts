@@ -137,9 +137,11 @@ for (const [name, K, N] of SHAPES) {
       const us = timeCall(`q${bits}-${N}-${K}-${M}`, (i) => gpu.linearQuantized(out, x, copies[i % copies.length]!), out);
       const bytes = layoutBytes(layout) + M * K * 2 + M * N * 4;
       const cu = cublasUs.get(M) ?? NaN;
+      // The launch the backend kept (tuned at the first eager call: CudaBackend #quantPlan), else the rule's.
       const plan = fusedPlan(bits, K, N, M, gpu.device.smCount, gpu.quantSplits);
+      const kept = gpu.quantLaunch(copies[0]!, M) ?? `w${plan.warps}s${plan.splits}`;
       rowsOut.push({
-        op: name, bits, M, K, N, plan: M <= gpu.quantFusedMaxRows ? `w${plan.warps}s${plan.splits}` : "dequant", us: round(us), gbs: Math.round(bytes / us / 1e3), tflops: round((2 * M * N * K) / us / 1e6, 1),
+        op: name, bits, M, K, N, plan: M <= gpu.quantFusedMaxRows ? kept : "dequant", us: round(us), gbs: Math.round(bytes / us / 1e3), tflops: round((2 * M * N * K) / us / 1e6, 1),
         cublas_bf16_us: round(cu), cublas_bf16_gbs: Math.round((N * K * 2 + M * K * 2 + M * N * 4) / cu / 1e3),
         vs_cublas: round(us / cu, 3),
       });
@@ -190,7 +192,8 @@ if (values.sweep) {
       gpu.quantSplits = null;
       delete process.env.INLAID_QGEMM_WARPS;
       const auto = fusedPlan(4, K, N, M, gpu.device.smCount);
-      const row: Record<string, unknown> = { op: name.split(" ")[0], M, auto: `w${auto.warps}s${auto.splits}`, auto_us: time(`sw-${N}-${K}-${M}-auto`) };
+      const autoUs = time(`sw-${N}-${K}-${M}-auto`);
+      const row: Record<string, unknown> = { op: name.split(" ")[0], M, rule: `w${auto.warps}s${auto.splits}`, auto: gpu.quantLaunch(copies[0]!, M), auto_us: autoUs };
       for (const w of FUSED_WARPS) {
         process.env.INLAID_QGEMM_WARPS = String(w);
         for (const S of FUSED_SPLITS) {

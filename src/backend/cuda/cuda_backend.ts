@@ -83,7 +83,7 @@ import type { Launcher } from "./launch.js";
 import { KernelLauncher } from "./launcher.js";
 import { CudaOps, KERNEL_FILES, LORA_SLOTS_MAX_COLS, PDL_KERNELS } from "./ops.js";
 import { packQuantLayout, randomQuantLayout, type QuantLayout } from "./quant_layout.js";
-import { QuantOps, dequantChunkCols, fusedPlan, splitsFromEnv, type DeviceQuantWeight } from "./quant_ops.js";
+import { QuantOps, dequantChunkCols, fusedCandidates, fusedPlan, splitsFromEnv, type DeviceQuantWeight, type FusedPlan } from "./quant_ops.js";
 import {
   bucketRows, capacityShortfall, packStep, stagingViews, stepLayout,
   type PackedStep, type StagingViews, type StepCapacity, type StepLayout,
@@ -264,6 +264,10 @@ export class CudaBackend implements Backend {
   quantFusedMaxRows = Number(process.env.INLAID_QUANT_FUSED_MAX_ROWS ?? 128);
   /** Fixed split-K count of the fused low-bit kernel (null: chosen per shape; default INLAID_QGEMM_SPLITS). */
   quantSplits: number | null = splitsFromEnv();
+  /** GEMM and low-bit launch tuning (null with INLAID_GEMM_TUNE=0). */
+  #tuner: GemmTuner | null = null;
+  /** Fused low-bit launches by weight shape and rows (#quantPlan). */
+  readonly #quantPlans = new Map<string, FusedPlan>();
   /** The all-slots decode LoRA path (attachLoraStack, linearLora); INLAID_LORA_SLOTS=0 turns it off. */
   readonly #loraSlotsOn: boolean;
   /** backend.ts loraFirst; absent with INLAID_LORA_FIRST=0 (the LoRA term is then added after the GEMM). */
@@ -318,7 +322,10 @@ export class CudaBackend implements Backend {
     this.#initialCapacity = init.capacity;
     this.#quant = new QuantOps(init.launcher, init.device.smCount);
     CudaBackend.#active = this;
-    if (process.env.INLAID_GEMM_TUNE !== "0") this.#blas.setTuner(this.#gemmTuner());
+    if (process.env.INLAID_GEMM_TUNE !== "0") {
+      this.#tuner = this.#gemmTuner();
+      this.#blas.setTuner(this.#tuner);
+    }
   }
 
   /** GEMM algorithm tuning (ffi/cublaslt.ts says why). The L2 flush writes a buffer of
@@ -1097,6 +1104,13 @@ export class CudaBackend implements Backend {
    * Like `linear`, it runs over the views' launch rows (the bucket), so eager and replayed
    * steps launch the same kernels.
    */
+  /** The fused launch kept for `rows` rows of w (#quantPlan), as "w{warps}s{splits}", or null before its first call. */
+  quantLaunch(w: QuantizedTensor, rows: number): string | null {
+    const q = this.#q(w).dev;
+    const p = this.#quantPlans.get(`${q.bits},${q.K},${q.N},${rows}`);
+    return p ? `w${p.warps}s${p.splits}` : null;
+  }
+
   linearQuantized(out: Tensor, x: Tensor, w: QuantizedTensor, bias?: Tensor): void {
     this.#enter();
     const o = this.#t(out), xi = this.#t(x), q = this.#q(w).dev;
@@ -1122,7 +1136,7 @@ export class CudaBackend implements Backend {
       xp = g.ptr;
     }
     if (n <= this.quantFusedMaxRows) {
-      const plan = this.#quant.plan(q, n, this.quantSplits);
+      const plan = this.#quantPlan(q, n, o.ptr, xp, this.#liveRows(xi), b);
       const partials = plan.partialBytes > 0 ? this.#ensureScratch("quant_partials", plan.partialBytes).ptr : 0n;
       const counters = plan.counterBytes > 0 ? this.#ensureZeroedScratch("quant_counters", plan.counterBytes).ptr : 0n;
       this.#quant.fused(o.ptr, xp, this.#liveRows(xi), n, q, b, partials, counters, plan);
@@ -1135,6 +1149,41 @@ export class CudaBackend implements Backend {
       this.#quant.dequant(scratch, q, c0, nc);
       this.#blas.matmul(o.ptr + BigInt(c0 * 32 * 4), "f32", xp, scratch, n, nc * 32, K, b === 0n ? 0n : b + BigInt(c0 * 32 * 4), N);
     }
+  }
+
+  /**
+   * The fused low-bit launch for `rows` rows of q, chosen once per (shape, rows) and kept,
+   * so eager and replayed steps run the same launch. Eagerly, with GEMM tuning on (as for
+   * cuBLASLt plans), every (warps, splits) candidate is timed on these operands, L2 flushed
+   * before each run, and the fastest kept: fusedPlan's rule missed the fastest launch by up
+   * to 6% on an H100 sweep (bench/quant_gemm.ts --sweep: K 4096 N 11008 at 1 and 8 rows took
+   * 8 splits where 4 ran 14.3 against 14.8 µs). While capturing, or with tuning off, the
+   * rule's plan. A forced split count or warp count (quantSplits, INLAID_QGEMM_WARPS) is
+   * followed and not kept.
+   */
+  #quantPlan(q: DeviceQuantWeight, rows: number, out: bigint, x: bigint, live: bigint, bias: bigint): FusedPlan {
+    if (this.quantSplits !== null || process.env.INLAID_QGEMM_WARPS) return this.#quant.plan(q, rows, this.quantSplits);
+    const key = `${q.bits},${q.K},${q.N},${rows}`;
+    const have = this.#quantPlans.get(key);
+    if (have) return have;
+    let plan = this.#quant.plan(q, rows);
+    const tuner = this.#tuner;
+    if (!this.#capturing && tuner !== null && tuner.canTune()) {
+      let best = Infinity;
+      for (const c of fusedCandidates(q.bits, q.K, q.N, rows)) {
+        let us = Infinity;
+        for (let r = 0; r < 5; r++) {
+          tuner.flushL2();
+          us = Math.min(us, 1000 * tuner.timeMs(() => this.#quant.fused(out, x, live, rows, q, bias, 0n, 0n, c)));
+        }
+        if (us < best) {
+          best = us;
+          plan = c;
+        }
+      }
+    }
+    this.#quantPlans.set(key, plan);
+    return plan;
   }
 
   /** As #ensureScratch, zero-filled whenever it is (re)allocated (split-K arrival counters). */

@@ -161,19 +161,31 @@ export function fusedPlan(bits: QuantBits, K: number, N: number, rows: number, s
   const fits = options.filter((o) => o.ctas <= o.resident || fixedSplits !== null);
   const chosen = fits.reduce<(typeof options)[number] | undefined>((best, o) => (best === undefined || o.ctas > best.ctas ? o : best), undefined)
     ?? options[0]!;
-  const { w, s } = chosen;
+  return fusedLaunch(bits, K, N, rows, chosen.w, chosen.s);
+}
+
+/** The fused kernel's launch with `warps` warps per CTA and `splits` k splits (both instantiated values). */
+export function fusedLaunch(bits: QuantBits, K: number, N: number, rows: number, warps: number, splits: number): FusedPlan {
+  const T = tokenTiles(rows);
+  const mBlocks = Math.ceil(rows / (8 * T));
   return {
-    kernel: `quant_gemm_b${bits}_t${T}_c${s}`,
+    kernel: `quant_gemm_b${bits}_t${T}_c${splits}`,
     T,
     mBlocks,
-    warps: w,
-    splits: s,
-    grid: [mBlocks, Math.ceil(NC / w), s],
-    block: [32 * w, 1, 1],
-    smem: fusedSmemBytes(bits, T, w),
+    warps,
+    splits,
+    grid: [mBlocks, Math.ceil(N / COL_N / warps), splits],
+    block: [32 * warps, 1, 1],
+    smem: fusedSmemBytes(bits, T, warps),
     partialBytes: 0,
     counterBytes: 0,
   };
+}
+
+/** Every (warps, splits) launch of the fused kernel for these rows: what CudaBackend times when it tunes a shape. */
+export function fusedCandidates(bits: QuantBits, K: number, N: number, rows: number): FusedPlan[] {
+  const units = Math.ceil(K / UNIT_K);
+  return FUSED_WARPS.flatMap((w) => FUSED_SPLITS.filter((s) => s <= units).map((s) => fusedLaunch(bits, K, N, rows, w, s)));
 }
 
 /** Columns of 32 outputs per chunk of the prefill path. */
