@@ -144,8 +144,10 @@ function splitsAtMost(n: number, units: number): number {
  * (4-bit, every Llama-2-7B decode shape at 1, 8 and 32 rows, warps 4/8 x splits 1..8): the
  * rule's pick was the fastest launch with 1, 2, 4 or 8 splits, or within 1% of it. Splits
  * of 3 and 6 (no longer instantiated) won only once, by 6% (down_proj at 32 rows). That sweep
- * ran the previous loop (deeper ring, two 8-warp CTAs per SM); the rule has not been re-swept
- * with the 3-stage ring's residency (ctasPerSm).
+ * ran the previous loop (deeper ring, two 8-warp CTAs per SM). Re-swept with the 3-stage
+ * ring (session 5) it was off by up to 6% (K 4096 N 11008 at 1 and 8 rows), so CudaBackend
+ * now times fusedCandidates per shape and keeps the fastest; this rule is what it uses while
+ * capturing a graph or with tuning off.
  */
 export function fusedPlan(bits: QuantBits, K: number, N: number, rows: number, smCount: number, splits?: number | null): FusedPlan {
   const T = tokenTiles(rows);
