@@ -503,19 +503,29 @@ if (reason !== null) {
       });
     }
 
+    /** A LORA_CASES case with a base weight: its stacks, step, x, weight and garbage out (views of the step's rows). */
+    function linearLoraCase(c: (typeof LORA_CASES)[number]) {
+      const stack = loraStacks(c.ranks.length, c.maxRank, c.K, c.dims ?? [c.N], c.ranks, c.K + c.N);
+      const step = makeStep(c.seqs, paging(c.seqs.map((s) => Math.max(1, s.ctx)), 16, 6));
+      const n = step.numTokens, cap = n + 7;
+      const x = b.tensor([cap, c.K], bf16Values(cap * c.K, c.K), "bf16");
+      const w = b.tensor([c.N, c.K], bf16Values(c.N * c.K, c.N + 3, 0.05), "bf16");
+      const out = b.tensor([cap, c.N], f32Values(cap * c.N, c.N, 1e3), "f32");
+      const free = (): void => {
+        b.free(x, w, out);
+        b.cpu.freeLoraStack(stack.cpu);
+        b.gpu.freeLoraStack(stack.gpu);
+      };
+      return { stack, step, n, w, ov: b.rows(out, n), xv: b.rows(x, n), free };
+    }
+
     // LoraLinear's GPU order (backend.ts loraFirst): the LoRA term written first (the fused
     // decode kernel's write mode on decode-only steps; zero + add otherwise), then the base
     // GEMM accumulating onto it, against the CPU's GEMM-then-add. out starts as garbage: every
     // live row must be overwritten.
     for (const c of LORA_CASES) {
       it(`loraFirst + accumulating linear: ${c.label}`, () => {
-        const stack = loraStacks(c.ranks.length, c.maxRank, c.K, c.dims ?? [c.N], c.ranks, c.K + c.N);
-        const step = makeStep(c.seqs, paging(c.seqs.map((s) => Math.max(1, s.ctx)), 16, 6));
-        const n = step.numTokens, cap = n + 7;
-        const x = b.tensor([cap, c.K], bf16Values(cap * c.K, c.K), "bf16");
-        const w = b.tensor([c.N, c.K], bf16Values(c.N * c.K, c.N + 3, 0.05), "bf16");
-        const out = b.tensor([cap, c.N], f32Values(cap * c.N, c.N, 1e3), "f32");
-        const ov = b.rows(out, n), xv = b.rows(x, n);
+        const { stack, step, w, ov, xv, free } = linearLoraCase(c);
         const cpuStep = b.cpu.prepare(step);
         b.cpu.linear(ov.cpu, xv.cpu, w.cpu);
         b.cpu.lora(ov.cpu, xv.cpu, stack.cpu, cpuStep);
@@ -531,9 +541,7 @@ if (reason !== null) {
         // relative to the row's scale; SGMV's bf16 intermediate as in the lora test above.
         const hasPrefill = c.seqs.some((q) => q.q > 1);
         expectClose(`loraFirst ${c.label}`, r.gpu, r.cpu, 1e-4 * maxAbs + (hasPrefill ? 2 ** -8 * maxAbs : 0), 0);
-        b.free(x, w, out);
-        b.cpu.freeLoraStack(stack.cpu);
-        b.gpu.freeLoraStack(stack.gpu);
+        free();
       });
     }
 
@@ -545,13 +553,7 @@ if (reason !== null) {
     for (const c of LORA_CASES) {
       it(`attached linearLora: ${c.label}`, () => {
         const dims = c.dims ?? [c.N];
-        const stack = loraStacks(c.ranks.length, c.maxRank, c.K, dims, c.ranks, c.K + c.N);
-        const step = makeStep(c.seqs, paging(c.seqs.map((s) => Math.max(1, s.ctx)), 16, 6));
-        const n = step.numTokens, cap = n + 7;
-        const x = b.tensor([cap, c.K], bf16Values(cap * c.K, c.K), "bf16");
-        const w = b.tensor([c.N, c.K], bf16Values(c.N * c.K, c.N + 3, 0.05), "bf16");
-        const out = b.tensor([cap, c.N], f32Values(cap * c.N, c.N, 1e3), "f32");
-        const ov = b.rows(out, n), xv = b.rows(x, n);
+        const { stack, step, n, w, ov, xv, free } = linearLoraCase(c);
         const small = c.maxRank % 8 === 0 && c.ranks.length * dims.length * c.maxRank <= 1024;
         expect(cuda.attachLoraStack!(stack.gpu, w.gpu), "the stack attaches").toBe(c.maxRank % 8 === 0 && process.env.INLAID_LORA_SLOTS !== "0");
         const decodeOnly = c.seqs.every((q) => q.q === 1);
@@ -597,9 +599,7 @@ if (reason !== null) {
           else if (decodeOnly) expect(maxDelta, `linearLora ${c.label}: the LoRA term is visible at this tolerance`).toBeGreaterThan(20 * tol);
           expectClose(`linearLora ${c.label} (round ${round})`, r.gpu, r.cpu, tol, 0);
         }
-        b.free(x, w, out);
-        b.cpu.freeLoraStack(stack.cpu);
-        b.gpu.freeLoraStack(stack.gpu);
+        free();
       });
     }
 

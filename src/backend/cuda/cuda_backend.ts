@@ -71,7 +71,7 @@ import { uniform } from "../rng.js";
 import { quietly } from "./ffi/errors.js";
 import { bf16ToF32, f16ToF32, f32ToBf16, loraOutDims, numel, toF32, type DType, type Shape } from "../tensor.js";
 import type { DeviceKv, DeviceLora, DeviceOps, DeviceStep, Operand, Scratch, StepRun } from "./device_ops.js";
-import { CublasLt, type GemmTuner } from "./ffi/cublaslt.js";
+import { CublasLt, timeCandidates, type GemmTuner } from "./ffi/cublaslt.js";
 import {
   CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
   CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE,
@@ -149,6 +149,11 @@ class CudaKvCache implements KvCache {
   markFreed(): void {
     this.#freed = true;
   }
+}
+
+/** #quantPlans' key: a weight's shape and bits, and the launch rows. */
+function quantPlanKey(q: DeviceQuantWeight, rows: number): string {
+  return `${q.bits},${q.K},${q.N},${rows}`;
 }
 
 /** Slots the all-slots LoRA GEMM covers for a step whose highest slot in use is span - 1: a power of two (0 when none). */
@@ -916,7 +921,8 @@ export class CudaBackend implements Backend {
     const wide = this.#scratch.get("lora_wide");
     const slots = Math.min(s.numSlots, loraSlotBucket(p.packed.loraSlotSpan));
     // Past LORA_SLOTS_MAX_COLS shrink columns the per-row kernel (the caller's path) reads less.
-    if (!wide || !this.#ops.loraSlotsPath(this.#deviceLora(s), p.run, slots)) return false;
+    const dl = this.#deviceLora(s);
+    if (!wide || !this.#ops.loraSlotsPath(dl, p.run, slots)) return false;
     const o = this.#operand(out), xo = this.#operand(x);
     const K = s.inDim, N = s.outDim;
     if (xo.cols !== K || o.cols !== N) throw new Error(`linearLora: x must have ${K} columns and out ${N} (got ${xo.cols}, ${o.cols})`);
@@ -927,7 +933,6 @@ export class CudaBackend implements Backend {
     }
     const ld = N + slots * s.outDims.length * s.maxRank;
     if (n * ld * 4 > wide.bytes) return false;
-    const dl = this.#loraLaunch(s, p)!;
     this.#blas.matmul(wide.ptr, "f32", xo.ptr, w.ptr, n, ld, K, 0n, ld, null);
     const base: Operand = { ptr: wide.ptr, dtype: "f32", cols: ld, rowsCap: n, liveRows: 0n };
     this.#ops.loraExpandSlots(o, base, wide.ptr + BigInt(N * 4), ld, dl, p.run);
@@ -1098,19 +1103,19 @@ export class CudaBackend implements Backend {
     return w;
   }
 
+  /** The fused launch kept for `rows` rows of w (#quantPlan), as "w{warps}s{splits}", or null before its first call. */
+  quantLaunch(w: QuantizedTensor, rows: number): string | null {
+    const q = this.#q(w).dev;
+    const p = this.#quantPlans.get(quantPlanKey(q, rows));
+    return p ? `w${p.warps}s${p.splits}` : null;
+  }
+
   /**
    * out f32 [n, N] = x bf16 [n, K] @ dequantize(w)^T (+ bias f32): the fused low-bit kernel up
    * to quantFusedMaxRows rows, else dequantize (in column chunks) + cuBLASLt (quant_ops.ts).
    * Like `linear`, it runs over the views' launch rows (the bucket), so eager and replayed
    * steps launch the same kernels.
    */
-  /** The fused launch kept for `rows` rows of w (#quantPlan), as "w{warps}s{splits}", or null before its first call. */
-  quantLaunch(w: QuantizedTensor, rows: number): string | null {
-    const q = this.#q(w).dev;
-    const p = this.#quantPlans.get(`${q.bits},${q.K},${q.N},${rows}`);
-    return p ? `w${p.warps}s${p.splits}` : null;
-  }
-
   linearQuantized(out: Tensor, x: Tensor, w: QuantizedTensor, bias?: Tensor): void {
     this.#enter();
     const o = this.#t(out), xi = this.#t(x), q = this.#q(w).dev;
@@ -1163,24 +1168,17 @@ export class CudaBackend implements Backend {
    */
   #quantPlan(q: DeviceQuantWeight, rows: number, out: bigint, x: bigint, live: bigint, bias: bigint): FusedPlan {
     if (this.quantSplits !== null || process.env.INLAID_QGEMM_WARPS) return this.#quant.plan(q, rows, this.quantSplits);
-    const key = `${q.bits},${q.K},${q.N},${rows}`;
+    const key = quantPlanKey(q, rows);
     const have = this.#quantPlans.get(key);
     if (have) return have;
     let plan = this.#quant.plan(q, rows);
     const tuner = this.#tuner;
     if (!this.#capturing && tuner !== null && tuner.canTune()) {
-      let best = Infinity;
-      for (const c of fusedCandidates(q.bits, q.K, q.N, rows)) {
-        let us = Infinity;
-        for (let r = 0; r < 5; r++) {
-          tuner.flushL2();
-          us = Math.min(us, 1000 * tuner.timeMs(() => this.#quant.fused(out, x, live, rows, q, bias, 0n, 0n, c)));
-        }
-        if (us < best) {
-          best = us;
-          plan = c;
-        }
-      }
+      const candidates = fusedCandidates(q.bits, q.K, q.N, rows);
+      plan = candidates[timeCandidates(tuner, candidates.length, (i) => {
+        this.#quant.fused(out, x, live, rows, q, bias, 0n, 0n, candidates[i]!);
+        return true;
+      }).choice]!;
     }
     this.#quantPlans.set(key, plan);
     return plan;

@@ -151,6 +151,13 @@ function exerciseAll(ops: CudaOps, o: { T: number; S: number; H: number; nH: num
   ops.lora(operand("f32", o.T, qkvCols), normed, stack(o.H, [o.nH * o.D, o.nKv * o.D, o.nKv * o.D]), r);
   ops.lora(gateUp, normed, stack(o.H, [o.I, o.I]), r);
   ops.lora(hidden, act, stack(o.I, [o.H]), r);
+  // The all-slots expand (decode-only steps): base and t in one wide row, as linearLora makes them.
+  for (const st of [stack(o.H, [o.nH * o.D, o.nKv * o.D, o.nKv * o.D]), stack(o.H, [o.I, o.I]), stack(o.I, [o.H])]) {
+    if (!ops.loraSlotsPath(st, r, st.numSlots)) continue;
+    const ld = st.outDim + st.numSlots * st.outDims.length * st.maxRank;
+    const wide = operand("f32", o.T, ld);
+    ops.loraExpandSlots(operand("f32", o.T, st.outDim), wide, wide.ptr + BigInt(4 * st.outDim), ld, st, r);
+  }
   const last = operand("bf16", o.S, o.H);
   ops.gatherRows(last, normed, r);
   ops.sample(operand("f32", o.S, o.V), r, {
@@ -242,6 +249,7 @@ describe("CUDA ops seam (CPU checks)", () => {
         // Clustered kernels (8 CTAs per cluster, __cluster_dims__) need grids of whole clusters.
         for (const l of rec.launches.filter((x) => x.name === "lora_bgmv_fused")) expect(l.grid[0] % 8).toBe(0);
         if (clusters && shape.R <= 64) expect(rec.launches.some((x) => x.name === "lora_bgmv_fused")).toBe(true);
+        if (kinds.hasPrefill === false) expect(rec.launches.some((x) => x.name === "lora_bgmv_expand_slots"), "decode-only: the all-slots expand").toBe(true);
         expect(rec.launches.length).toBeGreaterThan(10);
         for (const l of rec.launches) {
           const params = kernels.get(l.name);

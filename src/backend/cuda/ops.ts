@@ -197,6 +197,13 @@ const i32 = (v: number): KernelArg => ({ i32: v });
 const u32 = (v: number): KernelArg => ({ u32: v >>> 0 });
 const f32 = (v: number): KernelArg => ({ f32: v });
 const cdiv = (a: number, b: number): number => Math.ceil(a / b);
+/** Each split's first output column in a LoRA stack's output. */
+const splitStarts = (stack: DeviceLora): number[] => stack.outDims.map((_, j) => stack.outDims.slice(0, j).reduce((a, b) => a + b, 0));
+/** The o1, o2, o3 kernel arguments (kernels/lora.cu): splits 1..3's first columns, N past the last split. */
+const splitBoundArgs = (stack: DeviceLora): KernelArg[] => {
+  const starts = splitStarts(stack);
+  return [1, 2, 3].map((j) => i32(j < starts.length ? starts[j]! : stack.outDim));
+};
 /** Threads for `work` items: a multiple of 32 in [32, max]. */
 const threadsFor = (work: number, max: number): number => Math.min(max, Math.max(32, Math.ceil(work / 32) * 32));
 
@@ -430,14 +437,12 @@ export class CudaOps implements DeviceOps {
     for (const d of stack.outDims) vec8(op, "out split", d);
     vec8(op, "base row", base.cols);
     const rows = Math.min(out.rowsCap, base.rowsCap);
-    const starts = stack.outDims.map((_, j) => stack.outDims.slice(0, j).reduce((a, b) => a + b, 0));
-    const o = (j: number): number => (j < S ? starts[j]! : N);
     // ldT covers at least the slots the step's rows use (the caller's GEMM made those).
     need(ldT >= S * R && ldT % 4 === 0, op, "t", `t's row stride ${ldT} must hold a slot's ranks and keep 16-byte rows`);
     // 512 outputs of a row per 128-thread CTA (kernels/lora.cu kExpandPer).
     this.#launch("lora_bgmv_expand_slots", [cdiv(N, 512), rows, 1], [128, 1, 1], 0, [
       ptr(out.ptr), ptr(base.ptr), ptr(t), ptr(stack.b), ptr(stack.ranks), ptr(stack.scales), ptr(run.step.loraSlots),
-      ptr(run.step.counts), i32(rows), i32(N), i32(base.cols), i32(ldT), i32(R), i32(S), i32(o(1)), i32(o(2)), i32(o(3)),
+      ptr(run.step.counts), i32(rows), i32(N), i32(base.cols), i32(ldT), i32(R), i32(S), ...splitBoundArgs(stack),
     ]);
   }
 
@@ -459,15 +464,14 @@ export class CudaOps implements DeviceOps {
     const kinds = run as StepRun & StepKinds;
     const hasPrefill = kinds.hasPrefill !== false, hasDecode = kinds.hasDecode !== false;
     const rowArgs: KernelArg[] = [ptr(st.loraSlots), ptr(st.queryStart), ptr(st.counts), i32(seqCap), i32(rows)];
-    const starts = stack.outDims.map((_, j) => stack.outDims.slice(0, j).reduce((a, b) => a + b, 0));
+    const starts = splitStarts(stack);
 
     if (this.#fusedDecode(stack, run)) {
       // BGMV, one launch for every split: a cluster of 8 CTAs per row splits K for the
       // shrink and N for the expand.
-      const o = (j: number): number => (j < S ? starts[j]! : N);
       this.#launch("lora_bgmv_fused", [rows * 8, 1, 1], [128, 1, 1], 0, [
         ptr(out.ptr), ptr(x.ptr), ptr(stack.a), ptr(stack.b), ptr(stack.ranks), ptr(stack.scales), ...rowArgs,
-        i32(K), i32(N), i32(R), i32(hasPrefill ? 0 : 1), i32(S), i32(o(1)), i32(o(2)), i32(o(3)), i32(write ? 1 : 0),
+        i32(K), i32(N), i32(R), i32(hasPrefill ? 0 : 1), i32(S), ...splitBoundArgs(stack), i32(write ? 1 : 0),
       ]);
     } else if (hasDecode) {
       const mode = hasPrefill ? 0 : 1;

@@ -163,11 +163,11 @@ export function fusedPlan(bits: QuantBits, K: number, N: number, rows: number, s
   const fits = options.filter((o) => o.ctas <= o.resident || fixedSplits !== null);
   const chosen = fits.reduce<(typeof options)[number] | undefined>((best, o) => (best === undefined || o.ctas > best.ctas ? o : best), undefined)
     ?? options[0]!;
-  return fusedLaunch(bits, K, N, rows, chosen.w, chosen.s);
+  return fusedLaunch(bits, N, rows, chosen.w, chosen.s);
 }
 
 /** The fused kernel's launch with `warps` warps per CTA and `splits` k splits (both instantiated values). */
-export function fusedLaunch(bits: QuantBits, K: number, N: number, rows: number, warps: number, splits: number): FusedPlan {
+export function fusedLaunch(bits: QuantBits, N: number, rows: number, warps: number, splits: number): FusedPlan {
   const T = tokenTiles(rows);
   const mBlocks = Math.ceil(rows / (8 * T));
   return {
@@ -187,7 +187,7 @@ export function fusedLaunch(bits: QuantBits, K: number, N: number, rows: number,
 /** Every (warps, splits) launch of the fused kernel for these rows: what CudaBackend times when it tunes a shape. */
 export function fusedCandidates(bits: QuantBits, K: number, N: number, rows: number): FusedPlan[] {
   const units = Math.ceil(K / UNIT_K);
-  return FUSED_WARPS.flatMap((w) => FUSED_SPLITS.filter((s) => s <= units).map((s) => fusedLaunch(bits, K, N, rows, w, s)));
+  return FUSED_WARPS.flatMap((w) => FUSED_SPLITS.filter((s) => s <= units).map((s) => fusedLaunch(bits, N, rows, w, s)));
 }
 
 /** Columns of 32 outputs per chunk of the prefill path. */

@@ -70,6 +70,32 @@ export interface GemmTuner {
 
 export type GemmOutDtype = "bf16" | "f32";
 
+/**
+ * Times `count` candidates, each the best of `reps` runs with L2 flushed before every run
+ * (as in a real step, where the layers' weights far exceed L2), and returns each one's
+ * microseconds and the fastest's index. `run(i)` issues candidate i and returns false when
+ * it cannot run (its timing stops there; one that never ran counts as Infinity).
+ */
+export function timeCandidates(tuner: GemmTuner, count: number, run: (i: number) => boolean, reps = TUNE_REPS): { us: number[]; choice: number } {
+  const us: number[] = [];
+  for (let i = 0; i < count; i++) {
+    let best = Infinity;
+    for (let r = 0; r < reps; r++) {
+      tuner.flushL2();
+      let ok = true;
+      const ms = tuner.timeMs(() => {
+        ok = run(i);
+      });
+      if (!ok) break;
+      best = Math.min(best, ms * 1000);
+    }
+    us.push(best);
+  }
+  let choice = 0;
+  for (let i = 1; i < count; i++) if (us[i]! < us[choice]!) choice = i;
+  return { us, choice };
+}
+
 interface LtFns {
   cublasLtCreate: KoffiFn;
   cublasLtDestroy: KoffiFn;
@@ -263,24 +289,11 @@ export class CublasLt {
     const algoAt = (i: number): Uint8Array => results.slice(i * HEURISTIC_RESULT_BYTES, i * HEURISTIC_RESULT_BYTES + ALGO_BYTES);
     let choice = 0;
     if (tune && found > 1) {
-      const us: number[] = [];
-      for (let i = 0; i < found; i++) {
-        const algo = algoAt(i);
-        let best = Infinity;
-        for (let r = 0; r < TUNE_REPS; r++) {
-          tuner.flushL2();
-          let rc = CUBLAS_STATUS_SUCCESS;
-          const ms = tuner.timeMs(() => {
-            rc = this.#f.cublasLtMatmul(this.#handle, desc, this.#alpha, ptrs.w, a, ptrs.x, b, this.#beta, ptrs.out, d, ptrs.out, d,
-              algo, this.#workspace, this.#workspaceBytes, this.#stream) as number;
-          });
-          if (rc !== CUBLAS_STATUS_SUCCESS) break; // a candidate the library cannot run here: never chosen
-          best = Math.min(best, ms * 1000);
-        }
-        us.push(best);
-      }
-      for (let i = 1; i < found; i++) if (us[i]! < us[choice]!) choice = i;
-      tuner.onTuned?.(what, us[choice]!, us[0]!, found);
+      // A candidate the library cannot run here fails its run and is never chosen.
+      const t = timeCandidates(tuner, found, (i) => this.#f.cublasLtMatmul(this.#handle, desc, this.#alpha, ptrs.w, a, ptrs.x, b,
+        this.#beta, ptrs.out, d, ptrs.out, d, algoAt(i), this.#workspace, this.#workspaceBytes, this.#stream) === CUBLAS_STATUS_SUCCESS);
+      choice = t.choice;
+      tuner.onTuned?.(what, t.us[choice]!, t.us[0]!, found);
     }
     const plan: Plan = { desc, a, b, d, algo: algoAt(choice), hasBias: bias !== 0n, choice, candidates: found };
     this.#plans.set(key, plan);
