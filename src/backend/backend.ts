@@ -263,6 +263,11 @@ export interface Backend {
    * same tensors, with only the prepared step's contents changing.
    */
   replay?(key: string, forward: () => Tensor): Tensor;
+  /**
+   * Optional: `replay` then `sampleAsync` of its logits, replayed as one (the sampling and
+   * the copy of the tokens to the host inside the graph). Same promise as `replay`.
+   */
+  replaySample?(key: string, forward: () => Tensor, step: PreparedStep): PendingSample;
   /** Nodes of each captured graph, by key (diagnostics). */
   graphNodes?(): Record<string, number>;
 }

@@ -47,12 +47,14 @@ interface LaunchedStep {
   logits: Tensor | null;
   prepared: PreparedStep | null;
   pending: PendingSample | null;
-  /** performance.now() at: start, after scheduling, after the batch, after prepare, after issuing
-   * (tA..tC only with INLAID_PROFILE_STEPS=1, else 0). */
+  /** performance.now() at: start, after scheduling, after the batch, after prepare, after the
+   * forward (a graph replay, for decode steps), after issuing the sampling (tA..tC and tE only
+   * with INLAID_PROFILE_STEPS=1, else 0). */
   t0: number;
   tA: number;
   tB: number;
   tC: number;
+  tE: number;
   tD: number;
   /** When the output handling of the previous step started and ended. */
   t1: number;
@@ -172,16 +174,16 @@ export class Engine implements ServingEngine {
   /** INLAID_PROFILE_STEPS=1: where decode steps spend host time, per step (printed at close
    * as medians and 90th percentiles in microseconds: totals would be dominated by the few
    * steps that capture a graph). */
-  readonly #phases: Record<"schedule" | "buildBatch" | "prepare" | "forward" | "outputs" | "eventLoop" | "wait" | "tokens" | "idle" | "host", number[]> | null =
+  readonly #phases: Record<"schedule" | "buildBatch" | "prepare" | "forward" | "sampleIssue" | "outputs" | "eventLoop" | "wait" | "tokens" | "idle" | "host", number[]> | null =
     process.env.INLAID_PROFILE_STEPS === "1"
-      ? { schedule: [], buildBatch: [], prepare: [], forward: [], outputs: [], eventLoop: [], wait: [], tokens: [], idle: [], host: [] }
+      ? { schedule: [], buildBatch: [], prepare: [], forward: [], sampleIssue: [], outputs: [], eventLoop: [], wait: [], tokens: [], idle: [], host: [] }
       : null;
   /** Outputs of the last step not yet streamed (see #launchStep), and the queue flushOutputs drains. */
   #outputs = new OutputQueue();
   #flushing = new OutputQueue();
   readonly #launched: LaunchedStep = {
     running: [], nTop: 0, decodeOnly: false, logits: null, prepared: null, pending: null,
-    t0: 0, tA: 0, tB: 0, tC: 0, tD: 0, t1: 0, tF: 0,
+    t0: 0, tA: 0, tB: 0, tC: 0, tE: 0, tD: 0, t1: 0, tF: 0,
   };
   /** The forward of the step being launched, made once (a closure per step is garbage per step). */
   readonly #forward = (): Tensor => this.#model.forward(this.#launched.prepared!, this.#kv);
@@ -517,9 +519,17 @@ export class Engine implements ServingEngine {
     // a backend with graphs replays them (keyed further by its own batch buckets).
     const decodeOnly = batch.numTokens === batch.numSeqs;
     l.prepared = prepared;
-    const logits = decodeOnly && this.#backend.replay ? this.#backend.replay("decode", this.#forward) : this.#forward();
-    l.logits = logits;
-    l.pending = this.#backend.sampleAsync?.(logits, prepared) ?? null;
+    const b = this.#backend;
+    if (decodeOnly && b.replaySample) {
+      l.logits = null;
+      l.pending = b.replaySample("decode", this.#forward, prepared);
+      l.tE = profile ? performance.now() : 0;
+    } else {
+      const logits = decodeOnly && b.replay ? b.replay("decode", this.#forward) : this.#forward();
+      l.logits = logits;
+      l.tE = profile ? performance.now() : 0;
+      l.pending = b.sampleAsync?.(logits, prepared) ?? null;
+    }
     l.running = running;
     l.nTop = batch.sampling.numTopLogprobs;
     l.decodeOnly = decodeOnly;
@@ -586,7 +596,8 @@ export class Engine implements ServingEngine {
         p.schedule.push((l.tA - l.t0) * 1000);
         p.buildBatch.push((l.tB - l.tA) * 1000);
         p.prepare.push((l.tC - l.tB) * 1000);
-        p.forward.push((l.tD - l.tC) * 1000);
+        p.forward.push((l.tE - l.tC) * 1000);
+        p.sampleIssue.push((l.tD - l.tE) * 1000);
         p.outputs.push((l.tF - l.t1) * 1000);
         p.eventLoop.push((t2 - l.tF) * 1000);
         p.wait.push((t3 - t2) * 1000);

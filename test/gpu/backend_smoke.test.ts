@@ -245,6 +245,50 @@ describe.skipIf(reason !== null)(`CUDA backend smoke${reason ? ` (skipped: ${rea
     expect(b.graphCount).toBe(0); // freeing device memory drops graphs that may point at it
   });
 
+  it("launches replayed graphs from the device (graphLaunch: device) with the same results as eager runs", async () => {
+    const dv = await CudaBackend.create({ kernelFiles: ["smoke.cu"], kernelsDir: dir, cacheDir, graphLaunch: "device" });
+    try {
+      const K = 256, N = 384, cap = 16;
+      const X = dv.upload({ shape: [cap, K], dtype: "f32", data: bf16Values(cap * K, 15) });
+      const W = dv.upload({ shape: [N, K], dtype: "f32", data: bf16Values(N * K, 16, 0.05) });
+      const H = dv.empty([cap, N], "bf16");
+      const O = dv.empty([cap, N], "f32");
+      // A cuBLASLt GEMM, then 100 kernels that read the live count (a ~100-node graph,
+      // where the host's launch cost shows).
+      const fwd = (n: number) => (): Tensor => {
+        const h = dv.rows(H, n) as CudaTensor;
+        dv.linear(h, dv.rows(X, n), W);
+        for (let i = 0; i < 100; i++) {
+          dv.launcher.launch("smoke_scale_rows", [h.capRows, 1, 1], [128, 1, 1], 0,
+            [{ ptr: h.ptr }, { ptr: dv.deviceStep!.counts }, { i32: h.capRows }, { i32: N }, { f32: i % 2 === 0 ? -0.5 : -2 }]);
+        }
+        return h;
+      };
+      const run = (n: number, graph: boolean): Float32Array => {
+        dv.prepare(decodeStep(n));
+        const out = graph ? dv.replay("decode:device", fwd(n)) : fwd(n)();
+        return dv.read(out) as Float32Array;
+      };
+      run(5, true); // eager + capture, instantiated for device launch
+      expect(dv.graphCount).toBe(1);
+      expect(dv.graphLaunch).toBe("device"); // not fallen back to host launch
+      const launchUs: number[] = [];
+      for (const n of [7, 6, 8, 5]) {
+        dv.prepare(decodeStep(n));
+        const t0 = performance.now();
+        const out = dv.replay("decode:device", fwd(n));
+        launchUs.push((performance.now() - t0) * 1000);
+        const replayed = Array.from(dv.read(out) as Float32Array);
+        expect(replayed).toEqual(Array.from(run(n, false)));
+      }
+      launchUs.sort((a, c) => a - c);
+      console.log(`device-launched graph of ~102 nodes: host launch ${launchUs[1]!.toFixed(1)}-${launchUs[3]!.toFixed(1)} us`);
+      for (const t of [X, W, H, O]) dv.free(t);
+    } finally {
+      dv.dispose();
+    }
+  });
+
   it("keeps prepare() cheap: one packed upload per step", () => {
     const steps = Array.from({ length: 64 }, (_, i) => decodeStep(1 + (i % 32)));
     b.prepare(decodeStep(32)); // sizes the metadata buffers before timing

@@ -81,6 +81,7 @@ import {
 import { buildKernels, type KernelImage } from "./ffi/nvrtc.js";
 import type { Launcher } from "./launch.js";
 import { KernelLauncher } from "./launcher.js";
+import { DeviceGraphLauncher } from "./device_graph.js";
 import { CudaOps, KERNEL_FILES, LORA_SLOTS_MAX_COLS, PDL_KERNELS } from "./ops.js";
 import { packQuantLayout, randomQuantLayout, type QuantLayout } from "./quant_layout.js";
 import { QuantOps, dequantChunkCols, fusedCandidates, fusedPlan, splitsFromEnv, type DeviceQuantWeight, type FusedPlan } from "./quant_ops.js";
@@ -111,6 +112,12 @@ export interface CudaBackendOptions {
   readonly workspaceBytes?: number;
   /** Capture and replay CUDA graphs (default true unless INLAID_CUDA_GRAPHS=0). */
   readonly graphs?: boolean;
+  /**
+   * Who launches replayed graphs (default INLAID_GRAPH_LAUNCH, else "host"): "device"
+   * (fire-and-forget) and "tail" launch them from a one-node host graph's kernel
+   * (device_graph.ts); the backend falls back to "host" when that cannot be set up.
+   */
+  readonly graphLaunch?: "host" | "device" | "tail";
   /** Another kernel set behind the DeviceOps seam (default: ops.ts's CudaOps over KERNEL_FILES). */
   readonly ops?: (launcher: Launcher, device: CudaDeviceInfo) => DeviceOps;
 }
@@ -220,6 +227,8 @@ class CudaQuantTensor implements QuantizedTensor {
 
 interface Graph {
   readonly exec: bigint;
+  /** The one-node host graph that launches `exec` from the device (device_graph.ts), or null. */
+  readonly launcher: bigint | null;
   readonly out: CudaTensor;
   /** Kernel and copy nodes: a launch's host cost grows with them. */
   readonly nodes: number;
@@ -246,6 +255,12 @@ export class CudaBackend implements Backend {
   readonly #ops: DeviceOps;
   readonly #workspace: bigint;
   readonly #graphsEnabled: boolean;
+  /** Launches replayed graphs from the device (INLAID_GRAPH_LAUNCH=device|tail), else null. */
+  readonly #deviceLaunch: DeviceGraphLauncher | null;
+  /** False once a graph could not be set up for device launch: later ones launch from the host. */
+  #deviceLaunchOn = true;
+  /** replaySample keeps the sampling in the step's graph (INLAID_SAMPLE_IN_GRAPH=1; off: issued after it). */
+  readonly #sampleInGraph = process.env.INLAID_SAMPLE_IN_GRAPH === "1";
   readonly #stagingEvent: bigint;
   /** Recorded after each sampling's copy back; polled by a "poll" wait (INLAID_CUDA_SYNC). */
   #sampleEvent = 0n;
@@ -307,7 +322,7 @@ export class CudaBackend implements Backend {
     driver: CudaDriver; ordinal: number; ctx: bigint; stream: bigint; launcher: KernelLauncher; blas: CublasLt;
     ops: DeviceOps; workspace: bigint; device: CudaDeviceInfo; images: readonly KernelImage[];
     graphs: boolean; stagingEvent: bigint; timing: [bigint, bigint];
-    capacity: Partial<StepCapacity>;
+    capacity: Partial<StepCapacity>; deviceLaunch: DeviceGraphLauncher | null;
   }) {
     this.#d = init.driver;
     this.#ordinal = init.ordinal;
@@ -322,6 +337,7 @@ export class CudaBackend implements Backend {
     this.device = init.device;
     this.kernelImages = init.images;
     this.#graphsEnabled = init.graphs;
+    this.#deviceLaunch = init.deviceLaunch;
     this.#stagingEvent = init.stagingEvent;
     this.#timing = init.timing;
     this.#initialCapacity = init.capacity;
@@ -450,8 +466,21 @@ export class CudaBackend implements Backend {
         ...(opts.maxSeqs ? { seqs: bucketRows(opts.maxSeqs) } : {}),
         ...(opts.maxBlocksPerSeq ? { blocksPerSeq: opts.maxBlocksPerSeq } : {}),
       };
+      // Device-side graph launch (device_graph.ts): opt-in while it is being measured.
+      const how = opts.graphLaunch ?? process.env.INLAID_GRAPH_LAUNCH;
+      let deviceLaunch: DeviceGraphLauncher | null = null;
+      if (graphs && (how === "device" || how === "tail")) {
+        try {
+          deviceLaunch = await DeviceGraphLauncher.create(d, stream, arch, how === "tail" ? "tail" : "fire-and-forget");
+          const dl = deviceLaunch;
+          undo.push(() => dl.dispose());
+        } catch (e) {
+          process.emitWarning(`inlaid: graphs are launched from the host: device launch is unavailable (${e instanceof Error ? e.message : String(e)})`);
+        }
+        d.ctxSetCurrent(ctx);
+      }
       return new CudaBackend({
-        driver: d, ordinal, ctx, stream, launcher, blas, workspace, device, images,
+        driver: d, ordinal, ctx, stream, launcher, blas, workspace, device, images, deviceLaunch,
         ops: opts.ops ? opts.ops(launcher, device) : new CudaOps(launcher, { smCount: device.smCount, clusters: major >= 9 && process.env.INLAID_LORA_CLUSTERS !== "0" }),
         graphs, stagingEvent, timing: [t0, t1], capacity,
       });
@@ -523,7 +552,10 @@ export class CudaBackend implements Backend {
   }
 
   #dropGraphs(): void {
-    for (const g of this.#graphs.values()) this.#d.graphExecDestroy(g.exec);
+    for (const g of this.#graphs.values()) {
+      if (g.launcher !== null) this.#d.graphExecDestroy(g.launcher);
+      this.#d.graphExecDestroy(g.exec);
+    }
     this.#graphs.clear();
   }
 
@@ -1294,32 +1326,47 @@ export class CudaBackend implements Backend {
       const none: SampleResult = { tokens: new Int32Array(0), logprobs: new Float32Array(0), topIds: new Int32Array(0), topLogprobs: new Float32Array(0) };
       return { wait: () => none };
     }
-    if (lg.dtype !== "f32") throw new Error("sample: logits must be f32");
-    let words: number;
     try {
-      // Output words: tokens [m], logprobs [m], topIds [m*K], topLogprobs [m*K], contiguous: one copy back.
-      const { out, scratch } = this.#ensureSampleBuffers(lg.cols, K);
-      const base = out.ptr;
-      const outs = {
-        tokens: base,
-        logprobs: base + BigInt(4 * m),
-        topIds: base + BigInt(8 * m),
-        topLogprobs: base + BigInt(8 * m + 4 * m * K),
-        numTop: K,
-        scratch: scratch.ptr,
-        scratchBytes: scratch.bytes,
-      };
-      this.#ops.sample(this.#operand(lg), p.run, outs);
-      words = m * (2 + 2 * K);
-      this.#d.memcpyDtoHAsyncPinned(this.#sampleHost!.addr, base, words * 4, this.#stream);
-      if (this.syncMode === "poll") {
-        if (this.#sampleEvent === 0n) this.#sampleEvent = this.#d.eventCreate(CU_EVENT_DISABLE_TIMING);
-        this.#d.eventRecord(this.#sampleEvent, this.#stream);
-      }
+      this.#issueSample(lg, p.run, K);
+      this.#recordSampleEvent();
     } catch (e) {
       this.#note(e);
       throw e;
     }
+    return this.#pendingSample(m, K, lg.capRows);
+  }
+
+  /**
+   * Issues sampling of logits f32 [cap, V] and the copy of its outputs to the pinned host
+   * buffer. Outputs are laid out by the logits' row capacity, not the live count (tokens
+   * [cap], logprobs [cap], topIds [cap*K], topLogprobs [cap*K]), so that every address and
+   * size is the same on every step of a graph bucket: `replaySample` captures this.
+   */
+  #issueSample(lg: CudaTensor, run: StepRun, K: number): void {
+    if (lg.dtype !== "f32") throw new Error("sample: logits must be f32");
+    const cap = lg.capRows;
+    const { out, scratch } = this.#ensureSampleBuffers(lg.cols, K, cap);
+    const base = out.ptr;
+    this.#ops.sample(this.#operand(lg), run, {
+      tokens: base,
+      logprobs: base + BigInt(4 * cap),
+      topIds: base + BigInt(8 * cap),
+      topLogprobs: base + BigInt(8 * cap + 4 * cap * K),
+      numTop: K,
+      scratch: scratch.ptr,
+      scratchBytes: scratch.bytes,
+    });
+    this.#d.memcpyDtoHAsyncPinned(this.#sampleHost!.addr, base, cap * (2 + 2 * K) * 4, this.#stream);
+  }
+
+  #recordSampleEvent(): void {
+    if (this.syncMode !== "poll") return;
+    if (this.#sampleEvent === 0n) this.#sampleEvent = this.#d.eventCreate(CU_EVENT_DISABLE_TIMING);
+    this.#d.eventRecord(this.#sampleEvent, this.#stream);
+  }
+
+  /** Waits for the sampling issued last (m live rows of a `cap`-row layout, K top logprobs) and reads it. */
+  #pendingSample(m: number, K: number, cap: number): PendingSample {
     const ticket = ++this.#sampleTicket;
     return {
       wait: (): SampleResult => {
@@ -1337,26 +1384,32 @@ export class CudaBackend implements Backend {
         // not wait on its event (one driver call less per step).
         this.#stagingBusy = false;
         const host = this.#sampleHost!;
-        const i32 = new Int32Array(host.buffer, 0, words);
-        const f32 = new Float32Array(host.buffer, 0, words);
-        return {
-          tokens: i32.slice(0, m),
-          logprobs: f32.slice(m, 2 * m),
-          topIds: i32.slice(2 * m, 2 * m + m * K),
-          topLogprobs: f32.slice(2 * m + m * K, words),
-        };
+        const i32 = new Int32Array(host.buffer, 0, cap * (2 + 2 * K));
+        const f32 = new Float32Array(host.buffer, 0, cap * (2 + 2 * K));
+        const topIds = new Int32Array(m * K), topLogprobs = new Float32Array(m * K);
+        // Top entries are [cap, K] rows: the first m rows are live and contiguous.
+        if (K > 0) {
+          topIds.set(i32.subarray(2 * cap, 2 * cap + m * K));
+          topLogprobs.set(f32.subarray(2 * cap + cap * K, 2 * cap + cap * K + m * K));
+        }
+        return { tokens: i32.slice(0, m), logprobs: f32.slice(cap, cap + m), topIds, topLogprobs };
       },
     };
   }
 
-  /** Sampling outputs (device and pinned host, capSeqs rows of 2 + 2*numTop words) and the sampler's scratch. */
-  #ensureSampleBuffers(vocab: number, numTop: number): { out: Scratch; scratch: Scratch } {
-    const cap = this.#layout?.capacity.seqs ?? 1;
+  /** Sampling outputs (device and pinned host, `rows` (default capSeqs) rows of 2 + 2*numTop words) and the sampler's scratch. */
+  #ensureSampleBuffers(vocab: number, numTop: number, rows?: number): { out: Scratch; scratch: Scratch } {
+    const cap = Math.max(rows ?? 0, this.#layout?.capacity.seqs ?? 1);
     const bytes = cap * (2 + 2 * numTop) * 4;
     const out = this.#ensureScratch("sample", bytes);
     const scratch = this.#ensureScratch("sampler", this.#ops.sampleScratchBytes(cap, vocab));
     if (!this.#sampleHost || bytes > this.#sampleHost.bytes) {
-      if (this.#sampleHost) this.#d.memFreeHost(this.#sampleHost);
+      if (this.#capturing) throw new Error(`the sampling host buffer would have to grow to ${bytes} bytes while capturing a CUDA graph; call reserve() first`);
+      if (this.#sampleHost) {
+        this.#dropGraphs(); // captured copies point at the old buffer
+        this.#d.streamSynchronize(this.#stream);
+        this.#d.memFreeHost(this.#sampleHost);
+      }
       this.#sampleHost = this.#d.memAllocHost(Math.max(bytes, 4096));
     }
     return { out, scratch };
@@ -1369,26 +1422,89 @@ export class CudaBackend implements Backend {
     if (this.#capturing) throw new Error("replay() inside a capture");
     const cur = this.#current;
     if (!this.#graphsEnabled || !cur) return forward();
-    const pk = cur.packed;
-    // The all-slots LoRA GEMM's width follows the highest adapter slot in use (linearLora).
-    const k = `${key}|t${pk.padTokens}|s${pk.padSeqs}|m${pk.padSample}|${pk.hasPrefill ? "P" : ""}${pk.hasDecode ? "D" : ""}` +
-      `|l${loraSlotBucket(pk.loraSlotSpan)}`;
+    const k = this.#graphKey(key, cur);
     try {
       const g = this.#graphs.get(k);
       if (g) {
-        this.#d.graphLaunch(g.exec, this.#stream);
+        this.#launchGraph(g);
         return this.#retrack(g.out, cur);
       }
       // First time for this key: run eagerly (warms up plans and scratch, and is this
       // step's result), then record the same forward into a graph for later steps.
       const eager = this.#t(forward());
-      const exec = this.#capture(forward, eager);
-      this.#graphs.set(k, exec);
+      this.#graphs.set(k, this.#capture(forward, eager));
       return eager;
     } catch (e) {
       this.#note(e);
       throw e;
     }
+  }
+
+  /**
+   * `replay` and `sampleAsync` in one graph: the forward, the sampling and the copy of the
+   * tokens to the host are one launch (two kernel launches and a copy fewer per step).
+   */
+  replaySample(key: string, forward: () => Tensor, step: PreparedStep): PendingSample {
+    this.#enter();
+    if (this.#capturing) throw new Error("replaySample() inside a capture");
+    const p = this.#prep(step);
+    const m = p.batch.sampleRows.length;
+    const K = p.batch.sampling.numTopLogprobs;
+    if (!this.#graphsEnabled || m === 0 || !this.#sampleInGraph) return this.sampleAsync(this.replay(key, forward), step);
+    const k = `${this.#graphKey(key, p)}|k${K}|sampled`;
+    try {
+      let g = this.#graphs.get(k);
+      if (g) this.#launchGraph(g);
+      else {
+        const eager = this.#t(forward());
+        this.#issueSample(eager, p.run, K); // this step's tokens
+        const run = p.run;
+        g = this.#capture(() => {
+          const out = this.#t(forward());
+          this.#issueSample(out, run, K);
+          return out;
+        }, eager);
+        this.#graphs.set(k, g);
+      }
+      this.#recordSampleEvent();
+      return this.#pendingSample(m, K, g.out.capRows);
+    } catch (e) {
+      this.#note(e);
+      throw e;
+    }
+  }
+
+  /** A graph's key: the caller's, and every bucket the captured launches depend on. */
+  #graphKey(key: string, cur: CudaPrepared): string {
+    const pk = cur.packed;
+    // The all-slots LoRA GEMM's width follows the highest adapter slot in use (linearLora).
+    return `${key}|t${pk.padTokens}|s${pk.padSeqs}|m${pk.padSample}|${pk.hasPrefill ? "P" : ""}${pk.hasDecode ? "D" : ""}` +
+      `|l${loraSlotBucket(pk.loraSlotSpan)}`;
+  }
+
+  /** Who launches replayed graphs now: "host", or the device ("device" fire-and-forget, "tail"). */
+  get graphLaunch(): "host" | "device" | "tail" {
+    const m = this.#deviceLaunchOn ? this.#deviceLaunch?.mode : undefined;
+    return m === undefined ? "host" : m === "tail" ? "tail" : "device";
+  }
+
+  #launchGraph(g: Graph): void {
+    this.#d.graphLaunch(g.launcher ?? g.exec, this.#stream);
+  }
+
+  /** An executable graph, launched from the device when this backend can (else from the host). */
+  #instantiate(graph: bigint): { exec: bigint; launcher: bigint | null } {
+    const dl = this.#deviceLaunch;
+    if (dl && this.#deviceLaunchOn) {
+      try {
+        return dl.instantiate(graph);
+      } catch (e) {
+        // Graphs set up before keep their launcher (and its module, freed at dispose).
+        this.#deviceLaunchOn = false;
+        process.emitWarning(`inlaid: graphs are launched from the host from now on: a graph could not be set up for device launch (${e instanceof Error ? e.message : String(e)})`);
+      }
+    }
+    return { exec: this.#d.graphInstantiate(graph), launcher: null };
   }
 
   #capture(forward: () => Tensor, eager: CudaTensor): Graph {
@@ -1412,7 +1528,7 @@ export class CudaBackend implements Backend {
       if (out.ptr !== eager.ptr || out.capRows !== eager.capRows) {
         throw new Error("replay(): forward returned a different tensor when captured than when run; it cannot be replayed");
       }
-      return { exec: this.#d.graphInstantiate(graph), out, nodes: this.#d.graphNodeCount(graph) };
+      return { ...this.#instantiate(graph), out, nodes: this.#d.graphNodeCount(graph) };
     } finally {
       this.#d.graphDestroy(graph);
     }
@@ -1483,7 +1599,10 @@ export class CudaBackend implements Backend {
     const d = this.#d;
     quietly(() => d.ctxSetCurrent(this.#ctx));
     quietly(() => d.streamSynchronize(this.#stream));
-    for (const g of this.#graphs.values()) quietly(() => d.graphExecDestroy(g.exec));
+    for (const g of this.#graphs.values()) {
+      if (g.launcher !== null) quietly(() => d.graphExecDestroy(g.launcher!));
+      quietly(() => d.graphExecDestroy(g.exec));
+    }
     this.#graphs.clear();
     for (const t of this.#owned) {
       t.markFreed();
@@ -1514,6 +1633,7 @@ export class CudaBackend implements Backend {
     if (this.#sampleHost) quietly(() => d.memFreeHost(this.#sampleHost!));
     quietly(() => this.#blas.dispose());
     quietly(() => this.#launcher.dispose());
+    if (this.#deviceLaunch) quietly(() => this.#deviceLaunch!.dispose());
     quietly(() => d.eventDestroy(this.#stagingEvent));
     if (this.#sampleEvent !== 0n) quietly(() => d.eventDestroy(this.#sampleEvent));
     for (const e of this.#timing) quietly(() => d.eventDestroy(e));

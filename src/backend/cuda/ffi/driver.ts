@@ -40,6 +40,11 @@ export const CU_STREAM_CAPTURE_MODE_RELAXED = 2;
 export const CU_STREAM_CAPTURE_STATUS_NONE = 0;
 export const CU_STREAM_CAPTURE_STATUS_ACTIVE = 1;
 export const CU_STREAM_CAPTURE_STATUS_INVALIDATED = 2;
+/** cuGraphInstantiateWithFlags: the executable graph may be launched from the device as well. */
+export const CUDA_GRAPH_INSTANTIATE_FLAG_DEVICE_LAUNCH = 4n;
+/** CUjitInputType for cuLinkAddData / cuLinkAddFile. */
+export const CU_JIT_INPUT_CUBIN = 0;
+export const CU_JIT_INPUT_LIBRARY = 4;
 
 export const CUDA_SUCCESS = 0;
 export const CUDA_ERROR_NO_DEVICE = 100;
@@ -107,6 +112,12 @@ interface Fns {
   cuStreamIsCapturing: KoffiFn;
   cuGraphInstantiateWithFlags: KoffiFn;
   cuGraphLaunch: KoffiFn;
+  cuGraphUpload: KoffiFn;
+  cuLinkCreate: KoffiFn;
+  cuLinkAddData: KoffiFn;
+  cuLinkAddFile: KoffiFn;
+  cuLinkComplete: KoffiFn;
+  cuLinkDestroy: KoffiFn;
   cuGraphExecDestroy: KoffiFn;
   cuGraphDestroy: KoffiFn;
   cuGraphGetNodes: KoffiFn;
@@ -173,6 +184,14 @@ function bindAll(lib: Parameters<typeof bind>[0]): Fns {
     cuGraphInstantiateWithFlags: b("cuGraphInstantiateWithFlags",
       "int cuGraphInstantiateWithFlags(void *exec, uint64_t graph, uint64_t flags)"),
     cuGraphLaunch: b("cuGraphLaunch", "int cuGraphLaunch(uint64_t exec, uint64_t stream)"),
+    cuGraphUpload: b("cuGraphUpload", "int cuGraphUpload(uint64_t exec, uint64_t stream)"),
+    cuLinkCreate: b("cuLinkCreate", "int cuLinkCreate_v2(uint32_t numOptions, void *options, void *optionValues, void *stateOut)"),
+    cuLinkAddData: b("cuLinkAddData",
+      "int cuLinkAddData_v2(uint64_t state, int type, const void *data, size_t size, const char *name, uint32_t numOptions, void *options, void *optionValues)"),
+    cuLinkAddFile: b("cuLinkAddFile",
+      "int cuLinkAddFile_v2(uint64_t state, int type, const char *path, uint32_t numOptions, void *options, void *optionValues)"),
+    cuLinkComplete: b("cuLinkComplete", "int cuLinkComplete(uint64_t state, _Out_ void **cubinOut, void *sizeOut)"),
+    cuLinkDestroy: b("cuLinkDestroy", "int cuLinkDestroy(uint64_t state)"),
     cuGraphExecDestroy: b("cuGraphExecDestroy", "int cuGraphExecDestroy(uint64_t exec)"),
     cuGraphDestroy: b("cuGraphDestroy", "int cuGraphDestroy(uint64_t graph)"),
     cuGraphGetNodes: b("cuGraphGetNodes", "int cuGraphGetNodes(uint64_t graph, void *nodes, void *numNodes)"),
@@ -437,9 +456,34 @@ export class CudaDriver {
     return this.#i32[0]!;
   }
 
-  graphInstantiate(graph: CuHandle): CuHandle {
-    this.#check("cuGraphInstantiateWithFlags", this.#f.cuGraphInstantiateWithFlags(this.#u64, graph, 0n));
+  graphInstantiate(graph: CuHandle, flags = 0n): CuHandle {
+    this.#check("cuGraphInstantiateWithFlags", this.#f.cuGraphInstantiateWithFlags(this.#u64, graph, flags));
     return this.#u64[0]!;
+  }
+
+  /** Makes a graph's device-side resources ready on `stream` (needed before a device launch). */
+  graphUpload(exec: CuHandle, stream: CuHandle): void {
+    this.#check("cuGraphUpload", this.#f.cuGraphUpload(exec, stream));
+  }
+
+  /**
+   * Links a relocatable CUBIN (NVRTC -rdc=true) with a device library (an .a such as
+   * libcudadevrt.a) into a loadable CUBIN, with the driver's JIT linker.
+   */
+  linkWithLibrary(cubin: Uint8Array, name: string, libraryPath: string): Uint8Array {
+    this.#check("cuLinkCreate_v2", this.#f.cuLinkCreate(0, null, null, this.#u64));
+    const state = this.#u64[0]!;
+    try {
+      this.#check("cuLinkAddData_v2", this.#f.cuLinkAddData(state, CU_JIT_INPUT_CUBIN, cubin, cubin.byteLength, name, 0, null, null), name);
+      this.#check("cuLinkAddFile_v2", this.#f.cuLinkAddFile(state, CU_JIT_INPUT_LIBRARY, libraryPath, 0, null, null), libraryPath);
+      const out: unknown[] = [null];
+      this.#u64b[0] = 0n;
+      this.#check("cuLinkComplete", this.#f.cuLinkComplete(state, out, this.#u64b), name);
+      // The image belongs to the link state: copy it before destroying that.
+      return new Uint8Array(koffi.view(out[0], Number(this.#u64b[0]!))).slice();
+    } finally {
+      this.#f.cuLinkDestroy(state);
+    }
   }
 
   /** Nodes in a (captured) graph: what its launch's host cost grows with. */
