@@ -21,6 +21,7 @@ const inlaid = runCli;
 function expectSane(r: OfflineBenchResult, batch: number, promptLen: number, gen: number): void {
   expect(r.bench).toBe("offline");
   expect(r.backend).toBe("cpu");
+  expect(r.graph_launch).toBeNull(); // the CPU backend replays no graphs
   expect([r.batch, r.prompt_len, r.gen]).toEqual([batch, promptLen, gen]);
   expect(r.seconds).toBeGreaterThan(0);
   expect(r.output_tokens_per_s).toBeGreaterThan(0);

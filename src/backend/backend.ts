@@ -270,4 +270,6 @@ export interface Backend {
   replaySample?(key: string, forward: () => Tensor, step: PreparedStep): PendingSample;
   /** Nodes of each captured graph, by key (diagnostics). */
   graphNodes?(): Record<string, number>;
+  /** Who launches replayed graphs: the host, or the device (a one-node host graph's kernel). */
+  readonly graphLaunch?: "host" | "device" | "tail";
 }

@@ -67,6 +67,8 @@ export interface OfflineBenchResult {
   readonly machine: string;
   readonly device: string;
   readonly backend: string;
+  /** Who launched the replayed decode graphs ("host", "device", "tail"; null without graphs). */
+  readonly graph_launch: string | null;
   readonly model: string;
   readonly load_format: "safetensors" | "dummy";
   readonly shape: {
@@ -284,6 +286,7 @@ export async function runOfflineBench(opts: OfflineBenchOptions, progress: Progr
 
   let timed: RunTimes;
   let hostPhases: ReturnType<typeof engine.hostPhases> = null;
+  let graphLaunch: string | null = null;
   try {
     const { kvBlocksTotal } = engine.stats();
     if (kvBlocksTotal < kvBlocks) {
@@ -303,6 +306,7 @@ export async function runOfflineBench(opts: OfflineBenchOptions, progress: Progr
       progress.stop();
     }
     hostPhases = engine.hostPhases();
+    graphLaunch = engine.graphLaunch; // after the run: a failed device setup falls back to the host
   } finally {
     await engine.close();
   }
@@ -339,6 +343,7 @@ export async function runOfflineBench(opts: OfflineBenchOptions, progress: Progr
     machine: machineName(),
     device: probe.name,
     backend,
+    graph_launch: graphLaunch,
     model: opts.modelName ?? basename(dir),
     load_format: opts.loadFormat,
     shape: {

@@ -149,5 +149,6 @@ function summary(r: OfflineBenchResult): string {
       (rf.step_ms !== null ? ` / ${rf.bandwidth_gbs} GB/s (${rf.bandwidth_source}) = ${rf.step_ms.toFixed(3)} ms` : " (bandwidth unknown: pass --bandwidth-gbs)"),
   ];
   if (rf.ratio !== null) lines.push(`vs roofline  ${rf.ratio.toFixed(2)}x the roofline step time`);
+  if (d) lines.push(`host         ${r.host_us_per_decode_step.toFixed(1)} us per decode step (device idle ${r.device_idle_us_per_decode_step.toFixed(1)} us)${r.graph_launch ? `, graphs launched from the ${r.graph_launch === "host" ? "host" : "device"}` : ""}`);
   return `${lines.join("\n")}\n`;
 }

@@ -266,6 +266,11 @@ export class Engine implements ServingEngine {
     return this.#backend.name;
   }
 
+  /** Who launches the backend's replayed graphs (null: a backend without graphs). */
+  get graphLaunch(): string | null {
+    return this.#backend.replay ? this.#backend.graphLaunch ?? "host" : null;
+  }
+
   // ------------------------------------------------------------------ requests
 
   generate(req: GenerateRequest, signal?: AbortSignal): AsyncIterable<GenerateOutput> {
