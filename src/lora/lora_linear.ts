@@ -30,6 +30,7 @@ export class LoraLinear implements Linear {
       return;
     }
     this.base.forward(out, x, step);
+    if (!this.attached && b.loraSlots?.(out, x, this.stack, step)) return;
     b.lora(out, x, this.stack, step);
   }
 }

@@ -603,6 +603,51 @@ if (reason !== null) {
       });
     }
 
+    // loraSlots (opt-in, INLAID_LORA_SLOTS_SHRINK=1): the all-slots path for stacks left
+    // unattached (quantized bases): after the base output, one GEMM of x against the step's
+    // slots' A, then the expand in place. Against the CPU's GEMM-then-add; rounds as above.
+    for (const c of LORA_CASES) {
+      it(`loraSlots after the base GEMM: ${c.label}`, () => {
+        const dims = c.dims ?? [c.N];
+        const was = cuda.loraSlotsShrink;
+        cuda.loraSlotsShrink = true;
+        try {
+          const { stack, step, n, w, ov, xv, free } = linearLoraCase(c);
+          const small = c.maxRank % 8 === 0 && c.ranks.length * dims.length * c.maxRank <= 1024;
+          const decodeOnly = c.seqs.every((q) => q.q === 1);
+          const only = (keep: (slot: number) => boolean): StepBatch =>
+            makeStep(c.seqs.map((q) => ({ ...q, slot: keep(q.slot ?? -1) ? q.slot : -1 })), paging(c.seqs.map((q) => Math.max(1, q.ctx)), 16, 6));
+          for (const [round, st] of [step, only((sl) => sl === 0), only(() => false)].entries()) {
+            const cpuStep = b.cpu.prepare(st), gpuStep = b.gpu.prepare(st);
+            b.cpu.linear(ov.cpu, xv.cpu, w.cpu);
+            b.cpu.lora(ov.cpu, xv.cpu, stack.cpu, cpuStep);
+            b.gpu.linear(ov.gpu, xv.gpu, w.gpu);
+            const took = cuda.loraSlots(ov.gpu, xv.gpu, stack.gpu, gpuStep);
+            expect(took, "loraSlots takes the decode-only steps within its column limit").toBe(small && decodeOnly);
+            if (!took) b.gpu.lora(ov.gpu, xv.gpu, stack.gpu, gpuStep);
+            const r = b.read(ov);
+            let maxAbs = 0;
+            for (const v of r.cpu) maxAbs = Math.max(maxAbs, Math.abs(v));
+            const tol = 1e-4 * maxAbs + (decodeOnly ? 0 : 2 ** -8 * maxAbs);
+            if (round < 2 && decodeOnly) {
+              // The term must stand well above the tolerance, or a missing term would pass.
+              const plain = b.cpu.empty([n, c.N], "f32");
+              b.cpu.linear(plain, xv.cpu, w.cpu);
+              const base = b.cpu.read(plain) as Float32Array;
+              b.cpu.free(plain);
+              let maxDelta = 0;
+              for (let i = 0; i < base.length; i++) maxDelta = Math.max(maxDelta, Math.abs(r.cpu[i]! - base[i]!));
+              expect(maxDelta, `loraSlots ${c.label}: the LoRA term is visible at this tolerance`).toBeGreaterThan(20 * tol);
+            }
+            expectClose(`loraSlots ${c.label} (round ${round})`, r.gpu, r.cpu, tol, 0);
+          }
+          free();
+        } finally {
+          cuda.loraSlotsShrink = was;
+        }
+      });
+    }
+
     /** Sampling rows: one per parameter set, each with its own logits row. */
     interface Row {
       readonly t: number;
