@@ -261,6 +261,8 @@ export class CudaBackend implements Backend {
   #deviceLaunchOn = true;
   /** replaySample keeps the sampling in the step's graph (INLAID_SAMPLE_IN_GRAPH=0: issued after it). */
   readonly #sampleInGraph = process.env.INLAID_SAMPLE_IN_GRAPH !== "0";
+  /** Captured graphs of steps without adapter rows leave out the per-row LoRA launches (#loraLaunch). */
+  readonly #skipIdleLora = process.env.INLAID_LORA_SKIP_IDLE === "1";
   readonly #stagingEvent: bigint;
   /** Recorded after each sampling's copy back; polled by a "poll" wait (INLAID_CUDA_SYNC). */
   #sampleEvent = 0n;
@@ -443,8 +445,12 @@ export class CudaBackend implements Backend {
       const images = files.length > 0
         ? await buildKernels({
           files, arch, ...(opts.kernelsDir ? { dir: opts.kernelsDir } : {}), ...(opts.cacheDir ? { cacheDir: opts.cacheDir } : {}),
-          // PDL kernels trigger their dependents after their wait (kernels/common.cuh) unless told not to.
-          ...(process.env.INLAID_PDL_TRIGGER === "0" ? { extraOptions: ["-DINLAID_PDL_TRIGGER=0"] } : {}),
+          // Switches compiled in by environment: PDL kernels trigger their dependents after
+          // their wait unless told not to (kernels/common.cuh); the expand's early loads (lora.cu).
+          extraOptions: [
+            ...(process.env.INLAID_PDL_TRIGGER === "0" ? ["-DINLAID_PDL_TRIGGER=0"] : []),
+            ...(process.env.INLAID_EXPAND_EARLY === "1" ? ["-DINLAID_EXPAND_EARLY=1"] : []),
+          ],
         })
         : [];
       d.ctxSetCurrent(ctx); // the awaits above ran on this thread, but keep the invariant explicit
@@ -1309,8 +1315,10 @@ export class CudaBackend implements Backend {
     const s = this.#lora(stack);
     // Sized here, before the skip below, so that an eager warm-up always allocates it.
     this.#ensureLoraScratch();
-    // Eagerly, a step without adapters skips the launches; a captured graph always has them.
-    if (!this.#capturing && !p.packed.anyLora) return null;
+    // Eagerly, a step without adapters skips the launches; a captured graph has them, unless
+    // INLAID_LORA_SKIP_IDLE=1 (experimental, not measured yet): a graph's key carries the
+    // step's slot bucket, 0 only for steps without adapter rows, so its launches are no-ops.
+    if (!p.packed.anyLora && (!this.#capturing || this.#skipIdleLora)) return null;
     return this.#deviceLora(s);
   }
 

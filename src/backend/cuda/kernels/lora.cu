@@ -420,6 +420,9 @@ extern "C" __global__ void __launch_bounds__(128) lora_bgmv_expand(float* __rest
 namespace {
 constexpr int kExpandPer = 4;  // outputs per thread, 128 apart
 }  // namespace
+#ifndef INLAID_EXPAND_EARLY
+#define INLAID_EXPAND_EARLY 0
+#endif
 
 extern "C" __global__ void __launch_bounds__(128)
     lora_bgmv_expand_slots(float* __restrict__ out, const float* base, const float* __restrict__ t, const bf16* __restrict__ B,
@@ -428,7 +431,17 @@ extern "C" __global__ void __launch_bounds__(128)
                            int o2, int o3) {
   const int row = blockIdx.y;
   const int n0 = blockIdx.x * (128 * kExpandPer) + threadIdx.x;
+#if INLAID_EXPAND_EARLY
+  // Experimental (INLAID_EXPAND_EARLY=1 in the environment; not measured yet): two rounds
+  // of loads before the wait instead of four. The live count and the row's slot together
+  // (row < cap, so loraSlots[row] is in bounds), then the ranks and B's first 16 ranks
+  // together (B rows hold maxRank entries, so those loads are in bounds; ranks past an
+  // adapter's own are masked below).
+  const int live = counts[0], rowSlot = loraSlots[row];
+  const int slot = row < min(live, cap) ? rowSlot : -1;
+#else
   const int slot = row_slot(loraSlots, nullptr, counts, 0, cap, row, 1, true);
+#endif
   int js[kExpandPer], rk[kExpandPer];
   uint4 b0[kExpandPer], b1[kExpandPer];  // ranks [0, 16) of each output's B row
 #pragma unroll
@@ -441,8 +454,13 @@ extern "C" __global__ void __launch_bounds__(128)
       js[e] = (S > 3 && n >= o3) ? 3 : (S > 2 && n >= o2) ? 2 : (S > 1 && n >= o1) ? 1 : 0;
       rk[e] = ranks[slot * S + js[e]];
       const uint4* bb = reinterpret_cast<const uint4*>(B + ((long long)slot * N + n) * maxRank);
+#if INLAID_EXPAND_EARLY
+      b0[e] = bb[0];
+      if (maxRank > 8) b1[e] = bb[1];
+#else
       if (rk[e] > 0) b0[e] = bb[0];
       if (rk[e] > 8) b1[e] = bb[1];
+#endif
     }
   }
   pdl_wait();
