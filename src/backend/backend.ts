@@ -276,6 +276,11 @@ export interface Backend {
    * the copy of the tokens to the host inside the graph). Same promise as `replay`.
    */
   replaySample?(key: string, forward: () => Tensor, step: PreparedStep): PendingSample;
+  /**
+   * Optional: `prepare(batch)` then `replaySample` of `forward(step)`, as one call so that a
+   * backend may fold the step's upload into the replayed graph too. Same promise as `replay`.
+   */
+  prepareReplaySample?(batch: StepBatch, key: string, forward: (step: PreparedStep) => Tensor): { step: PreparedStep; pending: PendingSample };
   /** Nodes of each captured graph, by key (diagnostics). */
   graphNodes?(): Record<string, number>;
   /** Who launches replayed graphs: the host, or the device (a one-node host graph's kernel). */

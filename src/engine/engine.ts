@@ -187,6 +187,7 @@ export class Engine implements ServingEngine {
   };
   /** The forward of the step being launched, made once (a closure per step is garbage per step). */
   readonly #forward = (): Tensor => this.#model.forward(this.#launched.prepared!, this.#kv);
+  readonly #forwardStep = (step: PreparedStep): Tensor => this.#model.forward(step, this.#kv);
   /** Resolves a promise on the next event-loop turn; made once for the same reason. */
   readonly #yieldExecutor = (resolve: () => void): void => {
     setImmediate(resolve);
@@ -518,22 +519,32 @@ export class Engine implements ServingEngine {
     const running = this.#running;
     const batch = this.#buildBatch(running);
     l.tB = profile ? performance.now() : 0;
-    const prepared = this.#backend.prepare(batch);
-    l.tC = profile ? performance.now() : 0;
     // Decode-only steps (one token per sequence) have the same op sequence every time:
     // a backend with graphs replays them (keyed further by its own batch buckets).
     const decodeOnly = batch.numTokens === batch.numSeqs;
-    l.prepared = prepared;
     const b = this.#backend;
-    if (decodeOnly && b.replaySample) {
+    if (decodeOnly && b.prepareReplaySample) {
+      // Preparing and replaying in one call (the backend may upload inside its graph): the
+      // profile's `prepare` phase then holds the launch, `forward` nothing.
+      const r = b.prepareReplaySample(batch, "decode", this.#forwardStep);
+      l.prepared = r.step;
       l.logits = null;
-      l.pending = b.replaySample("decode", this.#forward, prepared);
-      l.tE = profile ? performance.now() : 0;
+      l.pending = r.pending;
+      l.tC = l.tE = profile ? performance.now() : 0;
     } else {
-      const logits = decodeOnly && b.replay ? b.replay("decode", this.#forward) : this.#forward();
-      l.logits = logits;
-      l.tE = profile ? performance.now() : 0;
-      l.pending = b.sampleAsync?.(logits, prepared) ?? null;
+      const prepared = b.prepare(batch);
+      l.tC = profile ? performance.now() : 0;
+      l.prepared = prepared;
+      if (decodeOnly && b.replaySample) {
+        l.logits = null;
+        l.pending = b.replaySample("decode", this.#forward, prepared);
+        l.tE = profile ? performance.now() : 0;
+      } else {
+        const logits = decodeOnly && b.replay ? b.replay("decode", this.#forward) : this.#forward();
+        l.logits = logits;
+        l.tE = profile ? performance.now() : 0;
+        l.pending = b.sampleAsync?.(logits, prepared) ?? null;
+      }
     }
     l.running = running;
     l.nTop = batch.sampling.numTopLogprobs;

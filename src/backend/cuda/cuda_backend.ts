@@ -303,7 +303,9 @@ export class CudaBackend implements Backend {
   #meta = 0n;
   #staging: PinnedBuffer | null = null;
   #stagingViews: StagingViews | null = null;
-  #stagingBusy = false;
+  /** Whether the staging buffer may still be read by an upload: "event" (prepare's, with
+   * stagingEvent recorded after it), "stream" (a graph's), or false. */
+  #stagingBusy: false | "event" | "stream" = false;
   #deviceStep: DeviceStep | null = null;
   #compactStep: DeviceStep | null = null;
   #initialCapacity: Partial<StepCapacity>;
@@ -332,6 +334,7 @@ export class CudaBackend implements Backend {
     this.#stream = init.stream;
     this.#loraSlotsOn = process.env.INLAID_LORA_SLOTS !== "0";
     if (process.env.INLAID_LORA_FIRST !== "0") this.loraFirst = (o, x, st, step) => this.#loraFirst(o, x, st, step);
+    if (process.env.INLAID_UPLOAD_IN_GRAPH === "1") this.prepareReplaySample = (bt, k, f) => this.#prepareReplaySample(bt, k, f);
     this.#launcher = init.launcher;
     this.#blas = init.blas;
     this.#ops = init.ops;
@@ -703,31 +706,55 @@ export class CudaBackend implements Backend {
     this.#enter();
     if (this.#capturing) throw new Error("prepare() while capturing a CUDA graph");
     try {
-      if (!this.#layout || capacityShortfall(batch, this.#layout.capacity) !== null) this.#relayout(this.#fit(batch));
-      const layout = this.#layout!;
-      // The previous upload may still be reading the staging buffer (pinned copies are truly async).
-      if (this.#stagingBusy) this.#d.eventSynchronize(this.#stagingEvent);
-      const packed = packStep(batch, layout, this.#stagingViews!);
-      this.#d.memcpyHtoDAsyncPinned(this.#meta, this.#staging!.addr, packed.copyWords * 4, this.#stream);
-      this.#d.eventRecord(this.#stagingEvent, this.#stream);
-      this.#stagingBusy = true;
-      const run: StepRun = {
-        // Which token regions a step uses depends only on padTokens, part of every graph key.
-        step: packed.compact ? this.#compactStep! : this.#deviceStep!,
-        padTokens: packed.padTokens,
-        padSeqs: packed.padSeqs,
-        padSample: packed.padSample,
-        maxContext: layout.capacity.blocksPerSeq * this.#kvBlockSize,
-        hasPrefill: packed.hasPrefill,
-        hasDecode: packed.hasDecode,
-      };
-      const p: CudaPrepared = { batch, owner: this, id: ++this.#stepId, packed, run };
-      this.#current = p;
+      const p = this.#pack(batch);
+      this.#upload(p.packed.copyWords);
       return p;
     } catch (e) {
       this.#note(e);
       throw e;
     }
+  }
+
+  /** Packs `batch` into the staging buffer (once the previous upload has read it) and makes it current. */
+  #pack(batch: StepBatch): CudaPrepared {
+    if (!this.#layout || capacityShortfall(batch, this.#layout.capacity) !== null) this.#relayout(this.#fit(batch));
+    const layout = this.#layout!;
+    // The previous upload may still be reading the staging buffer (pinned copies are truly
+    // async); one inside a graph has no event of its own.
+    if (this.#stagingBusy === "event") this.#d.eventSynchronize(this.#stagingEvent);
+    else if (this.#stagingBusy === "stream") this.#d.streamSynchronize(this.#stream);
+    this.#stagingBusy = false;
+    const packed = packStep(batch, layout, this.#stagingViews!);
+    const run: StepRun = {
+      // Which token regions a step uses depends only on padTokens, part of every graph key.
+      step: packed.compact ? this.#compactStep! : this.#deviceStep!,
+      padTokens: packed.padTokens,
+      padSeqs: packed.padSeqs,
+      padSample: packed.padSample,
+      maxContext: layout.capacity.blocksPerSeq * this.#kvBlockSize,
+      hasPrefill: packed.hasPrefill,
+      hasDecode: packed.hasDecode,
+    };
+    const p: CudaPrepared = { batch, owner: this, id: ++this.#stepId, packed, run };
+    this.#current = p;
+    return p;
+  }
+
+  /** Uploads the staging buffer's first `words` to the step metadata, on the stream. */
+  #upload(words: number): void {
+    this.#d.memcpyHtoDAsyncPinned(this.#meta, this.#staging!.addr, words * 4, this.#stream);
+    this.#d.eventRecord(this.#stagingEvent, this.#stream);
+    this.#stagingBusy = "event";
+  }
+
+  /**
+   * What a graph that uploads its step's metadata copies: fixed per graph key, so the live
+   * sequences' block-table rows are covered by the bucket's (padded sequences' rows hold
+   * stale ids that nothing reads: their context length is 0).
+   */
+  #graphUploadWords(packed: PackedStep): number {
+    const layout = this.#layout!;
+    return layout.compactTokens !== null && !packed.compact ? packed.copyWords : layout.blockTables + packed.padSeqs * layout.capacity.blocksPerSeq;
   }
 
   /** The smallest capacity that holds the current one, the creation hint and `batch`. */
@@ -1516,6 +1543,50 @@ export class CudaBackend implements Backend {
       }
       this.#recordSampleEvent();
       return this.#pendingSample(m, K, g.out.capRows);
+    } catch (e) {
+      this.#note(e);
+      throw e;
+    }
+  }
+
+  /**
+   * `prepare` then `replaySample`, with the upload of the step's metadata inside the graph
+   * as well: one copy and one event record fewer per decode step on the host. Present only
+   * with INLAID_UPLOAD_IN_GRAPH=1 (experimental, not measured yet).
+   */
+  readonly prepareReplaySample?: (batch: StepBatch, key: string, forward: (step: PreparedStep) => Tensor) => { step: PreparedStep; pending: PendingSample };
+
+  #prepareReplaySample(batch: StepBatch, key: string, forward: (step: PreparedStep) => Tensor): { step: PreparedStep; pending: PendingSample } {
+    if (!this.#graphsEnabled || !this.#sampleInGraph || batch.sampleRows.length === 0) {
+      const step = this.prepare(batch);
+      return { step, pending: this.replaySample(key, () => forward(step), step) };
+    }
+    this.#enter();
+    if (this.#capturing) throw new Error("prepareReplaySample() inside a capture");
+    try {
+      const p = this.#pack(batch);
+      const m = batch.sampleRows.length, K = batch.sampling.numTopLogprobs;
+      const k = `${this.#graphKey(key, p)}|k${K}|sampled|uploaded`;
+      let g = this.#graphs.get(k);
+      if (g) {
+        this.#launchGraph(g);
+        this.#stagingBusy = "stream";
+      } else {
+        // First time: this step runs eagerly, then the same (upload included) is captured.
+        this.#upload(p.packed.copyWords);
+        const eager = this.#t(forward(p));
+        this.#issueSample(eager, p.run, K);
+        const words = this.#graphUploadWords(p.packed), run = p.run;
+        g = this.#capture(() => {
+          this.#d.memcpyHtoDAsyncPinned(this.#meta, this.#staging!.addr, words * 4, this.#stream);
+          const out = this.#t(forward(p));
+          this.#issueSample(out, run, K);
+          return out;
+        }, eager);
+        this.#graphs.set(k, g);
+      }
+      this.#recordSampleEvent();
+      return { step: p, pending: this.#pendingSample(m, K, g.out.capRows) };
     } catch (e) {
       this.#note(e);
       throw e;
