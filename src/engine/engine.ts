@@ -894,6 +894,7 @@ export async function createEngine(opts: EngineOptions): Promise<Engine> {
         "lower --max-model-len or --max-batch, or raise --gpu-memory-utilization");
   }
   say(`KV cache: ${numBlocks} blocks of ${blockSize} tokens (${((numBlocks * blockSize * bytesPerToken) / 2 ** 20).toFixed(0)} MiB)`);
+  if (backend.replay) say(`decode steps replay graphs launched from the ${(backend.graphLaunch ?? "host") === "host" ? "host" : "device"}`);
   return new Engine(config, tokenizer, backend, model, registry, pool, {
     maxBatch,
     maxWaiting: opts.maxWaiting ?? 4096,
