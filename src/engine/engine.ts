@@ -186,8 +186,8 @@ export class Engine implements ServingEngine {
     t0: 0, tA: 0, tB: 0, tC: 0, tE: 0, tD: 0, t1: 0, tF: 0,
   };
   /** The forward of the step being launched, made once (a closure per step is garbage per step). */
-  readonly #forward = (): Tensor => this.#model.forward(this.#launched.prepared!, this.#kv);
   readonly #forwardStep = (step: PreparedStep): Tensor => this.#model.forward(step, this.#kv);
+  readonly #forward = (): Tensor => this.#forwardStep(this.#launched.prepared!);
   /** Resolves a promise on the next event-loop turn; made once for the same reason. */
   readonly #yieldExecutor = (resolve: () => void): void => {
     setImmediate(resolve);

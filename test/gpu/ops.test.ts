@@ -516,7 +516,18 @@ if (reason !== null) {
         b.cpu.freeLoraStack(stack.cpu);
         b.gpu.freeLoraStack(stack.gpu);
       };
-      return { stack, step, n, w, ov: b.rows(out, n), xv: b.rows(x, n), free };
+      const xv = b.rows(x, n);
+      /** The largest |out - x w^T| of a CPU result: the size of the LoRA term it holds. */
+      const termSize = (outCpu: Float32Array): number => {
+        const plain = b.cpu.empty([n, c.N], "f32");
+        b.cpu.linear(plain, xv.cpu, w.cpu);
+        const base = b.cpu.read(plain) as Float32Array;
+        b.cpu.free(plain);
+        let maxDelta = 0;
+        for (let i = 0; i < base.length; i++) maxDelta = Math.max(maxDelta, Math.abs(outCpu[i]! - base[i]!));
+        return maxDelta;
+      };
+      return { stack, step, n, w, ov: b.rows(out, n), xv, free, termSize };
     }
 
     // LoraLinear's GPU order (backend.ts loraFirst): the LoRA term written first (the fused
@@ -553,7 +564,7 @@ if (reason !== null) {
     for (const c of LORA_CASES) {
       it(`attached linearLora: ${c.label}`, () => {
         const dims = c.dims ?? [c.N];
-        const { stack, step, n, w, ov, xv, free } = linearLoraCase(c);
+        const { stack, step, w, ov, xv, free, termSize } = linearLoraCase(c);
         const small = c.maxRank % 8 === 0 && c.ranks.length * dims.length * c.maxRank <= 1024;
         expect(cuda.attachLoraStack!(stack.gpu, w.gpu), "the stack attaches").toBe(c.maxRank % 8 === 0 && process.env.INLAID_LORA_SLOTS !== "0");
         const decodeOnly = c.seqs.every((q) => q.q === 1);
@@ -588,12 +599,7 @@ if (reason !== null) {
           for (const v of r.cpu) maxAbs = Math.max(maxAbs, Math.abs(v));
           const tol = 1e-4 * maxAbs + (decodeOnly ? 0 : 2 ** -8 * maxAbs);
           // The LoRA term must stand well above the tolerance, or a missing term would pass.
-          const plain = b.cpu.empty([n, c.N], "f32");
-          b.cpu.linear(plain, xv.cpu, w.cpu);
-          const base = b.cpu.read(plain) as Float32Array;
-          b.cpu.free(plain);
-          let maxDelta = 0;
-          for (let i = 0; i < base.length; i++) maxDelta = Math.max(maxDelta, Math.abs(r.cpu[i]! - base[i]!));
+          const maxDelta = termSize(r.cpu);
           // (Prefill steps are the usual path's, tested above, with SGMV's looser tolerance.)
           if (round === 3) expect(maxDelta, "no adapter rows: the plain GEMM").toBe(0);
           else if (decodeOnly) expect(maxDelta, `linearLora ${c.label}: the LoRA term is visible at this tolerance`).toBeGreaterThan(20 * tol);
@@ -612,7 +618,7 @@ if (reason !== null) {
         const was = cuda.loraSlotsShrink;
         cuda.loraSlotsShrink = true;
         try {
-          const { stack, step, n, w, ov, xv, free } = linearLoraCase(c);
+          const { stack, step, w, ov, xv, free, termSize } = linearLoraCase(c);
           const small = c.maxRank % 8 === 0 && c.ranks.length * dims.length * c.maxRank <= 1024;
           const decodeOnly = c.seqs.every((q) => q.q === 1);
           const only = (keep: (slot: number) => boolean): StepBatch =>
@@ -631,13 +637,7 @@ if (reason !== null) {
             const tol = 1e-4 * maxAbs + (decodeOnly ? 0 : 2 ** -8 * maxAbs);
             if (round < 2 && decodeOnly) {
               // The term must stand well above the tolerance, or a missing term would pass.
-              const plain = b.cpu.empty([n, c.N], "f32");
-              b.cpu.linear(plain, xv.cpu, w.cpu);
-              const base = b.cpu.read(plain) as Float32Array;
-              b.cpu.free(plain);
-              let maxDelta = 0;
-              for (let i = 0; i < base.length; i++) maxDelta = Math.max(maxDelta, Math.abs(r.cpu[i]! - base[i]!));
-              expect(maxDelta, `loraSlots ${c.label}: the LoRA term is visible at this tolerance`).toBeGreaterThan(20 * tol);
+              expect(termSize(r.cpu), `loraSlots ${c.label}: the LoRA term is visible at this tolerance`).toBeGreaterThan(20 * tol);
             }
             expectClose(`loraSlots ${c.label} (round ${round})`, r.gpu, r.cpu, tol, 0);
           }

@@ -483,7 +483,7 @@ export class CudaBackend implements Backend {
       let deviceLaunch: DeviceGraphLauncher | null = null;
       if (graphs && major >= 9 && (how === "device" || how === "tail")) {
         try {
-          deviceLaunch = await DeviceGraphLauncher.create(d, stream, arch, how === "tail" ? "tail" : "fire-and-forget");
+          deviceLaunch = await DeviceGraphLauncher.create(d, stream, arch, how === "tail" ? "tail" : "fire-and-forget", opts.cacheDir);
           const dl = deviceLaunch;
           undo.push(() => dl.dispose());
         } catch (e) {
@@ -1523,30 +1523,41 @@ export class CudaBackend implements Backend {
     this.#enter();
     if (this.#capturing) throw new Error("replaySample() inside a capture");
     const p = this.#prep(step);
-    const m = p.batch.sampleRows.length;
-    const K = p.batch.sampling.numTopLogprobs;
-    if (!this.#graphsEnabled || m === 0 || !this.#sampleInGraph) return this.sampleAsync(this.replay(key, forward), step);
-    const k = `${this.#graphKey(key, p)}|k${K}|sampled`;
+    if (!this.#graphsEnabled || p.batch.sampleRows.length === 0 || !this.#sampleInGraph) return this.sampleAsync(this.replay(key, forward), step);
     try {
-      let g = this.#graphs.get(k);
-      if (g) this.#launchGraph(g);
-      else {
-        const eager = this.#t(forward());
-        this.#issueSample(eager, p.run, K); // this step's tokens
-        const run = p.run;
-        g = this.#capture(() => {
-          const out = this.#t(forward());
-          this.#issueSample(out, run, K);
-          return out;
-        }, eager);
-        this.#graphs.set(k, g);
-      }
-      this.#recordSampleEvent();
-      return this.#pendingSample(m, K, g.out.capRows);
+      return this.#replaySampled(`${this.#graphKey(key, p)}|k${p.batch.sampling.numTopLogprobs}|sampled`, p, forward, false);
     } catch (e) {
       this.#note(e);
       throw e;
     }
+  }
+
+  /**
+   * replaySample's graph, which also uploads the step's metadata when `upload` (prepare
+   * then packed it without uploading): launched when `k` has one, else this step runs
+   * eagerly and the same is captured.
+   */
+  #replaySampled(k: string, p: CudaPrepared, forward: () => Tensor, upload: boolean): PendingSample {
+    const K = p.batch.sampling.numTopLogprobs, run = p.run;
+    let g = this.#graphs.get(k);
+    if (g) {
+      this.#launchGraph(g);
+      if (upload) this.#stagingBusy = "stream";
+    } else {
+      if (upload) this.#upload(p.packed.copyWords);
+      const eager = this.#t(forward());
+      this.#issueSample(eager, run, K); // this step's tokens
+      const words = upload ? this.#graphUploadWords(p.packed) : 0;
+      g = this.#capture(() => {
+        if (upload) this.#d.memcpyHtoDAsyncPinned(this.#meta, this.#staging!.addr, words * 4, this.#stream);
+        const out = this.#t(forward());
+        this.#issueSample(out, run, K);
+        return out;
+      }, eager);
+      this.#graphs.set(k, g);
+    }
+    this.#recordSampleEvent();
+    return this.#pendingSample(p.batch.sampleRows.length, K, g.out.capRows);
   }
 
   /**
@@ -1565,28 +1576,8 @@ export class CudaBackend implements Backend {
     if (this.#capturing) throw new Error("prepareReplaySample() inside a capture");
     try {
       const p = this.#pack(batch);
-      const m = batch.sampleRows.length, K = batch.sampling.numTopLogprobs;
-      const k = `${this.#graphKey(key, p)}|k${K}|sampled|uploaded`;
-      let g = this.#graphs.get(k);
-      if (g) {
-        this.#launchGraph(g);
-        this.#stagingBusy = "stream";
-      } else {
-        // First time: this step runs eagerly, then the same (upload included) is captured.
-        this.#upload(p.packed.copyWords);
-        const eager = this.#t(forward(p));
-        this.#issueSample(eager, p.run, K);
-        const words = this.#graphUploadWords(p.packed), run = p.run;
-        g = this.#capture(() => {
-          this.#d.memcpyHtoDAsyncPinned(this.#meta, this.#staging!.addr, words * 4, this.#stream);
-          const out = this.#t(forward(p));
-          this.#issueSample(out, run, K);
-          return out;
-        }, eager);
-        this.#graphs.set(k, g);
-      }
-      this.#recordSampleEvent();
-      return { step: p, pending: this.#pendingSample(m, K, g.out.capRows) };
+      const k = `${this.#graphKey(key, p)}|k${batch.sampling.numTopLogprobs}|sampled|uploaded`;
+      return { step: p, pending: this.#replaySampled(k, p, () => forward(p), true) };
     } catch (e) {
       this.#note(e);
       throw e;

@@ -12,12 +12,12 @@
 // the launcher kernel; without it, or if a graph cannot be instantiated for device
 // launch, the backend launches graphs from the host as before.
 
-import { existsSync, readFileSync } from "node:fs";
+import { existsSync } from "node:fs";
 import { join } from "node:path";
 import koffi from "koffi";
 import { CU_STREAM_CAPTURE_MODE_THREAD_LOCAL, CUDA_GRAPH_INSTANTIATE_FLAG_DEVICE_LAUNCH, type CudaDriver } from "./ffi/driver.js";
 import { toolkitLibDirs } from "./ffi/library.js";
-import { kernelsDir, Nvrtc, nvrtcOptions } from "./ffi/nvrtc.js";
+import { buildKernels } from "./ffi/nvrtc.js";
 
 /** How the launcher kernel launches the step graph (cuda_device_runtime_api.h's stream values). */
 export type DeviceLaunchMode = "fire-and-forget" | "tail";
@@ -60,14 +60,16 @@ export class DeviceGraphLauncher {
     this.#table = base + 16n;
   }
 
-  /** Compiles and links the launcher kernel for `arch`; throws saying what is missing. */
-  static async create(d: CudaDriver, stream: bigint, arch: string, mode: DeviceLaunchMode): Promise<DeviceGraphLauncher> {
+  /**
+   * Links the launcher kernel for `arch` (its relocatable CUBIN comes from the kernel
+   * cache, compiled at first use like every kernel); throws saying what is missing.
+   */
+  static async create(d: CudaDriver, stream: bigint, arch: string, mode: DeviceLaunchMode, cacheDir?: string): Promise<DeviceGraphLauncher> {
     const devrt = findDeviceRuntime();
     if (!devrt) throw new Error("libcudadevrt.a (the CUDA device runtime) was not found; set INLAID_CUDADEVRT or CUDA_HOME");
     const file = "graph_launch.cu";
-    const source = readFileSync(join(kernelsDir(), file), "utf8");
-    const cubin = await Nvrtc.open().compile(file, source, [], nvrtcOptions(arch, ["-rdc=true"]));
-    const image = d.linkWithLibrary(cubin, file, devrt);
+    const [cubin] = await buildKernels({ files: [file], arch, extraOptions: ["-rdc=true"], ...(cacheDir ? { cacheDir } : {}) });
+    const image = d.linkWithLibrary(cubin!.image, file, devrt);
     const mod = d.moduleLoadData(image, file);
     const fn = d.moduleGetFunction(mod, "graph_launch");
     if (fn === null) {
