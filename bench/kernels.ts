@@ -178,8 +178,21 @@ if (only.has("lora")) {
           if (!gpu.linearLora(out, x, ws[i % copies]!, stacks[i % copies]!, step)) throw new Error(`lora ${name}: linearLora declined`);
         }, out);
         const loraUs = bothUs - baseUs;
-        entry.attached = { gemm_us: +baseUs.toFixed(2), gemm_lora_us: +bothUs.toFixed(2), lora_us: +loraUs.toFixed(2), gbs: +(stackBytes / loraUs / 1e3).toFixed(0) };
-        for (const w of ws) gpu.free(w);
+        // Where the LoRA time goes: the same GEMM widened by the shrink's columns (as the
+        // attached weight is) alone, so that gemm_lora_us - gemm_wide_us is the expand kernel.
+        const wideN = N + adapters * dims.length * R;
+        const wides = Array.from({ length: copies }, (_, i) => {
+          const w = gpu.empty([wideN, K], "bf16");
+          gpu.fillRandom(w, 31 + i, 0.02);
+          return w;
+        });
+        const outWide = gpu.empty([rows, wideN], "f32");
+        const wideUs = timeCall(`gemm-wide-${tag}`, (i) => gpu.linear(outWide, x, wides[i % copies]!), outWide);
+        entry.attached = {
+          gemm_us: +baseUs.toFixed(2), gemm_wide_us: +wideUs.toFixed(2), gemm_lora_us: +bothUs.toFixed(2),
+          lora_us: +loraUs.toFixed(2), gbs: +(stackBytes / loraUs / 1e3).toFixed(0),
+        };
+        for (const w of [...ws, ...wides, outWide]) gpu.free(w);
       }
       lora.push(entry);
       gpu.free(x);

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The GPU machine's checks in one command (the machine is lent for minutes and released when
+# idle, so a session batches its checks): each stage writes its full log under $OUT (or
+# ./gpu-checks-out) and prints a short summary. From the repository root on the GPU machine:
+#   source .devnode/enter.sh && scripts/gpu-checks.sh suite variants lora quantize
+# Stages:
+#   suite     npm run test:gpu (vitest's gpu project)
+#   variants  bench/variants.ts over $VARIANTS (default: bf16 and 4-bit, 8 and 0 adapters)
+#   lora      bench/kernels.ts --only lora (decode LoRA microbenchmarks)
+#   quantize  the `inlaid quantize` CLI itself on the demo, on the GPU, then its eval
+# A stage that fails does not stop the others; the exit status is the number that failed.
+set -uo pipefail
+out=${OUT:-gpu-checks-out}
+mkdir -p "$out"
+failed=0
+run() { # name, timeout seconds, command...
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc $rc, $((SECONDS - t0)) s"
+  [ $rc -eq 0 ] || failed=$((failed + 1))
+  return $rc
+}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+for stage in "$@"; do
+  case $stage in
+    suite)
+      run suite 330 node node_modules/vitest/vitest.mjs run --project gpu
+      grep -E "Test Files|Tests  | FAIL |×" "$out/suite.log" | head -30 ;;
+    variants)
+      # shellcheck disable=SC2086
+      run variants 300 node --import tsx bench/variants.ts ${VARIANTS:-a8 a0@llama-2-7b/0 q8@llama-2-7b-gptq4 q0@llama-2-7b-gptq4/0}
+      grep '^{' "$out/variants.log" ;;
+    lora)
+      run lora 90 node --import tsx bench/kernels.ts --only lora
+      grep '^{' "$out/lora.log" | tail -c 6000 ;;
+    quantize)
+      d=examples/demo
+      run quantize 240 node --import tsx src/cli/main.ts quantize --device cuda --model $d/base --method mlgptq --bits 4 --group-size 64 \
+        --task reverse=$d/adapters/reverse:$d/data/reverse/calib.jsonl --task sort=$d/adapters/sort:$d/data/sort/calib.jsonl \
+        --task caesar=$d/adapters/caesar:$d/data/caesar/calib.jsonl --task mirror=$d/adapters/mirror:$d/data/mirror/calib.jsonl \
+        --out "$out/demo-4bit" && tail -3 "$out/quantize.log"
+      for t in reverse sort caesar mirror; do
+        run "eval-$t" 120 node --import tsx src/cli/main.ts eval --device cuda --model "$out/demo-4bit" --adapter $t=$d/adapters/$t \
+          --data $d/data/$t/eval.jsonl --json && grep "^{" "$out/eval-$t.log" | cut -c1-200
+      done
+      rm -rf "$out/demo-4bit" ;;
+    *) echo "unknown stage $stage (suite, variants, lora, quantize)" >&2; failed=$((failed + 1)) ;;
+  esac
+done
+exit $failed
