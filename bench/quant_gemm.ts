@@ -6,7 +6,8 @@
 //     --prefill  also rows 64..512: the fused kernel, dequantize + cuBLASLt, and bf16 (to place
 //                quantFusedMaxRows / INLAID_QUANT_FUSED_MAX_ROWS)
 //     --sweep    also 4-bit, every decode shape at --sweep-rows (default 1,8,32), with every
-//                warps x splits launch (INLAID_QGEMM_WARPS, CudaBackend.quantSplits) against the
+//                token tiles x warps x splits launch (INLAID_QGEMM_TILES, INLAID_QGEMM_WARPS,
+//                CudaBackend.quantSplits; keys w{warps}s{splits}[t{tiles}]) against the
 //                default plan; each row is also printed to stderr as it is measured
 //     --shapes up,qkv,o,gate_up,down  only these shapes;  --no-cublas  skip the bf16 peer;
 //     --no-memory  skip the 7B weight-memory section
@@ -21,7 +22,7 @@ import { parseArgs } from "node:util";
 import type { QuantizedTensor, StepBatch, Tensor } from "../src/backend/backend.js";
 import { CudaBackend } from "../src/backend/cuda/cuda_backend.js";
 import { packQuantLayout, quantLayoutBytes, type QuantLayout } from "../src/backend/cuda/quant_layout.js";
-import { FUSED_SPLITS, FUSED_WARPS, fusedPlan } from "../src/backend/cuda/quant_ops.js";
+import { FUSED_SPLITS, FUSED_WARPS, fusedLaunchName, fusedPlan, tokenTiles } from "../src/backend/cuda/quant_ops.js";
 import { measureBandwidth } from "../src/bench/bandwidth.js";
 import type { QuantBits, QuantizedWeight } from "../src/quant/types.js";
 import { copiesPastL2, graphTimer, weightCopies } from "./graph_timing.js";
@@ -139,7 +140,7 @@ for (const [name, K, N] of SHAPES) {
       const cu = cublasUs.get(M) ?? NaN;
       // The launch the backend kept (tuned at the first eager call: CudaBackend #quantPlan), else the rule's.
       const plan = fusedPlan(bits, K, N, M, gpu.device.smCount, gpu.quantSplits);
-      const kept = gpu.quantLaunch(copies[0]!, M) ?? `w${plan.warps}s${plan.splits}`;
+      const kept = gpu.quantLaunch(copies[0]!, M) ?? fusedLaunchName(plan, M);
       rowsOut.push({
         op: name, bits, M, K, N, plan: M <= gpu.quantFusedMaxRows ? kept : "dequant", us: round(us), gbs: Math.round(bytes / us / 1e3), tflops: round((2 * M * N * K) / us / 1e6, 1),
         cublas_bf16_us: round(cu), cublas_bf16_gbs: Math.round((N * K * 2 + M * K * 2 + M * N * 4) / cu / 1e3),
@@ -193,15 +194,19 @@ if (values.sweep) {
       delete process.env.INLAID_QGEMM_WARPS;
       const auto = fusedPlan(4, K, N, M, gpu.device.smCount);
       const autoUs = time(`sw-${N}-${K}-${M}-auto`);
-      const row: Record<string, unknown> = { op: name.split(" ")[0], M, rule: `w${auto.warps}s${auto.splits}`, auto: gpu.quantLaunch(copies[0]!, M), auto_us: autoUs };
-      for (const w of FUSED_WARPS) {
-        process.env.INLAID_QGEMM_WARPS = String(w);
-        for (const S of FUSED_SPLITS) {
-          if (S > Math.ceil(K / 128)) continue;
-          gpu.quantSplits = S;
-          row[`w${w}s${S}`] = time(`sw-${N}-${K}-${M}-${w}-${S}`);
+      const row: Record<string, unknown> = { op: name.split(" ")[0], M, rule: fusedLaunchName(auto, M), auto: gpu.quantLaunch(copies[0]!, M), auto_us: autoUs };
+      for (const T of ([4, 2, 1] as const).filter((t) => t <= tokenTiles(M))) {
+        process.env.INLAID_QGEMM_TILES = String(T);
+        for (const w of FUSED_WARPS) {
+          process.env.INLAID_QGEMM_WARPS = String(w);
+          for (const S of FUSED_SPLITS) {
+            if (S > Math.ceil(K / 128)) continue;
+            gpu.quantSplits = S;
+            row[`w${w}s${S}${T === tokenTiles(M) ? "" : `t${T}`}`] = time(`sw-${N}-${K}-${M}-${w}-${S}-${T}`);
+          }
         }
       }
+      delete process.env.INLAID_QGEMM_TILES;
       sweep.push(row);
       console.error(JSON.stringify(row));
       gpu.free(x);

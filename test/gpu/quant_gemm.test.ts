@@ -167,6 +167,28 @@ describe.skipIf(reason !== null)(`low-bit GEMM on CUDA vs the CPU reference${rea
     }
   });
 
+  it("token tiles: 13, 24 and 32 rows in m-blocks of 8, 16 and 32 rows (the tuner's candidates) agree within the bound", () => {
+    const q = randomQuantized({ bits: 4, groupSize: 64, sym: false, descAct: false }, 1056, 1056, 91);
+    const qg = gpu.uploadQuantized(q);
+    const W = dequantize(q);
+    const prev = process.env.INLAID_QGEMM_TILES;
+    try {
+      for (const rows of [13, 24, 32]) {
+        const x = bf16Values(rows * 1056, 11 + rows);
+        const scale = absSums(x, rows, W, 1056, 1056);
+        for (const tiles of ["1", "2", "4"]) {
+          process.env.INLAID_QGEMM_TILES = tiles;
+          const [got, ref] = both(q, qg, x, rows);
+          expectWithin(`tiles ${tiles} rows ${rows}`, got, ref, scale, fusedTol(1056));
+        }
+      }
+    } finally {
+      if (prev === undefined) delete process.env.INLAID_QGEMM_TILES;
+      else process.env.INLAID_QGEMM_TILES = prev;
+      gpu.freeQuantized(qg);
+    }
+  });
+
   it("a replayed decode graph over step-sized views equals eager runs (live rows read on the device)", () => {
     const Kx = 512, Nx = 768;
     const q = randomQuantized({ bits: 4, groupSize: 64, sym: true, descAct: true }, Kx, Nx, 9);

@@ -84,7 +84,7 @@ import { KernelLauncher } from "./launcher.js";
 import { DeviceGraphLauncher } from "./device_graph.js";
 import { CudaOps, KERNEL_FILES, LORA_SLOTS_MAX_COLS, PDL_KERNELS } from "./ops.js";
 import { packQuantLayout, randomQuantLayout, type QuantLayout } from "./quant_layout.js";
-import { QuantOps, dequantChunkCols, fusedCandidates, fusedPlan, splitsFromEnv, type DeviceQuantWeight, type FusedPlan } from "./quant_ops.js";
+import { QuantOps, dequantChunkCols, fusedCandidates, fusedLaunchName, fusedPlan, splitsFromEnv, type DeviceQuantWeight, type FusedPlan } from "./quant_ops.js";
 import {
   bucketRows, capacityShortfall, packStep, stagingViews, stepLayout,
   type PackedStep, type StagingViews, type StepCapacity, type StepLayout,
@@ -1208,11 +1208,11 @@ export class CudaBackend implements Backend {
     return w;
   }
 
-  /** The fused launch kept for `rows` rows of w (#quantPlan), as "w{warps}s{splits}", or null before its first call. */
+  /** The fused launch kept for `rows` rows of w (#quantPlan), as quant_ops.ts fusedLaunchName, or null before its first call. */
   quantLaunch(w: QuantizedTensor, rows: number): string | null {
     const q = this.#q(w).dev;
     const p = this.#quantPlans.get(quantPlanKey(q, rows));
-    return p ? `w${p.warps}s${p.splits}` : null;
+    return p ? fusedLaunchName(p, rows) : null;
   }
 
   /**
@@ -1264,15 +1264,15 @@ export class CudaBackend implements Backend {
   /**
    * The fused low-bit launch for `rows` rows of q, chosen once per (shape, rows) and kept,
    * so eager and replayed steps run the same launch. Eagerly, with GEMM tuning on (as for
-   * cuBLASLt plans), every (warps, splits) candidate is timed on these operands, L2 flushed
+   * cuBLASLt plans), every (token tiles, warps, splits) candidate is timed on these operands, L2 flushed
    * before each run, and the fastest kept: fusedPlan's rule missed the fastest launch by up
    * to 6% on an H100 sweep (bench/quant_gemm.ts --sweep: K 4096 N 11008 at 1 and 8 rows took
    * 8 splits where 4 ran 14.3 against 14.8 µs). While capturing, or with tuning off, the
-   * rule's plan. A forced split count or warp count (quantSplits, INLAID_QGEMM_WARPS) is
-   * followed and not kept.
+   * rule's plan. A forced split, warp or token-tile count (quantSplits, INLAID_QGEMM_WARPS,
+   * INLAID_QGEMM_TILES) is followed and not kept.
    */
   #quantPlan(q: DeviceQuantWeight, rows: number, out: bigint, x: bigint, live: bigint, bias: bigint): FusedPlan {
-    if (this.quantSplits !== null || process.env.INLAID_QGEMM_WARPS) return this.#quant.plan(q, rows, this.quantSplits);
+    if (this.quantSplits !== null || process.env.INLAID_QGEMM_WARPS || process.env.INLAID_QGEMM_TILES) return this.#quant.plan(q, rows, this.quantSplits);
     const key = quantPlanKey(q, rows);
     const have = this.#quantPlans.get(key);
     if (have) return have;

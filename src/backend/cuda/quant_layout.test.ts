@@ -13,7 +13,7 @@ import {
   COL_N, QuantLayoutError, UNIT_K, dequantizeLayout, kernelPerm, laneWordOffset, packQuantLayout, pairCoords, randomQuantLayout, readPair,
   type QuantLayout,
 } from "./quant_layout.js";
-import { FUSED_SPLITS, FUSED_WARPS, ctasPerSm, fusedPlan, tokenTiles } from "./quant_ops.js";
+import { FUSED_SPLITS, FUSED_WARPS, ctasPerSm, fusedCandidates, fusedLaunchName, fusedPlan, tokenTiles } from "./quant_ops.js";
 
 // ------------------------------------------------------------------ an emulation of quant_gemm_b{B}_t{T}
 
@@ -274,6 +274,33 @@ describe("low-bit kernel layout (quant_layout.ts)", () => {
       expect(std).toBeGreaterThan(0.02 * 0.8);
       expect(std).toBeLessThan(0.02 * 1.1);
       expect(Math.abs(mean)).toBeLessThan(0.02);
+    }
+  });
+
+  it("fused candidates: every token tiles x warps x splits launch once, fewer tiles only past 8 rows; INLAID_QGEMM_TILES forces the tiles", () => {
+    for (const rows of [1, 8, 9, 16, 17, 32]) {
+      const c = fusedCandidates(4, 4096, 11008, rows);
+      const tiles = [...new Set(c.map((p) => p.T))].sort();
+      expect(tiles).toEqual([1, 2, 4].filter((t) => t <= tokenTiles(rows)));
+      expect(c.length).toBe(tiles.length * FUSED_WARPS.length * FUSED_SPLITS.length);
+      expect(new Set(c.map((p) => fusedLaunchName(p, rows))).size).toBe(c.length);
+      for (const p of c) {
+        expect(p.mBlocks * 8 * p.T).toBeGreaterThanOrEqual(rows);
+        expect((p.mBlocks - 1) * 8 * p.T).toBeLessThan(rows);
+        expect(p.kernel).toBe(`quant_gemm_b4_t${p.T}_c${p.splits}`);
+      }
+    }
+    const prev = process.env.INLAID_QGEMM_TILES;
+    try {
+      process.env.INLAID_QGEMM_TILES = "2";
+      expect(fusedPlan(4, 4096, 11008, 32, 132).T).toBe(2);
+      expect(fusedPlan(4, 4096, 11008, 32, 132).mBlocks).toBe(2);
+      expect(fusedPlan(4, 4096, 11008, 8, 132).T).toBe(1); // never more tiles than the rows need
+      process.env.INLAID_QGEMM_TILES = "3";
+      expect(fusedPlan(4, 4096, 11008, 32, 132).T).toBe(2);
+    } finally {
+      if (prev === undefined) delete process.env.INLAID_QGEMM_TILES;
+      else process.env.INLAID_QGEMM_TILES = prev;
     }
   });
 

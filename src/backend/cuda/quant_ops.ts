@@ -16,8 +16,9 @@
 // tile are one thread-block cluster and meet in its distributed shared memory (no global
 // scratch). Every launch parameter depends on the weight's shape and the launch's row
 // capacity only, so a captured graph replays any step of its bucket. fusedPlan says how the
-// warps and splits are chosen; CudaBackend.quantSplits (INLAID_QGEMM_SPLITS) and
-// INLAID_QGEMM_WARPS fix them, for tuning with bench/quant_gemm.ts --sweep.
+// warps and splits are chosen; CudaBackend.quantSplits (INLAID_QGEMM_SPLITS),
+// INLAID_QGEMM_WARPS and INLAID_QGEMM_TILES (token tiles per m-block) fix them, for tuning
+// with bench/quant_gemm.ts --sweep.
 
 import type { DevicePtr, Dim3, KernelArg, Launcher } from "./launch.js";
 import type { Operand } from "./device_ops.js";
@@ -150,7 +151,7 @@ function splitsAtMost(n: number, units: number): number {
  * capturing a graph or with tuning off.
  */
 export function fusedPlan(bits: QuantBits, K: number, N: number, rows: number, smCount: number, splits?: number | null): FusedPlan {
-  const T = tokenTiles(rows);
+  const T = tilesFromEnv(rows) ?? tokenTiles(rows);
   const mBlocks = Math.ceil(rows / (8 * T));
   const NC = N / COL_N, units = Math.ceil(K / UNIT_K);
   const fixedWarps = positiveEnv("INLAID_QGEMM_WARPS");
@@ -163,12 +164,22 @@ export function fusedPlan(bits: QuantBits, K: number, N: number, rows: number, s
   const fits = options.filter((o) => o.ctas <= o.resident || fixedSplits !== null);
   const chosen = fits.reduce<(typeof options)[number] | undefined>((best, o) => (best === undefined || o.ctas > best.ctas ? o : best), undefined)
     ?? options[0]!;
-  return fusedLaunch(bits, N, rows, chosen.w, chosen.s);
+  return fusedLaunch(bits, N, rows, chosen.w, chosen.s, T);
 }
 
-/** The fused kernel's launch with `warps` warps per CTA and `splits` k splits (both instantiated values). */
-export function fusedLaunch(bits: QuantBits, N: number, rows: number, warps: number, splits: number): FusedPlan {
-  const T = tokenTiles(rows);
+/** INLAID_QGEMM_TILES as token tiles per m-block for `rows` rows (1, 2 or 4, at most tokenTiles(rows)), or null. */
+export function tilesFromEnv(rows: number): 1 | 2 | 4 | null {
+  const t = positiveEnv("INLAID_QGEMM_TILES");
+  if (t === null) return null;
+  return Math.min(t >= 4 ? 4 : t >= 2 ? 2 : 1, tokenTiles(rows)) as 1 | 2 | 4;
+}
+
+/**
+ * The fused kernel's launch with `warps` warps per CTA, `splits` k splits and T token tiles
+ * per m-block (all instantiated values; T defaults to tokenTiles(rows), fewer tiles run more
+ * m-blocks over the same weights).
+ */
+export function fusedLaunch(bits: QuantBits, N: number, rows: number, warps: number, splits: number, T: 1 | 2 | 4 = tokenTiles(rows)): FusedPlan {
   const mBlocks = Math.ceil(rows / (8 * T));
   return {
     kernel: `quant_gemm_b${bits}_t${T}_c${splits}`,
@@ -184,10 +195,22 @@ export function fusedLaunch(bits: QuantBits, N: number, rows: number, warps: num
   };
 }
 
-/** Every (warps, splits) launch of the fused kernel for these rows: what CudaBackend times when it tunes a shape. */
+/**
+ * Every (token tiles, warps, splits) launch of the fused kernel for these rows: what
+ * CudaBackend times when it tunes a shape. Past 8 rows, fewer token tiles than
+ * tokenTiles(rows) are candidates too: m-blocks of 8 or 16 rows re-read the weights (from L2,
+ * the m-blocks of a column launch side by side) but each warp's per-unit chain is shorter and
+ * more CTAs fit an SM (fewer registers).
+ */
 export function fusedCandidates(bits: QuantBits, K: number, N: number, rows: number): FusedPlan[] {
   const units = Math.ceil(K / UNIT_K);
-  return FUSED_WARPS.flatMap((w) => FUSED_SPLITS.filter((s) => s <= units).map((s) => fusedLaunch(bits, N, rows, w, s)));
+  const tiles = ([4, 2, 1] as const).filter((t) => t <= tokenTiles(rows));
+  return tiles.flatMap((T) => FUSED_WARPS.flatMap((w) => FUSED_SPLITS.filter((s) => s <= units).map((s) => fusedLaunch(bits, N, rows, w, s, T))));
+}
+
+/** A fused launch as the tuner's choice is reported: "w{warps}s{splits}", then "t{T}" where T is not tokenTiles(rows). */
+export function fusedLaunchName(p: FusedPlan, rows: number): string {
+  return `w${p.warps}s${p.splits}${p.T === tokenTiles(rows) ? "" : `t${p.T}`}`;
 }
 
 /** Columns of 32 outputs per chunk of the prefill path. */
