@@ -254,6 +254,12 @@ export interface Backend {
   uploadQuantized?(q: QuantizedWeight): QuantizedTensor;
   /** out [n, outDim] (f32) = x [n, inDim] (activationDtype) @ dequantize(w)^T (+ bias, f32). */
   linearQuantized?(out: Tensor, x: Tensor, w: QuantizedTensor, bias?: Tensor): void;
+  /**
+   * Optional: out = linearQuantized(x, w, bias) + the term `lora` adds, in the backend's own
+   * way (e.g. the shrink made by the low-bit GEMM's own launch). Returns false, having done
+   * nothing, when it does not take this step; the caller then runs the usual path.
+   */
+  linearQuantizedLora?(out: Tensor, x: Tensor, w: QuantizedTensor, stack: LoraStack, step: PreparedStep, bias?: Tensor): boolean;
   freeQuantized?(w: QuantizedTensor): void;
   /** Optional: random low-bit weights (`--load-format dummy` of a quantized config): uniform codes,
    * symmetric zeros, one scale giving a standard deviation of about `std`; deterministic in `seed`. */

@@ -24,6 +24,8 @@ export class LoraLinear implements Linear {
     const b = this.backend;
     // One matmul for the base output and the shrink, where the backend set that up (backend.ts linearLora).
     if (this.attached && b.linearLora!(out, x, this.attached, this.stack, step)) return;
+    // The base's own call with the LoRA term (a low-bit GEMM that also makes the shrink).
+    if (this.base.forwardLora?.(out, x, this.stack, step)) return;
     if (this.base.canAccumulate && b.loraFirst?.(out, x, this.stack, step)) {
       // The LoRA term went first; the base matmul accumulates onto it (backend.ts loraFirst).
       this.base.forward(out, x, step, true);

@@ -2,7 +2,7 @@
 // quantized later) and LoRA are different implementations of this one interface,
 // so the model code never knows which it is running.
 
-import type { Backend, PreparedStep, Tensor } from "../backend/backend.js";
+import type { Backend, LoraStack, PreparedStep, Tensor } from "../backend/backend.js";
 
 /** The seven projections of a Llama-family decoder layer (PEFT's target_modules names). */
 export const PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] as const;
@@ -19,6 +19,9 @@ export interface Linear {
   /** The dense weight when forward is exactly `linear(out, x, weight)` with no bias (LoraLinear
    * may then fuse its shrink into that matmul: backend.ts linearLora). */
   readonly denseWeight?: Tensor;
+  /** Optional: forward plus the LoRA term of `stack` in one backend call where the backend
+   * can (backend.ts linearQuantizedLora); false, having done nothing, where it cannot. */
+  forwardLora?(out: Tensor, x: Tensor, stack: LoraStack, step: PreparedStep): boolean;
 }
 
 export class DenseLinear implements Linear {

@@ -3,7 +3,7 @@
 // (q/k/v, gate/up) into one quantized weight along the outputs, as the dense loader stacks
 // their rows (model/weights.ts).
 
-import type { Backend, PreparedStep, QuantizedTensor, Tensor } from "../backend/backend.js";
+import type { Backend, LoraStack, PreparedStep, QuantizedTensor, Tensor } from "../backend/backend.js";
 import type { Linear } from "../model/linear.js";
 import { numGroups, type QuantizedWeight } from "./types.js";
 
@@ -24,6 +24,10 @@ export class QuantLinear implements Linear {
 
   forward(out: Tensor, x: Tensor, _step: PreparedStep): void {
     this.backend.linearQuantized!(out, x, this.weight, this.bias);
+  }
+
+  forwardLora(out: Tensor, x: Tensor, stack: LoraStack, step: PreparedStep): boolean {
+    return this.backend.linearQuantizedLora?.(out, x, this.weight, stack, step, this.bias) ?? false;
   }
 }
 

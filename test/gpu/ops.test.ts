@@ -21,6 +21,7 @@ import type { Backend, KvCache, LoraStack, SamplingBatch, StepBatch, Tensor } fr
 import { CpuBackend } from "../../src/backend/cpu/cpu_backend.js";
 import { CudaBackend } from "../../src/backend/cuda/cuda_backend.js";
 import { bf16ToF32, f32ToBf16 } from "../../src/backend/tensor.js";
+import { randomQuantized } from "../helpers/quant_random.js";
 
 const reason = CudaBackend.unavailableReason();
 
@@ -647,6 +648,54 @@ if (reason !== null) {
         }
       });
     }
+
+    // linearQuantizedLora (opt-in, INLAID_QGEMM_LORA=1): the low-bit GEMM's launch also makes
+    // the shrink of the step's slots (quant_gemm_lora_*), then the expand in place. Against the
+    // CPU's dequantized matmul then `lora`; bit widths vary by case (2 and 3 bits at 4 warps per
+    // CTA decline: their stages are too small for a unit of A).
+    LORA_CASES.forEach((c, ci) => {
+      const bits = ([4, 8, 2, 3] as const)[ci % 4]!;
+      it(`linearQuantizedLora, ${bits}-bit: ${c.label}`, () => {
+        const dims = c.dims ?? [c.N];
+        const was = cuda.quantLoraFused;
+        cuda.quantLoraFused = true;
+        const q = randomQuantized({ bits, groupSize: 64, sym: ci % 2 === 0, descAct: false }, c.K, c.N, 400 + ci);
+        const qc = b.cpu.uploadQuantized!(q), qg = cuda.uploadQuantized(q);
+        try {
+          const { stack, step, ov, xv, free } = linearLoraCase(c);
+          const small = c.maxRank % 8 === 0 && c.ranks.length * dims.length * c.maxRank <= 1024;
+          const decodeOnly = c.seqs.every((s) => s.q === 1);
+          const only = (keep: (slot: number) => boolean): StepBatch =>
+            makeStep(c.seqs.map((s) => ({ ...s, slot: keep(s.slot ?? -1) ? s.slot : -1 })), paging(c.seqs.map((s) => Math.max(1, s.ctx)), 16, 6));
+          for (const [round, st] of [step, only((sl) => sl === 0), only(() => false)].entries()) {
+            const cpuStep = b.cpu.prepare(st), gpuStep = b.gpu.prepare(st);
+            b.cpu.linearQuantized!(ov.cpu, xv.cpu, qc);
+            const plain = Float32Array.from(b.cpu.read(ov.cpu) as Float32Array);
+            b.cpu.lora(ov.cpu, xv.cpu, stack.cpu, cpuStep);
+            const took = cuda.linearQuantizedLora(ov.gpu, xv.gpu, qg, stack.gpu, gpuStep);
+            if (bits >= 4) expect(took, "takes the decode-only steps within the all-slots column limit").toBe(small && decodeOnly);
+            if (!took) {
+              cuda.linearQuantized(ov.gpu, xv.gpu, qg);
+              cuda.lora(ov.gpu, xv.gpu, stack.gpu, gpuStep);
+            }
+            const r = b.read(ov);
+            let maxAbs = 0, term = 0;
+            for (let i = 0; i < r.cpu.length; i++) {
+              maxAbs = Math.max(maxAbs, Math.abs(r.cpu[i]!));
+              term = Math.max(term, Math.abs(r.cpu[i]! - plain[i]!));
+            }
+            const tol = 1e-4 * maxAbs + (decodeOnly ? 0 : 2 ** -8 * maxAbs);
+            if (round < 2 && took) expect(term, `${c.label}: the LoRA term is visible at this tolerance`).toBeGreaterThan(20 * tol);
+            expectClose(`linearQuantizedLora ${bits}-bit ${c.label} (round ${round})`, r.gpu, r.cpu, tol, 0);
+          }
+          free();
+        } finally {
+          cuda.quantLoraFused = was;
+          b.cpu.freeQuantized!(qc);
+          cuda.freeQuantized(qg);
+        }
+      });
+    });
 
     /** Sampling rows: one per parameter set, each with its own logits row. */
     interface Row {

@@ -84,7 +84,7 @@ import { KernelLauncher } from "./launcher.js";
 import { DeviceGraphLauncher } from "./device_graph.js";
 import { CudaOps, KERNEL_FILES, LORA_SLOTS_MAX_COLS, PDL_KERNELS } from "./ops.js";
 import { packQuantLayout, randomQuantLayout, type QuantLayout } from "./quant_layout.js";
-import { QuantOps, dequantChunkCols, fusedCandidates, fusedLaunchName, fusedPlan, splitsFromEnv, type DeviceQuantWeight, type FusedPlan } from "./quant_ops.js";
+import { QuantOps, dequantChunkCols, fusedCandidates, fusedCarriesShrink, fusedLaunchName, fusedPlan, splitsFromEnv, type DeviceQuantWeight, type FusedPlan } from "./quant_ops.js";
 import {
   bucketRows, capacityShortfall, packStep, stagingViews, stepLayout,
   type PackedStep, type StagingViews, type StepCapacity, type StepLayout,
@@ -1040,6 +1040,59 @@ export class CudaBackend implements Backend {
     return true;
   }
 
+  /**
+   * Whether `linearQuantizedLora` takes decode steps (INLAID_QGEMM_LORA=1). Off by default
+   * until measured against the per-row kernel on a GPU.
+   */
+  quantLoraFused = process.env.INLAID_QGEMM_LORA === "1";
+
+  /**
+   * backend.ts linearQuantizedLora: on decode-only steps, the low-bit GEMM's launch also makes
+   * the LoRA shrink of every slot the step uses (quant_gemm_lora_*: more CTAs, each 32 rows of
+   * the stack's A against the same x tiles), then lora_bgmv_expand_slots adds each row's term
+   * in place: no shrink launch of its own. Declines act-order weights, launches past
+   * quantFusedMaxRows, and what the all-slots path declines (loraSlotsPath).
+   */
+  linearQuantizedLora(out: Tensor, x: Tensor, w: QuantizedTensor, stack: LoraStack, step: PreparedStep, bias?: Tensor): boolean {
+    this.#enter();
+    if (!this.quantLoraFused) return false;
+    const s = this.#lora(stack), q = this.#q(w).dev;
+    if (s.attachedTo !== null || q.perm !== 0n) return false;
+    const p = this.#prep(step);
+    const slots = Math.min(s.numSlots, loraSlotBucket(p.packed.loraSlotSpan));
+    const dl = this.#deviceLora(s);
+    if (!this.#ops.loraSlotsPath(dl, p.run, slots)) return false;
+    const o = this.#t(out), xi = this.#t(x);
+    if (s.inDim !== q.K || s.outDim !== q.N) throw new Error(`linearQuantizedLora: the LoRA stack is ${s.inDim} -> ${s.outDim}, the weight ${q.K} -> ${q.N}`);
+    const n = Math.min(o.capRows, xi.capRows);
+    if (n === 0 || n > this.quantFusedMaxRows) return false;
+    this.#ensureLoraScratch(); // before the skip below, so that an eager warm-up always sizes it
+    if (slots === 0) {
+      // No adapter row: the plain low-bit GEMM (a graph's key carries the slot bucket, 0 here).
+      this.linearQuantized(out, x, w, bias);
+      return true;
+    }
+    const t = this.#scratch.get("lora_slots_t");
+    const cols = slots * s.outDims.length * s.maxRank;
+    if (!t || n * cols * 4 > t.bytes) return false;
+    if (xi.cols !== q.K || o.cols !== q.N || xi.dtype !== "bf16" || o.dtype !== "f32") {
+      throw new Error(`linearQuantizedLora: x must be bf16 [n, ${q.K}] and out f32 [n, ${q.N}] (got ${xi.dtype} [n, ${xi.cols}], ${o.dtype} [n, ${o.cols}])`);
+    }
+    let b = 0n;
+    if (bias) {
+      const bi = this.#t(bias);
+      if (bi.dtype !== "f32" || numel(bi.shape) !== q.N) throw new Error(`linearQuantizedLora: bias must be f32 [${q.N}]`);
+      b = bi.ptr;
+    }
+    const plan = this.#quantPlan(q, n, o.ptr, xi.ptr, this.#liveRows(xi), b);
+    if (!fusedCarriesShrink(q.bits, plan.warps)) return false;
+    // A is [numSlots][splits][maxRank][K]: its first `slots` slots are a [cols, K] weight.
+    this.#quant.fused(o.ptr, xi.ptr, this.#liveRows(xi), n, q, b, 0n, 0n, plan, { a: s.a, t: t.ptr, cols, ldT: cols });
+    const oo = this.#operand(out);
+    this.#ops.loraExpandSlots(oo, oo, t.ptr, cols, dl, p.run);
+    return true;
+  }
+
   #lora(stack: LoraStack): CudaLoraStack {
     if (!(stack instanceof CudaLoraStack) || stack.owner !== this) throw new Error("LoRA stack does not belong to this CUDA backend");
     if (stack.freed) throw new Error("use of a freed LoRA stack");
@@ -1068,13 +1121,13 @@ export class CudaBackend implements Backend {
 
   /** The shrink intermediate f32 [capTokens, largest maxRank]; for attached stacks
    * (linearLora, decode-only steps: one row per sequence) f32 [capSeqs, outDim + min(slotCols, LORA_SLOTS_MAX_COLS)];
-   * with loraSlotsShrink, for the others f32 [capSeqs, min(slotCols, LORA_SLOTS_MAX_COLS)]. */
+   * with loraSlotsShrink or quantLoraFused, for the others f32 [capSeqs, min(slotCols, LORA_SLOTS_MAX_COLS)]. */
   #ensureLoraScratch(): Scratch | null {
     let rank = 0, wide = 0, narrow = 0;
     for (const s of this.#loraStacks) {
       rank = Math.max(rank, s.maxRank);
       if (s.attachedTo !== null) wide = Math.max(wide, s.outDim + Math.min(s.slotCols, LORA_SLOTS_MAX_COLS));
-      else if (this.loraSlotsShrink && s.maxRank % 8 === 0) narrow = Math.max(narrow, Math.min(s.slotCols, LORA_SLOTS_MAX_COLS));
+      else if ((this.loraSlotsShrink || this.quantLoraFused) && s.maxRank % 8 === 0) narrow = Math.max(narrow, Math.min(s.slotCols, LORA_SLOTS_MAX_COLS));
     }
     const tokens = this.#layout?.capacity.tokens ?? 0;
     if (rank === 0 || tokens === 0) return null;

@@ -17,7 +17,7 @@ import {
   dummyWeightValue, kernelNames, PDL_KERNELS,
   type StepKinds,
 } from "./ops.js";
-import { QuantOps, dequantChunkCols, fusedSmemBytes, quantKernelNames, type DeviceQuantWeight } from "./quant_ops.js";
+import { QuantOps, dequantChunkCols, fusedCarriesShrink, fusedSmemBytes, quantKernelNames, type DeviceQuantWeight } from "./quant_ops.js";
 import type { QuantBits } from "../../quant/types.js";
 
 const KERNEL_DIR = dirname(KERNEL_FILES[0]!);
@@ -79,7 +79,7 @@ function parseSources(): { kinds: Map<string, Kind[]>; bodies: Map<string, strin
 const PRE_WAIT_READS: Record<string, readonly string[]> = {
   lora_bgmv_expand_slots: ["B", "ranks", "loraSlots", "counts"],
   lora_bgmv_fused: ["ranks", "loraSlots", "queryStart", "counts"],
-  quant_gemm: ["qw", "scales", "zeros"],
+  quant_gemm: ["qw", "scales", "zeros", "la"],
 };
 
 /** A __device__ function's parameter list and body (for kernels that only call one). */
@@ -383,6 +383,11 @@ describe("CUDA ops seam (CPU checks)", () => {
             const plan = ops.plan(w, rows);
             ops.gather(0x7000n, operand("bf16", rows, K), rows, w);
             ops.fused(0x8000n, 0x9000n, 0xa000n, rows, w, 0xb000n, 0xc000n, 0xd000n, plan);
+            // With the LoRA shrink (no act-order; fusedCarriesShrink): 8 slots of rank 16 over 3 splits.
+            if (perm === 0n && fusedCarriesShrink(bits, plan.warps)) {
+              ops.fused(0x8000n, 0x9000n, 0xa000n, rows, w, 0xb000n, 0n, 0n, plan, { a: 0xf000n, t: 0xf800n, cols: 384, ldT: 384 });
+              expect(rec.launches.at(-1)!.grid).toEqual([plan.grid[0], plan.grid[1] + 12, plan.grid[2]]);
+            }
             // Same capacities, same launch (graph replay of any step of the bucket).
             expect(ops.plan(w, rows)).toEqual(plan);
           }
@@ -392,6 +397,7 @@ describe("CUDA ops seam (CPU checks)", () => {
     }
     const names = new Set(rec.launches.map((l) => l.name));
     for (const b of [2, 3, 4, 8]) for (const n of [`quant_gemm_b${b}_t1_c2`, `quant_gemm_b${b}_t4_c1`, `quant_gemm_b${b}_t1_c8`, `quant_dequant_b${b}`]) expect(names.has(n), n).toBe(true);
+    for (const n of ["quant_gemm_lora_b4_t1_c2", "quant_gemm_lora_b4_t4_c1", "quant_gemm_lora_b2_t4_c1"]) expect(names.has(n), n).toBe(true);
     for (const n of quantKernelNames()) expect(kernels.has(n), `quant_gemm.cu defines ${n}`).toBe(true);
     expect(names.has("quant_gather_cols")).toBe(true);
     for (const l of rec.launches) {
@@ -405,7 +411,7 @@ describe("CUDA ops seam (CPU checks)", () => {
       expect(l.block[0] === 128 || l.block[0] === 256).toBe(true);
       // The fused kernel's ring (two CTAs per SM; the launcher opts in past 48 KB); its grid
       // is whole clusters of _c{C} CTAs along z. The dequant kernel's 34 KB tile is static.
-      const fused = /^quant_gemm_b(\d)_t(\d)_c(\d)$/.exec(l.name);
+      const fused = /^quant_gemm_(?:lora_)?b(\d)_t(\d)_c(\d)$/.exec(l.name);
       if (fused) {
         expect(l.smem).toBe(fusedSmemBytes(Number(fused[1]) as QuantBits, Number(fused[2]), l.block[0] / 32));
         expect(2 * (l.smem + 1024)).toBeLessThanOrEqual(228 * 1024);

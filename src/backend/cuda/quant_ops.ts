@@ -85,9 +85,32 @@ export function ringSlots(bits: QuantBits, T: number): number {
   return Math.floor(RING_BUDGET / stageBytes(bits, T, 8)) >= 3 ? 3 : 2;
 }
 
-/** Dynamic shared memory of a fused launch: the ring (the split partials reuse it: NW x 32 x 8T f32, always smaller). */
+/**
+ * Dynamic shared memory of a fused launch: the ring (the split partials reuse it: NW x 32 x 8T
+ * f32, and a LoRA shrink CTA's one more tile of sums, always smaller).
+ */
 export function fusedSmemBytes(bits: QuantBits, T: number, warps: number): number {
-  return Math.max(ringSlots(bits, T) * stageBytes(bits, T, warps), warps * 32 * 8 * T * 4);
+  return Math.max(ringSlots(bits, T) * stageBytes(bits, T, warps), (warps + 1) * 32 * 8 * T * 4);
+}
+
+/** Bytes of A one unit of a LoRA shrink CTA stages (32 rows x 128 k, bf16). */
+const SHRINK_UNIT_BYTES = 32 * 128 * 2;
+
+/**
+ * Whether a launch can carry the LoRA shrink (quant_gemm_lora_*): a shrink CTA stages a unit of
+ * A where the quantized CTAs stage their warps' codes, so those must take at least as many
+ * bytes (not so for 2 and 3 bits at 4 warps).
+ */
+export function fusedCarriesShrink(bits: QuantBits, warps: number): boolean {
+  return warps * (bits * 512 + 384) >= SHRINK_UNIT_BYTES;
+}
+
+/** The LoRA shrink a fused launch also makes: t f32 [rows, ldT] = x @ a^T for a bf16 [cols, K] (row-major). */
+export interface FusedShrink {
+  readonly a: DevicePtr;
+  readonly t: DevicePtr;
+  readonly cols: number;
+  readonly ldT: number;
 }
 
 /**
@@ -222,7 +245,7 @@ export function dequantChunkCols(K: number, N: number): number {
 export function quantKernelNames(): string[] {
   const names: string[] = [];
   for (const b of QUANT_BITS_WITH_KERNELS) {
-    for (const t of [1, 2, 4]) for (const c of FUSED_SPLITS) names.push(`quant_gemm_b${b}_t${t}_c${c}`);
+    for (const t of [1, 2, 4]) for (const c of FUSED_SPLITS) names.push(`quant_gemm_b${b}_t${t}_c${c}`, `quant_gemm_lora_b${b}_t${t}_c${c}`);
     names.push(`quant_dequant_b${b}`);
   }
   names.push("quant_gather_cols");
@@ -253,13 +276,26 @@ export class QuantOps {
    * out f32 [rows, N] = x bf16 [rows, K] @ W^T (+ bias f32 [N]); x already in the weight's
    * k order (gathered for act-order). `live`: device i32 of the live rows (0n: all).
    * `_partials` / `_counters`: unused (the splits meet in the cluster; the plan asks for 0 bytes).
+   * With `shrink` (no act-order: x and A share the original k order; fusedCarriesShrink), the
+   * launch also writes the LoRA shrink: quant_gemm_lora_*, ceil(cols / 32) more CTAs along y.
    */
   fused(out: DevicePtr, x: DevicePtr, live: DevicePtr, rows: number, w: DeviceQuantWeight, bias: DevicePtr, _partials: DevicePtr,
-        _counters: DevicePtr, plan: FusedPlan = this.plan(w, rows)): void {
+        _counters: DevicePtr, plan: FusedPlan = this.plan(w, rows), shrink?: FusedShrink): void {
     if (rows === 0) return;
-    this.#l.launch(plan.kernel, plan.grid, plan.block, plan.smem, [
+    const args: KernelArg[] = [
       ptr(out), ptr(x), ptr(w.words), ptr(w.scales), ptr(w.zeros), ptr(bias), ptr(live),
       i32(rows), i32(w.K), i32(w.N), i32(w.groupSize), i32(w.groups), i32(w.symZero),
+    ];
+    if (!shrink || shrink.cols === 0) {
+      this.#l.launch(plan.kernel, plan.grid, plan.block, plan.smem, args);
+      return;
+    }
+    if (w.perm !== 0n) throw new Error("fused LoRA shrink: act-order weights read x in another k order than A");
+    if (!fusedCarriesShrink(w.bits, plan.warps)) throw new Error(`fused LoRA shrink: ${plan.warps} warps of ${w.bits}-bit codes stage fewer bytes than a unit of A`);
+    if (shrink.ldT < shrink.cols) throw new Error(`fused LoRA shrink: ldT ${shrink.ldT} < ${shrink.cols} columns`);
+    const [gx, gy, gz] = plan.grid;
+    this.#l.launch(plan.kernel.replace("quant_gemm_", "quant_gemm_lora_"), [gx, gy + Math.ceil(shrink.cols / COL_N), gz], plan.block, plan.smem, [
+      ...args, ptr(shrink.a), ptr(shrink.t), i32(shrink.cols), i32(shrink.ldT),
     ]);
   }
 

@@ -259,11 +259,83 @@ __device__ __forceinline__ void block_words(unsigned wslot, int lane, int j, uns
   }
 }
 
-template <int BITS, int T, int C>
+__device__ __forceinline__ void cp_async8z(unsigned dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 8 : 0));
+}
+
+// quant_gemm_lora's shrink CTAs, one unit: warp w runs the 16-k steps st8 = w, w + NW, ... (of 8)
+// of the stage's A rows (issueA's layout) against the x tile. Lane (g, c) reads 8 bytes of A
+// rows g and g + 8: A[row, 32j + 8c + 4sp .. + 3], the k its x fragment holds for that step
+// (the permuted k order of the file's header), so the bf16 values are the mma A fragment as
+// they are, like the codes after dequant_tile.
+template <int T>
+__device__ __forceinline__ void shrink_unit(unsigned st, unsigned xs, int warp, int NW, int lane, float (&acc)[2][T][4]) {
+  const int g = lane >> 2, c4 = lane & 3;
+  for (int st8 = warp; st8 < 8; st8 += NW) {
+    const int j = st8 >> 1;
+    uint4 xv[T];
+#pragma unroll
+    for (int t = 0; t < T; t++) xv[t] = lds128(xs + (unsigned)((((4 * t + j) * 32) + lane) * 16));
+#pragma unroll
+    for (int nt = 0; nt < 2; nt++) {
+      const unsigned r0 = st + (unsigned)(((st8 * 32 + nt * 16 + g) * 4 + c4) * 8);
+      const uint2 lo = lds64(r0), hi = lds64(r0 + 8 * 4 * 8);
+      const unsigned a[4] = {lo.x, hi.x, lo.y, hi.y};
+#pragma unroll
+      for (int t = 0; t < T; t++) mma_bf16(acc[nt][t], a, (st8 & 1) ? xv[t].z : xv[t].x, (st8 & 1) ? xv[t].w : xv[t].y);
+    }
+  }
+}
+
+// The shrink CTA's result: its warps' partial sums (each ran some of the k steps) added in
+// warp order, then (C > 1) the cluster's k splits in rank order through distributed shared
+// memory, as the quantized tiles' split-K: deterministic. lt[row, n] for n = 32 acol + 0..31.
+template <int T, int C>
+__device__ __forceinline__ void shrink_store(const float (&acc)[2][T][4], float* __restrict__ lt, int rows, int NA, int ldT, int acol,
+                                             int row0, int NW, int warp, int lane) {
+  extern __shared__ __align__(16) unsigned char qsmem[];
+  constexpr int E = 8 * T * 32;  // values of a 32 x 8T tile: v = (nt * T + t) * 4 + e, then the lane
+  __syncthreads();  // every warp is done reading the ring
+  float* part = reinterpret_cast<float*>(qsmem);  // [NW][E]
+#pragma unroll
+  for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+    for (int t = 0; t < T; t++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) part[warp * E + ((nt * T + t) * 4 + e) * 32 + lane] = acc[nt][t][e];
+  __syncthreads();
+  auto store = [&](int i, float v) {
+    const int vi = i >> 5, ln = i & 31, e = vi & 3, nt = (vi >> 2) / T, t = (vi >> 2) % T;
+    const int n = 32 * acol + nt * 16 + (ln >> 2) + 8 * (e >> 1), row = row0 + 8 * t + 2 * (ln & 3) + (e & 1);
+    if (row < rows && n < NA) lt[(long long)row * ldT + n] = v;
+  };
+  float* red = part + NW * E;  // [E]: this CTA's sums (C > 1)
+  for (int i = threadIdx.x; i < E; i += blockDim.x) {
+    float sum = 0.f;
+    for (int w = 0; w < NW; w++) sum += part[w * E + i];
+    if constexpr (C == 1) store(i, sum);
+    else red[i] = sum;
+  }
+  if constexpr (C > 1) {
+    cluster_arrive();
+    cluster_wait();  // every CTA's sums are written and visible
+    for (int i = (int)(blockIdx.z * blockDim.x + threadIdx.x); i < E; i += C * (int)blockDim.x) {
+      float sum = 0.f;
+#pragma unroll
+      for (int q = 0; q < C; q++) sum += ld_cluster_f32(red + i, (unsigned)q);
+      store(i, sum);
+    }
+    cluster_arrive();
+    cluster_wait();  // no CTA leaves while another still reads its shared memory
+  }
+}
+
+template <int BITS, int T, int C, bool L>
 __device__ __forceinline__ void quant_gemm(float* __restrict__ out, const bf16* __restrict__ x, const uint4* __restrict__ qw,
                                            const uint2* __restrict__ scales, const unsigned* __restrict__ zeros,
                                            const float* __restrict__ bias, const int* __restrict__ live, int rows, int K, int N,
-                                           int gs, int G, int symZero) {
+                                           int gs, int G, int symZero, const bf16* __restrict__ la, float* __restrict__ lt, int NA,
+                                           int ldT) {
   using Q = QCfg<BITS, T>;
   constexpr int R = Q::kRing;
   extern __shared__ __align__(16) unsigned char qsmem[];
@@ -312,8 +384,31 @@ __device__ __forceinline__ void quant_gemm(float* __restrict__ out, const bf16* 
   // past the live rows return after the wait (the weights they asked for are harmless reads);
   // the whole cluster shares the m-block, so it returns as one (the cluster barriers below see
   // all of it or none).
+  // quant_gemm_lora: CTAs past the quantized column tiles make the LoRA shrink (shrink_unit).
+  const bool shrinkCta = L && (int)blockIdx.y * NW >= NC;
+  const int acol = (int)blockIdx.y - (NC + NW - 1) / NW;  // the shrink CTA's 32 rows of A: 32 * acol ..
+  // Lane-spread 8-byte copies of A for unit u (what shrink_unit reads): chunk q = row * 32 + p
+  // holds A[32 acol + row, 128u + 4p .. + 3] (consecutive threads, consecutive global bytes);
+  // it lands at ((st8 * 32 + row) * 4 + c) * 8 in the stage, st8 = 2j + sp the 16-k step
+  // (p = 8j + 2c + sp: block j, lane column c, step parity sp). Rows past NA and k past K
+  // are zero-filled.
+  auto issueA = [&](int u, int slot) {
+    if constexpr (L) {
+      if (u >= u1) return;
+      const unsigned dst = ring + (unsigned)(slot * stageBytes);
+      for (int q = threadIdx.x; q < 1024; q += blockDim.x) {
+        const int row = q >> 5, pp = q & 31, n = 32 * acol + row, k = u * 128 + 4 * pp;
+        const int st8 = 2 * (pp >> 3) + (pp & 1), c = (pp >> 1) & 3;
+        const bool ok = n < NA && k < K;
+        cp_async8z(dst + (unsigned)(((st8 * 32 + row) * 4 + c) * 8), ok ? la + (long long)n * K + k : la, ok);
+      }
+    }
+  };
 #pragma unroll
-  for (int i = 0; i < R - 1; i++) issueWeights(u0 + i, i);
+  for (int i = 0; i < R - 1; i++) {
+    if (shrinkCta) issueA(u0 + i, i);
+    else issueWeights(u0 + i, i);
+  }
   pdl_wait<false>();  // no early trigger (common.cuh)
   const int nLive = live_rows(live, rows);
   if (row0 >= nLive) {
@@ -349,6 +444,30 @@ __device__ __forceinline__ void quant_gemm(float* __restrict__ out, const bf16* 
   for (int i = 0; i < R - 1; i++) {
     issueX(u0 + i, i);
     cp_async_commit();
+  }
+  if constexpr (L) {
+    if (shrinkCta) {
+      float sacc[2][T][4];
+#pragma unroll
+      for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+        for (int t = 0; t < T; t++)
+#pragma unroll
+          for (int e = 0; e < 4; e++) sacc[nt][t][e] = 0.f;
+      for (int u = u0; u < u1; u++) {
+        const int it = u - u0;
+        cp_async_wait<R - 2>();
+        __syncthreads();
+        issueA(u + R - 1, (it + R - 1) % R);
+        issueX(u + R - 1, (it + R - 1) % R);
+        cp_async_commit();
+        const unsigned st = ring + (unsigned)((it % R) * stageBytes);
+        shrink_unit<T>(st, st + (unsigned)(NW * Q::kWarpBytes), warp, NW, lane, sacc);
+      }
+      cp_async_wait<0>();
+      shrink_store<T, C>(sacc, lt, rows, NA, ldT, acol, row0, NW, warp, lane);
+      return;
+    }
   }
 
   // Per-group partial sums: T == 1 keeps two (by 16-k step parity) so that a unit's mma chain
@@ -570,17 +689,26 @@ __device__ __forceinline__ void quant_dequant(bf16* __restrict__ wOut, const uin
 // extern "C" in ops.test.ts's macro expansion). Launch bounds: 256 threads, MINB CTAs of 8 warps
 // per SM: 3 for T = 1 (80 registers: up to six 4-warp CTAs per SM), 2 for T = 2 and 4 (128);
 // quant_ops.ts ctasPerSm mirrors it.
-#define QGEMM(B, T, MINB)                                                                                                      \
-  extern "C" __global__ void __launch_bounds__(256, MINB) quant_gemm_b##B##_t##T##_c1(                                           \
-      float* out, const bf16* x, const uint4* qw, const uint2* scales, const unsigned* zeros, const float* bias,         \
-      const int* live, int rows, int K, int N, int gs, int G, int symZero) {                                                                                     \
-    quant_gemm<B, T, 1>(out, x, qw, scales, zeros, bias, live, rows, K, N, gs, G, symZero);                                    \
+// quant_gemm_lora_*: the same launch with ceil(NA / 32) more CTAs along y, which write the LoRA
+// shrink lt[row, n] = sum_k x[row, k] la[n, k] (f32 [rows, ldT]) for la bf16 [NA, K] (the used
+// slots' A rows), in the k range of their split, beside the quantized outputs.
+#define QGEMM(B, T, MINB)                                                                                                     \
+  extern "C" __global__ void __launch_bounds__(256, MINB) quant_gemm_b##B##_t##T##_c1(                                        \
+      float* out, const bf16* x, const uint4* qw, const uint2* scales, const unsigned* zeros, const float* bias, const int* live, int rows, int K, int N, int gs, int G, int symZero) {\
+    quant_gemm<B, T, 1, false>(out, x, qw, scales, zeros, bias, live, rows, K, N, gs, G, symZero, nullptr, nullptr, 0, 0);    \
+  }                                                                                                                           \
+  extern "C" __global__ void __launch_bounds__(256, MINB) quant_gemm_lora_b##B##_t##T##_c1(                                   \
+      float* out, const bf16* x, const uint4* qw, const uint2* scales, const unsigned* zeros, const float* bias, const int* live, int rows, int K, int N, int gs, int G, int symZero, const bf16* la, float* lt, int NA, int ldT) {\
+    quant_gemm<B, T, 1, true>(out, x, qw, scales, zeros, bias, live, rows, K, N, gs, G, symZero, la, lt, NA, ldT);            \
   }
-#define QGEMM_SPLIT(B, T, NS, MINB)                                                                                            \
-  extern "C" __global__ void __cluster_dims__(1, 1, NS) __launch_bounds__(256, MINB) quant_gemm_b##B##_t##T##_c##NS(             \
-      float* out, const bf16* x, const uint4* qw, const uint2* scales, const unsigned* zeros, const float* bias,         \
-      const int* live, int rows, int K, int N, int gs, int G, int symZero) {                                                                                     \
-    quant_gemm<B, T, NS>(out, x, qw, scales, zeros, bias, live, rows, K, N, gs, G, symZero);                                    \
+#define QGEMM_SPLIT(B, T, NS, MINB)                                                                                           \
+  extern "C" __global__ void __cluster_dims__(1, 1, NS) __launch_bounds__(256, MINB) quant_gemm_b##B##_t##T##_c##NS(          \
+      float* out, const bf16* x, const uint4* qw, const uint2* scales, const unsigned* zeros, const float* bias, const int* live, int rows, int K, int N, int gs, int G, int symZero) {\
+    quant_gemm<B, T, NS, false>(out, x, qw, scales, zeros, bias, live, rows, K, N, gs, G, symZero, nullptr, nullptr, 0, 0);   \
+  }                                                                                                                           \
+  extern "C" __global__ void __cluster_dims__(1, 1, NS) __launch_bounds__(256, MINB) quant_gemm_lora_b##B##_t##T##_c##NS(     \
+      float* out, const bf16* x, const uint4* qw, const uint2* scales, const unsigned* zeros, const float* bias, const int* live, int rows, int K, int N, int gs, int G, int symZero, const bf16* la, float* lt, int NA, int ldT) {\
+    quant_gemm<B, T, NS, true>(out, x, qw, scales, zeros, bias, live, rows, K, N, gs, G, symZero, la, lt, NA, ldT);           \
   }
 QGEMM(2, 1, 3)
 QGEMM_SPLIT(2, 1, 2, 3)
