@@ -84,7 +84,7 @@ import { KernelLauncher } from "./launcher.js";
 import { DeviceGraphLauncher } from "./device_graph.js";
 import { CudaOps, KERNEL_FILES, LORA_SLOTS_MAX_COLS, PDL_KERNELS } from "./ops.js";
 import { packQuantLayout, randomQuantLayout, type QuantLayout } from "./quant_layout.js";
-import { QuantOps, dequantChunkCols, fusedCandidates, fusedCarriesShrink, fusedLaunchName, fusedPlan, splitsFromEnv, type DeviceQuantWeight, type FusedPlan } from "./quant_ops.js";
+import { QuantOps, dequantChunkCols, fusedCandidates, fusedCarriesShrink, fusedLaunchName, fusedPlan, splitsFromEnv, tilesFromEnv, type DeviceQuantWeight, type FusedPlan } from "./quant_ops.js";
 import {
   bucketRows, capacityShortfall, packStep, stagingViews, stepLayout,
   type PackedStep, type StagingViews, type StepCapacity, type StepLayout,
@@ -1325,7 +1325,7 @@ export class CudaBackend implements Backend {
    * INLAID_QGEMM_TILES) is followed and not kept.
    */
   #quantPlan(q: DeviceQuantWeight, rows: number, out: bigint, x: bigint, live: bigint, bias: bigint): FusedPlan {
-    if (this.quantSplits !== null || process.env.INLAID_QGEMM_WARPS || process.env.INLAID_QGEMM_TILES) return this.#quant.plan(q, rows, this.quantSplits);
+    if (this.quantSplits !== null || process.env.INLAID_QGEMM_WARPS || tilesFromEnv(rows) !== null) return this.#quant.plan(q, rows, this.quantSplits);
     const key = quantPlanKey(q, rows);
     const have = this.#quantPlans.get(key);
     if (have) return have;

@@ -277,9 +277,10 @@ describe("low-bit kernel layout (quant_layout.ts)", () => {
     }
   });
 
-  it("fused candidates: every token tiles x warps x splits launch once, fewer tiles only past 8 rows; INLAID_QGEMM_TILES forces the tiles", () => {
+  it("fused candidates: every token tiles x warps x splits launch once, fewer tiles only past 8 rows and when asked; INLAID_QGEMM_TILES forces the tiles", () => {
     for (const rows of [1, 8, 9, 16, 17, 32]) {
-      const c = fusedCandidates(4, 4096, 11008, rows);
+      expect(fusedCandidates(4, 4096, 11008, rows, false).map((p) => p.T)).toEqual(Array(FUSED_WARPS.length * FUSED_SPLITS.length).fill(tokenTiles(rows)));
+      const c = fusedCandidates(4, 4096, 11008, rows, true);
       const tiles = [...new Set(c.map((p) => p.T))].sort();
       expect(tiles).toEqual([1, 2, 4].filter((t) => t <= tokenTiles(rows)));
       expect(c.length).toBe(tiles.length * FUSED_WARPS.length * FUSED_SPLITS.length);
@@ -298,6 +299,9 @@ describe("low-bit kernel layout (quant_layout.ts)", () => {
       expect(fusedPlan(4, 4096, 11008, 8, 132).T).toBe(1); // never more tiles than the rows need
       process.env.INLAID_QGEMM_TILES = "3";
       expect(fusedPlan(4, 4096, 11008, 32, 132).T).toBe(2);
+      process.env.INLAID_QGEMM_TILES = "tune"; // the tuner's candidates, not a forced plan
+      expect(fusedPlan(4, 4096, 11008, 32, 132).T).toBe(4);
+      expect(fusedCandidates(4, 4096, 11008, 32).some((p) => p.T === 1)).toBe(true);
     } finally {
       if (prev === undefined) delete process.env.INLAID_QGEMM_TILES;
       else process.env.INLAID_QGEMM_TILES = prev;
