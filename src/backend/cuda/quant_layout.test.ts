@@ -144,6 +144,69 @@ function emulateFused(l: QuantLayout, x: Float32Array, rows: number, splits: num
   return out;
 }
 
+/**
+ * quant_gemm_lora's shrink CTAs (quant_gemm.cu issueA, shrink_unit, shrink_store) transcribed:
+ * t [rows, NA] = x @ A^T for A [NA, K], with NW warps per CTA, T token tiles and S k splits.
+ */
+function emulateShrink(x: Float32Array, A: Float32Array, rows: number, K: number, NA: number, T: number, NW: number, S: number): Float64Array {
+  const KU = Math.ceil(K / 128), mBlocks = Math.ceil(rows / (8 * T)), E = 8 * T * 32;
+  const out = new Float64Array(rows * NA).fill(NaN);
+  for (let acol = 0; acol < Math.ceil(NA / 32); acol++) {
+    for (let mb = 0; mb < mBlocks; mb++) {
+      const row0 = mb * 8 * T;
+      const splitSums: Float64Array[] = [];
+      for (let s = 0; s < S; s++) {
+        const u0 = Math.floor((s * KU) / S), u1 = Math.floor(((s + 1) * KU) / S);
+        // acc[warp][lane][nt][t][e]
+        const acc = Array.from({ length: NW }, () => Array.from({ length: 32 }, () => Array.from({ length: 2 }, () => Array.from({ length: T }, () => [0, 0, 0, 0]))));
+        for (let u = u0; u < u1; u++) {
+          // issueA: the stage's A region as bf16 elements (byte offset / 2).
+          const stage = new Float64Array(4096).fill(NaN);
+          for (let q = 0; q < 1024; q++) {
+            const row = q >> 5, pp = q & 31, n = 32 * acol + row, k = u * 128 + 4 * pp;
+            const st8 = 2 * (pp >> 3) + (pp & 1), c = (pp >> 1) & 3, ok = n < NA && k < K;
+            const dst = (((st8 * 32 + row) * 4 + c) * 8) / 2;
+            for (let e = 0; e < 4; e++) stage[dst + e] = ok ? A[n * K + k + e]! : 0;
+          }
+          for (let warp = 0; warp < NW; warp++) {
+            for (let st8 = warp; st8 < 8; st8 += NW) {
+              const j = st8 >> 1, sp = st8 & 1;
+              for (let nt = 0; nt < 2; nt++) {
+                const a = Array.from({ length: 32 }, (_, lane) => {
+                  const g = lane >> 2, c4 = lane & 3;
+                  const r0 = (((st8 * 32 + nt * 16 + g) * 4 + c4) * 8) / 2, r1 = r0 + (8 * 4 * 8) / 2;
+                  const lo = [0, 1, 2, 3].map((e) => stage[r0 + e]!), hi = [0, 1, 2, 3].map((e) => stage[r1 + e]!);
+                  return [lo[0]!, lo[1]!, hi[0]!, hi[1]!, lo[2]!, lo[3]!, hi[2]!, hi[3]!]; // {lo.x, hi.x, lo.y, hi.y}
+                });
+                for (let t = 0; t < T; t++) {
+                  const b = Array.from({ length: 32 }, (_, lane) => {
+                    const row = row0 + 8 * t + (lane >> 2), k = u * 128 + 32 * j + 8 * (lane & 3) + 4 * sp;
+                    return [0, 1, 2, 3].map((e) => (row < rows && k < K ? x[row * K + k + e]! : 0));
+                  });
+                  mmaTile(a, b, acc[warp]!.map((tl) => tl[nt]![t]!));
+                }
+              }
+            }
+          }
+        }
+        // shrink_store: part[warp][v * 32 + lane], summed in warp order.
+        const red = new Float64Array(E);
+        for (let i = 0; i < E; i++) {
+          const vi = i >> 5, ln = i & 31, e = vi & 3, nt = Math.floor((vi >> 2) / T), t = (vi >> 2) % T;
+          for (let w = 0; w < NW; w++) red[i] += acc[w]![ln]![nt]![t]![e]!;
+        }
+        splitSums.push(red);
+      }
+      for (let i = 0; i < E; i++) {
+        const vi = i >> 5, ln = i & 31, e = vi & 3, nt = Math.floor((vi >> 2) / T), t = (vi >> 2) % T;
+        const n = 32 * acol + nt * 16 + (ln >> 2) + 8 * (e >> 1), row = row0 + 8 * t + 2 * (ln & 3) + (e & 1);
+        if (row < rows && n < NA) out[row * NA + n] = splitSums.reduce((acc, r) => acc + r[i]!, 0);
+      }
+    }
+  }
+  return out;
+}
+
 function denseRef(q: QuantizedWeight, x: Float32Array, rows: number, bias?: Float32Array): Float64Array {
   const W = dequantize(q), K = q.inDim, N = q.outDim;
   const out = new Float64Array(rows * N);
@@ -256,6 +319,21 @@ describe("low-bit kernel layout (quant_layout.ts)", () => {
       let worst = 0;
       for (let i = 0; i < want.length; i++) worst = Math.max(worst, Math.abs(got[i]! - want[i]!));
       // Both are f64 sums of the same exact products: only the order differs.
+      expect(worst).toBeLessThan(1e-9);
+    });
+  }
+
+  for (const [K, NA, rows, T, NW, S] of [[256, 64, 32, 4, 8, 1], [352, 40, 13, 2, 4, 2], [1056, 96, 5, 1, 8, 4], [128, 8, 24, 4, 4, 1]] as const) {
+    it(`emulated LoRA shrink CTAs equal x A^T: K=${K} A rows ${NA} rows=${rows} T=${T} warps=${NW} splits=${S}`, () => {
+      const x = bf16Rand(rows * K, K + rows), A = bf16Rand(NA * K, NA + 3);
+      const got = emulateShrink(x, A, rows, K, NA, T, NW, S);
+      let worst = 0;
+      for (let r = 0; r < rows; r++)
+        for (let n = 0; n < NA; n++) {
+          let want = 0;
+          for (let k = 0; k < K; k++) want += x[r * K + k]! * A[n * K + k]!;
+          worst = Math.max(worst, Math.abs(got[r * NA + n]! - want)); // NaN (a value never written) fails too
+        }
       expect(worst).toBeLessThan(1e-9);
     });
   }
