@@ -207,14 +207,6 @@ export interface Backend {
    */
   attachLoraStack?(stack: LoraStack, weight: Tensor): boolean;
   /**
-   * Optional: the term `lora` adds, added onto out (which holds the base output) as one
-   * GEMM of x against every slot's A that the step uses, then the expand: linearLora's
-   * all-slots path for a stack not attached to a dense weight (e.g. over a quantized base).
-   * Returns false, having done nothing, when it does not take this step; the caller then
-   * runs `lora`.
-   */
-  loraSlots?(out: Tensor, x: Tensor, stack: LoraStack, step: PreparedStep): boolean;
-  /**
    * Optional: out = x @ weight^T + the LoRA term (`linear` then `lora`) in the backend's
    * own way, for a stack attached to `weight`. Returns false, having done nothing, when
    * it does not take this step; the caller then runs the usual path.

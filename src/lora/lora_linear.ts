@@ -32,7 +32,6 @@ export class LoraLinear implements Linear {
       return;
     }
     this.base.forward(out, x, step);
-    if (!this.attached && b.loraSlots?.(out, x, this.stack, step)) return;
     b.lora(out, x, this.stack, step);
   }
 }

@@ -22,8 +22,6 @@ const SWITCHES = [
   "INLAID_UPLOAD_IN_GRAPH", // the step's metadata upload inside its graph
   "INLAID_LORA_SKIP_IDLE", // graphs without adapter rows leave out the per-row LoRA kernels
   "INLAID_EXPAND_EARLY", // the all-slots expand's loads before its wait in two rounds
-  "INLAID_LORA_SLOTS_SHRINK", // unattached stacks (4-bit bases): shrink GEMM + expand
-  "INLAID_QGEMM_LORA", // 4-bit bases: the low-bit GEMM's launch makes the shrink, then the expand
 ] as const;
 for (const k of SWITCHES) process.env[k] = "1";
 

@@ -610,46 +610,7 @@ if (reason !== null) {
       });
     }
 
-    // loraSlots (opt-in, INLAID_LORA_SLOTS_SHRINK=1): the all-slots path for stacks left
-    // unattached (quantized bases): after the base output, one GEMM of x against the step's
-    // slots' A, then the expand in place. Against the CPU's GEMM-then-add; rounds as above.
-    for (const c of LORA_CASES) {
-      it(`loraSlots after the base GEMM: ${c.label}`, () => {
-        const dims = c.dims ?? [c.N];
-        const was = cuda.loraSlotsShrink;
-        cuda.loraSlotsShrink = true;
-        try {
-          const { stack, step, w, ov, xv, free, termSize } = linearLoraCase(c);
-          const small = c.maxRank % 8 === 0 && c.ranks.length * dims.length * c.maxRank <= 1024;
-          const decodeOnly = c.seqs.every((q) => q.q === 1);
-          const only = (keep: (slot: number) => boolean): StepBatch =>
-            makeStep(c.seqs.map((q) => ({ ...q, slot: keep(q.slot ?? -1) ? q.slot : -1 })), paging(c.seqs.map((q) => Math.max(1, q.ctx)), 16, 6));
-          for (const [round, st] of [step, only((sl) => sl === 0), only(() => false)].entries()) {
-            const cpuStep = b.cpu.prepare(st), gpuStep = b.gpu.prepare(st);
-            b.cpu.linear(ov.cpu, xv.cpu, w.cpu);
-            b.cpu.lora(ov.cpu, xv.cpu, stack.cpu, cpuStep);
-            b.gpu.linear(ov.gpu, xv.gpu, w.gpu);
-            const took = cuda.loraSlots(ov.gpu, xv.gpu, stack.gpu, gpuStep);
-            expect(took, "loraSlots takes the decode-only steps within its column limit").toBe(small && decodeOnly);
-            if (!took) b.gpu.lora(ov.gpu, xv.gpu, stack.gpu, gpuStep);
-            const r = b.read(ov);
-            let maxAbs = 0;
-            for (const v of r.cpu) maxAbs = Math.max(maxAbs, Math.abs(v));
-            const tol = 1e-4 * maxAbs + (decodeOnly ? 0 : 2 ** -8 * maxAbs);
-            if (round < 2 && decodeOnly) {
-              // The term must stand well above the tolerance, or a missing term would pass.
-              expect(termSize(r.cpu), `loraSlots ${c.label}: the LoRA term is visible at this tolerance`).toBeGreaterThan(20 * tol);
-            }
-            expectClose(`loraSlots ${c.label} (round ${round})`, r.gpu, r.cpu, tol, 0);
-          }
-          free();
-        } finally {
-          cuda.loraSlotsShrink = was;
-        }
-      });
-    }
-
-    // linearQuantizedLora (opt-in, INLAID_QGEMM_LORA=1): the low-bit GEMM's launch also makes
+    // linearQuantizedLora (INLAID_QGEMM_LORA, on by default): the low-bit GEMM's launch also makes
     // the shrink of the step's slots (quant_gemm_lora_*), then the expand in place. Against the
     // CPU's dequantized matmul then `lora`; bit widths vary by case (2 and 3 bits at 4 warps per
     // CTA decline: their stages are too small for a unit of A).
@@ -685,7 +646,9 @@ if (reason !== null) {
               term = Math.max(term, Math.abs(r.cpu[i]! - plain[i]!));
             }
             const tol = 1e-4 * maxAbs + (decodeOnly ? 0 : 2 ** -8 * maxAbs);
-            if (round < 2 && took) expect(term, `${c.label}: the LoRA term is visible at this tolerance`).toBeGreaterThan(20 * tol);
+            // The term must stand above the tolerance, or a missing term would pass (the 8-bit
+            // weights make outputs ~16x those of 4 bits, and the tolerance with them).
+            if (round < 2 && took) expect(term, `${c.label}: the LoRA term is visible at this tolerance`).toBeGreaterThan(5 * tol);
             expectClose(`linearQuantizedLora ${bits}-bit ${c.label} (round ${round})`, r.gpu, r.cpu, tol, 0);
           }
           free();

@@ -13,7 +13,7 @@ import {
   COL_N, QuantLayoutError, UNIT_K, dequantizeLayout, kernelPerm, laneWordOffset, packQuantLayout, pairCoords, randomQuantLayout, readPair,
   type QuantLayout,
 } from "./quant_layout.js";
-import { FUSED_SPLITS, FUSED_WARPS, ctasPerSm, fusedCandidates, fusedLaunchName, fusedPlan, tokenTiles } from "./quant_ops.js";
+import { FUSED_SPLITS, FUSED_WARPS, ctasPerSm, fusedLaunch, fusedLaunchName, fusedPlan, tokenTiles } from "./quant_ops.js";
 
 // ------------------------------------------------------------------ an emulation of quant_gemm_b{B}_t{T}
 
@@ -355,31 +355,17 @@ describe("low-bit kernel layout (quant_layout.ts)", () => {
     }
   });
 
-  it("fused candidates: every token tiles x warps x splits launch once, fewer tiles only past 8 rows and when asked; INLAID_QGEMM_TILES forces the tiles", () => {
-    for (const rows of [1, 8, 9, 16, 17, 32]) {
-      expect(fusedCandidates(4, 4096, 11008, rows, false).map((p) => p.T)).toEqual(Array(FUSED_WARPS.length * FUSED_SPLITS.length).fill(tokenTiles(rows)));
-      const c = fusedCandidates(4, 4096, 11008, rows, true);
-      const tiles = [...new Set(c.map((p) => p.T))].sort();
-      expect(tiles).toEqual([1, 2, 4].filter((t) => t <= tokenTiles(rows)));
-      expect(c.length).toBe(tiles.length * FUSED_WARPS.length * FUSED_SPLITS.length);
-      expect(new Set(c.map((p) => fusedLaunchName(p, rows))).size).toBe(c.length);
-      for (const p of c) {
-        expect(p.mBlocks * 8 * p.T).toBeGreaterThanOrEqual(rows);
-        expect((p.mBlocks - 1) * 8 * p.T).toBeLessThan(rows);
-        expect(p.kernel).toBe(`quant_gemm_b4_t${p.T}_c${p.splits}`);
-      }
-    }
+  it("INLAID_QGEMM_TILES forces the token tiles per m-block (never more than the rows need)", () => {
     const prev = process.env.INLAID_QGEMM_TILES;
     try {
       process.env.INLAID_QGEMM_TILES = "2";
       expect(fusedPlan(4, 4096, 11008, 32, 132).T).toBe(2);
       expect(fusedPlan(4, 4096, 11008, 32, 132).mBlocks).toBe(2);
-      expect(fusedPlan(4, 4096, 11008, 8, 132).T).toBe(1); // never more tiles than the rows need
+      expect(fusedPlan(4, 4096, 11008, 8, 132).T).toBe(1);
       process.env.INLAID_QGEMM_TILES = "3";
       expect(fusedPlan(4, 4096, 11008, 32, 132).T).toBe(2);
-      process.env.INLAID_QGEMM_TILES = "tune"; // the tuner's candidates, not a forced plan
-      expect(fusedPlan(4, 4096, 11008, 32, 132).T).toBe(4);
-      expect(fusedCandidates(4, 4096, 11008, 32).some((p) => p.T === 1)).toBe(true);
+      const p = fusedLaunch(4, 11008, 24, 8, 4, 1);
+      expect([p.T, p.mBlocks, p.grid[0], p.kernel, fusedLaunchName(p, 24)]).toEqual([1, 3, 3, "quant_gemm_b4_t1_c4", "w8s4t1"]);
     } finally {
       if (prev === undefined) delete process.env.INLAID_QGEMM_TILES;
       else process.env.INLAID_QGEMM_TILES = prev;

@@ -190,7 +190,7 @@ export function fusedPlan(bits: QuantBits, K: number, N: number, rows: number, s
   return fusedLaunch(bits, N, rows, chosen.w, chosen.s, T);
 }
 
-/** INLAID_QGEMM_TILES as token tiles per m-block for `rows` rows (1, 2 or 4, at most tokenTiles(rows)), or null (also for "tune"). */
+/** INLAID_QGEMM_TILES as token tiles per m-block for `rows` rows (1, 2 or 4, at most tokenTiles(rows)), or null. */
 export function tilesFromEnv(rows: number): 1 | 2 | 4 | null {
   const t = positiveEnv("INLAID_QGEMM_TILES");
   if (t === null) return null;
@@ -219,18 +219,14 @@ export function fusedLaunch(bits: QuantBits, N: number, rows: number, warps: num
 }
 
 /**
- * Every (token tiles, warps, splits) launch of the fused kernel for these rows: what
- * CudaBackend times when it tunes a shape. With `fewerTiles` (INLAID_QGEMM_TILES=tune;
- * experimental, not measured yet), past 8 rows fewer token tiles than tokenTiles(rows) are
- * candidates too: m-blocks of 8 or 16 rows re-read the weights (from L2, the m-blocks of a
- * column launch side by side) but each warp's per-unit chain is shorter and more CTAs fit an
- * SM (fewer registers).
+ * Every (warps, splits) launch of the fused kernel for these rows: what CudaBackend times when
+ * it tunes a shape. (Fewer token tiles per m-block, INLAID_QGEMM_TILES, were slower at 32 rows
+ * on an H100 for every warps x splits launch: up_proj best 26.6 µs with m-blocks of 16 rows
+ * and 39.3 µs with 8, against 21.3 µs in one m-block of 32.)
  */
-export function fusedCandidates(bits: QuantBits, K: number, N: number, rows: number,
-                                fewerTiles = process.env.INLAID_QGEMM_TILES === "tune"): FusedPlan[] {
+export function fusedCandidates(bits: QuantBits, K: number, N: number, rows: number): FusedPlan[] {
   const units = Math.ceil(K / UNIT_K);
-  const tiles = ([4, 2, 1] as const).filter((t) => t === tokenTiles(rows) || (fewerTiles && t < tokenTiles(rows)));
-  return tiles.flatMap((T) => FUSED_WARPS.flatMap((w) => FUSED_SPLITS.filter((s) => s <= units).map((s) => fusedLaunch(bits, N, rows, w, s, T))));
+  return FUSED_WARPS.flatMap((w) => FUSED_SPLITS.filter((s) => s <= units).map((s) => fusedLaunch(bits, N, rows, w, s)));
 }
 
 /** A fused launch as the tuner's choice is reported: "w{warps}s{splits}", then "t{T}" where T is not tokenTiles(rows). */
