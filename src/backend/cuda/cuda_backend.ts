@@ -1609,7 +1609,7 @@ export class CudaBackend implements Backend {
   /** A graph's key: the caller's, and every bucket the captured launches depend on. */
   #graphKey(key: string, cur: CudaPrepared): string {
     const pk = cur.packed;
-    // The all-slots LoRA GEMM's width follows the highest adapter slot in use (linearLora).
+    // The all-slots LoRA shrink width follows the highest adapter slot in use (linearLora, linearQuantizedLora).
     return `${key}|t${pk.padTokens}|s${pk.padSeqs}|m${pk.padSample}|${pk.hasPrefill ? "P" : ""}${pk.hasDecode ? "D" : ""}` +
       `|l${loraSlotBucket(pk.loraSlotSpan)}`;
   }
