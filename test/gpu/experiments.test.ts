@@ -18,12 +18,14 @@ import { DEMO, DEMO_ADAPTERS, DEMO_BASE, DEMO_TASKS } from "../helpers/demo.js";
 import { mixedBatchSuite, referenceSuite } from "../helpers/suites.js";
 import { HAS_GPU, NO_GPU_REASON } from "./gpu.js";
 
-const SWITCHES = [
-  "INLAID_UPLOAD_IN_GRAPH", // the step's metadata upload inside its graph
-  "INLAID_LORA_SKIP_IDLE", // graphs without adapter rows leave out the per-row LoRA kernels
-  "INLAID_EXPAND_EARLY", // the all-slots expand's loads before its wait in two rounds
-] as const;
-for (const k of SWITCHES) process.env[k] = "1";
+const SETTINGS = {
+  INLAID_UPLOAD_IN_GRAPH: "1", // the step's metadata upload inside its graph
+  INLAID_LORA_SKIP_IDLE: "1", // graphs without adapter rows leave out the per-row LoRA kernels
+  INLAID_EXPAND_EARLY: "1", // the all-slots expand's loads before its wait in two rounds
+  INLAID_QGEMM_LORA: "epilogue", // 4-bit: the shrink alone, then the expand in the low-bit GEMM's epilogue
+} as const;
+const SWITCHES = Object.keys(SETTINGS) as (keyof typeof SETTINGS)[];
+for (const k of SWITCHES) process.env[k] = SETTINGS[k];
 
 if (HAS_GPU) {
   referenceSuite("cuda", 5e-2);

@@ -1014,6 +1014,13 @@ export class CudaBackend implements Backend {
    * (removed).
    */
   quantLoraFused = process.env.INLAID_QGEMM_LORA !== "0";
+  /**
+   * With quantLoraFused, for 4-bit weights (INLAID_QGEMM_LORA=epilogue; experimental, not
+   * measured yet): the shrink as its own launch (lora_shrink_*) and the expand inside the
+   * low-bit GEMM's epilogue (quant_gemm_xlora_b4_*), instead of the shrink inside the GEMM's
+   * launch and the expand kernel after it.
+   */
+  quantLoraEpilogue = process.env.INLAID_QGEMM_LORA === "epilogue";
 
   /**
    * backend.ts linearQuantizedLora: on decode-only steps, the low-bit GEMM's launch also makes
@@ -1054,6 +1061,17 @@ export class CudaBackend implements Backend {
       b = bi.ptr;
     }
     const plan = this.#quantPlan(q, n, o.ptr, xi.ptr, this.#liveRows(xi), b);
+    if (this.quantLoraEpilogue && q.bits === 4) {
+      const live = this.#liveRows(xi);
+      this.#quant.shrink(xi.ptr, live, n, q.K, { a: s.a, t: t.ptr, cols, ldT: cols });
+      const starts = s.outDims.map((_, j) => s.outDims.slice(0, j).reduce((a, d) => a + d, 0));
+      const bound = (j: number): number => (j < starts.length ? starts[j]! : s.outDim);
+      this.#quant.fusedExpand(o.ptr, xi.ptr, live, n, q, b, plan, {
+        slots: p.run.step.loraSlots, ranks: s.ranks, scales: s.scales, b: s.b, t: t.ptr, ldT: cols, maxRank: s.maxRank,
+        splits: s.outDims.length, bounds: [bound(1), bound(2), bound(3)],
+      });
+      return true;
+    }
     if (!fusedCarriesShrink(q.bits, plan.warps)) return false;
     // A is [numSlots][splits][maxRank][K]: its first `slots` slots are a [cols, K] weight.
     this.#quant.fused(o.ptr, xi.ptr, this.#liveRows(xi), n, q, b, 0n, 0n, plan, { a: s.a, t: t.ptr, cols, ldT: cols });

@@ -72,7 +72,7 @@ export const PDL_KERNELS: ReadonlySet<string> = new Set([
   "lora_bgmv_fused", "lora_bgmv_shrink", "lora_bgmv_expand", "lora_bgmv_expand_slots", "lora_sgmv_expand",
   ...[16, 32, 64].map((r) => `lora_sgmv_shrink_r${r}`),
   // The fused low-bit GEMMs request their first units of weights before the wait.
-  ...quantKernelNames().filter((n) => n.startsWith("quant_gemm_")),
+  ...quantKernelNames().filter((n) => n.startsWith("quant_gemm_") || n.startsWith("lora_shrink_")),
 ]);
 
 /** Most heads sharing one KV head in the prefill kernel (its 64-row tile holds at least one token). */
