@@ -82,7 +82,7 @@ import { buildKernels, type KernelImage } from "./ffi/nvrtc.js";
 import type { Launcher } from "./launch.js";
 import { KernelLauncher } from "./launcher.js";
 import { DeviceGraphLauncher } from "./device_graph.js";
-import { CudaOps, KERNEL_FILES, LORA_SLOTS_MAX_COLS, PDL_KERNELS } from "./ops.js";
+import { CudaOps, KERNEL_FILES, LORA_SLOTS_MAX_COLS, PDL_KERNELS, splitBounds } from "./ops.js";
 import { packQuantLayout, randomQuantLayout, type QuantLayout } from "./quant_layout.js";
 import { QuantOps, dequantChunkCols, fusedCandidates, fusedCarriesShrink, fusedLaunchName, fusedPlan, splitsFromEnv, tilesFromEnv, type DeviceQuantWeight, type FusedPlan } from "./quant_ops.js";
 import {
@@ -1038,8 +1038,8 @@ export class CudaBackend implements Backend {
     const slots = Math.min(s.numSlots, loraSlotBucket(p.packed.loraSlotSpan));
     const dl = this.#deviceLora(s);
     if (!this.#ops.loraSlotsPath(dl, p.run, slots)) return false;
-    const o = this.#t(out), xi = this.#t(x);
     if (s.inDim !== q.K || s.outDim !== q.N) throw new Error(`linearQuantizedLora: the LoRA stack is ${s.inDim} -> ${s.outDim}, the weight ${q.K} -> ${q.N}`);
+    const { o, xi, b } = this.#quantOperands("linearQuantizedLora", out, x, q, bias);
     const n = Math.min(o.capRows, xi.capRows);
     if (n === 0 || n > this.quantFusedMaxRows) return false;
     this.#ensureLoraScratch(); // before the skip below, so that an eager warm-up always sizes it
@@ -1051,30 +1051,20 @@ export class CudaBackend implements Backend {
     const t = this.#scratch.get("lora_slots_t");
     const cols = slots * s.outDims.length * s.maxRank;
     if (!t || n * cols * 4 > t.bytes) return false;
-    if (xi.cols !== q.K || o.cols !== q.N || xi.dtype !== "bf16" || o.dtype !== "f32") {
-      throw new Error(`linearQuantizedLora: x must be bf16 [n, ${q.K}] and out f32 [n, ${q.N}] (got ${xi.dtype} [n, ${xi.cols}], ${o.dtype} [n, ${o.cols}])`);
-    }
-    let b = 0n;
-    if (bias) {
-      const bi = this.#t(bias);
-      if (bi.dtype !== "f32" || numel(bi.shape) !== q.N) throw new Error(`linearQuantizedLora: bias must be f32 [${q.N}]`);
-      b = bi.ptr;
-    }
-    const plan = this.#quantPlan(q, n, o.ptr, xi.ptr, this.#liveRows(xi), b);
+    const live = this.#liveRows(xi);
+    const plan = this.#quantPlan(q, n, o.ptr, xi.ptr, live, b);
+    // A is [numSlots][splits][maxRank][K]: its first `slots` slots are a [cols, K] weight.
+    const shrink = { a: s.a, t: t.ptr, cols, ldT: cols };
     if (this.quantLoraEpilogue && q.bits === 4) {
-      const live = this.#liveRows(xi);
-      this.#quant.shrink(xi.ptr, live, n, q.K, { a: s.a, t: t.ptr, cols, ldT: cols });
-      const starts = s.outDims.map((_, j) => s.outDims.slice(0, j).reduce((a, d) => a + d, 0));
-      const bound = (j: number): number => (j < starts.length ? starts[j]! : s.outDim);
+      this.#quant.shrink(xi.ptr, live, n, q.K, shrink);
       this.#quant.fusedExpand(o.ptr, xi.ptr, live, n, q, b, plan, {
         slots: p.run.step.loraSlots, ranks: s.ranks, scales: s.scales, b: s.b, t: t.ptr, ldT: cols, maxRank: s.maxRank,
-        splits: s.outDims.length, bounds: [bound(1), bound(2), bound(3)],
+        splits: s.outDims.length, bounds: splitBounds(dl),
       });
       return true;
     }
     if (!fusedCarriesShrink(q.bits, plan.warps)) return false;
-    // A is [numSlots][splits][maxRank][K]: its first `slots` slots are a [cols, K] weight.
-    this.#quant.fused(o.ptr, xi.ptr, this.#liveRows(xi), n, q, b, 0n, 0n, plan, { a: s.a, t: t.ptr, cols, ldT: cols });
+    this.#quant.fused(o.ptr, xi.ptr, live, n, q, b, 0n, 0n, plan, shrink);
     const oo = this.#operand(out);
     this.#ops.loraExpandSlots(oo, oo, t.ptr, cols, dl, p.run);
     return true;
@@ -1248,6 +1238,22 @@ export class CudaBackend implements Backend {
     return w;
   }
 
+  /** out f32 [n, N], x bf16 [n, K] and bias f32 [N] (or none) of a low-bit linear `op`, checked; b: the bias pointer or 0n. */
+  #quantOperands(op: string, out: Tensor, x: Tensor, q: DeviceQuantWeight, bias?: Tensor): { o: CudaTensor; xi: CudaTensor; b: bigint } {
+    const o = this.#t(out), xi = this.#t(x);
+    const { K, N } = q;
+    if (xi.cols !== K) throw new Error(`${op}: x has ${xi.cols} columns but the weight has ${K} inputs`);
+    if (o.cols !== N) throw new Error(`${op}: out has ${o.cols} columns, the weight has ${N} outputs`);
+    if (o.rows !== xi.rows) throw new Error(`${op}: out has ${o.rows} rows, x has ${xi.rows}`);
+    if (xi.dtype !== "bf16") throw new Error(`${op}: x must be bf16 (got ${xi.dtype})`);
+    if (o.dtype !== "f32") throw new Error(`${op}: out must be f32 (got ${o.dtype})`);
+    if (!bias) return { o, xi, b: 0n };
+    const bi = this.#t(bias);
+    if (bi.dtype !== "f32") throw new Error(`${op}: bias must be f32 (got ${bi.dtype}; upload biases with dtype 'f32')`);
+    if (numel(bi.shape) !== N) throw new Error(`${op}: bias has ${numel(bi.shape)} elements, expected ${N}`);
+    return { o, xi, b: bi.ptr };
+  }
+
   /** The fused launch kept for `rows` rows of w (#quantPlan), as quant_ops.ts fusedLaunchName, or null before its first call. */
   quantLaunch(w: QuantizedTensor, rows: number): string | null {
     const q = this.#q(w).dev;
@@ -1263,20 +1269,9 @@ export class CudaBackend implements Backend {
    */
   linearQuantized(out: Tensor, x: Tensor, w: QuantizedTensor, bias?: Tensor): void {
     this.#enter();
-    const o = this.#t(out), xi = this.#t(x), q = this.#q(w).dev;
+    const q = this.#q(w).dev;
     const { K, N } = q;
-    if (xi.cols !== K) throw new Error(`linearQuantized: x has ${xi.cols} columns but the weight has ${K} inputs`);
-    if (o.cols !== N) throw new Error(`linearQuantized: out has ${o.cols} columns, the weight has ${N} outputs`);
-    if (o.rows !== xi.rows) throw new Error(`linearQuantized: out has ${o.rows} rows, x has ${xi.rows}`);
-    if (xi.dtype !== "bf16") throw new Error(`linearQuantized: x must be bf16 (got ${xi.dtype})`);
-    if (o.dtype !== "f32") throw new Error(`linearQuantized: out must be f32 (got ${o.dtype})`);
-    let b = 0n;
-    if (bias) {
-      const bi = this.#t(bias);
-      if (bi.dtype !== "f32") throw new Error(`linearQuantized: bias must be f32 (got ${bi.dtype}; upload biases with dtype 'f32')`);
-      if (numel(bi.shape) !== N) throw new Error(`linearQuantized: bias has ${numel(bi.shape)} elements, expected ${N}`);
-      b = bi.ptr;
-    }
+    const { o, xi, b } = this.#quantOperands("linearQuantized", out, x, q, bias);
     const n = Math.min(o.capRows, xi.capRows);
     if (n === 0) return;
     let xp = xi.ptr;

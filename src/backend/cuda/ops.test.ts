@@ -424,9 +424,10 @@ describe("CUDA ops seam (CPU checks)", () => {
       expect(l.block[0] === 128 || l.block[0] === 256).toBe(true);
       // The fused kernel's ring (two CTAs per SM; the launcher opts in past 48 KB); its grid
       // is whole clusters of _c{C} CTAs along z. The dequant kernel's 34 KB tile is static.
-      const fused = /^quant_gemm_(?:x?lora_)?b(\d)_t(\d)_c(\d)$/.exec(l.name) ?? /^lora_shrink_()t(\d)_c(\d)$/.exec(l.name);
+      // lora_shrink_* stages as the 4-bit kernel does (quant_gemm.cu QGEMM_X1 / QGEMM_XS).
+      const fused = /^(?:quant_gemm_(?:x?lora_)?b(\d)_|lora_shrink_)t(\d)_c(\d)$/.exec(l.name);
       if (fused) {
-        expect(l.smem).toBe(fusedSmemBytes((Number(fused[1]) || 4) as QuantBits, Number(fused[2]), l.block[0] / 32));
+        expect(l.smem).toBe(fusedSmemBytes(Number(fused[1] ?? 4) as QuantBits, Number(fused[2]), l.block[0] / 32));
         expect(2 * (l.smem + 1024)).toBeLessThanOrEqual(228 * 1024);
         expect(l.grid[2]).toBe(Number(fused[3]));
       } else {

@@ -199,11 +199,14 @@ const f32 = (v: number): KernelArg => ({ f32: v });
 const cdiv = (a: number, b: number): number => Math.ceil(a / b);
 /** Each split's first output column in a LoRA stack's output. */
 const splitStarts = (stack: DeviceLora): number[] => stack.outDims.map((_, j) => stack.outDims.slice(0, j).reduce((a, b) => a + b, 0));
-/** The o1, o2, o3 kernel arguments (kernels/lora.cu): splits 1..3's first columns, N past the last split. */
-const splitBoundArgs = (stack: DeviceLora): KernelArg[] => {
+/** The o1, o2, o3 of the LoRA kernels (kernels/lora.cu, quant_gemm.cu LoraEpilogue): splits 1..3's first columns, N past the last split. */
+export function splitBounds(stack: DeviceLora): [number, number, number] {
   const starts = splitStarts(stack);
-  return [1, 2, 3].map((j) => i32(j < starts.length ? starts[j]! : stack.outDim));
-};
+  const at = (j: number): number => (j < starts.length ? starts[j]! : stack.outDim);
+  return [at(1), at(2), at(3)];
+}
+/** splitBounds as kernel arguments. */
+const splitBoundArgs = (stack: DeviceLora): KernelArg[] => splitBounds(stack).map(i32);
 /** Threads for `work` items: a multiple of 32 in [32, max]. */
 const threadsFor = (work: number, max: number): number => Math.min(max, Math.max(32, Math.ceil(work / 32) * 32));
 

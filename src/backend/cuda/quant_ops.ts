@@ -270,6 +270,11 @@ export function quantKernelNames(): string[] {
 
 const ptr = (p: DevicePtr): KernelArg => ({ ptr: p });
 const i32 = (v: number): KernelArg => ({ i32: v });
+/** The arguments every quant_gemm*_b* kernel starts with (quant_gemm.cu's kernel macros). */
+const gemmArgs = (out: DevicePtr, x: DevicePtr, live: DevicePtr, rows: number, w: DeviceQuantWeight, bias: DevicePtr): KernelArg[] => [
+  ptr(out), ptr(x), ptr(w.words), ptr(w.scales), ptr(w.zeros), ptr(bias), ptr(live),
+  i32(rows), i32(w.K), i32(w.N), i32(w.groupSize), i32(w.groups), i32(w.symZero),
+];
 
 export class QuantOps {
   readonly #l: Launcher;
@@ -298,10 +303,7 @@ export class QuantOps {
   fused(out: DevicePtr, x: DevicePtr, live: DevicePtr, rows: number, w: DeviceQuantWeight, bias: DevicePtr, _partials: DevicePtr,
         _counters: DevicePtr, plan: FusedPlan = this.plan(w, rows), shrink?: FusedShrink): void {
     if (rows === 0) return;
-    const args: KernelArg[] = [
-      ptr(out), ptr(x), ptr(w.words), ptr(w.scales), ptr(w.zeros), ptr(bias), ptr(live),
-      i32(rows), i32(w.K), i32(w.N), i32(w.groupSize), i32(w.groups), i32(w.symZero),
-    ];
+    const args = gemmArgs(out, x, live, rows, w, bias);
     if (!shrink || shrink.cols === 0) {
       this.#l.launch(plan.kernel, plan.grid, plan.block, plan.smem, args);
       return;
@@ -324,8 +326,7 @@ export class QuantOps {
     if (w.bits !== 4) throw new Error(`the LoRA epilogue is built for 4-bit weights only (got ${w.bits}-bit)`);
     if (e.maxRank % 8 !== 0 || e.ldT % 4 !== 0) throw new Error(`the LoRA epilogue reads B and t in 8-wide vectors (max rank ${e.maxRank}, ldT ${e.ldT})`);
     this.#l.launch(plan.kernel.replace("quant_gemm_", "quant_gemm_xlora_"), plan.grid, plan.block, plan.smem, [
-      ptr(out), ptr(x), ptr(w.words), ptr(w.scales), ptr(w.zeros), ptr(bias), ptr(live),
-      i32(rows), i32(w.K), i32(w.N), i32(w.groupSize), i32(w.groups), i32(w.symZero),
+      ...gemmArgs(out, x, live, rows, w, bias),
       ptr(e.slots), ptr(e.ranks), ptr(e.scales), ptr(e.b), ptr(e.t), i32(e.ldT), i32(e.maxRank), i32(e.splits), ...e.bounds.map(i32),
     ]);
   }
