@@ -77,7 +77,7 @@ function parseSources(): { kinds: Map<string, Kind[]>; bodies: Map<string, strin
 // each must be fixed during a step (weights, adapter slots, the step's metadata), never
 // an activation an earlier kernel writes (kernels/common.cuh).
 const PRE_WAIT_READS: Record<string, readonly string[]> = {
-  lora_bgmv_expand_slots: ["B", "ranks", "loraSlots", "counts"],
+  lora_bgmv_expand_slots: ["B", "ranks", "scales", "loraSlots", "counts"],
   lora_bgmv_fused: ["ranks", "loraSlots", "queryStart", "counts"],
   quant_gemm: ["qw", "scales", "zeros", "la"],
 };
