@@ -8,6 +8,8 @@
 #   variants  bench/variants.ts over $VARIANTS (default: bf16 and 4-bit, 8 and 0 adapters)
 #   lora      bench/kernels.ts --only lora (decode LoRA microbenchmarks)
 #   quantize  the `inlaid quantize` CLI itself on the demo, on the GPU, then its eval
+#   profile   ncu's duration of every kernel of a short `inlaid bench` ($PROFILE_CONFIG, default
+#             llama-2-7b-gptq4; 8 adapters, 4 tokens), one CSV; bench/kernel_profile.ts sums it
 # A stage that fails does not stop the others; the exit status is the number that failed.
 set -uo pipefail
 out=${OUT:-gpu-checks-out}
@@ -47,7 +49,15 @@ for stage in "$@"; do
           --data $d/data/$t/eval.jsonl --json && grep "^{" "$out/eval-$t.log" | cut -c1-200
       done
       rm -rf "$out/demo-4bit" ;;
-    *) echo "unknown stage $stage (suite, variants, lora, quantize)" >&2; failed=$((failed + 1)) ;;
+    profile)
+      # Kernels run one at a time under ncu (no PDL overlap, no launch gaps): per-kernel device
+      # time of each kind, not the step's wall time. Caches are left warm as in a real step.
+      ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      cfg=${PROFILE_CONFIG:-llama-2-7b-gptq4}
+      run "profile-$cfg" 300 "$ncu" --clock-control none --cache-control none --metrics gpu__time_duration.sum --csv \
+        node --import tsx src/cli/main.ts bench --config "$cfg" --device cuda --json --gen 4
+      grep -c '"gpu__time_duration.sum"' "$out/profile-$cfg.log" ;;
+    *) echo "unknown stage $stage (suite, variants, lora, quantize, profile)" >&2; failed=$((failed + 1)) ;;
   esac
 done
 exit $failed
