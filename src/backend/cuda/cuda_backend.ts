@@ -452,7 +452,7 @@ export class CudaBackend implements Backend {
           // their wait unless told not to (kernels/common.cuh); the expand's early loads (lora.cu).
           extraOptions: [
             ...(process.env.INLAID_PDL_TRIGGER === "0" ? ["-DINLAID_PDL_TRIGGER=0"] : []),
-            ...(["1", "2"].includes(process.env.INLAID_EXPAND_EARLY ?? "") ? [`-DINLAID_EXPAND_EARLY=${process.env.INLAID_EXPAND_EARLY}`] : []),
+            ...(["0", "1", "2"].includes(process.env.INLAID_EXPAND_EARLY ?? "") ? [`-DINLAID_EXPAND_EARLY=${process.env.INLAID_EXPAND_EARLY}`] : []),
           ],
         })
         : [];
