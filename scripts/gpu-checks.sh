@@ -56,7 +56,13 @@ for stage in "$@"; do
       cfg=${PROFILE_CONFIG:-llama-2-7b-gptq4}
       run "profile-$cfg" 300 "$ncu" --clock-control none --cache-control none --metrics gpu__time_duration.sum --csv \
         node --import tsx src/cli/main.ts bench --config "$cfg" --device cuda --json --gen 4
-      grep -c '"gpu__time_duration.sum"' "$out/profile-$cfg.log" ;;
+      grep -c '"gpu__time_duration.sum"' "$out/profile-$cfg.log"
+      # Why the 4-bit GEMM at 32 rows takes ~2.7x its byte floor: ncu's stall and throughput
+      # sections for one launch of the up projection (4096 -> 11008).
+      run qgemm-ncu 150 "$ncu" --clock-control none --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
+        --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis -k regex:quant_gemm_b4 --launch-skip 4 --launch-count 1 \
+        node --import tsx bench/quant_gemm.ts --bits 4 --rows 32 --shapes up --no-cublas --no-memory --reps 2 --iters 1
+      grep -E "Duration|Throughput|Stall|Warp Cycles|Eligible|Issued|Achieved Occupancy" "$out/qgemm-ncu.log" | head -30 ;;
     *) echo "unknown stage $stage (suite, variants, lora, quantize, profile)" >&2; failed=$((failed + 1)) ;;
   esac
 done
