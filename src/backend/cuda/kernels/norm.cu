@@ -93,3 +93,88 @@ extern "C" __global__ void __launch_bounds__(1024) add_rmsnorm_f32_bf16(bf16* __
   const float inv = 1.0f / sqrtf(ss / (float)H + eps);
   normalize_row(out + (long long)row * H, rr, w, H, inv);
 }
+
+// add_rmsnorm_lora_f32_bf16 (INLAID_LORA_FOLD=1; experimental, not measured yet): as
+// add_rmsnorm_f32_bf16, with the expand of the LoRA term of the linear that made x folded
+// in, so the decode step has no expand kernel (and no copy of the base output):
+//   x'[i][n] = x[i][n] + scale_s * sum_r B_s[n][r] * t[i][s * maxRank + r]   (rows with a slot s)
+//   residual[i] += x'[i];  out[i] = bf16( f32(residual[i] * inv_i) * w )
+// x f32 [cap, ldX] (the base output; ldX >= H: the bf16 path's widened GEMM output), t f32
+// [cap, ldT] (the all-slots shrink, one output split), B bf16 [slots][H][maxRank], ranks
+// and scales per slot, loraSlots / counts the step's (a row past counts[0] has none).
+// The term sums in lora_bgmv_expand_slots' order (8 ranks at a time, rank by rank). At most
+// 512 threads (the B loads in flight want the registers): wider rows loop over chunks.
+extern "C" __global__ void __launch_bounds__(512)
+    add_rmsnorm_lora_f32_bf16(bf16* __restrict__ out, float* __restrict__ residual, const float* __restrict__ x,
+                              const bf16* __restrict__ w, const int* __restrict__ live, int cap, int H, int ldX, float eps,
+                              const float* __restrict__ t, int ldT, const bf16* __restrict__ B, const int* __restrict__ ranks,
+                              const float* __restrict__ scales, const int* __restrict__ loraSlots,
+                              const int* __restrict__ counts, int maxRank) {
+  pdl_wait();
+  const int row = blockIdx.x;
+  if (row >= live_rows(live, cap)) return;
+  const int slot = row < min(counts[0], cap) ? loraSlots[row] : -1;
+  const int rank = slot >= 0 ? ranks[slot] : 0;
+  const float sc = slot >= 0 ? scales[slot] : 0.f;
+  const float* tr = t + (long long)row * ldT + (long long)max(slot, 0) * maxRank;
+  float* rr = residual + (long long)row * H;
+  const float* xr = x + (long long)row * ldX;
+  float ss = 0.f;
+  for (int c = threadIdx.x; c < H / 8; c += blockDim.x) {
+    float4 a = reinterpret_cast<const float4*>(rr)[2 * c];
+    float4 b = reinterpret_cast<const float4*>(rr)[2 * c + 1];
+    const float4 xa = reinterpret_cast<const float4*>(xr)[2 * c];
+    const float4 xb = reinterpret_cast<const float4*>(xr)[2 * c + 1];
+    float xv[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+    if (rank > 0) {
+      const bf16* bb = B + ((long long)slot * H + 8 * c) * maxRank;
+      float acc[8];
+      // Ranks [0, 16): every output's B loads at once (rows hold maxRank >= 8 entries).
+      uint4 b0[8], b1[8];
+#pragma unroll
+      for (int i = 0; i < 8; i++) {
+        const uint4* bi = reinterpret_cast<const uint4*>(bb + (long long)i * maxRank);
+        b0[i] = bi[0];
+        b1[i] = maxRank > 8 ? bi[1] : make_uint4(0u, 0u, 0u, 0u);
+        acc[i] = 0.f;
+      }
+      float tq[16];
+#pragma unroll
+      for (int q = 0; q < 4; q++) {
+        const float4 f = q * 4 < maxRank ? reinterpret_cast<const float4*>(tr)[q] : make_float4(0.f, 0.f, 0.f, 0.f);
+        tq[4 * q] = f.x, tq[4 * q + 1] = f.y, tq[4 * q + 2] = f.z, tq[4 * q + 3] = f.w;
+      }
+#pragma unroll
+      for (int i = 0; i < 8; i++) {
+        float bf[8];
+        unpack8(b0[i], bf);
+#pragma unroll
+        for (int q = 0; q < 8; q++) acc[i] = fmaf(q < rank ? bf[q] : 0.f, q < rank ? tq[q] : 0.f, acc[i]);
+        unpack8(b1[i], bf);
+#pragma unroll
+        for (int q = 0; q < 8; q++) acc[i] = fmaf(8 + q < rank ? bf[q] : 0.f, 8 + q < rank ? tq[8 + q] : 0.f, acc[i]);
+      }
+      for (int r0 = 16; r0 < rank; r0 += 8) {
+        const float4 t0 = reinterpret_cast<const float4*>(tr + r0)[0], t1 = reinterpret_cast<const float4*>(tr + r0)[1];
+        const float tk[8] = {t0.x, t0.y, t0.z, t0.w, t1.x, t1.y, t1.z, t1.w};
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+          float bf[8];
+          unpack8(reinterpret_cast<const uint4*>(bb + (long long)i * maxRank + r0)[0], bf);
+#pragma unroll
+          for (int q = 0; q < 8; q++) acc[i] = fmaf(r0 + q < rank ? bf[q] : 0.f, r0 + q < rank ? tk[q] : 0.f, acc[i]);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < 8; i++) xv[i] += sc * acc[i];
+    }
+    a.x += xv[0]; a.y += xv[1]; a.z += xv[2]; a.w += xv[3];
+    b.x += xv[4]; b.y += xv[5]; b.z += xv[6]; b.w += xv[7];
+    reinterpret_cast<float4*>(rr)[2 * c] = a;
+    reinterpret_cast<float4*>(rr)[2 * c + 1] = b;
+    ss += sumsq8(a, b);
+  }
+  ss = block_sum(ss);
+  const float inv = 1.0f / sqrtf(ss / (float)H + eps);
+  normalize_row(out + (long long)row * H, rr, w, H, inv);
+}
