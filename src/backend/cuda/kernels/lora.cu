@@ -420,9 +420,9 @@ extern "C" __global__ void __launch_bounds__(128) lora_bgmv_expand(float* __rest
 namespace {
 constexpr int kExpandPer = 4;  // outputs per thread, 128 apart
 }  // namespace
-// Which load schedule (see below): 2 by default; 0 (the session-5 kernel) and 1 to compare.
+// Which load schedule (see below): 0 by default (the session-5 kernel); 1 and 2 to compare.
 #ifndef INLAID_EXPAND_EARLY
-#define INLAID_EXPAND_EARLY 2
+#define INLAID_EXPAND_EARLY 0
 #endif
 
 extern "C" __global__ void __launch_bounds__(128)
@@ -433,7 +433,7 @@ extern "C" __global__ void __launch_bounds__(128)
   const int row = blockIdx.y;
   const int n0 = blockIdx.x * (128 * kExpandPer) + threadIdx.x;
 #if INLAID_EXPAND_EARLY == 2
-  // INLAID_EXPAND_EARLY=2 (the default; not measured yet): two rounds of dependent loads in
+  // Experimental (INLAID_EXPAND_EARLY=2; not measured yet): two rounds of dependent loads in
   // all. After a cuBLASLt GEMM (no early trigger) this kernel starts only when the GEMM has
   // ended, so every round of loads is on the step's critical path: (1) the live count and
   // the row's slot; (2) the ranks, scales, B's rows, t's row and (copying only) base, all
