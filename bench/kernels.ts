@@ -1,7 +1,7 @@
 // Kernel microbenchmarks on decode (and prefill) shapes: achieved GB/s and TFLOP/s of the
 // dense GEMM (cuBLASLt), decode attention over the paged KV cache, and the batched
 // multi-LoRA kernels. Prints one JSON object. GPU only. From the repository root:
-//   node --import tsx bench/kernels.ts [--config llama-2-7b] [--only gemm,attention,lora]
+//   node --import tsx bench/kernels.ts [--config llama-2-7b] [--only gemm,attention,lora] [--lora-cases 32x32x16,...]
 //
 // Every figure is device time per call from CUDA-graph replays of `reps` back-to-back
 // calls (so no host launch cost is included), with the weights rotated over enough copies
@@ -22,6 +22,8 @@ const { values } = parseArgs({
   options: {
     config: { type: "string", default: "llama-2-7b" },
     only: { type: "string", default: "gemm,attention,lora,host" },
+    // LoRA cases as ROWSxADAPTERSxRANK, comma-separated (default: all four).
+    "lora-cases": { type: "string", default: "32x32x16,32x8x16,32x8x64,1x1x16" },
     reps: { type: "string", default: "20" },
     iters: { type: "string", default: "20" },
   },
@@ -139,7 +141,12 @@ if (only.has("lora")) {
   const shapes: [string, number, number[]][] = [
     ["o", H, [H]], ["up", H, [I]], ["down", I, [H]], ["qkv fused", H, [q, kvw, kvw]], ["gate/up fused", H, [I, I]],
   ];
-  for (const [rows, adapters, R] of [[32, 32, 16], [32, 8, 16], [32, 8, 64], [1, 1, 16]] as const) {
+  const loraCases = values["lora-cases"]!.split(",").map((c) => {
+    const v = c.split("x").map(Number);
+    if (v.length !== 3 || !v.every((n) => Number.isInteger(n) && n > 0)) throw new Error(`--lora-cases: "${c}" is not ROWSxADAPTERSxRANK`);
+    return v as [number, number, number];
+  });
+  for (const [rows, adapters, R] of loraCases) {
     for (const [name, K, dims] of shapes) {
       const N = dims.reduce((a, b) => a + b, 0);
       // Several stacks (one per "layer") so the adapters' A and B come from HBM.

@@ -36,7 +36,8 @@ for stage in "$@"; do
       run variants 300 node --import tsx bench/variants.ts ${VARIANTS:-a8 a0@llama-2-7b/0 q8@llama-2-7b-gptq4 q0@llama-2-7b-gptq4/0}
       grep '^{' "$out/variants.log" ;;
     lora)
-      run lora 90 node --import tsx bench/kernels.ts --only lora
+      # shellcheck disable=SC2086
+      run lora 90 node --import tsx bench/kernels.ts --only lora ${LORA_CASES:+--lora-cases $LORA_CASES}
       grep '^{' "$out/lora.log" | tail -c 6000 ;;
     quantize)
       d=examples/demo
