@@ -432,90 +432,17 @@ extern "C" __global__ void __launch_bounds__(128)
                            int o2, int o3) {
   const int row = blockIdx.y;
   const int n0 = blockIdx.x * (128 * kExpandPer) + threadIdx.x;
-#if INLAID_EXPAND_EARLY == 2
-  // Experimental (INLAID_EXPAND_EARLY=2; not measured yet): two rounds of dependent loads in
-  // all. After a cuBLASLt GEMM (no early trigger) this kernel starts only when the GEMM has
-  // ended, so every round of loads is on the step's critical path: (1) the live count and
-  // the row's slot; (2) the ranks, scales, B's rows, t's row and (copying only) base, all
-  // independent of each other. In place, the sum goes out as one reduction (red.global.add:
-  // no read of out, and still one add per element, so deterministic).
-  {
-    const int live = counts[0], rowSlot = loraSlots[row];
-    const int slot = row < min(live, cap) ? rowSlot : -1;
-    int js[kExpandPer], rk[kExpandPer];
-    float sc[kExpandPer], v[kExpandPer];
-    uint4 b0[kExpandPer], b1[kExpandPer];
-#pragma unroll
-    for (int e = 0; e < kExpandPer; e++) {
-      const int n = n0 + e * 128;
-      js[e] = 0;
-      rk[e] = 0;
-      sc[e] = 0.f;
-      b0[e] = b1[e] = make_uint4(0u, 0u, 0u, 0u);
-      if (slot >= 0 && n < N) {
-        js[e] = (S > 3 && n >= o3) ? 3 : (S > 2 && n >= o2) ? 2 : (S > 1 && n >= o1) ? 1 : 0;
-        rk[e] = ranks[slot * S + js[e]];
-        sc[e] = scales[slot * S + js[e]];
-        const uint4* bb = reinterpret_cast<const uint4*>(B + ((long long)slot * N + n) * maxRank);
-        b0[e] = bb[0];
-        if (maxRank > 8) b1[e] = bb[1];
-      }
-    }
-    pdl_wait();
-    float* dstRow = out + (long long)row * N;
-    const float* srcRow = base + (long long)row * ldBase;
-    const bool inPlace = srcRow == dstRow;
-    float tt[kExpandPer][16];
-#pragma unroll
-    for (int e = 0; e < kExpandPer; e++) {
-      const int n = n0 + e * 128;
-      v[e] = n < N && !inPlace ? srcRow[n] : 0.f;
-      const float4* t4 = reinterpret_cast<const float4*>(t + (long long)row * ldT + (max(slot, 0) * S + js[e]) * maxRank);
-#pragma unroll
-      for (int q = 0; q < 4; q++) {
-        const float4 f = slot >= 0 && n < N && q * 4 < maxRank ? t4[q] : make_float4(0.f, 0.f, 0.f, 0.f);
-        tt[e][4 * q] = f.x, tt[e][4 * q + 1] = f.y, tt[e][4 * q + 2] = f.z, tt[e][4 * q + 3] = f.w;
-      }
-    }
-#pragma unroll
-    for (int e = 0; e < kExpandPer; e++) {
-      const int n = n0 + e * 128, rank = rk[e];
-      if (n >= N || (rank <= 0 && inPlace)) continue;
-      float acc = 0.f;
-      if (rank > 0) {
-        float bf[8];
-        unpack8(b0[e], bf);
-#pragma unroll
-        for (int q = 0; q < 8; q++) acc = fmaf(q < rank ? bf[q] : 0.f, q < rank ? tt[e][q] : 0.f, acc);
-        unpack8(b1[e], bf);
-#pragma unroll
-        for (int q = 0; q < 8; q++) acc = fmaf(8 + q < rank ? bf[q] : 0.f, 8 + q < rank ? tt[e][8 + q] : 0.f, acc);
-        // Ranks past 16: a third round, only for the adapters that have them.
-        const float* tj = t + (long long)row * ldT + (slot * S + js[e]) * maxRank;
-        const uint4* bb = reinterpret_cast<const uint4*>(B + ((long long)slot * N + n) * maxRank);
-        for (int r0 = 16; r0 < rank; r0 += 8) {
-          const float4 t0 = reinterpret_cast<const float4*>(tj + r0)[0], t1 = reinterpret_cast<const float4*>(tj + r0)[1];
-          const float tq[8] = {t0.x, t0.y, t0.z, t0.w, t1.x, t1.y, t1.z, t1.w};
-          unpack8(bb[r0 / 8], bf);
-#pragma unroll
-          for (int q = 0; q < 8; q++) acc = fmaf(r0 + q < rank ? bf[q] : 0.f, r0 + q < rank ? tq[q] : 0.f, acc);
-        }
-      }
-      if (inPlace) {
-        atomicAdd(dstRow + n, sc[e] * acc);
-      } else {
-        dstRow[n] = rank > 0 ? v[e] + sc[e] * acc : v[e];
-      }
-    }
-    return;
-  }
-#endif
-#if INLAID_EXPAND_EARLY == 1
-  // Experimental (INLAID_EXPAND_EARLY=1 in the environment; not measured yet): two rounds
-  // of loads before the wait instead of four. The live count and the row's slot together
-  // (row < cap, so loraSlots[row] is in bounds), then the ranks and B's first 16 ranks
-  // together (B rows hold maxRank entries, so those loads are in bounds; ranks past an
-  // adapter's own are masked below).
+#if INLAID_EXPAND_EARLY >= 1
+  // Experimental (INLAID_EXPAND_EARLY=1 or 2 in the environment; not measured yet). Mode 1:
+  // two rounds of loads before the wait instead of four: the live count and the row's slot
+  // together (row < cap, so loraSlots[row] is in bounds), then the ranks and B's first 16
+  // ranks together (B rows hold maxRank entries, so those loads are in bounds; ranks past an
+  // adapter's own are masked below). Mode 2: two rounds of dependent loads in all. After a
+  // cuBLASLt GEMM (no early trigger) this kernel starts only when the GEMM has ended, so
+  // every round is on the step's critical path: (1) the live count and the row's slot; (2)
+  // the ranks, scales, B's rows, t's row and (copying only) base, all independent of each
+  // other. In place, the sum goes out as one reduction (red.global.add: no read of out, and
+  // still one add per element, so deterministic).
   const int live = counts[0], rowSlot = loraSlots[row];
   const int slot = row < min(live, cap) ? rowSlot : -1;
 #else
@@ -523,17 +450,26 @@ extern "C" __global__ void __launch_bounds__(128)
 #endif
   int js[kExpandPer], rk[kExpandPer];
   uint4 b0[kExpandPer], b1[kExpandPer];  // ranks [0, 16) of each output's B row
+#if INLAID_EXPAND_EARLY == 2
+  float sc[kExpandPer];
+#endif
 #pragma unroll
   for (int e = 0; e < kExpandPer; e++) {
     const int n = n0 + e * 128;
     js[e] = 0;
     rk[e] = 0;
+#if INLAID_EXPAND_EARLY == 2
+    sc[e] = 0.f;
+#endif
     b0[e] = b1[e] = make_uint4(0u, 0u, 0u, 0u);
     if (slot >= 0 && n < N) {
       js[e] = (S > 3 && n >= o3) ? 3 : (S > 2 && n >= o2) ? 2 : (S > 1 && n >= o1) ? 1 : 0;
       rk[e] = ranks[slot * S + js[e]];
+#if INLAID_EXPAND_EARLY == 2
+      sc[e] = scales[slot * S + js[e]];
+#endif
       const uint4* bb = reinterpret_cast<const uint4*>(B + ((long long)slot * N + n) * maxRank);
-#if INLAID_EXPAND_EARLY == 1
+#if INLAID_EXPAND_EARLY >= 1
       b0[e] = bb[0];
       if (maxRank > 8) b1[e] = bb[1];
 #else
@@ -542,6 +478,54 @@ extern "C" __global__ void __launch_bounds__(128)
 #endif
     }
   }
+#if INLAID_EXPAND_EARLY == 2
+  pdl_wait();
+  float* dstRow = out + (long long)row * N;
+  const float* srcRow = base + (long long)row * ldBase;
+  const bool inPlace = srcRow == dstRow;
+  float v[kExpandPer], tt[kExpandPer][16];
+#pragma unroll
+  for (int e = 0; e < kExpandPer; e++) {
+    const int n = n0 + e * 128;
+    v[e] = n < N && !inPlace ? srcRow[n] : 0.f;
+    const float4* t4 = reinterpret_cast<const float4*>(t + (long long)row * ldT + (max(slot, 0) * S + js[e]) * maxRank);
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+      const float4 f = slot >= 0 && n < N && q * 4 < maxRank ? t4[q] : make_float4(0.f, 0.f, 0.f, 0.f);
+      tt[e][4 * q] = f.x, tt[e][4 * q + 1] = f.y, tt[e][4 * q + 2] = f.z, tt[e][4 * q + 3] = f.w;
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < kExpandPer; e++) {
+    const int n = n0 + e * 128, rank = rk[e];
+    if (n >= N || (rank <= 0 && inPlace)) continue;
+    float acc = 0.f;
+    if (rank > 0) {
+      float bf[8];
+      unpack8(b0[e], bf);
+#pragma unroll
+      for (int q = 0; q < 8; q++) acc = fmaf(q < rank ? bf[q] : 0.f, q < rank ? tt[e][q] : 0.f, acc);
+      unpack8(b1[e], bf);
+#pragma unroll
+      for (int q = 0; q < 8; q++) acc = fmaf(8 + q < rank ? bf[q] : 0.f, 8 + q < rank ? tt[e][8 + q] : 0.f, acc);
+      // Ranks past 16: a third round, only for the adapters that have them.
+      const float* tj = t + (long long)row * ldT + (slot * S + js[e]) * maxRank;
+      const uint4* bb = reinterpret_cast<const uint4*>(B + ((long long)slot * N + n) * maxRank);
+      for (int r0 = 16; r0 < rank; r0 += 8) {
+        const float4 t0 = reinterpret_cast<const float4*>(tj + r0)[0], t1 = reinterpret_cast<const float4*>(tj + r0)[1];
+        const float tq[8] = {t0.x, t0.y, t0.z, t0.w, t1.x, t1.y, t1.z, t1.w};
+        unpack8(bb[r0 / 8], bf);
+#pragma unroll
+        for (int q = 0; q < 8; q++) acc = fmaf(r0 + q < rank ? bf[q] : 0.f, r0 + q < rank ? tq[q] : 0.f, acc);
+      }
+    }
+    if (inPlace) {
+      atomicAdd(dstRow + n, sc[e] * acc);
+    } else {
+      dstRow[n] = rank > 0 ? v[e] + sc[e] * acc : v[e];
+    }
+  }
+#else
   pdl_wait();
   float* dstRow = out + (long long)row * N;
   const float* srcRow = base + (long long)row * ldBase;
@@ -574,6 +558,7 @@ extern "C" __global__ void __launch_bounds__(128)
     }
     dstRow[n] = v[e];
   }
+#endif
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 || !defined(__CUDA_ARCH__)
