@@ -121,10 +121,6 @@ export interface LoraStack {
 }
 
 /**
- * A quantized linear weight held by a backend (`uploadQuantized`), in the backend's own
- * layout: W [outDim, inDim] = dequantize(q) of the QuantizedWeight it was made from.
- */
-/**
  * A LoRA term whose expand a linear left for the norm that reads the linear's output
  * (Backend.addRmsnorm's `lora`; linearLoraDeferred): until that call the linear's output
  * does not hold its result. Valid until the next LoRA linear of the step.
@@ -133,6 +129,10 @@ export interface DeferredLora {
   readonly deferredLora: true;
 }
 
+/**
+ * A quantized linear weight held by a backend (`uploadQuantized`), in the backend's own
+ * layout: W [outDim, inDim] = dequantize(q) of the QuantizedWeight it was made from.
+ */
 export interface QuantizedTensor {
   readonly inDim: number;
   readonly outDim: number;
