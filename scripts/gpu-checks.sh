@@ -10,6 +10,7 @@
 #   quantize  the `inlaid quantize` CLI itself on the demo, on the GPU, then its eval
 #   profile   ncu's duration of every kernel of a short `inlaid bench` ($PROFILE_CONFIG, default
 #             llama-2-7b-gptq4; 8 adapters, 4 tokens), one CSV; bench/kernel_profile.ts sums it
+# SUITE_TIMEOUT / VARIANTS_TIMEOUT (seconds, default 330 / 300) bound those stages.
 # A stage that fails does not stop the others; the exit status is the number that failed.
 set -uo pipefail
 out=${OUT:-gpu-checks-out}
@@ -29,11 +30,11 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 for stage in "$@"; do
   case $stage in
     suite)
-      run suite 330 node node_modules/vitest/vitest.mjs run --project gpu
+      run suite "${SUITE_TIMEOUT:-330}" node node_modules/vitest/vitest.mjs run --project gpu
       grep -E "Test Files|Tests  | FAIL |×" "$out/suite.log" | head -30 ;;
     variants)
       # shellcheck disable=SC2086
-      run variants 300 node --import tsx bench/variants.ts ${VARIANTS:-a8 a0@llama-2-7b/0 q8@llama-2-7b-gptq4 q0@llama-2-7b-gptq4/0}
+      run variants "${VARIANTS_TIMEOUT:-300}" node --import tsx bench/variants.ts ${VARIANTS:-a8 a0@llama-2-7b/0 q8@llama-2-7b-gptq4 q0@llama-2-7b-gptq4/0}
       grep '^{' "$out/variants.log" ;;
     lora)
       # shellcheck disable=SC2086
