@@ -10,6 +10,7 @@
 #   quantize  the `inlaid quantize` CLI itself on the demo, on the GPU, then its eval
 #   profile   ncu's duration of every kernel of a short `inlaid bench` ($PROFILE_CONFIG, default
 #             llama-2-7b-gptq4; 8 adapters, 4 tokens), one CSV; bench/kernel_profile.ts sums it
+#   qgemm     ncu's throughput, stall and occupancy sections of one 4-bit GEMM at 32 rows (up)
 # SUITE_TIMEOUT / VARIANTS_TIMEOUT (seconds, default 330 / 300) bound those stages.
 # A stage that fails does not stop the others; the exit status is the number that failed.
 set -uo pipefail
@@ -58,14 +59,18 @@ for stage in "$@"; do
       cfg=${PROFILE_CONFIG:-llama-2-7b-gptq4}
       run "profile-$cfg" 300 "$ncu" --clock-control none --cache-control none --metrics gpu__time_duration.sum --csv \
         node --import tsx src/cli/main.ts bench --config "$cfg" --device cuda --json --gen 4
-      grep -c '"gpu__time_duration.sum"' "$out/profile-$cfg.log"
+      grep -c '"gpu__time_duration.sum"' "$out/profile-$cfg.log" ;;
+    qgemm)
+      ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       # Why the 4-bit GEMM at 32 rows takes ~2.7x its byte floor: ncu's stall and throughput
       # sections for one launch of the up projection (4096 -> 11008).
       run qgemm-ncu 150 "$ncu" --clock-control none --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
-        --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis -k regex:quant_gemm_b4 --launch-skip 4 --launch-count 1 \
+        --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+        --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio',sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,lts__t_bytes.sum,dram__bytes_read.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum \
+        -k regex:quant_gemm_b4 --launch-skip 4 --launch-count 1 \
         node --import tsx bench/quant_gemm.ts --bits 4 --rows 32 --shapes up --no-cublas --no-memory --reps 2 --iters 1
-      grep -E "Duration|Throughput|Stall|Warp Cycles|Eligible|Issued|Achieved Occupancy" "$out/qgemm-ncu.log" | head -30 ;;
-    *) echo "unknown stage $stage (suite, variants, lora, quantize, profile)" >&2; failed=$((failed + 1)) ;;
+      grep -E "Duration|Throughput|stalled|hmma|bytes|wavefronts|Warp Cycles|Eligible|Issued|Achieved Occupancy|Block Limit|Registers" "$out/qgemm-ncu.log" | head -70 ;;
+    *) echo "unknown stage $stage (suite, variants, lora, quantize, profile, qgemm)" >&2; failed=$((failed + 1)) ;;
   esac
 done
 exit $failed
