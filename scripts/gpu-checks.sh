@@ -10,7 +10,6 @@
 #   quantize  the `inlaid quantize` CLI itself on the demo, on the GPU, then its eval
 #   profile   ncu's duration of every kernel of a short `inlaid bench` ($PROFILE_CONFIG, default
 #             llama-2-7b-gptq4; 8 adapters, 4 tokens), one CSV; bench/kernel_profile.ts sums it
-#   qring     bench/quant_gemm.ts (4-bit, rows 1 and 32) at each ring depth of $RINGS (default 3 4 5)
 #   qgemm     ncu's throughput, stall and occupancy sections of one 4-bit GEMM at 32 rows (up)
 # SUITE_TIMEOUT / VARIANTS_TIMEOUT (seconds, default 330 / 300) bound those stages.
 # A stage that fails does not stop the others; the exit status is the number that failed.
@@ -71,13 +70,7 @@ for stage in "$@"; do
         -k regex:quant_gemm_b4 --launch-skip 4 --launch-count 1 \
         node --import tsx bench/quant_gemm.ts --bits 4 --rows 32 --shapes up --no-cublas --no-memory --reps 2 --iters 1
       grep -E "Duration|Throughput|stalled|hmma|bytes|wavefronts|Warp Cycles|Eligible|Issued|Achieved Occupancy|Block Limit|Registers" "$out/qgemm-ncu.log" | head -70 ;;
-    qring)
-      # The low-bit GEMM's ring depth (INLAID_QGEMM_RING; each depth recompiles the kernels).
-      for r in ${RINGS:-3 4 5}; do
-        INLAID_QGEMM_RING=$r run "qring-$r" 200 node --import tsx bench/quant_gemm.ts --bits 4 --rows 1,32 --no-cublas --no-memory
-        grep '^{' "$out/qring-$r.log" | cut -c1-3000
-      done ;;
-    *) echo "unknown stage $stage (suite, variants, lora, quantize, profile, qgemm, qring)" >&2; failed=$((failed + 1)) ;;
+    *) echo "unknown stage $stage (suite, variants, lora, quantize, profile, qgemm)" >&2; failed=$((failed + 1)) ;;
   esac
 done
 exit $failed

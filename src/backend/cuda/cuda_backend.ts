@@ -84,7 +84,7 @@ import { KernelLauncher } from "./launcher.js";
 import { DeviceGraphLauncher } from "./device_graph.js";
 import { CudaOps, KERNEL_FILES, LORA_SLOTS_MAX_COLS, PDL_KERNELS, splitBounds } from "./ops.js";
 import { packQuantLayout, randomQuantLayout, type QuantLayout } from "./quant_layout.js";
-import { QuantOps, dequantChunkCols, fusedCandidates, fusedCarriesShrink, fusedLaunchName, fusedPlan, ringFromEnv, splitsFromEnv, tilesFromEnv, type DeviceQuantWeight, type FusedPlan } from "./quant_ops.js";
+import { QuantOps, dequantChunkCols, fusedCandidates, fusedCarriesShrink, fusedLaunchName, fusedPlan, splitsFromEnv, tilesFromEnv, type DeviceQuantWeight, type FusedPlan } from "./quant_ops.js";
 import {
   bucketRows, capacityShortfall, packStep, stagingViews, stepLayout,
   type PackedStep, type StagingViews, type StepCapacity, type StepLayout,
@@ -463,12 +463,10 @@ export class CudaBackend implements Backend {
         ? await buildKernels({
           files, arch, ...(opts.kernelsDir ? { dir: opts.kernelsDir } : {}), ...(opts.cacheDir ? { cacheDir: opts.cacheDir } : {}),
           // Switches compiled in by environment: PDL kernels trigger their dependents after
-          // their wait unless told not to (kernels/common.cuh); the expand's early loads (lora.cu); the
-          // low-bit GEMM's ring depth (quant_gemm.cu).
+          // their wait unless told not to (kernels/common.cuh); the expand's early loads (lora.cu).
           extraOptions: [
             ...(process.env.INLAID_PDL_TRIGGER === "0" ? ["-DINLAID_PDL_TRIGGER=0"] : []),
             ...(["0", "1", "2"].includes(process.env.INLAID_EXPAND_EARLY ?? "") ? [`-DINLAID_EXPAND_EARLY=${process.env.INLAID_EXPAND_EARLY}`] : []),
-            ...(ringFromEnv() !== null ? [`-DINLAID_QGEMM_RING=${ringFromEnv()}`] : []),
           ],
         })
         : [];

@@ -13,7 +13,7 @@ import {
   COL_N, QuantLayoutError, UNIT_K, dequantizeLayout, kernelPerm, laneWordOffset, packQuantLayout, pairCoords, randomQuantLayout, readPair,
   type QuantLayout,
 } from "./quant_layout.js";
-import { FUSED_SPLITS, FUSED_WARPS, ctasPerSm, fusedLaunch, fusedLaunchName, fusedPlan, fusedSmemBytes, ringSlots, tokenTiles } from "./quant_ops.js";
+import { FUSED_SPLITS, FUSED_WARPS, ctasPerSm, fusedLaunch, fusedLaunchName, fusedPlan, tokenTiles } from "./quant_ops.js";
 
 // ------------------------------------------------------------------ an emulation of quant_gemm_b{B}_t{T}
 
@@ -369,25 +369,6 @@ describe("low-bit kernel layout (quant_layout.ts)", () => {
     } finally {
       if (prev === undefined) delete process.env.INLAID_QGEMM_TILES;
       else process.env.INLAID_QGEMM_TILES = prev;
-    }
-  });
-
-  it("INLAID_QGEMM_RING fixes the ring depth the host sizes shared memory and residency by", () => {
-    const prev = process.env.INLAID_QGEMM_RING;
-    try {
-      delete process.env.INLAID_QGEMM_RING;
-      const base = fusedSmemBytes(4, 4, 4);
-      expect(ringSlots(4, 4)).toBe(3);
-      process.env.INLAID_QGEMM_RING = "5";
-      expect(ringSlots(4, 4)).toBe(5);
-      expect(ringSlots(8, 4)).toBe(5);
-      expect(fusedSmemBytes(4, 4, 4)).toBe((base / 3) * 5);
-      expect(ctasPerSm(4, 4, 4)).toBeLessThan(4);
-      process.env.INLAID_QGEMM_RING = "9";
-      expect(() => ringSlots(4, 4)).toThrow(/INLAID_QGEMM_RING must be 2\.\.6/);
-    } finally {
-      if (prev === undefined) delete process.env.INLAID_QGEMM_RING;
-      else process.env.INLAID_QGEMM_RING = prev;
     }
   });
 

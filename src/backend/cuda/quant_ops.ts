@@ -80,20 +80,9 @@ function stageBytes(bits: QuantBits, T: number, warps: number): number {
   return warps * (bits * 512 + 384) + 2048 * T;
 }
 
-/**
- * INLAID_QGEMM_RING (2..6; experimental): the fused kernel's ring depth for every width, or null
- * (CudaBackend compiles quant_gemm.cu with it).
- */
-export function ringFromEnv(): number | null {
-  const r = positiveEnv("INLAID_QGEMM_RING");
-  if (r === null) return null;
-  if (r < 2 || r > 6) throw new Error(`INLAID_QGEMM_RING must be 2..6 (got ${r})`);
-  return r;
-}
-
 /** Ring stages of quant_gemm_b{B}_t{T} (quant_gemm.cu QCfg::kRing): 3, or 2 where three 8-warp stages pass the budget. */
 export function ringSlots(bits: QuantBits, T: number): number {
-  return ringFromEnv() ?? (Math.floor(RING_BUDGET / stageBytes(bits, T, 8)) >= 3 ? 3 : 2);
+  return Math.floor(RING_BUDGET / stageBytes(bits, T, 8)) >= 3 ? 3 : 2;
 }
 
 /**

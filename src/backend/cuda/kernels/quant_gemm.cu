@@ -94,11 +94,6 @@ constexpr unsigned kOne2 = 0x3f803f80u;   // bf16x2 {1, 1}
 // loop is bound by each warp's per-unit latency, which more warps per SM hide. Wide stages
 // (8 bits) get two stages where three 8-warp ones would not fit kRingBudget (two CTAs per SM).
 // quant_ops.ts ringSlots mirrors kRing.
-// INLAID_QGEMM_RING (2..6, experimental; quant_ops.ts ringSlots reads the same variable) fixes
-// the depth for every width: more units in flight per CTA, fewer CTAs per SM.
-#ifndef INLAID_QGEMM_RING
-#define INLAID_QGEMM_RING 0
-#endif
 constexpr int kMaxWarps = 8;
 constexpr int kRingBudget = 112 * 1024;
 template <int BITS, int T>
@@ -108,7 +103,7 @@ struct QCfg {
   static constexpr int kZeroOff = BITS * 512 + 256;
   static constexpr int kXBytes = 2048 * T;
   static constexpr int kStageMax = kMaxWarps * kWarpBytes + kXBytes;
-  static constexpr int kRing = INLAID_QGEMM_RING > 0 ? INLAID_QGEMM_RING : kRingBudget / kStageMax >= 3 ? 3 : 2;
+  static constexpr int kRing = kRingBudget / kStageMax >= 3 ? 3 : 2;
 };
 
 __device__ __forceinline__ void cp_async8(unsigned dst, const void* src) {
