@@ -21,9 +21,6 @@ import { HAS_GPU, NO_GPU_REASON } from "./gpu.js";
 const SETTINGS = {
   INLAID_UPLOAD_IN_GRAPH: "1", // the step's metadata upload inside its graph
   INLAID_LORA_SKIP_IDLE: "1", // graphs without adapter rows leave out the per-row LoRA kernels
-  INLAID_EXPAND_EARLY: "2", // the all-slots expand's dependent loads in two rounds, its sum one red.add
-  INLAID_QGEMM_LORA: "epilogue", // 4-bit: the shrink alone, then the expand in the low-bit GEMM's epilogue
-  INLAID_LORA_FOLD: "1", // o's and down's expand folded into the add + RMSNorm after them
 } as const;
 const SWITCHES = Object.keys(SETTINGS) as (keyof typeof SETTINGS)[];
 for (const k of SWITCHES) process.env[k] = SETTINGS[k];

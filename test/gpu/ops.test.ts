@@ -674,17 +674,12 @@ if (reason !== null) {
     // the shrink of the step's slots (quant_gemm_lora_*), then the expand in place. Against the
     // CPU's dequantized matmul then `lora`; bit widths vary by case (2 and 3 bits at 4 warps per
     // CTA decline: their stages are too small for a unit of A).
-    // With quantLoraEpilogue (INLAID_QGEMM_LORA=epilogue, 4-bit only): a shrink-only launch,
-    // then the low-bit GEMM adds the term in its epilogue.
-    LORA_CASES.flatMap((c, ci) => {
+    LORA_CASES.forEach((c, ci) => {
       const bits = ([4, 8, 2, 3] as const)[ci % 4]!;
-      return (bits === 4 ? [false, true] : [false]).map((epilogue) => ({ c, ci, bits, epilogue }));
-    }).forEach(({ c, ci, bits, epilogue }) => {
-      it(`linearQuantizedLora, ${bits}-bit${epilogue ? ", expand in the GEMM's epilogue" : ""}: ${c.label}`, () => {
+      it(`linearQuantizedLora, ${bits}-bit: ${c.label}`, () => {
         const dims = c.dims ?? [c.N];
-        const was = cuda.quantLoraFused, wasEpilogue = cuda.quantLoraEpilogue;
+        const was = cuda.quantLoraFused;
         cuda.quantLoraFused = true;
-        cuda.quantLoraEpilogue = epilogue;
         const q = randomQuantized({ bits, groupSize: 64, sym: ci % 2 === 0, descAct: false }, c.K, c.N, 400 + ci);
         const qc = b.cpu.uploadQuantized!(q), qg = cuda.uploadQuantized(q);
         try {
@@ -719,7 +714,6 @@ if (reason !== null) {
           free();
         } finally {
           cuda.quantLoraFused = was;
-          cuda.quantLoraEpilogue = wasEpilogue;
           b.cpu.freeQuantized!(qc);
           cuda.freeQuantized(qg);
         }

@@ -82,7 +82,7 @@ import { buildKernels, type KernelImage } from "./ffi/nvrtc.js";
 import type { Launcher } from "./launch.js";
 import { KernelLauncher } from "./launcher.js";
 import { DeviceGraphLauncher } from "./device_graph.js";
-import { CudaOps, KERNEL_FILES, LORA_SLOTS_MAX_COLS, PDL_KERNELS, splitBounds } from "./ops.js";
+import { CudaOps, KERNEL_FILES, LORA_SLOTS_MAX_COLS, PDL_KERNELS } from "./ops.js";
 import { packQuantLayout, randomQuantLayout, type QuantLayout } from "./quant_layout.js";
 import { QuantOps, dequantChunkCols, fusedCandidates, fusedCarriesShrink, fusedLaunchName, fusedPlan, splitsFromEnv, tilesFromEnv, type DeviceQuantWeight, type FusedPlan } from "./quant_ops.js";
 import {
@@ -1052,13 +1052,6 @@ export class CudaBackend implements Backend {
    * (removed).
    */
   quantLoraFused = process.env.INLAID_QGEMM_LORA !== "0";
-  /**
-   * With quantLoraFused, for 4-bit weights (INLAID_QGEMM_LORA=epilogue; experimental, not
-   * measured yet): the shrink as its own launch (lora_shrink_*) and the expand inside the
-   * low-bit GEMM's epilogue (quant_gemm_xlora_b4_*), instead of the shrink inside the GEMM's
-   * launch and the expand kernel after it.
-   */
-  quantLoraEpilogue = process.env.INLAID_QGEMM_LORA === "epilogue";
 
   /**
    * backend.ts linearQuantizedLora: on decode-only steps, the low-bit GEMM's launch also makes
@@ -1101,14 +1094,6 @@ export class CudaBackend implements Backend {
     // A is [numSlots][splits][maxRank][K]: its first `slots` slots are a [cols, K] weight.
     const shrink = { a: s.a, t: t.ptr, cols, ldT: cols };
     this.#loraGeneration++;
-    if (this.quantLoraEpilogue && q.bits === 4 && !defer) {
-      this.#quant.shrink(xi.ptr, live, n, q.K, shrink);
-      this.#quant.fusedExpand(o.ptr, xi.ptr, live, n, q, b, plan, {
-        slots: p.run.step.loraSlots, ranks: s.ranks, scales: s.scales, b: s.b, t: t.ptr, ldT: cols, maxRank: s.maxRank,
-        splits: s.outDims.length, bounds: splitBounds(dl),
-      });
-      return true;
-    }
     if (!fusedCarriesShrink(q.bits, plan.warps)) return false;
     this.#quant.fused(o.ptr, xi.ptr, live, n, q, b, 0n, 0n, plan, shrink);
     const oo = this.#operand(out);

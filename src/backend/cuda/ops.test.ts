@@ -388,17 +388,6 @@ describe("CUDA ops seam (CPU checks)", () => {
               ops.fused(0x8000n, 0x9000n, 0xa000n, rows, w, 0xb000n, 0n, 0n, plan, { a: 0xf000n, t: 0xf800n, cols: 384, ldT: 384 });
               expect(rec.launches.at(-1)!.grid).toEqual([plan.grid[0], plan.grid[1] + 12, plan.grid[2]]);
             }
-            // The epilogue path (4-bit): the shrink alone, then the GEMM with the expand.
-            if (bits === 4 && perm === 0n) {
-              ops.shrink(0x9000n, 0xa000n, rows, K, { a: 0xf000n, t: 0xf800n, cols: 384, ldT: 384 });
-              const sh = rec.launches.at(-1)!;
-              expect(sh.grid[1]).toBe(12);
-              expect(sh.grid[2]).toBe(Number(/_c(\d)$/.exec(sh.name)![1]));
-              ops.fusedExpand(0x8000n, 0x9000n, 0xa000n, rows, w, 0xb000n, plan, {
-                slots: 0x1100n, ranks: 0x1200n, scales: 0x1300n, b: 0x1400n, t: 0xf800n, ldT: 384, maxRank: 16, splits: 3, bounds: [N / 2, 3 * N / 4, N],
-              });
-              expect(rec.launches.at(-1)!.grid).toEqual(plan.grid);
-            }
             // Same capacities, same launch (graph replay of any step of the bucket).
             expect(ops.plan(w, rows)).toEqual(plan);
           }
@@ -408,9 +397,7 @@ describe("CUDA ops seam (CPU checks)", () => {
     }
     const names = new Set(rec.launches.map((l) => l.name));
     for (const b of [2, 3, 4, 8]) for (const n of [`quant_gemm_b${b}_t1_c2`, `quant_gemm_b${b}_t4_c1`, `quant_gemm_b${b}_t1_c8`, `quant_dequant_b${b}`]) expect(names.has(n), n).toBe(true);
-    for (const n of ["quant_gemm_lora_b4_t1_c2", "quant_gemm_lora_b4_t4_c1", "quant_gemm_lora_b2_t4_c1", "quant_gemm_xlora_b4_t4_c1", "lora_shrink_t1_c8"]) {
-      expect(names.has(n), n).toBe(true);
-    }
+    for (const n of ["quant_gemm_lora_b4_t1_c2", "quant_gemm_lora_b4_t4_c1", "quant_gemm_lora_b2_t4_c1"]) expect(names.has(n), n).toBe(true);
     for (const n of quantKernelNames()) expect(kernels.has(n), `quant_gemm.cu defines ${n}`).toBe(true);
     expect(names.has("quant_gather_cols")).toBe(true);
     for (const l of rec.launches) {
@@ -424,10 +411,9 @@ describe("CUDA ops seam (CPU checks)", () => {
       expect(l.block[0] === 128 || l.block[0] === 256).toBe(true);
       // The fused kernel's ring (two CTAs per SM; the launcher opts in past 48 KB); its grid
       // is whole clusters of _c{C} CTAs along z. The dequant kernel's 34 KB tile is static.
-      // lora_shrink_* stages as the 4-bit kernel does (quant_gemm.cu QGEMM_X1 / QGEMM_XS).
-      const fused = /^(?:quant_gemm_(?:x?lora_)?b(\d)_|lora_shrink_)t(\d)_c(\d)$/.exec(l.name);
+      const fused = /^quant_gemm_(?:lora_)?b(\d)_t(\d)_c(\d)$/.exec(l.name);
       if (fused) {
-        expect(l.smem).toBe(fusedSmemBytes(Number(fused[1] ?? 4) as QuantBits, Number(fused[2]), l.block[0] / 32));
+        expect(l.smem).toBe(fusedSmemBytes(Number(fused[1]) as QuantBits, Number(fused[2]), l.block[0] / 32));
         expect(2 * (l.smem + 1024)).toBeLessThanOrEqual(228 * 1024);
         expect(l.grid[2]).toBe(Number(fused[3]));
       } else {

@@ -72,7 +72,7 @@ export const PDL_KERNELS: ReadonlySet<string> = new Set([
   "lora_bgmv_fused", "lora_bgmv_shrink", "lora_bgmv_expand", "lora_bgmv_expand_slots", "lora_sgmv_expand",
   ...[16, 32, 64].map((r) => `lora_sgmv_shrink_r${r}`),
   // The fused low-bit GEMMs request their first units of weights before the wait.
-  ...quantKernelNames().filter((n) => n.startsWith("quant_gemm_") || n.startsWith("lora_shrink_")),
+  ...quantKernelNames().filter((n) => n.startsWith("quant_gemm_")),
 ]);
 
 /** Most heads sharing one KV head in the prefill kernel (its 64-row tile holds at least one token). */
@@ -199,8 +199,8 @@ const f32 = (v: number): KernelArg => ({ f32: v });
 const cdiv = (a: number, b: number): number => Math.ceil(a / b);
 /** Each split's first output column in a LoRA stack's output. */
 const splitStarts = (stack: DeviceLora): number[] => stack.outDims.map((_, j) => stack.outDims.slice(0, j).reduce((a, b) => a + b, 0));
-/** The o1, o2, o3 of the LoRA kernels (kernels/lora.cu, quant_gemm.cu LoraEpilogue): splits 1..3's first columns, N past the last split. */
-export function splitBounds(stack: DeviceLora): [number, number, number] {
+/** The o1, o2, o3 of the LoRA kernels (kernels/lora.cu): splits 1..3's first columns, N past the last split. */
+function splitBounds(stack: DeviceLora): [number, number, number] {
   const starts = splitStarts(stack);
   const at = (j: number): number => (j < starts.length ? starts[j]! : stack.outDim);
   return [at(1), at(2), at(3)];

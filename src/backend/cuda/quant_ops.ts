@@ -114,23 +114,6 @@ export interface FusedShrink {
 }
 
 /**
- * The LoRA term quant_gemm_xlora_b4_* adds in its epilogue (quant_gemm.cu LoraEpilogue): each
- * live row's slot, the stack's ranks, scales and B, the shrink t a lora_shrink_* launch wrote,
- * and the split bounds (o1, o2, o3: splits 1..3's first columns, N past the last split).
- */
-export interface FusedExpand {
-  readonly slots: DevicePtr;
-  readonly ranks: DevicePtr;
-  readonly scales: DevicePtr;
-  readonly b: DevicePtr;
-  readonly t: DevicePtr;
-  readonly ldT: number;
-  readonly maxRank: number;
-  readonly splits: number;
-  readonly bounds: readonly [number, number, number];
-}
-
-/**
  * CTAs of a fused launch resident on one SM: the registers' limit (minCtas 8-warp CTAs, twice
  * as many of 4 warps) or what shared memory holds, whichever is fewer.
  */
@@ -263,7 +246,6 @@ export function quantKernelNames(): string[] {
     for (const t of [1, 2, 4]) for (const c of FUSED_SPLITS) names.push(`quant_gemm_b${b}_t${t}_c${c}`, `quant_gemm_lora_b${b}_t${t}_c${c}`);
     names.push(`quant_dequant_b${b}`);
   }
-  for (const t of [1, 2, 4]) for (const c of FUSED_SPLITS) names.push(`quant_gemm_xlora_b4_t${t}_c${c}`, `lora_shrink_t${t}_c${c}`);
   names.push("quant_gather_cols");
   return names;
 }
@@ -314,34 +296,6 @@ export class QuantOps {
     const [gx, gy, gz] = plan.grid;
     this.#l.launch(plan.kernel.replace("quant_gemm_", "quant_gemm_lora_"), [gx, gy + Math.ceil(shrink.cols / COL_N), gz], plan.block, plan.smem, [
       ...args, ptr(shrink.a), ptr(shrink.t), i32(shrink.cols), i32(shrink.ldT),
-    ]);
-  }
-
-  /**
-   * The fused launch with the LoRA term added in its epilogue (quant_gemm_xlora_b4_*, 4-bit
-   * only): out = x @ W^T (+ bias) + each live row's s·B·t, t from a `shrink` launch before it.
-   */
-  fusedExpand(out: DevicePtr, x: DevicePtr, live: DevicePtr, rows: number, w: DeviceQuantWeight, bias: DevicePtr, plan: FusedPlan, e: FusedExpand): void {
-    if (rows === 0) return;
-    if (w.bits !== 4) throw new Error(`the LoRA epilogue is built for 4-bit weights only (got ${w.bits}-bit)`);
-    if (e.maxRank % 8 !== 0 || e.ldT % 4 !== 0) throw new Error(`the LoRA epilogue reads B and t in 8-wide vectors (max rank ${e.maxRank}, ldT ${e.ldT})`);
-    this.#l.launch(plan.kernel.replace("quant_gemm_", "quant_gemm_xlora_"), plan.grid, plan.block, plan.smem, [
-      ...gemmArgs(out, x, live, rows, w, bias),
-      ptr(e.slots), ptr(e.ranks), ptr(e.scales), ptr(e.b), ptr(e.t), i32(e.ldT), i32(e.maxRank), i32(e.splits), ...e.bounds.map(i32),
-    ]);
-  }
-
-  /**
-   * The LoRA shrink alone (lora_shrink_*: quant_gemm.cu's shrink CTAs with no quantized tile,
-   * 8 warps, up to 8 k splits): t f32 [rows, ldT] = x @ a^T. It triggers its dependents at its
-   * wait, so the GEMM launched after it prefetches its weights while it runs.
-   */
-  shrink(x: DevicePtr, live: DevicePtr, rows: number, K: number, s: FusedShrink): void {
-    if (rows === 0 || s.cols === 0) return;
-    const T = tokenTiles(rows), units = Math.ceil(K / UNIT_K);
-    const splits = splitsAtMost(8, units);
-    this.#l.launch(`lora_shrink_t${T}_c${splits}`, [Math.ceil(rows / (8 * T)), Math.ceil(s.cols / COL_N), splits], [256, 1, 1], fusedSmemBytes(4, T, 8), [
-      ptr(x), ptr(live), i32(rows), i32(K), ptr(s.a), ptr(s.t), i32(s.cols), i32(s.ldT),
     ]);
   }
 

@@ -263,38 +263,6 @@ __device__ __forceinline__ void cp_async8z(unsigned dst, const void* src, bool v
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 8 : 0));
 }
 
-// quant_gemm_xlora's epilogue: the LoRA term of output (row, n), as lora_bgmv_expand_slots adds
-// it (kernels/lora.cu), from t = the shrink a lora_shrink_* launch wrote before this kernel
-// (complete: this kernel reads it only after its wait). Rows past the live count or without a
-// slot add nothing; ranks past an adapter's own are masked, not multiplied (they may hold NaN).
-struct LoraEpilogue {
-  const int* slots;    // i32 [rows]: the step's LoRA slot per row (-1: none)
-  const int* ranks;    // i32 [numSlots][S]
-  const float* scale;  // f32 [numSlots][S]
-  const bf16* B;       // bf16 [numSlots][N][maxRank]
-  const float* t;      // f32 [rows, ldT]: the shrink, slot s split j at columns (s * S + j) * maxRank
-  int ldT, maxRank, S, o1, o2, o3;
-};
-
-__device__ __forceinline__ float lora_term(const LoraEpilogue& ep, int row, int n, int nLive, int N) {
-  if (row >= nLive) return 0.f;
-  const int slot = ep.slots[row];
-  if (slot < 0) return 0.f;
-  const int j = (ep.S > 3 && n >= ep.o3) ? 3 : (ep.S > 2 && n >= ep.o2) ? 2 : (ep.S > 1 && n >= ep.o1) ? 1 : 0;
-  const int rank = ep.ranks[slot * ep.S + j];
-  if (rank <= 0) return 0.f;
-  const uint4* bb = reinterpret_cast<const uint4*>(ep.B + ((long long)slot * N + n) * ep.maxRank);
-  const float* tj = ep.t + (long long)row * ep.ldT + (slot * ep.S + j) * ep.maxRank;
-  float acc = 0.f;
-  for (int r0 = 0; r0 < rank; r0 += 8) {
-    float bf[8];
-    unpack8(bb[r0 / 8], bf);
-#pragma unroll
-    for (int q = 0; q < 8; q++) acc = fmaf(r0 + q < rank ? bf[q] : 0.f, r0 + q < rank ? tj[r0 + q] : 0.f, acc);
-  }
-  return ep.scale[slot * ep.S + j] * acc;
-}
-
 // quant_gemm_lora's shrink CTAs, one unit: warp w runs the 16-k steps st8 = w, w + NW, ... (of 8)
 // of the stage's A rows (issueA's layout) against the x tile. Lane (g, c) reads 8 bytes of A
 // rows g and g + 8: A[row, 32j + 8c + 4sp .. + 3], the k its x fragment holds for that step
@@ -362,13 +330,12 @@ __device__ __forceinline__ void shrink_store(const float (&acc)[2][T][4], float*
   }
 }
 
-// X: the expand epilogue (quant_gemm_xlora_*); TRIG: trigger dependents at the wait (lora_shrink_*).
-template <int BITS, int T, int C, bool L, bool X = false, bool TRIG = false>
+template <int BITS, int T, int C, bool L>
 __device__ __forceinline__ void quant_gemm(float* __restrict__ out, const bf16* __restrict__ x, const uint4* __restrict__ qw,
                                            const uint2* __restrict__ scales, const unsigned* __restrict__ zeros,
                                            const float* __restrict__ bias, const int* __restrict__ live, int rows, int K, int N,
                                            int gs, int G, int symZero, const bf16* __restrict__ la, float* __restrict__ lt, int NA,
-                                           int ldT, const LoraEpilogue ep = LoraEpilogue{}) {
+                                           int ldT) {
   using Q = QCfg<BITS, T>;
   constexpr int R = Q::kRing;
   extern __shared__ __align__(16) unsigned char qsmem[];
@@ -442,7 +409,7 @@ __device__ __forceinline__ void quant_gemm(float* __restrict__ out, const bf16* 
     if (shrinkCta) issueA(u0 + i, i);
     else issueWeights(u0 + i, i);
   }
-  pdl_wait<TRIG>();  // no early trigger (common.cuh), but in the shrink-only launch
+  pdl_wait<false>();  // no early trigger (common.cuh)
   const int nLive = live_rows(live, rows);
   if (row0 >= nLive) {
     cp_async_commit();
@@ -617,11 +584,7 @@ __device__ __forceinline__ void quant_gemm(float* __restrict__ out, const bf16* 
 #pragma unroll
         for (int t = 0; t < T; t++) {
           const int row = row0 + 8 * t + 2 * c4 + (e & 1);
-          if (row < rows) {
-            float v = acc[nt][t][e] + b;
-            if constexpr (X) v += lora_term(ep, row, n, nLive, N);
-            out[(long long)row * N + n] = v;
-          }
+          if (row < rows) out[(long long)row * N + n] = acc[nt][t][e] + b;
         }
       }
   } else {
@@ -652,11 +615,7 @@ __device__ __forceinline__ void quant_gemm(float* __restrict__ out, const bf16* 
         float sum = 0.f;
 #pragma unroll
         for (int q = 0; q < C; q++) sum += ld_cluster_f32(p, (unsigned)q);
-        if (row < rows) {
-          float v = sum + (bias ? bias[n] : 0.f);
-          if constexpr (X) v += lora_term(ep, row, n, nLive, N);
-          out[(long long)row * N + n] = v;
-        }
+        if (row < rows) out[(long long)row * N + n] = sum + (bias ? bias[n] : 0.f);
       }
     }
     cluster_arrive();
@@ -799,41 +758,6 @@ QGEMM(8, 4, 2)
 QGEMM_SPLIT(8, 4, 2, 2)
 QGEMM_SPLIT(8, 4, 4, 2)
 QGEMM_SPLIT(8, 4, 8, 2)
-
-// 4-bit only (the measured configuration): quant_gemm_xlora_b4_* adds each row's LoRA term in the
-// epilogue (LoraEpilogue), and lora_shrink_* is the shrink CTAs alone (N = 0: no quantized tile),
-// which trigger their dependents at the wait so that the GEMM after them prefetches its weights
-// meanwhile. INLAID_QGEMM_LORA=epilogue runs the two in place of quant_gemm_lora + the expand.
-#define QGEMM_X1(T)                                                                                                           \
-  extern "C" __global__ void __launch_bounds__(256, 2) quant_gemm_xlora_b4_t##T##_c1(                                         \
-      float* out, const bf16* x, const uint4* qw, const uint2* scales, const unsigned* zeros, const float* bias, const int* live, int rows, int K, int N, int gs, int G, int symZero, const int* xslots, const int* xranks, const float* xscale, const bf16* xB, const float* xt, int ldT, int maxRank, int S, int o1, int o2, int o3) {\
-    quant_gemm<4, T, 1, false, true, false>(out, x, qw, scales, zeros, bias, live, rows, K, N, gs, G, symZero, nullptr, nullptr, 0, 0, LoraEpilogue{xslots, xranks, xscale, xB, xt, ldT, maxRank, S, o1, o2, o3});\
-  }                                                                                                                           \
-  extern "C" __global__ void __launch_bounds__(256, 2) lora_shrink_t##T##_c1(                                                 \
-      const bf16* x, const int* live, int rows, int K, const bf16* la, float* lt, int NA, int ldT) {                          \
-    quant_gemm<4, T, 1, true, false, true>(nullptr, x, nullptr, nullptr, nullptr, nullptr, live, rows, K, 0, 128, 1, 8, la, lt, NA, ldT);\
-  }
-#define QGEMM_XS(T, NS)                                                                                                       \
-  extern "C" __global__ void __cluster_dims__(1, 1, NS) __launch_bounds__(256, 2) quant_gemm_xlora_b4_t##T##_c##NS(           \
-      float* out, const bf16* x, const uint4* qw, const uint2* scales, const unsigned* zeros, const float* bias, const int* live, int rows, int K, int N, int gs, int G, int symZero, const int* xslots, const int* xranks, const float* xscale, const bf16* xB, const float* xt, int ldT, int maxRank, int S, int o1, int o2, int o3) {\
-    quant_gemm<4, T, NS, false, true, false>(out, x, qw, scales, zeros, bias, live, rows, K, N, gs, G, symZero, nullptr, nullptr, 0, 0, LoraEpilogue{xslots, xranks, xscale, xB, xt, ldT, maxRank, S, o1, o2, o3});\
-  }                                                                                                                           \
-  extern "C" __global__ void __cluster_dims__(1, 1, NS) __launch_bounds__(256, 2) lora_shrink_t##T##_c##NS(                   \
-      const bf16* x, const int* live, int rows, int K, const bf16* la, float* lt, int NA, int ldT) {                          \
-    quant_gemm<4, T, NS, true, false, true>(nullptr, x, nullptr, nullptr, nullptr, nullptr, live, rows, K, 0, 128, 1, 8, la, lt, NA, ldT);\
-  }
-QGEMM_X1(1)
-QGEMM_XS(1, 2)
-QGEMM_XS(1, 4)
-QGEMM_XS(1, 8)
-QGEMM_X1(2)
-QGEMM_XS(2, 2)
-QGEMM_XS(2, 4)
-QGEMM_XS(2, 8)
-QGEMM_X1(4)
-QGEMM_XS(4, 2)
-QGEMM_XS(4, 4)
-QGEMM_XS(4, 8)
 
 #define QDEQUANT(B)                                                                                                            \
   extern "C" __global__ void __launch_bounds__(128) quant_dequant_b##B(bf16* w, const uint4* qw, const uint2* scales,          \
