@@ -199,32 +199,6 @@ if (only.has("lora")) {
           gemm_us: +baseUs.toFixed(2), gemm_wide_us: +wideUs.toFixed(2), gemm_lora_us: +bothUs.toFixed(2),
           lora_us: +loraUs.toFixed(2), gbs: +(stackBytes / loraUs / 1e3).toFixed(0),
         };
-        // o and down feed the residual add + norm; with the expand folded into that norm
-        // (INLAID_LORA_FOLD, backend.ts linearLoraDeferred) the LoRA cost is the GEMM + norm
-        // pair's time over the plain GEMM + norm.
-        if (dims.length === 1 && (name === "o" || name === "down")) {
-          const res = gpu.empty([rows, N], "f32"), normed = gpu.empty([rows, N], "bf16"), nw = gpu.empty([N], "bf16");
-          gpu.fillRandom(res, 5, 1);
-          gpu.fillRandom(nw, 6, 1);
-          const wasFold = gpu.loraFold;
-          gpu.loraFold = true;
-          const plainUs = timeCall(`gemm-norm-${tag}`, (i) => {
-            gpu.linear(out, x, ws[i % copies]!);
-            gpu.addRmsnorm(normed, res, out, nw, 1e-5);
-          }, normed);
-          const foldUs = timeCall(`fold-${tag}`, (i) => {
-            const d = gpu.linearLoraDeferred(out, x, ws[i % copies]!, stacks[i % copies]!, step);
-            if (!d) throw new Error(`lora ${name}: linearLoraDeferred declined`);
-            gpu.addRmsnorm(normed, res, out, nw, 1e-5, d);
-          }, normed);
-          gpu.loraFold = wasFold;
-          const foldLora = foldUs - plainUs;
-          entry.folded = {
-            gemm_norm_us: +plainUs.toFixed(2), gemm_norm_lora_us: +foldUs.toFixed(2),
-            lora_us: +foldLora.toFixed(2), gbs: +(stackBytes / foldLora / 1e3).toFixed(0),
-          };
-          for (const t of [res, normed, nw]) gpu.free(t);
-        }
         for (const w of [...ws, ...wides, outWide]) gpu.free(w);
       }
       lora.push(entry);

@@ -121,15 +121,6 @@ export interface LoraStack {
 }
 
 /**
- * A LoRA term whose expand a linear left for the norm that reads the linear's output
- * (Backend.addRmsnorm's `lora`; linearLoraDeferred): until that call the linear's output
- * does not hold its result. Valid until the next LoRA linear of the step.
- */
-export interface DeferredLora {
-  readonly deferredLora: true;
-}
-
-/**
  * A quantized linear weight held by a backend (`uploadQuantized`), in the backend's own
  * layout: W [outDim, inDim] = dequantize(q) of the QuantizedWeight it was made from.
  */
@@ -189,10 +180,8 @@ export interface Backend {
   embedding(out: Tensor, table: Tensor, step: PreparedStep): void;
   /** out[i] = x[i] / rms(x[i]) * w. */
   rmsnorm(out: Tensor, x: Tensor, w: Tensor, eps: number): void;
-  /** residual += x (in place), then out = rmsnorm(residual) * w. With `lora` (from the
-   * linear that made x: linearLoraDeferred), x is that linear's full output, LoRA term
-   * included, whatever x's own contents. */
-  addRmsnorm(out: Tensor, residual: Tensor, x: Tensor, w: Tensor, eps: number, lora?: DeferredLora): void;
+  /** residual += x (in place), then out = rmsnorm(residual) * w. */
+  addRmsnorm(out: Tensor, residual: Tensor, x: Tensor, w: Tensor, eps: number): void;
   /** out = x @ w^T (+ bias); with `accumulate`, out += x @ w^T (+ bias) (onto a LoRA term
    * that loraFirst wrote). x: [n, K], w: [N, K], out: [n, N]. */
   linear(out: Tensor, x: Tensor, w: Tensor, bias?: Tensor, accumulate?: boolean): void;
@@ -223,13 +212,6 @@ export interface Backend {
    * it does not take this step; the caller then runs the usual path.
    */
   linearLora?(out: Tensor, x: Tensor, weight: Tensor, stack: LoraStack, step: PreparedStep): boolean;
-  /**
-   * Optional: linearLora (or, with `w` quantized, linearQuantizedLora) whose expand is left
-   * for the addRmsnorm that reads `out` next (pass it the result there, and run no other
-   * LoRA linear in between). Returns false, having done nothing, when it does not take this
-   * step or the stack (one output split only); the caller then runs the usual path.
-   */
-  linearLoraDeferred?(out: Tensor, x: Tensor, w: Tensor | QuantizedTensor, stack: LoraStack, step: PreparedStep): DeferredLora | false;
   /** Splits the fused q/k/v projection output qkv [n, (nH + 2 nKv) * D] into q [n, nH*D],
    * k and v [n, nKv*D] (its column blocks, in that order), applying the rotary embedding
    * (rotate-half convention) to q and k. invFreq: [D/2] f32; positions from the step. */

@@ -1,4 +1,4 @@
-import type { Backend, DeferredLora, LoraStack, PreparedStep, Tensor } from "../backend/backend.js";
+import type { Backend, LoraStack, PreparedStep, Tensor } from "../backend/backend.js";
 import type { Linear } from "../model/linear.js";
 
 /** y = base(x) + s · B(A x), with (A, B, s) chosen per row by the step's LoRA slots. */
@@ -33,12 +33,5 @@ export class LoraLinear implements Linear {
     }
     this.base.forward(out, x, step);
     b.lora(out, x, this.stack, step);
-  }
-
-  forwardDeferred(out: Tensor, x: Tensor, step: PreparedStep): DeferredLora | false {
-    const b = this.backend;
-    if (!b.linearLoraDeferred) return false;
-    if (this.attached) return b.linearLoraDeferred(out, x, this.attached, this.stack, step);
-    return this.base.forwardLoraDeferred?.(out, x, this.stack, step) ?? false;
   }
 }

@@ -2,7 +2,7 @@
 // quantized later) and LoRA are different implementations of this one interface,
 // so the model code never knows which it is running.
 
-import type { Backend, DeferredLora, LoraStack, PreparedStep, Tensor } from "../backend/backend.js";
+import type { Backend, LoraStack, PreparedStep, Tensor } from "../backend/backend.js";
 
 /** The seven projections of a Llama-family decoder layer (PEFT's target_modules names). */
 export const PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] as const;
@@ -22,24 +22,6 @@ export interface Linear {
   /** Optional: forward plus the LoRA term of `stack` in one backend call where the backend
    * can (backend.ts linearQuantizedLora); false, having done nothing, where it cannot. */
   forwardLora?(out: Tensor, x: Tensor, stack: LoraStack, step: PreparedStep): boolean;
-  /** Optional: forwardLora with the expand left for the norm that reads `out` next
-   * (backend.ts linearLoraDeferred); false, having done nothing, where it cannot. */
-  forwardLoraDeferred?(out: Tensor, x: Tensor, stack: LoraStack, step: PreparedStep): DeferredLora | false;
-  /** Optional (LoRA linears): forward with the LoRA expand left for the addRmsnorm that reads
-   * `out` next, which must get the result; false, having done nothing, where it cannot. */
-  forwardDeferred?(out: Tensor, x: Tensor, step: PreparedStep): DeferredLora | false;
-}
-
-/**
- * Runs `lin` for an output that only an addRmsnorm reads next: the LoRA expand is left to
- * that norm where the linear and the backend can (returns the term to pass it), else a
- * plain forward (returns undefined).
- */
-export function forwardIntoNorm(lin: Linear, out: Tensor, x: Tensor, step: PreparedStep): DeferredLora | undefined {
-  const d = lin.forwardDeferred?.(out, x, step);
-  if (d) return d;
-  lin.forward(out, x, step);
-  return undefined;
 }
 
 export class DenseLinear implements Linear {

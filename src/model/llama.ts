@@ -6,9 +6,9 @@
 // that holds one layer's weights at a time (layer-streamed calibration,
 // quant/stream_capture.ts) runs the very ops `LlamaModel.forward` runs.
 
-import type { Backend, DeferredLora, KvCache, PreparedStep, Tensor } from "../backend/backend.js";
+import type { Backend, KvCache, PreparedStep, Tensor } from "../backend/backend.js";
 import type { ModelConfig } from "./config.js";
-import { DenseLinear, forwardIntoNorm, GROUP_NAMES, type Linear, type LinearGroup, type LinearWrapper } from "./linear.js";
+import { DenseLinear, GROUP_NAMES, type Linear, type LinearGroup, type LinearWrapper } from "./linear.js";
 import { ropeInvFreq } from "./rope.js";
 import type { LayerWeights, LlamaWeights } from "./weights.js";
 
@@ -113,20 +113,19 @@ export class DecoderLayer {
    * norm (`pending`), or the caller does (addRmsnorm). `pending`: s.hidden holds the
    * previous layer's output still to add. Attention reads and writes layer `kvLayer` of kv.
    */
-  forward(s: LayerScratch, step: PreparedStep, kv: KvCache, kvLayer: number, pending: boolean, pendingLora?: DeferredLora): DeferredLora | undefined {
+  forward(s: LayerScratch, step: PreparedStep, kv: KvCache, kvLayer: number, pending: boolean): void {
     const b = this.backend;
     const eps = this.config.rmsNormEps;
-    if (pending) b.addRmsnorm(s.normed, s.residual, s.hidden, this.inputNorm, eps, pendingLora);
+    if (pending) b.addRmsnorm(s.normed, s.residual, s.hidden, this.inputNorm, eps);
     else b.rmsnorm(s.normed, s.residual, this.inputNorm, eps);
     this.proj.qkv_proj.forward(s.qkv, s.normed, step);
     b.rope(s.q, s.k, s.v, s.qkv, this.rope.invFreq, this.config.headDim, step);
     b.attention(s.attn, s.q, s.k, s.v, kv, kvLayer, this.rope.attnScale, step);
-    // o and down feed only a norm, which can add their LoRA term itself (forwardIntoNorm).
-    const oLora = forwardIntoNorm(this.proj.o_proj, s.hidden, s.attn, step);
-    b.addRmsnorm(s.normed, s.residual, s.hidden, this.postAttnNorm, eps, oLora);
+    this.proj.o_proj.forward(s.hidden, s.attn, step);
+    b.addRmsnorm(s.normed, s.residual, s.hidden, this.postAttnNorm, eps);
     this.proj.gate_up_proj.forward(s.gateUp, s.normed, step);
     b.siluMul(s.act, s.gateUp);
-    return forwardIntoNorm(this.proj.down_proj, s.hidden, s.act, step);
+    this.proj.down_proj.forward(s.hidden, s.act, step);
   }
 }
 
@@ -171,9 +170,8 @@ export class LlamaModel {
     const s = scratchRows(b, this.#ws, n);
     b.embedding(s.residual, this.weights.embed, step);
     // Each layer leaves its MLP output pending; the next adds it, fused with its norm.
-    let pendingLora: DeferredLora | undefined;
-    for (const [l, layer] of this.#layers.entries()) pendingLora = layer.forward(s, step, kv, l, l > 0, pendingLora);
-    b.addRmsnorm(s.normed, s.residual, s.hidden, this.weights.norm, this.config.rmsNormEps, pendingLora);
+    for (const [l, layer] of this.#layers.entries()) layer.forward(s, step, kv, l, l > 0);
+    b.addRmsnorm(s.normed, s.residual, s.hidden, this.weights.norm, this.config.rmsNormEps);
     const last = b.rows(this.#ws.lastHidden, m);
     const logits = b.rows(this.#ws.logits, m);
     b.gatherRows(last, s.normed, step);

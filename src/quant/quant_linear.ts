@@ -3,7 +3,7 @@
 // (q/k/v, gate/up) into one quantized weight along the outputs, as the dense loader stacks
 // their rows (model/weights.ts).
 
-import type { Backend, DeferredLora, LoraStack, PreparedStep, QuantizedTensor, Tensor } from "../backend/backend.js";
+import type { Backend, LoraStack, PreparedStep, QuantizedTensor, Tensor } from "../backend/backend.js";
 import type { Linear } from "../model/linear.js";
 import { numGroups, type QuantizedWeight } from "./types.js";
 
@@ -28,12 +28,6 @@ export class QuantLinear implements Linear {
 
   forwardLora(out: Tensor, x: Tensor, stack: LoraStack, step: PreparedStep): boolean {
     return this.backend.linearQuantizedLora?.(out, x, this.weight, stack, step, this.bias) ?? false;
-  }
-
-  forwardLoraDeferred(out: Tensor, x: Tensor, stack: LoraStack, step: PreparedStep): DeferredLora | false {
-    // The deferred path has no bias: the norm adds the base output as the GEMM left it.
-    if (this.bias) return false;
-    return this.backend.linearLoraDeferred?.(out, x, this.weight, stack, step) ?? false;
   }
 }
 

@@ -209,10 +209,10 @@ export function streamCapture(backend: Backend, source: LayerSource, tasks: read
         for (const c of chunks[t]!) {
           const step = b.prepare(batches.get(c)!);
           const s = { ...scratchRows(b, scratch, c.tokens), residual: c.residual };
-          const pendingLora = layer.forward(s, step, kv, 0, false);
+          layer.forward(s, step, kv, 0, false);
           // The layer's MLP output joins this chunk's residual: the next layer's input. (The
           // norm written to s.normed is scratch; only the in-place add is wanted.)
-          b.addRmsnorm(s.normed, c.residual, s.hidden, resident.inputNorm, cfg.rmsNormEps, pendingLora);
+          b.addRmsnorm(s.normed, c.residual, s.hidden, resident.inputNorm, cfg.rmsNormEps);
           opts.onMemory?.();
         }
         if (sumMode) continue;

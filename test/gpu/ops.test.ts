@@ -610,66 +610,6 @@ if (reason !== null) {
       });
     }
 
-    // linearLoraDeferred + addRmsnorm(lora) (INLAID_LORA_FOLD=1): the linear leaves its expand
-    // to the norm after it (o and down in the model). Against the CPU's GEMM, lora, then
-    // addRmsnorm; bf16 (the stack attached to the weight) and 4-bit bases; one-split stacks.
-    LORA_CASES.flatMap((c, ci) => (c.dims ? [] : [false, true].map((quant) => ({ c, ci, quant })))).forEach(({ c, ci, quant }) => {
-      it(`linearLoraDeferred + addRmsnorm${quant ? ", 4-bit base" : ", bf16 base"}: ${c.label}`, () => {
-        const was = cuda.loraFold;
-        cuda.loraFold = true;
-        const { stack, step, n, w, ov, xv, free } = linearLoraCase(c);
-        const q = quant ? randomQuantized({ bits: 4, groupSize: 64, sym: true, descAct: false }, c.K, c.N, 500 + ci) : null;
-        const qc = q ? b.cpu.uploadQuantized!(q) : null, qg = q ? cuda.uploadQuantized(q) : null;
-        const res = b.tensor([n, c.N], f32Values(n * c.N, c.N + 5, 2), "f32");
-        const normed = b.tensor([n, c.N], new Float32Array(n * c.N).fill(SENTINEL), "bf16");
-        const nw = b.tensor([c.N], bf16Values(c.N, c.N + 6, 1.5), "bf16");
-        try {
-          if (!quant) expect(cuda.attachLoraStack!(stack.gpu, w.gpu), "the stack attaches").toBe(c.maxRank % 8 === 0);
-          const decodeOnly = c.seqs.every((s) => s.q === 1) && c.maxRank % 8 === 0;
-          const cpuStep = b.cpu.prepare(step), gpuStep = b.gpu.prepare(step);
-          if (qc) b.cpu.linearQuantized!(ov.cpu, xv.cpu, qc);
-          else b.cpu.linear(ov.cpu, xv.cpu, w.cpu);
-          const plain = Float32Array.from(b.cpu.read(ov.cpu) as Float32Array);
-          b.cpu.lora(ov.cpu, xv.cpu, stack.cpu, cpuStep);
-          const full = b.cpu.read(ov.cpu) as Float32Array;
-          const resBefore = Float32Array.from(b.cpu.read(res.cpu) as Float32Array);
-          b.cpu.addRmsnorm(normed.cpu, res.cpu, ov.cpu, nw.cpu, 1e-5);
-          const d = cuda.linearLoraDeferred(ov.gpu, xv.gpu, qg ?? w.gpu, stack.gpu, gpuStep);
-          expect(d !== false, "takes the decode-only steps").toBe(decodeOnly);
-          if (d) {
-            cuda.addRmsnorm(normed.gpu, res.gpu, ov.gpu, nw.gpu, 1e-5, d);
-            // Used once: a second LoRA linear in between makes the term stale (its t is gone).
-            const d2 = cuda.linearLoraDeferred(ov.gpu, xv.gpu, qg ?? w.gpu, stack.gpu, gpuStep);
-            expect(() => cuda.addRmsnorm(normed.gpu, res.gpu, ov.gpu, nw.gpu, 1e-5, d)).toThrow(/another LoRA linear ran/);
-            expect(d2).not.toBe(false);
-          } else {
-            if (qg) cuda.linearQuantized(ov.gpu, xv.gpu, qg);
-            else cuda.linear(ov.gpu, xv.gpu, w.gpu);
-            cuda.lora(ov.gpu, xv.gpu, stack.gpu, gpuStep);
-            cuda.addRmsnorm(normed.gpu, res.gpu, ov.gpu, nw.gpu, 1e-5);
-          }
-          // The residual holds r + base + term: as the linear's own tolerance, scaled to the output.
-          let maxAbs = 0, term = 0;
-          for (let i = 0; i < full.length; i++) {
-            maxAbs = Math.max(maxAbs, Math.abs(full[i]!));
-            term = Math.max(term, Math.abs(full[i]! - plain[i]!));
-          }
-          const tol = 1e-4 * maxAbs + (decodeOnly ? 0 : 2 ** -8 * maxAbs);
-          if (d) expect(term, "the LoRA term is visible at this tolerance").toBeGreaterThan(5 * tol);
-          const r = b.read(res);
-          expectClose(`fold residual ${c.label}`, r.gpu, r.cpu, tol + 1e-6 * Math.max(...resBefore.map(Math.abs)), 0);
-          const o = b.read(normed);
-          expectClose(`fold normed ${c.label}`, o.gpu, o.cpu, 1e-3, 2 ** -7);
-        } finally {
-          cuda.loraFold = was;
-          b.free(res, normed, nw);
-          free();
-          if (qc) b.cpu.freeQuantized!(qc);
-          if (qg) cuda.freeQuantized(qg);
-        }
-      });
-    });
-
     // linearQuantizedLora (INLAID_QGEMM_LORA, on by default): the low-bit GEMM's launch also makes
     // the shrink of the step's slots (quant_gemm_lora_*), then the expand in place. Against the
     // CPU's dequantized matmul then `lora`; bit widths vary by case (2 and 3 bits at 4 warps per

@@ -3,7 +3,7 @@
 // except in the matmul, which dominates and is blocked (matmul.ts).
 
 import type {
-  DeferredLora, Backend, HostTensor, KvCache, KvCacheSpec, LoraStack, PreparedStep, QuantizedTensor, SampleResult, StepBatch, Tensor,
+  Backend, HostTensor, KvCache, KvCacheSpec, LoraStack, PreparedStep, QuantizedTensor, SampleResult, StepBatch, Tensor,
 } from "../backend.js";
 import { dequantize, type QuantBits, type QuantizedWeight } from "../../quant/types.js";
 import { loraOutDims, numel, toF32, type DType, type Shape } from "../tensor.js";
@@ -149,9 +149,7 @@ export class CpuBackend implements Backend {
     for (let r = 0; r < n; r++) rmsnormRow(o, xv, wv, r * H, H, eps);
   }
 
-  addRmsnorm(out: Tensor, residual: Tensor, x: Tensor, w: Tensor, eps: number, lora?: DeferredLora): void {
-    // This backend has no linearLoraDeferred, so no term can come from it.
-    if (lora) throw new Error("cpu addRmsnorm: a deferred LoRA term comes from another backend's linearLoraDeferred");
+  addRmsnorm(out: Tensor, residual: Tensor, x: Tensor, w: Tensor, eps: number): void {
     const [n, H] = dims2(x);
     const o = cpu(out).f32, res = cpu(residual).f32, xv = cpu(x).f32, wv = cpu(w).f32;
     for (let i = 0; i < n * H; i++) res[i] = res[i]! + xv[i]!;

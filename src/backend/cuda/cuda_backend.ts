@@ -64,7 +64,7 @@
 // unusable: the backend then refuses all further work with that first error.
 
 import type {
-  Backend, DeferredLora, HostTensor, KvCache, KvCacheSpec, LoraStack, PendingSample, PreparedStep, QuantizedTensor, SampleResult, StepBatch, Tensor,
+  Backend, HostTensor, KvCache, KvCacheSpec, LoraStack, PendingSample, PreparedStep, QuantizedTensor, SampleResult, StepBatch, Tensor,
 } from "../backend.js";
 import type { QuantBits, QuantizedWeight, QuantSpec } from "../../quant/types.js";
 import { uniform } from "../rng.js";
@@ -232,20 +232,6 @@ interface Graph {
   readonly out: CudaTensor;
   /** Kernel and copy nodes: a launch's host cost grows with them. */
   readonly nodes: number;
-}
-
-/** linearLoraDeferred's result: where the base output lives and the term still to add. */
-class CudaDeferredLora implements DeferredLora {
-  readonly deferredLora = true as const;
-  constructor(
-    readonly owner: object,
-    /** The base output (its cols: the row stride; the bf16 path's widened GEMM output). */
-    readonly base: Operand,
-    /** The shrink t [rows, ldT] and the stack and step to expand it with; null: no adapter row. */
-    readonly term: { readonly t: bigint; readonly ldT: number; readonly lora: DeviceLora; readonly run: StepRun } | null,
-    /** The backend's LoRA scratch generation when made (a later LoRA linear overwrites t). */
-    readonly generation: number,
-  ) {}
 }
 
 const DEFAULT_WORKSPACE = 32 << 20;
@@ -996,27 +982,6 @@ export class CudaBackend implements Backend {
    * base + the row's LoRA term. A step without adapter rows is the plain GEMM.
    */
   linearLora(out: Tensor, x: Tensor, weight: Tensor, stack: LoraStack, step: PreparedStep): boolean {
-    return this.#linearLora(out, x, weight, stack, step, false) !== false;
-  }
-
-  /**
-   * Whether linearLoraDeferred takes steps (INLAID_LORA_FOLD=1; experimental, not measured
-   * yet): the expand of one-split stacks (o, down) folded into the addRmsnorm after them.
-   */
-  loraFold = process.env.INLAID_LORA_FOLD === "1";
-  /** Bumped by every LoRA linear that writes the LoRA scratch (a deferred term reads it). */
-  #loraGeneration = 0;
-
-  /** backend.ts linearLoraDeferred: linearLora / linearQuantizedLora without the expand (see loraFold). */
-  linearLoraDeferred(out: Tensor, x: Tensor, w: Tensor | QuantizedTensor, stack: LoraStack, step: PreparedStep): DeferredLora | false {
-    if (!this.loraFold || this.#lora(stack).outDims.length !== 1) return false;
-    const r = w instanceof CudaQuantTensor
-      ? this.#linearQuantizedLora(out, x, w, stack, step, undefined, true)
-      : this.#linearLora(out, x, w as Tensor, stack, step, true);
-    return r instanceof CudaDeferredLora ? r : false;
-  }
-
-  #linearLora(out: Tensor, x: Tensor, weight: Tensor, stack: LoraStack, step: PreparedStep, defer: boolean): boolean | CudaDeferredLora {
     this.#enter();
     const s = this.#lora(stack), w = this.#t(weight);
     if (s.attachedTo !== w) return false;
@@ -1030,18 +995,15 @@ export class CudaBackend implements Backend {
     const K = s.inDim, N = s.outDim;
     if (xo.cols !== K || o.cols !== N) throw new Error(`linearLora: x must have ${K} columns and out ${N} (got ${xo.cols}, ${o.cols})`);
     const n = Math.min(o.rowsCap, xo.rowsCap);
-    const ld = N + slots * s.outDims.length * s.maxRank;
-    if (slots > 0 && n * ld * 4 > wide.bytes) return false;
-    this.#loraGeneration++;
     if (slots === 0) {
       this.#blas.matmul(o.ptr, "f32", xo.ptr, w.ptr, n, N, K);
-      return defer ? new CudaDeferredLora(this, o, null, this.#loraGeneration) : true;
+      return true;
     }
+    const ld = N + slots * s.outDims.length * s.maxRank;
+    if (n * ld * 4 > wide.bytes) return false;
     this.#blas.matmul(wide.ptr, "f32", xo.ptr, w.ptr, n, ld, K, 0n, ld, null);
     const base: Operand = { ptr: wide.ptr, dtype: "f32", cols: ld, rowsCap: n, liveRows: o.liveRows };
-    const t = wide.ptr + BigInt(N * 4);
-    if (defer) return new CudaDeferredLora(this, base, { t, ldT: ld, lora: dl, run: p.run }, this.#loraGeneration);
-    this.#ops.loraExpandSlots(o, base, t, ld, dl, p.run);
+    this.#ops.loraExpandSlots(o, base, wide.ptr + BigInt(N * 4), ld, dl, p.run);
     return true;
   }
 
@@ -1061,12 +1023,6 @@ export class CudaBackend implements Backend {
    * quantFusedMaxRows, and what the all-slots path declines (loraSlotsPath).
    */
   linearQuantizedLora(out: Tensor, x: Tensor, w: QuantizedTensor, stack: LoraStack, step: PreparedStep, bias?: Tensor): boolean {
-    return this.#linearQuantizedLora(out, x, w, stack, step, bias, false) !== false;
-  }
-
-  #linearQuantizedLora(
-    out: Tensor, x: Tensor, w: QuantizedTensor, stack: LoraStack, step: PreparedStep, bias: Tensor | undefined, defer: boolean,
-  ): boolean | CudaDeferredLora {
     this.#enter();
     if (!this.quantLoraFused) return false;
     const s = this.#lora(stack), q = this.#q(w).dev;
@@ -1083,8 +1039,7 @@ export class CudaBackend implements Backend {
     if (slots === 0) {
       // No adapter row: the plain low-bit GEMM (a graph's key carries the slot bucket, 0 here).
       this.linearQuantized(out, x, w, bias);
-      this.#loraGeneration++;
-      return defer ? new CudaDeferredLora(this, this.#operand(out), null, this.#loraGeneration) : true;
+      return true;
     }
     const t = this.#scratch.get("lora_slots_t");
     const cols = slots * s.outDims.length * s.maxRank;
@@ -1093,11 +1048,9 @@ export class CudaBackend implements Backend {
     const plan = this.#quantPlan(q, n, o.ptr, xi.ptr, live, b);
     // A is [numSlots][splits][maxRank][K]: its first `slots` slots are a [cols, K] weight.
     const shrink = { a: s.a, t: t.ptr, cols, ldT: cols };
-    this.#loraGeneration++;
     if (!fusedCarriesShrink(q.bits, plan.warps)) return false;
     this.#quant.fused(o.ptr, xi.ptr, live, n, q, b, 0n, 0n, plan, shrink);
     const oo = this.#operand(out);
-    if (defer) return new CudaDeferredLora(this, oo, { t: t.ptr, ldT: cols, lora: dl, run: p.run }, this.#loraGeneration);
     this.#ops.loraExpandSlots(oo, oo, t.ptr, cols, dl, p.run);
     return true;
   }
@@ -1164,24 +1117,9 @@ export class CudaBackend implements Backend {
     this.#ops.rmsnorm(this.#operand(out), this.#operand(x), this.#operand(w), eps);
   }
 
-  addRmsnorm(out: Tensor, residual: Tensor, x: Tensor, w: Tensor, eps: number, lora?: DeferredLora): void {
+  addRmsnorm(out: Tensor, residual: Tensor, x: Tensor, w: Tensor, eps: number): void {
     this.#enter();
-    if (!lora) {
-      this.#ops.addRmsnorm(this.#operand(out), this.#operand(residual), this.#operand(x), this.#operand(w), eps);
-      return;
-    }
-    if (!(lora instanceof CudaDeferredLora) || lora.owner !== this) throw new Error("addRmsnorm: the deferred LoRA term does not come from this CUDA backend");
-    if (lora.generation !== this.#loraGeneration) {
-      throw new Error("addRmsnorm: another LoRA linear ran after the one whose term was deferred (its shrink output is gone); run the norm right after that linear");
-    }
-    const o = this.#operand(out), r = this.#operand(residual), xi = this.#operand(x);
-    if (xi.cols !== r.cols) throw new Error(`addRmsnorm: x has ${xi.cols} columns, the residual ${r.cols}`);
-    if (!lora.term) {
-      this.#ops.addRmsnorm(o, r, lora.base, this.#operand(w), eps);
-      return;
-    }
-    const { t, ldT, lora: dl, run } = lora.term;
-    this.#ops.addRmsnormLora(o, r, lora.base, this.#operand(w), eps, t, ldT, dl, run);
+    this.#ops.addRmsnorm(this.#operand(out), this.#operand(residual), this.#operand(x), this.#operand(w), eps);
   }
 
   linear(out: Tensor, x: Tensor, w: Tensor, bias?: Tensor, accumulate = false): void {

@@ -123,9 +123,6 @@ export interface DeviceOps {
   embedding(out: Operand, table: Operand, run: StepRun): void;
   rmsnorm(out: Operand, x: Operand, w: Operand, eps: number): void;
   addRmsnorm(out: Operand, residual: Operand, x: Operand, w: Operand, eps: number): void;
-  /** addRmsnorm with x' = x + the expand of t (loraExpandSlots' term) for a one-split stack;
-   * x may be wider than the residual (x.cols: its row stride). Decode-only steps. */
-  addRmsnormLora(out: Operand, residual: Operand, x: Operand, w: Operand, eps: number, t: bigint, ldT: number, stack: DeviceLora, run: StepRun): void;
   /** write: out = the LoRA term on every launch row (0 without an adapter) instead of
    * out += it; only where loraWrites says so (else the caller zeroes out, then adds). */
   lora(out: Operand, x: Operand, stack: DeviceLora, run: StepRun, write?: boolean): void;
@@ -163,7 +160,6 @@ export function unavailableOps(reason: string): DeviceOps {
     embedding: fail("embedding"),
     rmsnorm: fail("rmsnorm"),
     addRmsnorm: fail("addRmsnorm"),
-    addRmsnormLora: fail("addRmsnormLora"),
     lora: fail("lora"),
     loraWrites: () => false,
     loraSlotsPath: () => false,

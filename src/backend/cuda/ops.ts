@@ -66,7 +66,7 @@ export const SUPPORTED_HEAD_DIMS: readonly number[] = [32, 64, 80, 96, 128];
  * start while its predecessor finishes (INLAID_PDL=0 turns it off).
  */
 export const PDL_KERNELS: ReadonlySet<string> = new Set([
-  "embedding_bf16_f32", "gather_rows_bf16", "rmsnorm_f32_bf16", "add_rmsnorm_f32_bf16", "add_rmsnorm_lora_f32_bf16", "rope_qkv_f32",
+  "embedding_bf16_f32", "gather_rows_bf16", "rmsnorm_f32_bf16", "add_rmsnorm_f32_bf16", "rope_qkv_f32",
   "kv_cache_write_f32", "silu_mul_f32_bf16", "sample_rows",
   ...[32, 64, 80, 96, 128].flatMap((d) => [`attn_prefill_d${d}`, `attn_decode_d${d}`]),
   "lora_bgmv_fused", "lora_bgmv_shrink", "lora_bgmv_expand", "lora_bgmv_expand_slots", "lora_sgmv_expand",
@@ -117,7 +117,7 @@ const decodeGroups = (numHeads: number, numKvHeads: number): number =>
 export function kernelNames(): string[] {
   const attn = SUPPORTED_HEAD_DIMS.flatMap((d) => [`attn_prefill_d${d}`, `attn_decode_d${d}`]);
   return [
-    "embedding_bf16_f32", "gather_rows_bf16", "rmsnorm_f32_bf16", "add_rmsnorm_f32_bf16", "add_rmsnorm_lora_f32_bf16", "rope_qkv_f32", "silu_mul_f32_bf16",
+    "embedding_bf16_f32", "gather_rows_bf16", "rmsnorm_f32_bf16", "add_rmsnorm_f32_bf16", "rope_qkv_f32", "silu_mul_f32_bf16",
     "kv_cache_write_f32", ...attn,
     "lora_bgmv_fused", "lora_bgmv_shrink", "lora_bgmv_expand", "lora_bgmv_expand_slots", "lora_sgmv_shrink_r16", "lora_sgmv_shrink_r32", "lora_sgmv_shrink_r64", "lora_sgmv_expand",
     "sample_rows",
@@ -277,31 +277,6 @@ export class CudaOps implements DeviceOps {
     // As rmsnorm: one CTA per row, one 8-element chunk per thread.
     this.#launch("add_rmsnorm_f32_bf16", [rows, 1, 1], [threadsFor(x.cols / 8, 1024), 1, 1], 0, [
       ptr(out.ptr), ptr(residual.ptr), ptr(x.ptr), ptr(w.ptr), ptr(residual.liveRows), i32(rows), i32(x.cols), f32(eps),
-    ]);
-  }
-
-  /**
-   * addRmsnorm with the expand of a decode step's LoRA term folded in (kernels/norm.cu
-   * add_rmsnorm_lora_f32_bf16): residual += x + scale_s * B_s t[i, s]; out = rmsnorm(residual) * w.
-   * x's rows may be wider than the residual's (x.cols is its row stride: the bf16 path's
-   * widened GEMM output); t f32 [rows, ldT] from the all-slots shrink of a one-split stack.
-   */
-  addRmsnormLora(out: Operand, residual: Operand, x: Operand, w: Operand, eps: number, t: DevicePtr, ldT: number, stack: DeviceLora, run: StepRun): void {
-    const op = "addRmsnormLora";
-    this.#normChecks(op, out, residual, w);
-    dtype(op, "residual", residual, "f32");
-    dtype(op, "x", x, "f32");
-    need((run as StepRun & StepKinds).hasPrefill === false, op, "step", "only decode-only steps fold the LoRA expand into the norm");
-    need(stack.outDims.length === 1 && stack.outDim === residual.cols, op, "shape",
-      `the LoRA stack must have one output split of ${residual.cols} columns (got ${stack.outDims.join(" + ")})`);
-    need(stack.maxRank % 8 === 0, op, "rank", `the stack's max rank ${stack.maxRank} must be a multiple of 8`);
-    need(x.cols >= residual.cols && x.cols % 4 === 0, op, "shape", `x's row stride ${x.cols} must cover the ${residual.cols} columns and keep 16-byte rows`);
-    need(ldT >= stack.maxRank && ldT % 4 === 0, op, "t", `t's row stride ${ldT} must hold a slot's ranks and keep 16-byte rows`);
-    const rows = Math.min(out.rowsCap, residual.rowsCap, x.rowsCap);
-    // One CTA per row; at most 512 threads (the kernel's launch bounds), chunks of 8 each.
-    this.#launch("add_rmsnorm_lora_f32_bf16", [rows, 1, 1], [threadsFor(residual.cols / 8, 512), 1, 1], 0, [
-      ptr(out.ptr), ptr(residual.ptr), ptr(x.ptr), ptr(w.ptr), ptr(residual.liveRows), i32(rows), i32(residual.cols), i32(x.cols), f32(eps),
-      ptr(t), i32(ldT), ptr(stack.b), ptr(stack.ranks), ptr(stack.scales), ptr(run.step.loraSlots), ptr(run.step.counts), i32(stack.maxRank),
     ]);
   }
 
