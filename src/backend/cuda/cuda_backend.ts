@@ -449,10 +449,9 @@ export class CudaBackend implements Backend {
         ? await buildKernels({
           files, arch, ...(opts.kernelsDir ? { dir: opts.kernelsDir } : {}), ...(opts.cacheDir ? { cacheDir: opts.cacheDir } : {}),
           // Switches compiled in by environment: PDL kernels trigger their dependents after
-          // their wait unless told not to (kernels/common.cuh); the expand's early loads (lora.cu).
+          // their wait unless told not to (kernels/common.cuh).
           extraOptions: [
             ...(process.env.INLAID_PDL_TRIGGER === "0" ? ["-DINLAID_PDL_TRIGGER=0"] : []),
-            ...(["0", "1", "2"].includes(process.env.INLAID_EXPAND_EARLY ?? "") ? [`-DINLAID_EXPAND_EARLY=${process.env.INLAID_EXPAND_EARLY}`] : []),
           ],
         })
         : [];

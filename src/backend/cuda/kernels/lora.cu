@@ -415,15 +415,20 @@ extern "C" __global__ void __launch_bounds__(128) lora_bgmv_expand(float* __rest
 // thread was faster with adapters and slower without (the copy of rows without one, with
 // 4x the CTAs); 8 contiguous outputs per thread was slower with adapters.
 // out[i] = base[i] + scale * B t (base may be out itself: rows without an adapter are then
-// left untouched; otherwise they copy base). The first 16 ranks of the threads' B rows load
-// before the PDL wait (adapter weights are fixed during a step).
+// left untouched; otherwise they copy base). After a cuBLASLt GEMM (no early trigger) this
+// kernel starts only when the GEMM has ended, so each round of dependent loads is on the
+// step's critical path; there are two: (1) the live count and the row's slot (row < cap, so
+// loraSlots[row] is in bounds), before the PDL wait with (2a) the ranks, scales and B's first
+// 16 ranks (adapter weights are fixed during a step; B rows hold maxRank entries, so those
+// loads are in bounds, and ranks past an adapter's own are masked), then after the wait
+// (2b) t's row and (copying only) base. In place, the sum goes out as one reduction
+// (red.global.add: no read of out, still one add per element, so deterministic). H100,
+// bench/kernels.ts, 32 rows, rank 16, o 4096 -> 4096: the LoRA time over the GEMM 7.14 ->
+// 6.19 us with 32 adapters, 5.22 -> 4.09 us with 8, against the session-5 schedule (four
+// rounds before the wait, one after); the 7B decode step unchanged (7.628 against 7.635 ms).
 namespace {
 constexpr int kExpandPer = 4;  // outputs per thread, 128 apart
 }  // namespace
-// Which load schedule (see below): 0 by default (the session-5 kernel); 1 and 2 to compare.
-#ifndef INLAID_EXPAND_EARLY
-#define INLAID_EXPAND_EARLY 0
-#endif
 
 extern "C" __global__ void __launch_bounds__(128)
     lora_bgmv_expand_slots(float* __restrict__ out, const float* base, const float* __restrict__ t, const bf16* __restrict__ B,
@@ -432,53 +437,27 @@ extern "C" __global__ void __launch_bounds__(128)
                            int o2, int o3) {
   const int row = blockIdx.y;
   const int n0 = blockIdx.x * (128 * kExpandPer) + threadIdx.x;
-#if INLAID_EXPAND_EARLY >= 1
-  // Experimental (INLAID_EXPAND_EARLY=1 or 2 in the environment; not measured yet). Mode 1:
-  // two rounds of loads before the wait instead of four: the live count and the row's slot
-  // together (row < cap, so loraSlots[row] is in bounds), then the ranks and B's first 16
-  // ranks together (B rows hold maxRank entries, so those loads are in bounds; ranks past an
-  // adapter's own are masked below). Mode 2: two rounds of dependent loads in all. After a
-  // cuBLASLt GEMM (no early trigger) this kernel starts only when the GEMM has ended, so
-  // every round is on the step's critical path: (1) the live count and the row's slot; (2)
-  // the ranks, scales, B's rows, t's row and (copying only) base, all independent of each
-  // other. In place, the sum goes out as one reduction (red.global.add: no read of out, and
-  // still one add per element, so deterministic).
   const int live = counts[0], rowSlot = loraSlots[row];
   const int slot = row < min(live, cap) ? rowSlot : -1;
-#else
-  const int slot = row_slot(loraSlots, nullptr, counts, 0, cap, row, 1, true);
-#endif
   int js[kExpandPer], rk[kExpandPer];
-  uint4 b0[kExpandPer], b1[kExpandPer];  // ranks [0, 16) of each output's B row
-#if INLAID_EXPAND_EARLY == 2
   float sc[kExpandPer];
-#endif
+  uint4 b0[kExpandPer], b1[kExpandPer];  // ranks [0, 16) of each output's B row
 #pragma unroll
   for (int e = 0; e < kExpandPer; e++) {
     const int n = n0 + e * 128;
     js[e] = 0;
     rk[e] = 0;
-#if INLAID_EXPAND_EARLY == 2
     sc[e] = 0.f;
-#endif
     b0[e] = b1[e] = make_uint4(0u, 0u, 0u, 0u);
     if (slot >= 0 && n < N) {
       js[e] = (S > 3 && n >= o3) ? 3 : (S > 2 && n >= o2) ? 2 : (S > 1 && n >= o1) ? 1 : 0;
       rk[e] = ranks[slot * S + js[e]];
-#if INLAID_EXPAND_EARLY == 2
       sc[e] = scales[slot * S + js[e]];
-#endif
       const uint4* bb = reinterpret_cast<const uint4*>(B + ((long long)slot * N + n) * maxRank);
-#if INLAID_EXPAND_EARLY >= 1
       b0[e] = bb[0];
       if (maxRank > 8) b1[e] = bb[1];
-#else
-      if (rk[e] > 0) b0[e] = bb[0];
-      if (rk[e] > 8) b1[e] = bb[1];
-#endif
     }
   }
-#if INLAID_EXPAND_EARLY == 2
   pdl_wait();
   float* dstRow = out + (long long)row * N;
   const float* srcRow = base + (long long)row * ldBase;
@@ -525,40 +504,6 @@ extern "C" __global__ void __launch_bounds__(128)
       dstRow[n] = rank > 0 ? v[e] + sc[e] * acc : v[e];
     }
   }
-#else
-  pdl_wait();
-  float* dstRow = out + (long long)row * N;
-  const float* srcRow = base + (long long)row * ldBase;
-  const bool inPlace = srcRow == dstRow;
-  float v[kExpandPer];
-#pragma unroll
-  for (int e = 0; e < kExpandPer; e++) {
-    const int n = n0 + e * 128;
-    v[e] = n < N && (rk[e] > 0 || !inPlace) ? srcRow[n] : 0.f;
-  }
-#pragma unroll
-  for (int e = 0; e < kExpandPer; e++) {
-    const int n = n0 + e * 128, rank = rk[e];
-    if (n >= N || (rank <= 0 && inPlace)) continue;
-    if (rank > 0) {
-      const float* tj = t + (long long)row * ldT + (slot * S + js[e]) * maxRank;
-      const uint4* bb = reinterpret_cast<const uint4*>(B + ((long long)slot * N + n) * maxRank);
-      float acc = 0.f;
-      for (int r0 = 0; r0 < rank; r0 += 8) {
-        const uint4 bv = r0 == 0 ? b0[e] : r0 == 8 ? b1[e] : bb[r0 / 8];
-        const float4 t0 = reinterpret_cast<const float4*>(tj + r0)[0], t1 = reinterpret_cast<const float4*>(tj + r0)[1];
-        const float tt[8] = {t0.x, t0.y, t0.z, t0.w, t1.x, t1.y, t1.z, t1.w};
-        float bf[8];
-        unpack8(bv, bf);
-        // Masked, not multiplied by zero: values past the rank could hold NaN bits.
-#pragma unroll
-        for (int q = 0; q < 8; q++) acc = fmaf(r0 + q < rank ? bf[q] : 0.f, r0 + q < rank ? tt[q] : 0.f, acc);
-      }
-      v[e] += scales[slot * S + js[e]] * acc;
-    }
-    dstRow[n] = v[e];
-  }
-#endif
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 || !defined(__CUDA_ARCH__)
