@@ -506,6 +506,120 @@ extern "C" __global__ void __launch_bounds__(128)
   }
 }
 
+// The same expand, slot-major (INLAID_EXPAND_BY_SLOT=1; experimental, not measured yet): grid
+// (ceil(N / 512), numSlots + copy), CTA (x, s) serves the outputs x*512 .. of every row whose
+// slot is s, and with copy (base is not out) CTA (x, numSlots) copies base to out for the rows
+// without a slot (or past the live count). A CTA knows its slot before loading anything, so
+// B's first 16 ranks, the ranks and scales load in the same round as the live count and the
+// rows' slots (one round before the PDL wait where the row-major kernel has two dependent
+// ones). After the wait the CTA stages t of up to kBySlotRows of its rows in shared memory
+// (t[row, s*S*maxRank .. + S*maxRank)) with each thread's base values, then adds
+// scale * B t per row; in place as one red.global.add per element (deterministic).
+// Shared memory (dynamic, ops.ts bySlotSmemBytes): rows i32 [cap] padded to 16 bytes, then
+// t f32 [kBySlotRows][S * maxRank]. Rows are served in the order the CTA found them (an
+// atomic counter); each output still gets exactly one add.
+namespace {
+constexpr int kBySlotRows = 8;
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(128)
+    lora_bgmv_expand_by_slot(float* __restrict__ out, const float* base, const float* __restrict__ t, const bf16* __restrict__ B,
+                             const int* __restrict__ ranks, const float* __restrict__ scales, const int* __restrict__ loraSlots,
+                             const int* __restrict__ counts, int cap, int N, int ldBase, int ldT, int maxRank, int S, int o1,
+                             int o2, int o3, int numSlots) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ int found;
+  const int g = blockIdx.y;  // a slot, or numSlots: the rows without one
+  const int n0 = blockIdx.x * (128 * kExpandPer) + threadIdx.x;
+  const int SR = S * maxRank;
+  int* rowsOf = reinterpret_cast<int*>(smem);
+  float* tS = reinterpret_cast<float*>(smem + ((cap * 4 + 15) & ~15));
+  if (threadIdx.x == 0) found = 0;
+  int js[kExpandPer], rk[kExpandPer];
+  float sc[kExpandPer];
+  uint4 b0[kExpandPer], b1[kExpandPer];  // ranks [0, 16) of each output's B row of slot g
+#pragma unroll
+  for (int e = 0; e < kExpandPer; e++) {
+    const int n = n0 + e * 128;
+    js[e] = 0;
+    rk[e] = 0;
+    sc[e] = 0.f;
+    b0[e] = b1[e] = make_uint4(0u, 0u, 0u, 0u);
+    if (g < numSlots && n < N) {
+      js[e] = (S > 3 && n >= o3) ? 3 : (S > 2 && n >= o2) ? 2 : (S > 1 && n >= o1) ? 1 : 0;
+      rk[e] = ranks[g * S + js[e]];
+      sc[e] = scales[g * S + js[e]];
+      const uint4* bb = reinterpret_cast<const uint4*>(B + ((long long)g * N + n) * maxRank);
+      b0[e] = bb[0];
+      if (maxRank > 8) b1[e] = bb[1];
+    }
+  }
+  __syncthreads();  // found = 0 before anyone counts
+  const int live = min(counts[0], cap);
+  for (int r = threadIdx.x; r < cap; r += blockDim.x) {
+    const int sr = loraSlots[r];
+    const bool mine = g < numSlots ? r < live && sr == g : r >= live || sr < 0 || sr >= numSlots;
+    if (mine) rowsOf[atomicAdd(&found, 1)] = r;
+  }
+  __syncthreads();
+  pdl_wait();
+  const int m = found;
+  const bool inPlace = base == out;
+  for (int c0 = 0; c0 < m; c0 += kBySlotRows) {
+    const int mc = min(kBySlotRows, m - c0);
+    if (g < numSlots) {
+      const int q4 = SR / 4;  // float4s of one row's t slice (S * maxRank is a multiple of 8)
+      for (int i = threadIdx.x; i < mc * q4; i += blockDim.x) {
+        const int k = i / q4, q = i - k * q4;
+        reinterpret_cast<float4*>(tS)[i] = reinterpret_cast<const float4*>(t + (long long)rowsOf[c0 + k] * ldT + g * SR)[q];
+      }
+    }
+    float v[kBySlotRows][kExpandPer];
+#pragma unroll
+    for (int k = 0; k < kBySlotRows; k++) {
+      const int row = k < mc ? rowsOf[c0 + k] : 0;
+#pragma unroll
+      for (int e = 0; e < kExpandPer; e++) {
+        const int n = n0 + e * 128;
+        v[k][e] = k < mc && n < N && !inPlace ? base[(long long)row * ldBase + n] : 0.f;
+      }
+    }
+    __syncthreads();  // t staged
+#pragma unroll
+    for (int k = 0; k < kBySlotRows; k++) {
+      if (k >= mc) break;
+      float* dstRow = out + (long long)rowsOf[c0 + k] * N;
+#pragma unroll
+      for (int e = 0; e < kExpandPer; e++) {
+        const int n = n0 + e * 128, rank = rk[e];
+        if (n >= N) continue;
+        if (rank <= 0) {
+          if (!inPlace) dstRow[n] = v[k][e];  // the copy group, or a split without an adapter
+          continue;
+        }
+        const float* tr = tS + k * SR + js[e] * maxRank;
+        float acc = 0.f, bf[8];
+        unpack8(b0[e], bf);
+        // Masked, not multiplied by zero: values past the rank could hold NaN bits.
+#pragma unroll
+        for (int q = 0; q < 8; q++) acc = fmaf(q < rank ? bf[q] : 0.f, q < rank ? tr[q] : 0.f, acc);
+        unpack8(b1[e], bf);
+#pragma unroll
+        for (int q = 0; q < 8; q++) acc = fmaf(8 + q < rank ? bf[q] : 0.f, 8 + q < rank ? tr[8 + q] : 0.f, acc);
+        const uint4* bb = reinterpret_cast<const uint4*>(B + ((long long)g * N + n) * maxRank);
+        for (int r0 = 16; r0 < rank; r0 += 8) {
+          unpack8(bb[r0 / 8], bf);
+#pragma unroll
+          for (int q = 0; q < 8; q++) acc = fmaf(r0 + q < rank ? bf[q] : 0.f, r0 + q < rank ? tr[r0 + q] : 0.f, acc);
+        }
+        if (inPlace) atomicAdd(dstRow + n, sc[e] * acc);
+        else dstRow[n] = v[k][e] + sc[e] * acc;
+      }
+    }
+    __syncthreads();  // before the next chunk's t overwrites this one's
+  }
+}
+
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 || !defined(__CUDA_ARCH__)
 namespace {
 constexpr int kCluster = 8;
