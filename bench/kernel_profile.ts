@@ -40,7 +40,7 @@ export function sumProfile(text: string): KernelTotal[] {
     const col = (name: string): string => f[header!.indexOf(name)] ?? "";
     if (col("Metric Name") !== "gpu__time_duration.sum") continue;
     const unit = col("Metric Unit"), raw = Number(col("Metric Value").replace(/,/g, ""));
-    const us = unit === "nsecond" ? raw / 1e3 : unit === "usecond" ? raw : unit === "msecond" ? raw * 1e3 : NaN;
+    const us = unit === "nsecond" || unit === "ns" ? raw / 1e3 : unit === "usecond" || unit === "us" ? raw : unit === "msecond" || unit === "ms" ? raw * 1e3 : NaN;
     if (!Number.isFinite(us)) throw new Error(`kernel_profile: unknown duration unit "${unit}"`);
     const kernel = col("Kernel Name"), grid = col("Grid Size"), block = col("Block Size");
     const key = `${kernel}|${grid}|${block}`;

@@ -9,7 +9,8 @@
 #   lora      bench/kernels.ts --only lora (decode LoRA microbenchmarks)
 #   quantize  the `inlaid quantize` CLI itself on the demo, on the GPU, then its eval
 #   profile   ncu's duration of every kernel of a short `inlaid bench` ($PROFILE_CONFIG, default
-#             llama-2-7b-gptq4; 8 adapters, 4 tokens), one CSV; bench/kernel_profile.ts sums it
+#             llama-2-7b-gptq4; 8 adapters, prompt 16, 8 tokens, eager decode steps), one CSV;
+#             bench/kernel_profile.ts sums it
 #   qgemm     ncu's throughput, stall and occupancy sections of one 4-bit GEMM at 32 rows (up)
 # SUITE_TIMEOUT / VARIANTS_TIMEOUT (seconds, default 330 / 300) bound those stages.
 # A stage that fails does not stop the others; the exit status is the number that failed.
@@ -57,8 +58,10 @@ for stage in "$@"; do
       # time of each kind, not the step's wall time. Caches are left warm as in a real step.
       ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       cfg=${PROFILE_CONFIG:-llama-2-7b-gptq4}
-      run "profile-$cfg" 300 "$ncu" --clock-control none --cache-control none --metrics gpu__time_duration.sum --csv \
-        node --import tsx src/cli/main.ts bench --config "$cfg" --device cuda --json --gen 4
+      # Decode steps run eagerly (INLAID_CUDA_GRAPHS=0): ncu does not see the kernels of graphs
+      # launched from the device, and a short prompt keeps prefill out of the way.
+      INLAID_CUDA_GRAPHS=0 run "profile-$cfg" 300 "$ncu" --clock-control none --cache-control none --metrics gpu__time_duration.sum --csv \
+        node --import tsx src/cli/main.ts bench --config "$cfg" --device cuda --json --gen 8 --prompt-len 16
       grep -c '"gpu__time_duration.sum"' "$out/profile-$cfg.log" ;;
     qgemm)
       ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
