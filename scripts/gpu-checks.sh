@@ -11,7 +11,7 @@
 #   profile   ncu's duration of every kernel of a short `inlaid bench` ($PROFILE_CONFIG, default
 #             llama-2-7b-gptq4; 8 adapters, prompt 16, 8 tokens, eager decode steps), one CSV;
 #             bench/kernel_profile.ts sums it
-#   qgemm     ncu's throughput, stall and occupancy sections of one 4-bit GEMM at 32 rows (up)
+#   qgemm     ncu's throughput, stall and occupancy sections of one 4-bit GEMM (up) at 32 and 1 rows
 # SUITE_TIMEOUT / VARIANTS_TIMEOUT (seconds, default 330 / 300) bound those stages.
 # A stage that fails does not stop the others; the exit status is the number that failed.
 set -uo pipefail
@@ -66,13 +66,17 @@ for stage in "$@"; do
     qgemm)
       ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       # Why the 4-bit GEMM at 32 rows takes ~2.7x its byte floor: ncu's stall and throughput
-      # sections for one launch of the up projection (4096 -> 11008).
-      run qgemm-ncu 150 "$ncu" --clock-control none --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
-        --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
-        --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio',sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,lts__t_bytes.sum,dram__bytes_read.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum \
-        -k regex:quant_gemm_b4 --launch-skip 4 --launch-count 1 \
-        node --import tsx bench/quant_gemm.ts --bits 4 --rows 32 --shapes up --no-cublas --no-memory --reps 2 --iters 1
-      grep -E "Duration|Throughput|stalled|hmma|bytes|wavefronts|Warp Cycles|Eligible|Issued|Achieved Occupancy|Block Limit|Registers" "$out/qgemm-ncu.log" | head -70 ;;
+      # sections for one launch of the up projection (4096 -> 11008) at 32 and 1 rows. The launch
+      # is fixed (4 warps x 4 splits, the tuner's pick at both) so no tuning candidate is the
+      # one profiled; the first launch is the eager warm-up.
+      for r in 32 1; do
+        INLAID_QGEMM_WARPS=4 INLAID_QGEMM_SPLITS=4 run "qgemm-ncu-r$r" 100 "$ncu" --clock-control none --section SpeedOfLight \
+          --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+          --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio',sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,lts__t_bytes.sum,dram__bytes_read.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum \
+          -k regex:quant_gemm_b4 --launch-skip 1 --launch-count 1 \
+          node --import tsx bench/quant_gemm.ts --bits 4 --rows "$r" --shapes up --no-cublas --no-memory --reps 2 --iters 1
+        grep -E "Duration|stalled_(wait|math|long|short|barrier|not_sel|mio|no_inst|dispatch)|hmma|bytes|Eligible|Issued|Occupancy|Grid Size|Block Size" "$out/qgemm-ncu-r$r.log" | head -40
+      done ;;
     *) echo "unknown stage $stage (suite, variants, lora, quantize, profile, qgemm)" >&2; failed=$((failed + 1)) ;;
   esac
 done
