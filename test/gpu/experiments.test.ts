@@ -22,6 +22,7 @@ const SETTINGS = {
   INLAID_UPLOAD_IN_GRAPH: "1", // the step's metadata upload inside its graph
   INLAID_LORA_SKIP_IDLE: "1", // graphs without adapter rows leave out the per-row LoRA kernels
   INLAID_EXPAND_BY_SLOT: "1", // the all-slots expand slot-major (lora_bgmv_expand_by_slot)
+  INLAID_QGEMM_T4: "p", // 4-bit, 4 warps, four token tiles: the 168-register kernels with parity partials
 } as const;
 const SWITCHES = Object.keys(SETTINGS) as (keyof typeof SETTINGS)[];
 for (const k of SWITCHES) process.env[k] = SETTINGS[k];

@@ -167,6 +167,40 @@ describe.skipIf(reason !== null)(`low-bit GEMM on CUDA vs the CPU reference${rea
     }
   });
 
+  it("INLAID_QGEMM_T4=p|r (the t4p / t4r kernels at 4 warps, 1 and 4 splits, 24 and 32 rows) agree within the bound and with the default kernel's bits", () => {
+    const q = randomQuantized({ bits: 4, groupSize: 64, sym: false, descAct: false }, 2048, 1056, 93);
+    const qg = gpu.uploadQuantized(q);
+    const W = dequantize(q);
+    const prev = gpu.quantSplits, prevWarps = process.env.INLAID_QGEMM_WARPS, prevT4 = process.env.INLAID_QGEMM_T4;
+    try {
+      process.env.INLAID_QGEMM_WARPS = "4";
+      for (const rows of [24, 32]) {
+        const x = bf16Values(rows * 2048, 13 + rows);
+        const scale = absSums(x, rows, W, 2048, 1056);
+        for (const splits of [1, 4]) {
+          gpu.quantSplits = splits;
+          delete process.env.INLAID_QGEMM_T4;
+          const [base] = both(q, qg, x, rows);
+          for (const v of ["p", "r"]) {
+            process.env.INLAID_QGEMM_T4 = v;
+            const [got, ref] = both(q, qg, x, rows);
+            const label = `t4${v} splits ${splits} rows ${rows}`;
+            expectWithin(label, got, ref, scale, fusedTol(2048));
+            // t4r runs the same loop with more registers: the same sums in the same order.
+            if (v === "r") expect(Array.from(got), `${label}: bitwise the default kernel's`).toEqual(Array.from(base));
+          }
+        }
+      }
+    } finally {
+      gpu.quantSplits = prev;
+      if (prevWarps === undefined) delete process.env.INLAID_QGEMM_WARPS;
+      else process.env.INLAID_QGEMM_WARPS = prevWarps;
+      if (prevT4 === undefined) delete process.env.INLAID_QGEMM_T4;
+      else process.env.INLAID_QGEMM_T4 = prevT4;
+      gpu.freeQuantized(qg);
+    }
+  });
+
   it("token tiles: 13, 24 and 32 rows in m-blocks of 8, 16 and 32 rows (the tuner's candidates) agree within the bound", () => {
     const q = randomQuantized({ bits: 4, groupSize: 64, sym: false, descAct: false }, 1056, 1056, 91);
     const qg = gpu.uploadQuantized(q);

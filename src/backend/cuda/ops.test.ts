@@ -33,11 +33,27 @@ function parseSources(): { kinds: Map<string, Kind[]>; bodies: Map<string, strin
   const files = readdirSync(KERNEL_DIR).filter((f) => /\.(cu|cuh)$/.test(f));
   let text = files.map((f) => readFileSync(join(KERNEL_DIR, f), "utf8")).join("\n");
   text = text.replace(/\\\n/g, " ");
-  const list = (args: string): string[] => args.split(",").map((a) => a.trim());
+  // Macro arguments split at top-level commas (an argument may be __cluster_dims__(1, 1, 2)).
+  const list = (args: string): string[] => {
+    const out: string[] = [];
+    let depth = 0, cur = "";
+    for (const ch of args) {
+      if (ch === "," && depth === 0) {
+        out.push(cur.trim());
+        cur = "";
+        continue;
+      }
+      if (ch === "(") depth++;
+      else if (ch === ")") depth--;
+      cur += ch;
+    }
+    out.push(cur.trim());
+    return out;
+  };
   const macros = new Map<string, { args: string[]; body: string }>();
   for (const m of text.matchAll(/^#define\s+(\w+)\(([\w\s,]+)\)\s+(.*)$/gm)) macros.set(m[1]!, { args: list(m[2]!), body: m[3]! });
   const expanded: string[] = [text.replace(/^#define.*$/gm, "")];
-  for (const m of text.matchAll(/^(\w+)\(([\w\s,]+)\)\s*$/gm)) {
+  for (const m of text.matchAll(/^(\w+)\(([\w \t,()]*)\)[ \t]*$/gm)) {
     const mac = macros.get(m[1]!);
     if (!mac) continue;
     const values = list(m[2]!);
@@ -426,7 +442,7 @@ describe("CUDA ops seam (CPU checks)", () => {
       expect(l.block[0] === 128 || l.block[0] === 256).toBe(true);
       // The fused kernel's ring (two CTAs per SM; the launcher opts in past 48 KB); its grid
       // is whole clusters of _c{C} CTAs along z. The dequant kernel's 34 KB tile is static.
-      const fused = /^quant_gemm_(?:lora_)?b(\d)_t(\d)_c(\d)$/.exec(l.name);
+      const fused = /^quant_gemm_(?:lora_)?b(\d)_t(\d)[pr]?_c(\d)$/.exec(l.name);
       if (fused) {
         expect(l.smem).toBe(fusedSmemBytes(Number(fused[1]) as QuantBits, Number(fused[2]), l.block[0] / 32));
         expect(2 * (l.smem + 1024)).toBeLessThanOrEqual(228 * 1024);

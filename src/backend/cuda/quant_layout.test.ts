@@ -13,7 +13,7 @@ import {
   COL_N, QuantLayoutError, UNIT_K, dequantizeLayout, kernelPerm, laneWordOffset, packQuantLayout, pairCoords, randomQuantLayout, readPair,
   type QuantLayout,
 } from "./quant_layout.js";
-import { FUSED_SPLITS, FUSED_WARPS, ctasPerSm, fusedLaunch, fusedLaunchName, fusedPlan, tokenTiles } from "./quant_ops.js";
+import { FUSED_SPLITS, FUSED_WARPS, ctasPerSm, fusedLaunch, fusedLaunchName, fusedPlan, quantKernelNames, tokenTiles } from "./quant_ops.js";
 
 // ------------------------------------------------------------------ an emulation of quant_gemm_b{B}_t{T}
 
@@ -369,6 +369,31 @@ describe("low-bit kernel layout (quant_layout.ts)", () => {
     } finally {
       if (prev === undefined) delete process.env.INLAID_QGEMM_TILES;
       else process.env.INLAID_QGEMM_TILES = prev;
+    }
+  });
+
+  it("INLAID_QGEMM_T4 picks the t4p / t4r kernels for 4-bit, four-tile, 4-warp launches only", () => {
+    const prev = process.env.INLAID_QGEMM_T4;
+    try {
+      delete process.env.INLAID_QGEMM_T4;
+      expect(fusedLaunch(4, 11008, 32, 4, 4).kernel).toBe("quant_gemm_b4_t4_c4");
+      const regsDefault = ctasPerSm(4, 4, 4);
+      for (const v of ["p", "r"] as const) {
+        process.env.INLAID_QGEMM_T4 = v;
+        const p = fusedLaunch(4, 11008, 32, 4, 4);
+        expect([p.kernel, fusedLaunchName(p, 32)]).toEqual([`quant_gemm_b4_t4${v}_c4`, `w4s4${v}`]);
+        expect(quantKernelNames()).toContain(`quant_gemm_lora_b4_t4${v}_c8`);
+        // Three 4-warp CTAs per SM (launch bounds (128, 3)), not the default kernels' four.
+        expect([regsDefault, ctasPerSm(4, 4, 4)]).toEqual([4, 3]);
+        expect(fusedLaunch(4, 11008, 32, 8, 4).kernel).toBe("quant_gemm_b4_t4_c4");
+        expect(fusedLaunch(4, 11008, 8, 4, 4).kernel).toBe("quant_gemm_b4_t1_c4");
+        expect(fusedLaunch(8, 11008, 32, 4, 4).kernel).toBe("quant_gemm_b8_t4_c4");
+      }
+      process.env.INLAID_QGEMM_T4 = "x";
+      expect(() => fusedLaunch(4, 11008, 32, 4, 4)).toThrow(/INLAID_QGEMM_T4 must be p or r/);
+    } finally {
+      if (prev === undefined) delete process.env.INLAID_QGEMM_T4;
+      else process.env.INLAID_QGEMM_T4 = prev;
     }
   });
 

@@ -114,11 +114,31 @@ export interface FusedShrink {
 }
 
 /**
+ * INLAID_QGEMM_T4 (experimental, not measured yet): "r" runs 4-bit launches of four token tiles
+ * and 4 warps as quant_gemm_b4_t4r_* (launch bounds for three 4-warp CTAs per SM: up to 168
+ * registers), "p" as quant_gemm_b4_t4p_* (the same with partial sums split by k-step parity);
+ * null: the default kernels.
+ */
+export function t4VariantFromEnv(): "p" | "r" | null {
+  const v = process.env.INLAID_QGEMM_T4;
+  if (v === undefined || v === "") return null;
+  if (v !== "p" && v !== "r") throw new Error(`INLAID_QGEMM_T4 must be p or r (got "${v}")`);
+  return v;
+}
+
+/** The t4p / t4r variant a launch takes, or null. */
+function t4Variant(bits: QuantBits, T: number, warps: number): "p" | "r" | null {
+  return bits === 4 && T === 4 && warps === 4 ? t4VariantFromEnv() : null;
+}
+
+/**
  * CTAs of a fused launch resident on one SM: the registers' limit (minCtas 8-warp CTAs, twice
- * as many of 4 warps) or what shared memory holds, whichever is fewer.
+ * as many of 4 warps; three for the t4p / t4r kernels) or what shared memory holds, whichever
+ * is fewer.
  */
 export function ctasPerSm(bits: QuantBits, T: number, warps: number): number {
-  return Math.min((minCtas(T) * 8) / warps, Math.floor(SM_SMEM / (fusedSmemBytes(bits, T, warps) + CTA_RESERVED_SMEM)));
+  const regs = t4Variant(bits, T, warps) !== null ? 3 : (minCtas(T) * 8) / warps;
+  return Math.min(regs, Math.floor(SM_SMEM / (fusedSmemBytes(bits, T, warps) + CTA_RESERVED_SMEM)));
 }
 
 export interface FusedPlan {
@@ -205,7 +225,7 @@ export function tilesFromEnv(rows: number): 1 | 2 | 4 | null {
 export function fusedLaunch(bits: QuantBits, N: number, rows: number, warps: number, splits: number, T: 1 | 2 | 4 = tokenTiles(rows)): FusedPlan {
   const mBlocks = Math.ceil(rows / (8 * T));
   return {
-    kernel: `quant_gemm_b${bits}_t${T}_c${splits}`,
+    kernel: `quant_gemm_b${bits}_t${T}${t4Variant(bits, T, warps) ?? ""}_c${splits}`,
     T,
     mBlocks,
     warps,
@@ -229,9 +249,10 @@ export function fusedCandidates(bits: QuantBits, K: number, N: number, rows: num
   return FUSED_WARPS.flatMap((w) => FUSED_SPLITS.filter((s) => s <= units).map((s) => fusedLaunch(bits, N, rows, w, s)));
 }
 
-/** A fused launch as the tuner's choice is reported: "w{warps}s{splits}", then "t{T}" where T is not tokenTiles(rows). */
+/** A fused launch as the tuner's choice is reported: "w{warps}s{splits}", then "t{T}" where T is not tokenTiles(rows), then p / r for the t4 variants. */
 export function fusedLaunchName(p: FusedPlan, rows: number): string {
-  return `w${p.warps}s${p.splits}${p.T === tokenTiles(rows) ? "" : `t${p.T}`}`;
+  const variant = /_t\d([pr])_/.exec(p.kernel)?.[1] ?? "";
+  return `w${p.warps}s${p.splits}${p.T === tokenTiles(rows) ? "" : `t${p.T}`}${variant}`;
 }
 
 /** Columns of 32 outputs per chunk of the prefill path. */
@@ -246,6 +267,7 @@ export function quantKernelNames(): string[] {
     for (const t of [1, 2, 4]) for (const c of FUSED_SPLITS) names.push(`quant_gemm_b${b}_t${t}_c${c}`, `quant_gemm_lora_b${b}_t${t}_c${c}`);
     names.push(`quant_dequant_b${b}`);
   }
+  for (const v of ["p", "r"]) for (const c of FUSED_SPLITS) names.push(`quant_gemm_b4_t4${v}_c${c}`, `quant_gemm_lora_b4_t4${v}_c${c}`);
   names.push("quant_gather_cols");
   return names;
 }

@@ -330,7 +330,9 @@ __device__ __forceinline__ void shrink_store(const float (&acc)[2][T][4], float*
   }
 }
 
-template <int BITS, int T, int C, bool L>
+// PAR: two partial-sum sets by 16-k step parity at every T (always at T = 1): more independent
+// mma chains, twice the partial registers (the t4p kernels below).
+template <int BITS, int T, int C, bool L, bool PAR = false>
 __device__ __forceinline__ void quant_gemm(float* __restrict__ out, const bf16* __restrict__ x, const uint4* __restrict__ qw,
                                            const uint2* __restrict__ scales, const unsigned* __restrict__ zeros,
                                            const float* __restrict__ bias, const int* __restrict__ live, int rows, int K, int N,
@@ -470,9 +472,9 @@ __device__ __forceinline__ void quant_gemm(float* __restrict__ out, const bf16* 
     }
   }
 
-  // Per-group partial sums: T == 1 keeps two (by 16-k step parity) so that a unit's mma chain
-  // is 4 deep instead of 8; they are added when the group's scale folds them into acc.
-  constexpr int P = T == 1 ? 2 : 1;
+  // Per-group partial sums: T == 1 (or PAR) keeps two (by 16-k step parity) so that a unit's
+  // mma chain is 4 deep instead of 8; they are added when the group's scale folds them into acc.
+  constexpr int P = (T == 1 || PAR) ? 2 : 1;
   float acc[2][T][4], tmp[P][2][T][4];
 #pragma unroll
   for (int nt = 0; nt < 2; nt++)
@@ -746,6 +748,29 @@ QGEMM(4, 4, 2)
 QGEMM_SPLIT(4, 4, 2, 2)
 QGEMM_SPLIT(4, 4, 4, 2)
 QGEMM_SPLIT(4, 4, 8, 2)
+
+// Experimental (INLAID_QGEMM_T4=p|r; not measured yet): 4-bit, four token tiles, for launches of
+// 4 warps only, with launch bounds for three 4-warp CTAs per SM (up to 168 registers: the
+// 128-register cap of the kernels above spills 8 bytes at T = 4), t4p also with PAR. The
+// session-9 ncu reading of quant_gemm_b4_t4_c4 at 32 rows: 2.65 warps per scheduler, the top
+// stall a fixed-latency dependency; these test whether longer independent chains per warp help.
+#define QGEMM_W4(SUF, PAR, NS, CLUSTER)                                                                                                \
+  extern "C" __global__ void CLUSTER __launch_bounds__(128, 3) quant_gemm_b4_t4##SUF##_c##NS(               \
+      float* out, const bf16* x, const uint4* qw, const uint2* scales, const unsigned* zeros, const float* bias, const int* live, int rows, int K, int N, int gs, int G, int symZero) {\
+    quant_gemm<4, 4, NS, false, PAR>(out, x, qw, scales, zeros, bias, live, rows, K, N, gs, G, symZero, nullptr, nullptr, 0, 0);\
+  }                                                                                                                           \
+  extern "C" __global__ void CLUSTER __launch_bounds__(128, 3) quant_gemm_lora_b4_t4##SUF##_c##NS(          \
+      float* out, const bf16* x, const uint4* qw, const uint2* scales, const unsigned* zeros, const float* bias, const int* live, int rows, int K, int N, int gs, int G, int symZero, const bf16* la, float* lt, int NA, int ldT) {\
+    quant_gemm<4, 4, NS, true, PAR>(out, x, qw, scales, zeros, bias, live, rows, K, N, gs, G, symZero, la, lt, NA, ldT);      \
+  }
+QGEMM_W4(p, true, 1, )
+QGEMM_W4(p, true, 2, __cluster_dims__(1, 1, 2))
+QGEMM_W4(p, true, 4, __cluster_dims__(1, 1, 4))
+QGEMM_W4(p, true, 8, __cluster_dims__(1, 1, 8))
+QGEMM_W4(r, false, 1, )
+QGEMM_W4(r, false, 2, __cluster_dims__(1, 1, 2))
+QGEMM_W4(r, false, 4, __cluster_dims__(1, 1, 4))
+QGEMM_W4(r, false, 8, __cluster_dims__(1, 1, 8))
 QGEMM(8, 1, 3)
 QGEMM_SPLIT(8, 1, 2, 3)
 QGEMM_SPLIT(8, 1, 4, 3)
