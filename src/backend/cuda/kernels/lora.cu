@@ -428,6 +428,62 @@ extern "C" __global__ void __launch_bounds__(128) lora_bgmv_expand(float* __rest
 // rounds before the wait, one after); the 7B decode step unchanged (7.628 against 7.635 ms).
 namespace {
 constexpr int kExpandPer = 4;  // outputs per thread, 128 apart
+
+// What a thread of either all-slots expand loads before the PDL wait for its outputs n0 +
+// 128e of slot `slot` (< 0: none, all zero): each output's split, that split's rank and scale,
+// and B's first 16 ranks (B rows hold maxRank entries, so those loads are in bounds; ranks
+// past an adapter's own are masked by expand_dot).
+struct ExpandHead {
+  int js[kExpandPer], rk[kExpandPer];
+  float sc[kExpandPer];
+  uint4 b0[kExpandPer], b1[kExpandPer];  // ranks [0, 16) of each output's B row
+};
+
+__device__ __forceinline__ ExpandHead expand_head(int slot, int n0, int N, const bf16* __restrict__ B, const int* __restrict__ ranks,
+                                                  const float* __restrict__ scales, int maxRank, int S, int o1, int o2, int o3) {
+  ExpandHead h;
+#pragma unroll
+  for (int e = 0; e < kExpandPer; e++) {
+    const int n = n0 + e * 128;
+    h.js[e] = 0;
+    h.rk[e] = 0;
+    h.sc[e] = 0.f;
+    h.b0[e] = h.b1[e] = make_uint4(0u, 0u, 0u, 0u);
+    if (slot >= 0 && n < N) {
+      h.js[e] = (S > 3 && n >= o3) ? 3 : (S > 2 && n >= o2) ? 2 : (S > 1 && n >= o1) ? 1 : 0;
+      h.rk[e] = ranks[slot * S + h.js[e]];
+      h.sc[e] = scales[slot * S + h.js[e]];
+      const uint4* bb = reinterpret_cast<const uint4*>(B + ((long long)slot * N + n) * maxRank);
+      h.b0[e] = bb[0];
+      if (maxRank > 8) h.b1[e] = bb[1];
+    }
+  }
+  return h;
+}
+
+// B's row (b0, b1: its first 16 ranks, already loaded; bb: the whole row) dotted with t over
+// `rank` ranks: t16 holds t's first 16 (registers or shared memory), tj the row's t from rank 0
+// (16-byte aligned; read past rank 16 only). Masked, not multiplied by zero: values past the
+// rank could hold NaN bits.
+template <typename T16>
+__device__ __forceinline__ float expand_dot(uint4 b0, uint4 b1, const uint4* bb, int rank, const T16& t16, const float* tj) {
+  float acc = 0.f, bf[8];
+  unpack8(b0, bf);
+#pragma unroll
+  for (int q = 0; q < 8; q++) acc = fmaf(q < rank ? bf[q] : 0.f, q < rank ? t16[q] : 0.f, acc);
+  unpack8(b1, bf);
+#pragma unroll
+  for (int q = 0; q < 8; q++) acc = fmaf(8 + q < rank ? bf[q] : 0.f, 8 + q < rank ? t16[8 + q] : 0.f, acc);
+  // Ranks past 16: a third round, only for the adapters that have them.
+  for (int r0 = 16; r0 < rank; r0 += 8) {
+    const float4 t0 = reinterpret_cast<const float4*>(tj + r0)[0], t1 = reinterpret_cast<const float4*>(tj + r0)[1];
+    const float tq[8] = {t0.x, t0.y, t0.z, t0.w, t1.x, t1.y, t1.z, t1.w};
+    unpack8(bb[r0 / 8], bf);
+#pragma unroll
+    for (int q = 0; q < 8; q++) acc = fmaf(r0 + q < rank ? bf[q] : 0.f, r0 + q < rank ? tq[q] : 0.f, acc);
+  }
+  return acc;
+}
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(128)
@@ -439,25 +495,7 @@ extern "C" __global__ void __launch_bounds__(128)
   const int n0 = blockIdx.x * (128 * kExpandPer) + threadIdx.x;
   const int live = counts[0], rowSlot = loraSlots[row];
   const int slot = row < min(live, cap) ? rowSlot : -1;
-  int js[kExpandPer], rk[kExpandPer];
-  float sc[kExpandPer];
-  uint4 b0[kExpandPer], b1[kExpandPer];  // ranks [0, 16) of each output's B row
-#pragma unroll
-  for (int e = 0; e < kExpandPer; e++) {
-    const int n = n0 + e * 128;
-    js[e] = 0;
-    rk[e] = 0;
-    sc[e] = 0.f;
-    b0[e] = b1[e] = make_uint4(0u, 0u, 0u, 0u);
-    if (slot >= 0 && n < N) {
-      js[e] = (S > 3 && n >= o3) ? 3 : (S > 2 && n >= o2) ? 2 : (S > 1 && n >= o1) ? 1 : 0;
-      rk[e] = ranks[slot * S + js[e]];
-      sc[e] = scales[slot * S + js[e]];
-      const uint4* bb = reinterpret_cast<const uint4*>(B + ((long long)slot * N + n) * maxRank);
-      b0[e] = bb[0];
-      if (maxRank > 8) b1[e] = bb[1];
-    }
-  }
+  const ExpandHead h = expand_head(slot, n0, N, B, ranks, scales, maxRank, S, o1, o2, o3);
   pdl_wait();
   float* dstRow = out + (long long)row * N;
   const float* srcRow = base + (long long)row * ldBase;
@@ -467,7 +505,7 @@ extern "C" __global__ void __launch_bounds__(128)
   for (int e = 0; e < kExpandPer; e++) {
     const int n = n0 + e * 128;
     v[e] = n < N && !inPlace ? srcRow[n] : 0.f;
-    const float4* t4 = reinterpret_cast<const float4*>(t + (long long)row * ldT + (max(slot, 0) * S + js[e]) * maxRank);
+    const float4* t4 = reinterpret_cast<const float4*>(t + (long long)row * ldT + (max(slot, 0) * S + h.js[e]) * maxRank);
 #pragma unroll
     for (int q = 0; q < 4; q++) {
       const float4 f = slot >= 0 && n < N && q * 4 < maxRank ? t4[q] : make_float4(0.f, 0.f, 0.f, 0.f);
@@ -476,32 +514,18 @@ extern "C" __global__ void __launch_bounds__(128)
   }
 #pragma unroll
   for (int e = 0; e < kExpandPer; e++) {
-    const int n = n0 + e * 128, rank = rk[e];
+    const int n = n0 + e * 128, rank = h.rk[e];
     if (n >= N || (rank <= 0 && inPlace)) continue;
     float acc = 0.f;
     if (rank > 0) {
-      float bf[8];
-      unpack8(b0[e], bf);
-#pragma unroll
-      for (int q = 0; q < 8; q++) acc = fmaf(q < rank ? bf[q] : 0.f, q < rank ? tt[e][q] : 0.f, acc);
-      unpack8(b1[e], bf);
-#pragma unroll
-      for (int q = 0; q < 8; q++) acc = fmaf(8 + q < rank ? bf[q] : 0.f, 8 + q < rank ? tt[e][8 + q] : 0.f, acc);
-      // Ranks past 16: a third round, only for the adapters that have them.
-      const float* tj = t + (long long)row * ldT + (slot * S + js[e]) * maxRank;
+      const float* tj = t + (long long)row * ldT + (slot * S + h.js[e]) * maxRank;
       const uint4* bb = reinterpret_cast<const uint4*>(B + ((long long)slot * N + n) * maxRank);
-      for (int r0 = 16; r0 < rank; r0 += 8) {
-        const float4 t0 = reinterpret_cast<const float4*>(tj + r0)[0], t1 = reinterpret_cast<const float4*>(tj + r0)[1];
-        const float tq[8] = {t0.x, t0.y, t0.z, t0.w, t1.x, t1.y, t1.z, t1.w};
-        unpack8(bb[r0 / 8], bf);
-#pragma unroll
-        for (int q = 0; q < 8; q++) acc = fmaf(r0 + q < rank ? bf[q] : 0.f, r0 + q < rank ? tq[q] : 0.f, acc);
-      }
+      acc = expand_dot(h.b0[e], h.b1[e], bb, rank, tt[e], tj);
     }
     if (inPlace) {
-      atomicAdd(dstRow + n, sc[e] * acc);
+      atomicAdd(dstRow + n, h.sc[e] * acc);
     } else {
-      dstRow[n] = rank > 0 ? v[e] + sc[e] * acc : v[e];
+      dstRow[n] = rank > 0 ? v[e] + h.sc[e] * acc : v[e];
     }
   }
 }
@@ -535,25 +559,7 @@ extern "C" __global__ void __launch_bounds__(128)
   int* rowsOf = reinterpret_cast<int*>(smem);
   float* tS = reinterpret_cast<float*>(smem + ((cap * 4 + 15) & ~15));
   if (threadIdx.x == 0) found = 0;
-  int js[kExpandPer], rk[kExpandPer];
-  float sc[kExpandPer];
-  uint4 b0[kExpandPer], b1[kExpandPer];  // ranks [0, 16) of each output's B row of slot g
-#pragma unroll
-  for (int e = 0; e < kExpandPer; e++) {
-    const int n = n0 + e * 128;
-    js[e] = 0;
-    rk[e] = 0;
-    sc[e] = 0.f;
-    b0[e] = b1[e] = make_uint4(0u, 0u, 0u, 0u);
-    if (g < numSlots && n < N) {
-      js[e] = (S > 3 && n >= o3) ? 3 : (S > 2 && n >= o2) ? 2 : (S > 1 && n >= o1) ? 1 : 0;
-      rk[e] = ranks[g * S + js[e]];
-      sc[e] = scales[g * S + js[e]];
-      const uint4* bb = reinterpret_cast<const uint4*>(B + ((long long)g * N + n) * maxRank);
-      b0[e] = bb[0];
-      if (maxRank > 8) b1[e] = bb[1];
-    }
-  }
+  const ExpandHead h = expand_head(g < numSlots ? g : -1, n0, N, B, ranks, scales, maxRank, S, o1, o2, o3);
   __syncthreads();  // found = 0 before anyone counts
   const int live = min(counts[0], cap);
   for (int r = threadIdx.x; r < cap; r += blockDim.x) {
@@ -591,29 +597,17 @@ extern "C" __global__ void __launch_bounds__(128)
       float* dstRow = out + (long long)rowsOf[c0 + k] * N;
 #pragma unroll
       for (int e = 0; e < kExpandPer; e++) {
-        const int n = n0 + e * 128, rank = rk[e];
+        const int n = n0 + e * 128, rank = h.rk[e];
         if (n >= N) continue;
         if (rank <= 0) {
           if (!inPlace) dstRow[n] = v[k][e];  // the copy group, or a split without an adapter
           continue;
         }
-        const float* tr = tS + k * SR + js[e] * maxRank;
-        float acc = 0.f, bf[8];
-        unpack8(b0[e], bf);
-        // Masked, not multiplied by zero: values past the rank could hold NaN bits.
-#pragma unroll
-        for (int q = 0; q < 8; q++) acc = fmaf(q < rank ? bf[q] : 0.f, q < rank ? tr[q] : 0.f, acc);
-        unpack8(b1[e], bf);
-#pragma unroll
-        for (int q = 0; q < 8; q++) acc = fmaf(8 + q < rank ? bf[q] : 0.f, 8 + q < rank ? tr[8 + q] : 0.f, acc);
+        const float* tr = tS + k * SR + h.js[e] * maxRank;
         const uint4* bb = reinterpret_cast<const uint4*>(B + ((long long)g * N + n) * maxRank);
-        for (int r0 = 16; r0 < rank; r0 += 8) {
-          unpack8(bb[r0 / 8], bf);
-#pragma unroll
-          for (int q = 0; q < 8; q++) acc = fmaf(r0 + q < rank ? bf[q] : 0.f, r0 + q < rank ? tr[r0 + q] : 0.f, acc);
-        }
-        if (inPlace) atomicAdd(dstRow + n, sc[e] * acc);
-        else dstRow[n] = v[k][e] + sc[e] * acc;
+        const float acc = expand_dot(h.b0[e], h.b1[e], bb, rank, tr, tr);
+        if (inPlace) atomicAdd(dstRow + n, h.sc[e] * acc);
+        else dstRow[n] = v[k][e] + h.sc[e] * acc;
       }
     }
     __syncthreads();  // before the next chunk's t overwrites this one's
