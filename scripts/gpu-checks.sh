@@ -30,6 +30,8 @@ run() { # name, timeout seconds, command...
   return $rc
 }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+# Nsight Compute, for the profile and qgemm stages (on PATH or in its install folder).
+ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 for stage in "$@"; do
   case $stage in
     suite)
@@ -57,7 +59,6 @@ for stage in "$@"; do
     profile)
       # Kernels run one at a time under ncu (no PDL overlap, no launch gaps): per-kernel device
       # time of each kind, not the step's wall time. Caches are left warm as in a real step.
-      ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       cfg=${PROFILE_CONFIG:-llama-2-7b-gptq4}
       # Decode steps run eagerly (INLAID_CUDA_GRAPHS=0): ncu does not see the kernels of graphs
       # launched from the device, and a short prompt keeps prefill out of the way.
@@ -65,7 +66,6 @@ for stage in "$@"; do
         node --import tsx src/cli/main.ts bench --config "$cfg" --device cuda --json --gen 8 --prompt-len 16
       grep -c '"gpu__time_duration.sum"' "$out/profile-$cfg.log" ;;
     qgemm)
-      ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       # Why the 4-bit GEMM at 32 rows takes ~2.7x its byte floor: ncu's stall and throughput
       # sections for one launch of the up projection (4096 -> 11008) at 32 and 1 rows. The launch
       # is fixed (4 warps x 4 splits, the tuner's pick at both) so no tuning candidate is the
