@@ -201,6 +201,44 @@ describe.skipIf(reason !== null)(`low-bit GEMM on CUDA vs the CPU reference${rea
     }
   });
 
+  it("INLAID_QGEMM_WS=1 (the warp-specialized 4-bit kernels): within the bound and bitwise the default 4-warp kernel's, at 1 to 48 rows, 1 / 4 / 8 splits, groups 64 and 128", () => {
+    const prev = gpu.quantSplits, prevWarps = process.env.INLAID_QGEMM_WARPS, prevWs = process.env.INLAID_QGEMM_WS;
+    const Kw = 2048, Nw = 1056; // 16 units (8 splits: 2 units per CTA, fewer than the ring's slots); 33 columns: idle warps
+    try {
+      process.env.INLAID_QGEMM_WARPS = "4";
+      for (const [groupSize, sym, descAct] of [[64, false, false], [128, true, true]] as const) {
+        const q = randomQuantized({ bits: 4, groupSize, sym, descAct }, Kw, Nw, 95 + groupSize);
+        const qg = gpu.uploadQuantized(q);
+        const W = dequantize(q);
+        try {
+          for (const rows of [1, 5, 13, 24, 32, 48]) {
+            const x = bf16Values(rows * Kw, 17 + rows);
+            const scale = absSums(x, rows, W, Kw, Nw);
+            for (const splits of [1, 4, 8]) {
+              gpu.quantSplits = splits;
+              delete process.env.INLAID_QGEMM_WS;
+              const [base] = both(q, qg, x, rows);
+              process.env.INLAID_QGEMM_WS = "1";
+              const [got, ref] = both(q, qg, x, rows);
+              const label = `ws group ${groupSize} splits ${splits} rows ${rows}`;
+              expectWithin(label, got, ref, scale, fusedTol(Kw));
+              // The same per-warp sums in the same order as the default kernel's.
+              expect(Array.from(got), `${label}: bitwise the default kernel's`).toEqual(Array.from(base));
+            }
+          }
+        } finally {
+          gpu.freeQuantized(qg);
+        }
+      }
+    } finally {
+      gpu.quantSplits = prev;
+      if (prevWarps === undefined) delete process.env.INLAID_QGEMM_WARPS;
+      else process.env.INLAID_QGEMM_WARPS = prevWarps;
+      if (prevWs === undefined) delete process.env.INLAID_QGEMM_WS;
+      else process.env.INLAID_QGEMM_WS = prevWs;
+    }
+  });
+
   it("token tiles: 13, 24 and 32 rows in m-blocks of 8, 16 and 32 rows (the tuner's candidates) agree within the bound", () => {
     const q = randomQuantized({ bits: 4, groupSize: 64, sym: false, descAct: false }, 1056, 1056, 91);
     const qg = gpu.uploadQuantized(q);

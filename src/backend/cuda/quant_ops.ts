@@ -126,6 +126,41 @@ export function t4VariantFromEnv(): "p" | "r" | null {
   return v;
 }
 
+/**
+ * INLAID_QGEMM_WS=1 (experimental, not measured yet): 4-bit fused launches (K a multiple of 128)
+ * run on the warp-specialized kernels quant_gemm_ws_b4_* (quant_gemm.cu: 4 column warps and a
+ * warp that only copies, bulk copies into a ring of mbarrier-guarded slots), always 4 warps.
+ */
+export function wsFromEnv(): boolean {
+  const v = process.env.INLAID_QGEMM_WS;
+  if (v === undefined || v === "" || v === "0") return false;
+  if (v !== "1") throw new Error(`INLAID_QGEMM_WS must be 0 or 1 (got "${v}")`);
+  return true;
+}
+
+/** Whether a K-input weight of these bits takes the warp-specialized kernels. */
+export function wsApplies(bits: QuantBits, K: number): boolean {
+  return bits === 4 && K % UNIT_K === 0 && wsFromEnv();
+}
+
+/** quant_gemm.cu kWsWarps (column warps; the CTA has one more) and kWsXPitch (bytes per x row of a stage). */
+const WS_WARPS = 4, WS_X_PITCH = 320;
+
+/** Ring slots of quant_gemm_ws_b4_t{T} (quant_gemm.cu WsCfg::kRing). */
+function wsRing(T: number): number {
+  return T === 4 ? 3 : 4;
+}
+
+/**
+ * Dynamic shared memory of a warp-specialized launch: the ring (a stage: the x tile of 8T rows at
+ * WS_X_PITCH, then the 4 warps' units or a LoRA shrink CTA's 32 rows of A, whichever is larger)
+ * and two 8-byte mbarriers per slot. The split partials reuse the ring.
+ */
+export function wsSmemBytes(T: number): number {
+  const stage = 8 * T * WS_X_PITCH + Math.max(WS_WARPS * (4 * 512 + 384), 32 * WS_X_PITCH);
+  return wsRing(T) * (stage + 16);
+}
+
 /** The t4p / t4r variant a launch takes, or null. */
 function t4Variant(bits: QuantBits, T: number, warps: number): "p" | "r" | null {
   return bits === 4 && T === 4 && warps === 4 ? t4VariantFromEnv() : null;
@@ -134,9 +169,11 @@ function t4Variant(bits: QuantBits, T: number, warps: number): "p" | "r" | null 
 /**
  * CTAs of a fused launch resident on one SM: the registers' limit (minCtas 8-warp CTAs, twice
  * as many of 4 warps; three for the t4p / t4r kernels) or what shared memory holds, whichever
- * is fewer.
+ * is fewer; `ws`: a warp-specialized launch.
  */
-export function ctasPerSm(bits: QuantBits, T: number, warps: number): number {
+export function ctasPerSm(bits: QuantBits, T: number, warps: number, ws = false): number {
+  // The ws kernels' registers (nvcc --resource-usage: 80 / 96 / 126 at T = 1 / 2 / 4, 160 threads).
+  if (ws) return Math.min(T === 1 ? 5 : T === 2 ? 4 : 3, Math.floor(SM_SMEM / (wsSmemBytes(T) + CTA_RESERVED_SMEM)));
   const regs = t4Variant(bits, T, warps) !== null ? 3 : (minCtas(T) * 8) / warps;
   return Math.min(regs, Math.floor(SM_SMEM / (fusedSmemBytes(bits, T, warps) + CTA_RESERVED_SMEM)));
 }
@@ -199,15 +236,16 @@ export function fusedPlan(bits: QuantBits, K: number, N: number, rows: number, s
   const NC = N / COL_N, units = Math.ceil(K / UNIT_K);
   const fixedWarps = positiveEnv("INLAID_QGEMM_WARPS");
   const fixedSplits = splits ?? splitsFromEnv();
-  const warpChoices = fixedWarps !== null ? [fixedWarps >= 8 ? 8 : 4] : FUSED_WARPS;
+  const ws = wsApplies(bits, K);
+  const warpChoices = ws ? [WS_WARPS] : fixedWarps !== null ? [fixedWarps >= 8 ? 8 : 4] : FUSED_WARPS;
   const splitChoices = fixedSplits !== null ? [splitsAtMost(fixedSplits, units)] : FUSED_SPLITS.filter((s) => s <= units);
   const options = warpChoices.flatMap((w) => splitChoices.map((s) => ({
-    w, s, ctas: mBlocks * Math.ceil(NC / w) * s, resident: Math.floor(RESIDENT_SHARE * smCount * ctasPerSm(bits, T, w)),
+    w, s, ctas: mBlocks * Math.ceil(NC / w) * s, resident: Math.floor(RESIDENT_SHARE * smCount * ctasPerSm(bits, T, w, ws)),
   })));
   const fits = options.filter((o) => o.ctas <= o.resident || fixedSplits !== null);
   const chosen = fits.reduce<(typeof options)[number] | undefined>((best, o) => (best === undefined || o.ctas > best.ctas ? o : best), undefined)
     ?? options[0]!;
-  return fusedLaunch(bits, N, rows, chosen.w, chosen.s, T);
+  return fusedLaunch(bits, N, rows, chosen.w, chosen.s, T, ws);
 }
 
 /** INLAID_QGEMM_TILES as token tiles per m-block for `rows` rows (1, 2 or 4, at most tokenTiles(rows)), or null. */
@@ -220,19 +258,21 @@ export function tilesFromEnv(rows: number): 1 | 2 | 4 | null {
 /**
  * The fused kernel's launch with `warps` warps per CTA, `splits` k splits and T token tiles
  * per m-block (all instantiated values; T defaults to tokenTiles(rows), fewer tiles run more
- * m-blocks over the same weights).
+ * m-blocks over the same weights). `ws`: on the warp-specialized kernels (4-bit, 4 warps, one
+ * more warp per CTA that copies; see wsApplies).
  */
-export function fusedLaunch(bits: QuantBits, N: number, rows: number, warps: number, splits: number, T: 1 | 2 | 4 = tokenTiles(rows)): FusedPlan {
+export function fusedLaunch(bits: QuantBits, N: number, rows: number, warps: number, splits: number, T: 1 | 2 | 4 = tokenTiles(rows), ws = false): FusedPlan {
   const mBlocks = Math.ceil(rows / (8 * T));
+  if (ws && (bits !== 4 || warps !== WS_WARPS)) throw new Error(`warp-specialized low-bit GEMM: 4 bits and ${WS_WARPS} warps only (got ${bits} bits, ${warps} warps)`);
   return {
-    kernel: `quant_gemm_b${bits}_t${T}${t4Variant(bits, T, warps) ?? ""}_c${splits}`,
+    kernel: ws ? `quant_gemm_ws_b4_t${T}_c${splits}` : `quant_gemm_b${bits}_t${T}${t4Variant(bits, T, warps) ?? ""}_c${splits}`,
     T,
     mBlocks,
     warps,
     splits,
     grid: [mBlocks, Math.ceil(N / COL_N / warps), splits],
-    block: [32 * warps, 1, 1],
-    smem: fusedSmemBytes(bits, T, warps),
+    block: [32 * (ws ? warps + 1 : warps), 1, 1],
+    smem: ws ? wsSmemBytes(T) : fusedSmemBytes(bits, T, warps),
     partialBytes: 0,
     counterBytes: 0,
   };
@@ -246,12 +286,13 @@ export function fusedLaunch(bits: QuantBits, N: number, rows: number, warps: num
  */
 export function fusedCandidates(bits: QuantBits, K: number, N: number, rows: number): FusedPlan[] {
   const units = Math.ceil(K / UNIT_K);
-  return FUSED_WARPS.flatMap((w) => FUSED_SPLITS.filter((s) => s <= units).map((s) => fusedLaunch(bits, N, rows, w, s)));
+  const ws = wsApplies(bits, K);
+  return (ws ? [WS_WARPS] : FUSED_WARPS).flatMap((w) => FUSED_SPLITS.filter((s) => s <= units).map((s) => fusedLaunch(bits, N, rows, w, s, tokenTiles(rows), ws)));
 }
 
-/** A fused launch as the tuner's choice is reported: "w{warps}s{splits}", then "t{T}" where T is not tokenTiles(rows), then p / r for the t4 variants. */
+/** A fused launch as the tuner's choice is reported: "w{warps}s{splits}", then "t{T}" where T is not tokenTiles(rows), then p / r for the t4 variants, ws for the warp-specialized kernels. */
 export function fusedLaunchName(p: FusedPlan, rows: number): string {
-  const variant = /_t\d([pr])_/.exec(p.kernel)?.[1] ?? "";
+  const variant = p.kernel.includes("_ws_") ? "ws" : /_t\d([pr])_/.exec(p.kernel)?.[1] ?? "";
   return `w${p.warps}s${p.splits}${p.T === tokenTiles(rows) ? "" : `t${p.T}`}${variant}`;
 }
 
@@ -268,6 +309,7 @@ export function quantKernelNames(): string[] {
     names.push(`quant_dequant_b${b}`);
   }
   for (const v of ["p", "r"]) for (const c of FUSED_SPLITS) names.push(`quant_gemm_b4_t4${v}_c${c}`, `quant_gemm_lora_b4_t4${v}_c${c}`);
+  for (const t of [1, 2, 4]) for (const c of FUSED_SPLITS) names.push(`quant_gemm_ws_b4_t${t}_c${c}`, `quant_gemm_lora_ws_b4_t${t}_c${c}`);
   names.push("quant_gather_cols");
   return names;
 }
