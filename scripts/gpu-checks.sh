@@ -83,7 +83,7 @@ for stage in "$@"; do
       # (INLAID_QGEMM_WS=1) against the default, one process each.
       for v in base p r ws; do
         case $v in base) env=() ;; ws) env=(INLAID_QGEMM_WS=1) ;; *) env=(INLAID_QGEMM_T4=$v) ;; esac
-        run "qt4-$v" 200 env "${env[@]}" node --import tsx bench/quant_gemm.ts --bits 4 --rows 1,32 --no-cublas --no-memory
+        run "qt4-$v" 120 env "${env[@]}" node --import tsx bench/quant_gemm.ts --bits 4 --rows 1,32 --no-cublas --no-memory
         grep '^{' "$out/qt4-$v.log" | cut -c1-3000
       done ;;
     *) echo "unknown stage $stage (suite, variants, lora, quantize, profile, qgemm, qt4)" >&2; failed=$((failed + 1)) ;;
