@@ -11,7 +11,6 @@
 #   profile   ncu's duration of every kernel of a short `inlaid bench` ($PROFILE_CONFIG, default
 #             llama-2-7b-gptq4; 8 adapters, prompt 16, 8 tokens, eager decode steps), one CSV;
 #             bench/kernel_profile.ts sums it
-#   qt4       bench/quant_gemm.ts (4-bit, rows 1 and 32) with the default kernels, INLAID_QGEMM_T4=p and =r, INLAID_QGEMM_WS=1
 #   qgemm     ncu's throughput, stall and occupancy sections of one 4-bit GEMM (up) at 32 and 1 rows
 # SUITE_TIMEOUT / VARIANTS_TIMEOUT (seconds, default 330 / 300) bound those stages.
 # A stage that fails does not stop the others; the exit status is the number that failed.
@@ -78,15 +77,7 @@ for stage in "$@"; do
           node --import tsx bench/quant_gemm.ts --bits 4 --rows "$r" --shapes up --no-cublas --no-memory --reps 2 --iters 1
         grep -E "Duration|stalled_(wait|math|long|short|barrier|not_sel|mio|no_inst|dispatch)|hmma|bytes|Eligible|Issued|Occupancy|Grid Size|Block Size" "$out/qgemm-ncu-r$r.log" | head -40
       done ;;
-    qt4)
-      # The t4 variants of the 4-bit GEMM (INLAID_QGEMM_T4=p|r) and the warp-specialized kernels
-      # (INLAID_QGEMM_WS=1) against the default, one process each.
-      for v in base p r ws; do
-        case $v in base) env=() ;; ws) env=(INLAID_QGEMM_WS=1) ;; *) env=(INLAID_QGEMM_T4=$v) ;; esac
-        run "qt4-$v" 120 env "${env[@]}" node --import tsx bench/quant_gemm.ts --bits 4 --rows 1,32 --no-cublas --no-memory
-        grep '^{' "$out/qt4-$v.log" | cut -c1-3000
-      done ;;
-    *) echo "unknown stage $stage (suite, variants, lora, quantize, profile, qgemm, qt4)" >&2; failed=$((failed + 1)) ;;
+    *) echo "unknown stage $stage (suite, variants, lora, quantize, profile, qgemm)" >&2; failed=$((failed + 1)) ;;
   esac
 done
 exit $failed

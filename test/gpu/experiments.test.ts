@@ -22,8 +22,6 @@ const SETTINGS = {
   INLAID_UPLOAD_IN_GRAPH: "1", // the step's metadata upload inside its graph
   INLAID_LORA_SKIP_IDLE: "1", // graphs without adapter rows leave out the per-row LoRA kernels
   INLAID_EXPAND_BY_SLOT: "1", // the all-slots expand slot-major (lora_bgmv_expand_by_slot)
-  INLAID_QGEMM_T4: "p", // 4-bit, 4 warps, four token tiles: the 168-register kernels with parity partials
-  INLAID_QGEMM_WS: "1", // 4-bit, K % 128 == 0: the warp-specialized kernels (the others keep INLAID_QGEMM_T4's)
 } as const;
 const SWITCHES = Object.keys(SETTINGS) as (keyof typeof SETTINGS)[];
 for (const k of SWITCHES) process.env[k] = SETTINGS[k];

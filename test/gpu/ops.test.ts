@@ -621,21 +621,13 @@ if (reason !== null) {
     // the shrink of the step's slots (quant_gemm_lora_*), then the expand in place. Against the
     // CPU's dequantized matmul then `lora`; bit widths vary by case (2 and 3 bits at 4 warps per
     // CTA decline: their stages are too small for a unit of A).
-    // "ws": the warp-specialized 4-bit kernels (INLAID_QGEMM_WS=1, 4 splits forced so that no plan
-    // cached by the default cases is reused; other bit widths and K % 128 != 0 keep the default).
-    for (const mode of ["", "slot", "ws"] as const) LORA_CASES.forEach((c, ci) => {
+    for (const bySlot of [false, true]) LORA_CASES.forEach((c, ci) => {
       const bits = ([4, 8, 2, 3] as const)[ci % 4]!;
-      const bySlot = mode === "slot";
-      if (mode === "ws" && (bits !== 4 || c.K % 128 !== 0)) return;
-      it(`linearQuantizedLora, ${bits}-bit${bySlot ? ", slot-major expand" : mode === "ws" ? ", warp-specialized GEMM" : ""}: ${c.label}`, () => {
+      it(`linearQuantizedLora, ${bits}-bit${bySlot ? ", slot-major expand" : ""}: ${c.label}`, () => {
         const dims = c.dims ?? [c.N];
-        const was = cuda.quantLoraFused, wasBySlot = cuda.expandBySlot, wasSplits = cuda.quantSplits, wasWs = process.env.INLAID_QGEMM_WS;
+        const was = cuda.quantLoraFused, wasBySlot = cuda.expandBySlot;
         cuda.quantLoraFused = true;
         cuda.expandBySlot = bySlot;
-        if (mode === "ws") {
-          process.env.INLAID_QGEMM_WS = "1";
-          cuda.quantSplits = 4;
-        }
         const q = randomQuantized({ bits, groupSize: 64, sym: ci % 2 === 0, descAct: false }, c.K, c.N, 400 + ci);
         const qc = b.cpu.uploadQuantized!(q), qg = cuda.uploadQuantized(q);
         try {
@@ -671,9 +663,6 @@ if (reason !== null) {
         } finally {
           cuda.quantLoraFused = was;
           cuda.expandBySlot = wasBySlot;
-          cuda.quantSplits = wasSplits;
-          if (wasWs === undefined) delete process.env.INLAID_QGEMM_WS;
-          else process.env.INLAID_QGEMM_WS = wasWs;
           b.cpu.freeQuantized!(qc);
           cuda.freeQuantized(qg);
         }

@@ -17,7 +17,7 @@ import {
   bySlotSmemBytes, dummyWeightValue, kernelNames, PDL_KERNELS,
   type StepKinds,
 } from "./ops.js";
-import { QuantOps, dequantChunkCols, fusedCarriesShrink, fusedSmemBytes, quantKernelNames, wsSmemBytes, type DeviceQuantWeight } from "./quant_ops.js";
+import { QuantOps, dequantChunkCols, fusedCarriesShrink, fusedSmemBytes, quantKernelNames, type DeviceQuantWeight } from "./quant_ops.js";
 import type { QuantBits } from "../../quant/types.js";
 
 const KERNEL_DIR = dirname(KERNEL_FILES[0]!);
@@ -97,7 +97,6 @@ const PRE_WAIT_READS: Record<string, readonly string[]> = {
   lora_bgmv_expand_by_slot: ["B", "ranks", "scales", "loraSlots", "counts"],
   lora_bgmv_fused: ["ranks", "loraSlots", "queryStart", "counts"],
   quant_gemm: ["qw", "scales", "zeros", "la"],
-  quant_gemm_ws: ["qw", "scales", "zeros", "la"],
 };
 
 /** A __device__ function's parameter list and body (for kernels that only call one). */
@@ -405,10 +404,7 @@ describe("CUDA ops seam (CPU checks)", () => {
     const rec = new RecordingLauncher();
     const ops = new QuantOps(rec, 132);
     const shapes: [number, number][] = [[256, 512], [704, 256], [256, 1408], [4096, 12288], [4096, 22016], [11008, 4096], [14336, 4096]];
-    // Then 4 bits again on the warp-specialized kernels (INLAID_QGEMM_WS=1; K = 704 keeps the default).
-    const prevWs = process.env.INLAID_QGEMM_WS;
-    for (const [ws, bitsList] of [["0", [2, 3, 4, 8]], ["1", [4]]] as const) for (const bits of bitsList as readonly QuantBits[]) {
-      process.env.INLAID_QGEMM_WS = ws;
+    for (const bits of [2, 3, 4, 8] as QuantBits[]) {
       for (const [K, N] of shapes) {
         for (const [groupSize, zeros, perm] of [[128, 0n, 0n], [K, 0x5000n, 0x6000n]] as const) {
           const w: DeviceQuantWeight = {
@@ -430,10 +426,7 @@ describe("CUDA ops seam (CPU checks)", () => {
         }
       }
     }
-    if (prevWs === undefined) delete process.env.INLAID_QGEMM_WS;
-    else process.env.INLAID_QGEMM_WS = prevWs;
     const names = new Set(rec.launches.map((l) => l.name));
-    for (const n of ["quant_gemm_ws_b4_t1_c4", "quant_gemm_ws_b4_t4_c2", "quant_gemm_lora_ws_b4_t4_c1", "quant_gemm_b4_t4_c1"]) expect(names.has(n), n).toBe(true);
     for (const b of [2, 3, 4, 8]) for (const n of [`quant_gemm_b${b}_t1_c2`, `quant_gemm_b${b}_t4_c1`, `quant_gemm_b${b}_t1_c8`, `quant_dequant_b${b}`]) expect(names.has(n), n).toBe(true);
     for (const n of ["quant_gemm_lora_b4_t1_c2", "quant_gemm_lora_b4_t4_c1", "quant_gemm_lora_b2_t4_c1"]) expect(names.has(n), n).toBe(true);
     for (const n of quantKernelNames()) expect(kernels.has(n), `quant_gemm.cu defines ${n}`).toBe(true);
@@ -446,22 +439,10 @@ describe("CUDA ops seam (CPU checks)", () => {
       expect(l.grid[0]).toBeLessThan(2 ** 31);
       expect(l.grid[1]).toBeLessThanOrEqual(65535);
       expect(l.grid[2]).toBeLessThanOrEqual(16);
-      // The warp-specialized kernels: 4 column warps and a copy warp (launch bounds 160), three
-      // CTAs per SM; K a multiple of 128 (whole rows per bulk copy).
-      const ws = /^quant_gemm_(?:lora_)?ws_b4_t(\d)_c(\d)$/.exec(l.name);
-      if (ws) {
-        expect(l.block[0]).toBe(160);
-        expect(l.smem).toBe(wsSmemBytes(Number(ws[1])));
-        expect(3 * (l.smem + 1024)).toBeLessThanOrEqual(228 * 1024);
-        expect(l.grid[2]).toBe(Number(ws[2]));
-        expect(l.args[8]).toEqual({ i32: expect.any(Number) });
-        expect(((l.args[8] as { i32: number }).i32) % 128).toBe(0);
-        continue;
-      }
       expect(l.block[0] === 128 || l.block[0] === 256).toBe(true);
       // The fused kernel's ring (two CTAs per SM; the launcher opts in past 48 KB); its grid
       // is whole clusters of _c{C} CTAs along z. The dequant kernel's 34 KB tile is static.
-      const fused = /^quant_gemm_(?:lora_)?b(\d)_t(\d)[pr]?_c(\d)$/.exec(l.name);
+      const fused = /^quant_gemm_(?:lora_)?b(\d)_t(\d)(?:_w4)?_c(\d)$/.exec(l.name);
       if (fused) {
         expect(l.smem).toBe(fusedSmemBytes(Number(fused[1]) as QuantBits, Number(fused[2]), l.block[0] / 32));
         expect(2 * (l.smem + 1024)).toBeLessThanOrEqual(228 * 1024);

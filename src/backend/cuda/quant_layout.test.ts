@@ -372,29 +372,16 @@ describe("low-bit kernel layout (quant_layout.ts)", () => {
     }
   });
 
-  it("INLAID_QGEMM_T4 picks the t4p / t4r kernels for 4-bit, four-tile, 4-warp launches only", () => {
-    const prev = process.env.INLAID_QGEMM_T4;
-    try {
-      delete process.env.INLAID_QGEMM_T4;
-      expect(fusedLaunch(4, 11008, 32, 4, 4).kernel).toBe("quant_gemm_b4_t4_c4");
-      const regsDefault = ctasPerSm(4, 4, 4);
-      for (const v of ["p", "r"] as const) {
-        process.env.INLAID_QGEMM_T4 = v;
-        const p = fusedLaunch(4, 11008, 32, 4, 4);
-        expect([p.kernel, fusedLaunchName(p, 32)]).toEqual([`quant_gemm_b4_t4${v}_c4`, `w4s4${v}`]);
-        expect(quantKernelNames()).toContain(`quant_gemm_lora_b4_t4${v}_c8`);
-        // Three 4-warp CTAs per SM (launch bounds (128, 3)), not the default kernels' four.
-        expect([regsDefault, ctasPerSm(4, 4, 4)]).toEqual([4, 3]);
-        expect(fusedLaunch(4, 11008, 32, 8, 4).kernel).toBe("quant_gemm_b4_t4_c4");
-        expect(fusedLaunch(4, 11008, 8, 4, 4).kernel).toBe("quant_gemm_b4_t1_c4");
-        expect(fusedLaunch(8, 11008, 32, 4, 4).kernel).toBe("quant_gemm_b8_t4_c4");
-      }
-      process.env.INLAID_QGEMM_T4 = "x";
-      expect(() => fusedLaunch(4, 11008, 32, 4, 4)).toThrow(/INLAID_QGEMM_T4 must be p or r/);
-    } finally {
-      if (prev === undefined) delete process.env.INLAID_QGEMM_T4;
-      else process.env.INLAID_QGEMM_T4 = prev;
-    }
+  it("4-bit launches of four token tiles and 4 warps take quant_gemm_b4_t4_w4_* (three CTAs per SM); others keep the 8-warp-bounds kernels", () => {
+    const p = fusedLaunch(4, 11008, 32, 4, 4);
+    expect([p.kernel, fusedLaunchName(p, 32), p.block[0]]).toEqual(["quant_gemm_b4_t4_w4_c4", "w4s4", 128]);
+    expect(quantKernelNames()).toContain("quant_gemm_lora_b4_t4_w4_c8");
+    expect(ctasPerSm(4, 4, 4)).toBe(3);
+    expect(ctasPerSm(8, 4, 4)).toBe(4);
+    expect(fusedLaunch(4, 11008, 32, 8, 4).kernel).toBe("quant_gemm_b4_t4_c4");
+    expect(fusedLaunch(4, 11008, 8, 4, 4).kernel).toBe("quant_gemm_b4_t1_c4");
+    expect(fusedLaunch(4, 11008, 24, 4, 2, 2).kernel).toBe("quant_gemm_b4_t2_c2");
+    expect(fusedLaunch(8, 11008, 32, 4, 4).kernel).toBe("quant_gemm_b8_t4_c4");
   });
 
   it("fused plans: whole clusters of instantiated splits within the k units, one resident wave covering the SMs when one can", () => {
@@ -406,7 +393,7 @@ describe("low-bit kernel layout (quant_layout.ts)", () => {
           expect(FUSED_SPLITS).toContain(p.splits);
           expect(p.splits).toBeLessThanOrEqual(units);
           expect(FUSED_WARPS).toContain(p.warps);
-          expect(p.kernel).toBe(`quant_gemm_b${bits}_t${p.T}_c${p.splits}`);
+          expect(p.kernel).toBe(`quant_gemm_b${bits}_t${p.T}${bits === 4 && p.T === 4 && p.warps === 4 ? "_w4" : ""}_c${p.splits}`);
           expect(p.mBlocks * 8 * p.T).toBeGreaterThanOrEqual(rows);
           expect(p.grid).toEqual([p.mBlocks, Math.ceil(NC / p.warps), p.splits]);
           expect(p.block).toEqual([32 * p.warps, 1, 1]);

@@ -114,67 +114,22 @@ export interface FusedShrink {
 }
 
 /**
- * INLAID_QGEMM_T4 (experimental, not measured yet): "r" runs 4-bit launches of four token tiles
- * and 4 warps as quant_gemm_b4_t4r_* (launch bounds for three 4-warp CTAs per SM: up to 168
- * registers), "p" as quant_gemm_b4_t4p_* (the same with partial sums split by k-step parity);
- * null: the default kernels.
+ * Whether a launch runs quant_gemm_b4_t4_w4_* (quant_gemm.cu): 4-bit, four token tiles, 4 warps.
+ * Those kernels have launch bounds for three 4-warp CTAs per SM (up to 168 registers) where the
+ * 8-warp-bounds kernels cap four tiles at 128 registers and spill; measured faster end to end
+ * (the 4-bit decode step 5.88 against 6.38 ms, H100, session 10).
  */
-export function t4VariantFromEnv(): "p" | "r" | null {
-  const v = process.env.INLAID_QGEMM_T4;
-  if (v === undefined || v === "") return null;
-  if (v !== "p" && v !== "r") throw new Error(`INLAID_QGEMM_T4 must be p or r (got "${v}")`);
-  return v;
-}
-
-/**
- * INLAID_QGEMM_WS=1 (experimental, not measured yet): 4-bit fused launches (K a multiple of 128)
- * run on the warp-specialized kernels quant_gemm_ws_b4_* (quant_gemm.cu: 4 column warps and a
- * warp that only copies, bulk copies into a ring of mbarrier-guarded slots), always 4 warps.
- */
-export function wsFromEnv(): boolean {
-  const v = process.env.INLAID_QGEMM_WS;
-  if (v === undefined || v === "" || v === "0") return false;
-  if (v !== "1") throw new Error(`INLAID_QGEMM_WS must be 0 or 1 (got "${v}")`);
-  return true;
-}
-
-/** Whether a K-input weight of these bits takes the warp-specialized kernels. */
-export function wsApplies(bits: QuantBits, K: number): boolean {
-  return bits === 4 && K % UNIT_K === 0 && wsFromEnv();
-}
-
-/** quant_gemm.cu kWsWarps (column warps; the CTA has one more) and kWsXPitch (bytes per x row of a stage). */
-const WS_WARPS = 4, WS_X_PITCH = 320;
-
-/** Ring slots of quant_gemm_ws_b4_t{T} (quant_gemm.cu WsCfg::kRing). */
-function wsRing(T: number): number {
-  return T === 4 ? 3 : 4;
-}
-
-/**
- * Dynamic shared memory of a warp-specialized launch: the ring (a stage: the x tile of 8T rows at
- * WS_X_PITCH, then the 4 warps' units or a LoRA shrink CTA's 32 rows of A, whichever is larger)
- * and two 8-byte mbarriers per slot. The split partials reuse the ring.
- */
-export function wsSmemBytes(T: number): number {
-  const stage = 8 * T * WS_X_PITCH + Math.max(WS_WARPS * (4 * 512 + 384), 32 * WS_X_PITCH);
-  return wsRing(T) * (stage + 16);
-}
-
-/** The t4p / t4r variant a launch takes, or null. */
-function t4Variant(bits: QuantBits, T: number, warps: number): "p" | "r" | null {
-  return bits === 4 && T === 4 && warps === 4 ? t4VariantFromEnv() : null;
+function b4t4FourWarps(bits: QuantBits, T: number, warps: number): boolean {
+  return bits === 4 && T === 4 && warps === 4;
 }
 
 /**
  * CTAs of a fused launch resident on one SM: the registers' limit (minCtas 8-warp CTAs, twice
- * as many of 4 warps; three for the t4p / t4r kernels) or what shared memory holds, whichever
- * is fewer; `ws`: a warp-specialized launch.
+ * as many of 4 warps; three for quant_gemm_b4_t4_w4_*) or what shared memory holds, whichever
+ * is fewer.
  */
-export function ctasPerSm(bits: QuantBits, T: number, warps: number, ws = false): number {
-  // The ws kernels' registers (nvcc --resource-usage: 80 / 96 / 126 at T = 1 / 2 / 4, 160 threads).
-  if (ws) return Math.min(T === 1 ? 5 : T === 2 ? 4 : 3, Math.floor(SM_SMEM / (wsSmemBytes(T) + CTA_RESERVED_SMEM)));
-  const regs = t4Variant(bits, T, warps) !== null ? 3 : (minCtas(T) * 8) / warps;
+export function ctasPerSm(bits: QuantBits, T: number, warps: number): number {
+  const regs = b4t4FourWarps(bits, T, warps) ? 3 : (minCtas(T) * 8) / warps;
   return Math.min(regs, Math.floor(SM_SMEM / (fusedSmemBytes(bits, T, warps) + CTA_RESERVED_SMEM)));
 }
 
@@ -236,16 +191,15 @@ export function fusedPlan(bits: QuantBits, K: number, N: number, rows: number, s
   const NC = N / COL_N, units = Math.ceil(K / UNIT_K);
   const fixedWarps = positiveEnv("INLAID_QGEMM_WARPS");
   const fixedSplits = splits ?? splitsFromEnv();
-  const ws = wsApplies(bits, K);
-  const warpChoices = ws ? [WS_WARPS] : fixedWarps !== null ? [fixedWarps >= 8 ? 8 : 4] : FUSED_WARPS;
+  const warpChoices = fixedWarps !== null ? [fixedWarps >= 8 ? 8 : 4] : FUSED_WARPS;
   const splitChoices = fixedSplits !== null ? [splitsAtMost(fixedSplits, units)] : FUSED_SPLITS.filter((s) => s <= units);
   const options = warpChoices.flatMap((w) => splitChoices.map((s) => ({
-    w, s, ctas: mBlocks * Math.ceil(NC / w) * s, resident: Math.floor(RESIDENT_SHARE * smCount * ctasPerSm(bits, T, w, ws)),
+    w, s, ctas: mBlocks * Math.ceil(NC / w) * s, resident: Math.floor(RESIDENT_SHARE * smCount * ctasPerSm(bits, T, w)),
   })));
   const fits = options.filter((o) => o.ctas <= o.resident || fixedSplits !== null);
   const chosen = fits.reduce<(typeof options)[number] | undefined>((best, o) => (best === undefined || o.ctas > best.ctas ? o : best), undefined)
     ?? options[0]!;
-  return fusedLaunch(bits, N, rows, chosen.w, chosen.s, T, ws);
+  return fusedLaunch(bits, N, rows, chosen.w, chosen.s, T);
 }
 
 /** INLAID_QGEMM_TILES as token tiles per m-block for `rows` rows (1, 2 or 4, at most tokenTiles(rows)), or null. */
@@ -258,21 +212,19 @@ export function tilesFromEnv(rows: number): 1 | 2 | 4 | null {
 /**
  * The fused kernel's launch with `warps` warps per CTA, `splits` k splits and T token tiles
  * per m-block (all instantiated values; T defaults to tokenTiles(rows), fewer tiles run more
- * m-blocks over the same weights). `ws`: on the warp-specialized kernels (4-bit, 4 warps, one
- * more warp per CTA that copies; see wsApplies).
+ * m-blocks over the same weights).
  */
-export function fusedLaunch(bits: QuantBits, N: number, rows: number, warps: number, splits: number, T: 1 | 2 | 4 = tokenTiles(rows), ws = false): FusedPlan {
+export function fusedLaunch(bits: QuantBits, N: number, rows: number, warps: number, splits: number, T: 1 | 2 | 4 = tokenTiles(rows)): FusedPlan {
   const mBlocks = Math.ceil(rows / (8 * T));
-  if (ws && (bits !== 4 || warps !== WS_WARPS)) throw new Error(`warp-specialized low-bit GEMM: 4 bits and ${WS_WARPS} warps only (got ${bits} bits, ${warps} warps)`);
   return {
-    kernel: ws ? `quant_gemm_ws_b4_t${T}_c${splits}` : `quant_gemm_b${bits}_t${T}${t4Variant(bits, T, warps) ?? ""}_c${splits}`,
+    kernel: `quant_gemm_b${bits}_t${T}${b4t4FourWarps(bits, T, warps) ? "_w4" : ""}_c${splits}`,
     T,
     mBlocks,
     warps,
     splits,
     grid: [mBlocks, Math.ceil(N / COL_N / warps), splits],
-    block: [32 * (ws ? warps + 1 : warps), 1, 1],
-    smem: ws ? wsSmemBytes(T) : fusedSmemBytes(bits, T, warps),
+    block: [32 * warps, 1, 1],
+    smem: fusedSmemBytes(bits, T, warps),
     partialBytes: 0,
     counterBytes: 0,
   };
@@ -286,14 +238,12 @@ export function fusedLaunch(bits: QuantBits, N: number, rows: number, warps: num
  */
 export function fusedCandidates(bits: QuantBits, K: number, N: number, rows: number): FusedPlan[] {
   const units = Math.ceil(K / UNIT_K);
-  const ws = wsApplies(bits, K);
-  return (ws ? [WS_WARPS] : FUSED_WARPS).flatMap((w) => FUSED_SPLITS.filter((s) => s <= units).map((s) => fusedLaunch(bits, N, rows, w, s, tokenTiles(rows), ws)));
+  return FUSED_WARPS.flatMap((w) => FUSED_SPLITS.filter((s) => s <= units).map((s) => fusedLaunch(bits, N, rows, w, s)));
 }
 
-/** A fused launch as the tuner's choice is reported: "w{warps}s{splits}", then "t{T}" where T is not tokenTiles(rows), then p / r for the t4 variants, ws for the warp-specialized kernels. */
+/** A fused launch as the tuner's choice is reported: "w{warps}s{splits}", then "t{T}" where T is not tokenTiles(rows). */
 export function fusedLaunchName(p: FusedPlan, rows: number): string {
-  const variant = p.kernel.includes("_ws_") ? "ws" : /_t\d([pr])_/.exec(p.kernel)?.[1] ?? "";
-  return `w${p.warps}s${p.splits}${p.T === tokenTiles(rows) ? "" : `t${p.T}`}${variant}`;
+  return `w${p.warps}s${p.splits}${p.T === tokenTiles(rows) ? "" : `t${p.T}`}`;
 }
 
 /** Columns of 32 outputs per chunk of the prefill path. */
@@ -308,8 +258,7 @@ export function quantKernelNames(): string[] {
     for (const t of [1, 2, 4]) for (const c of FUSED_SPLITS) names.push(`quant_gemm_b${b}_t${t}_c${c}`, `quant_gemm_lora_b${b}_t${t}_c${c}`);
     names.push(`quant_dequant_b${b}`);
   }
-  for (const v of ["p", "r"]) for (const c of FUSED_SPLITS) names.push(`quant_gemm_b4_t4${v}_c${c}`, `quant_gemm_lora_b4_t4${v}_c${c}`);
-  for (const t of [1, 2, 4]) for (const c of FUSED_SPLITS) names.push(`quant_gemm_ws_b4_t${t}_c${c}`, `quant_gemm_lora_ws_b4_t${t}_c${c}`);
+  for (const c of FUSED_SPLITS) names.push(`quant_gemm_b4_t4_w4_c${c}`, `quant_gemm_lora_b4_t4_w4_c${c}`);
   names.push("quant_gather_cols");
   return names;
 }

@@ -302,8 +302,7 @@ __device__ __forceinline__ void shrink_store(const float (&acc)[2][T][4], float*
 #pragma unroll
     for (int t = 0; t < T; t++)
 #pragma unroll
-      for (int e = 0; e < 4; e++)
-        if (warp < NW) part[warp * E + ((nt * T + t) * 4 + e) * 32 + lane] = acc[nt][t][e];  // (the ws kernels' copy warp: none)
+      for (int e = 0; e < 4; e++) part[warp * E + ((nt * T + t) * 4 + e) * 32 + lane] = acc[nt][t][e];
   __syncthreads();
   auto store = [&](int i, float v) {
     const int vi = i >> 5, ln = i & 31, e = vi & 3, nt = (vi >> 2) / T, t = (vi >> 2) % T;
@@ -425,9 +424,7 @@ __device__ __forceinline__ void store_tile(const float (&acc)[2][T][4], float* _
   }
 }
 
-// PAR: two partial-sum sets by 16-k step parity at every T (always at T = 1): more independent
-// mma chains, twice the partial registers (the t4p kernels below).
-template <int BITS, int T, int C, bool L, bool PAR = false>
+template <int BITS, int T, int C, bool L>
 __device__ __forceinline__ void quant_gemm(float* __restrict__ out, const bf16* __restrict__ x, const uint4* __restrict__ qw,
                                            const uint2* __restrict__ scales, const unsigned* __restrict__ zeros,
                                            const float* __restrict__ bias, const int* __restrict__ live, int rows, int K, int N,
@@ -567,9 +564,9 @@ __device__ __forceinline__ void quant_gemm(float* __restrict__ out, const bf16* 
     }
   }
 
-  // Per-group partial sums: T == 1 (or PAR) keeps two (by 16-k step parity) so that a unit's
-  // mma chain is 4 deep instead of 8; they are added when the group's scale folds them into acc.
-  constexpr int P = (T == 1 || PAR) ? 2 : 1;
+  // Per-group partial sums: T == 1 keeps two (by 16-k step parity) so that a unit's mma chain
+  // is 4 deep instead of 8; they are added when the group's scale folds them into acc.
+  constexpr int P = T == 1 ? 2 : 1;
   float acc[2][T][4], tmp[P][2][T][4];
 #pragma unroll
   for (int nt = 0; nt < 2; nt++)
@@ -645,319 +642,6 @@ __device__ __forceinline__ void quant_gemm(float* __restrict__ out, const bf16* 
   if (curG >= 0) flush();
   cp_async_wait<0>();  // the trailing empty groups
 
-  store_tile<T, C>(acc, out, bias, rows, N, col, active, row0, warp, lane, s);
-}
-
-// ---- Warp-specialized variant (INLAID_QGEMM_WS=1, 4 bits, 4 column warps; experimental)
-// quant_gemm_ws_b4_t{T}_c{S}: the grid, clusters and results of quant_gemm_b4_t{T}_c{S} with 4
-// warps per CTA, plus a fifth warp that only copies. Why: at 32 rows the fused loop's time is
-// about (weight stream) + (mma work), not the larger of the two (docs/performance-log.md,
-// session 9): its copies of unit u + R - 1 are issued only after every warp has passed the
-// barrier of unit u, so the slowest warp's mma work holds back the stream. Here the copy warp
-// refills a ring slot as soon as the four column warps have released it (one mbarrier per slot
-// and direction), with bulk copies (cp.async.bulk, completion counted in bytes on the slot's
-// "full" barrier); the column warps never meet each other in the loop.
-// A stage: the x tile, 8T rows at a pitch of kWsXPitch bytes (rows in their natural k order:
-// lane (g, c) reads 16 bytes at row 8t + g, byte 64j + 16c, the same x fragment as the ring's
-// chunk layout; 320 = 256 + 64 puts the two rows of a quarter-warp's load in different banks),
-// then per column warp its unit of words, scales and zeros exactly as the default ring holds
-// them (QCfg offsets), or, for a LoRA shrink CTA, 32 rows of A at the same pitch. Scale and
-// zero entries are copied only for the blocks whose group differs from the block before (the
-// column warps read no other). x rows past the live rows and A rows past NA are zeroed once
-// (no copy writes them). Needs K % 128 == 0 (bulk copies of whole 256-byte rows).
-constexpr int kWsWarps = 4;
-constexpr int kWsXPitch = 320;
-template <int T>
-struct WsCfg {
-  static constexpr int kRing = T == 4 ? 3 : 4;  // three CTAs of 5 warps per SM at every T (quant_ops.ts wsSmemBytes)
-  static constexpr int kXBytes = 8 * T * kWsXPitch;
-};
-
-__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
-}
-__device__ __forceinline__ void mbar_expect_tx(unsigned bar, unsigned bytes) {
-  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive_expect_tx(unsigned bar, unsigned bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(unsigned bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-// Waits until the barrier's phase of this parity has completed. A wait that never ends (a bug in
-// the slot protocol) traps after ~2^24 tries (well past any real wait, each try may suspend the
-// thread for a while) rather than hanging the process.
-__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
-  for (unsigned n = 0;; n++) {
-    unsigned done;
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n"
-        "}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-    if (done) return;
-    if (n == (1u << 24)) __trap();
-  }
-}
-// bytes (a multiple of 16, both addresses 16-byte aligned) global -> this CTA's shared memory;
-// completion is counted on the barrier `bar`.
-__device__ __forceinline__ void bulk_copy(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst), "l"(src),
-               "r"(bytes), "r"(bar)
-               : "memory");
-}
-
-// A LoRA shrink CTA's unit (quant_gemm_ws): as shrink_unit, with A's 32 rows in natural k order
-// at kWsXPitch: lane (g, c) of 16-k step st8 = 2j + sp reads A[row, 32j + 8c + 4sp .. + 3] (8 bytes)
-// of rows g and g + 8 of each 16-row tile.
-template <int T>
-__device__ __forceinline__ void shrink_unit_rows(unsigned as, unsigned xs, int warp, int lane, float (&acc)[2][T][4]) {
-  const int g = lane >> 2, c4 = lane & 3;
-  for (int st8 = warp; st8 < 8; st8 += kWsWarps) {
-    const int j = st8 >> 1, sp = st8 & 1;
-    uint4 xv[T];
-#pragma unroll
-    for (int t = 0; t < T; t++) xv[t] = lds128(xs + (unsigned)((8 * t + g) * kWsXPitch + 64 * j + 16 * c4));
-#pragma unroll
-    for (int nt = 0; nt < 2; nt++) {
-      const unsigned r0 = as + (unsigned)((nt * 16 + g) * kWsXPitch + 64 * j + 16 * c4 + 8 * sp);
-      const uint2 lo = lds64(r0), hi = lds64(r0 + 8 * kWsXPitch);
-      const unsigned a[4] = {lo.x, hi.x, lo.y, hi.y};
-#pragma unroll
-      for (int t = 0; t < T; t++) mma_bf16(acc[nt][t], a, sp ? xv[t].z : xv[t].x, sp ? xv[t].w : xv[t].y);
-    }
-  }
-}
-
-template <int T, int C, bool L>
-__device__ __forceinline__ void quant_gemm_ws(float* __restrict__ out, const bf16* __restrict__ x, const uint4* __restrict__ qw,
-                                              const uint2* __restrict__ scales, const unsigned* __restrict__ zeros,
-                                              const float* __restrict__ bias, const int* __restrict__ live, int rows, int K, int N,
-                                              int gs, int G, int symZero, const bf16* __restrict__ la, float* __restrict__ lt, int NA,
-                                              int ldT) {
-  constexpr int BITS = 4, NW = kWsWarps;
-  using Q = QCfg<BITS, T>;
-  using W = WsCfg<T>;
-  constexpr int R = W::kRing;
-  constexpr int kFixed = (NW * Q::kWarpBytes > 32 * kWsXPitch || !L) ? NW * Q::kWarpBytes : 32 * kWsXPitch;
-  constexpr int kStage = W::kXBytes + kFixed;
-  extern __shared__ __align__(16) unsigned char qsmem[];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2;
-  const bool copier = warp == NW;
-  const int NC = N >> 5, KU = K >> 7;
-  const int col = blockIdx.y * NW + (copier ? 0 : warp);
-  const bool active = !copier && col < NC;
-  const int mb = blockIdx.x, s = blockIdx.z;
-  const int row0 = mb * 8 * T;
-  const int u0 = (s * KU) / C, u1 = ((s + 1) * KU) / C, nU = u1 - u0;
-  const unsigned ring = smem_addr(qsmem);
-  const unsigned bars = ring + (unsigned)(R * kStage);  // full[R], then empty[R]
-  auto full = [&](int i) { return bars + (unsigned)(8 * i); };
-  auto empty = [&](int i) { return bars + (unsigned)(8 * (R + i)); };
-  const bool shrinkCta = L && (int)blockIdx.y * NW >= NC;
-  const int acol = (int)blockIdx.y - (NC + NW - 1) / NW;
-
-  if (threadIdx.x == 0) {
-    for (int i = 0; i < R; i++) {
-      mbar_init(full(i), 1);
-      mbar_init(empty(i), NW);
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  __syncthreads();
-
-  // The copy warp's fixed part of unit u (weights, scales, zeros; a shrink CTA's A rows): lane
-  // w < NW copies column warp w's words, lane 4w + j its block-j scale and zero entries when
-  // block j starts a group, lane r a shrink CTA's A row r. Returns this lane's bytes.
-  auto issueFixed = [&](int u, unsigned st, unsigned bar) -> unsigned {
-    unsigned bytes = 0;
-    if (shrinkCta) {
-      const int n = 32 * acol + lane;
-      if (n < NA) {
-        bulk_copy(st + (unsigned)(W::kXBytes + lane * kWsXPitch), la + (long long)n * K + u * 128, 256, bar);
-        bytes = 256;
-      }
-      return bytes;
-    }
-    const unsigned wst = st + (unsigned)W::kXBytes;
-    if (lane < NW) {
-      const int c = blockIdx.y * NW + lane;
-      if (c < NC) {
-        bulk_copy(wst + (unsigned)(lane * Q::kWarpBytes), qw + ((long long)c * KU + u) * (BITS * 32), BITS * 512, bar);
-        bytes += BITS * 512;
-      }
-    }
-    if (lane < 4 * NW) {
-      const int w = lane >> 2, j = lane & 3, c = blockIdx.y * NW + w;
-      const int k = u * 128 + 32 * j;
-      const int gj = min(k / gs, G - 1);
-      if (c < NC && (j == 0 || gj != min((k - 32) / gs, G - 1))) {
-        const long long e = (long long)gj * (NC * 8) + c * 8;
-        const unsigned d = wst + (unsigned)(w * Q::kWarpBytes);
-        bulk_copy(d + Q::kScaleOff + j * 64, scales + e, 64, bar);
-        bytes += 64;
-        if (zeros) {
-          bulk_copy(d + Q::kZeroOff + j * 32, zeros + e, 32, bar);
-          bytes += 32;
-        }
-      }
-    }
-    return bytes;
-  };
-  auto warpTotal = [&](unsigned v) { return warp_sum(v); };
-
-  // Prologue (copy warp): the first R units' fixed parts are requested before pdl_wait() (they
-  // do not change during a step); x after it. The byte counts of these copies are announced
-  // with expect_tx (no arrival), so a slot cannot complete before its x is asked for too.
-  const int pre = min(R, nU);
-  if (copier) {
-    for (int i = 0; i < pre; i++) {
-      const unsigned bytes = warpTotal(issueFixed(u0 + i, ring + (unsigned)(i * kStage), full(i)));
-      if (lane == 0 && bytes) mbar_expect_tx(full(i), bytes);
-    }
-  }
-  pdl_wait<false>();  // no early trigger (common.cuh)
-  const int nLive = live_rows(live, rows);
-  if (row0 >= nLive) {
-    // No copy may land after the CTA has left: the copy warp completes its slots and waits.
-    if (copier) {
-      for (int i = 0; i < pre; i++) {
-        if (lane == 0) mbar_arrive(full(i));
-        mbar_wait(full(i), 0);
-      }
-    }
-    return;
-  }
-  const int xRows = min(nLive - row0, 8 * T);
-  // Rows no copy writes: x past the live rows, a shrink CTA's A rows past NA (every stage).
-  for (int i = threadIdx.x; i < R * 8 * T * 16; i += blockDim.x) {
-    const int r = (i >> 4) % (8 * T), st = i / (16 * 8 * T);
-    if (r >= xRows) *reinterpret_cast<uint4*>(qsmem + st * kStage + r * kWsXPitch + (i & 15) * 16) = make_uint4(0, 0, 0, 0);
-  }
-  if (shrinkCta) {
-    for (int i = threadIdx.x; i < R * 32 * 16; i += blockDim.x) {
-      const int r = (i >> 4) & 31, st = i >> 9;
-      if (32 * acol + r >= NA)
-        *reinterpret_cast<uint4*>(qsmem + st * kStage + W::kXBytes + r * kWsXPitch + (i & 15) * 16) = make_uint4(0, 0, 0, 0);
-    }
-  }
-  __syncthreads();
-
-  if (copier) {
-    for (int it = 0; it < nU; it++) {
-      const int slot = it % R, u = u0 + it;
-      const unsigned st = ring + (unsigned)(slot * kStage);
-      unsigned bytes = 0;
-      if (it >= R) {
-        mbar_wait(empty(slot), (unsigned)((it / R - 1) & 1));  // the column warps are done with unit u - R
-        bytes = issueFixed(u, st, full(slot));
-      }
-      if (lane < xRows) {
-        bulk_copy(st + (unsigned)(lane * kWsXPitch), x + (long long)(row0 + lane) * K + u * 128, 256, full(slot));
-        bytes += 256;
-      }
-      bytes = warpTotal(bytes);
-      if (lane == 0) mbar_arrive_expect_tx(full(slot), bytes);
-    }
-  }
-
-  if constexpr (L) {
-    if (shrinkCta) {
-      float sacc[2][T][4];
-#pragma unroll
-      for (int nt = 0; nt < 2; nt++)
-#pragma unroll
-        for (int t = 0; t < T; t++)
-#pragma unroll
-          for (int e = 0; e < 4; e++) sacc[nt][t][e] = 0.f;
-      if (!copier) {
-        for (int it = 0; it < nU; it++) {
-          const int slot = it % R;
-          const unsigned st = ring + (unsigned)(slot * kStage);
-          mbar_wait(full(slot), (unsigned)((it / R) & 1));
-          shrink_unit_rows<T>(st + (unsigned)W::kXBytes, st, warp, lane, sacc);
-          __syncwarp();
-          if (lane == 0) mbar_arrive(empty(slot));
-        }
-      }
-      shrink_store<T, C>(sacc, lt, rows, NA, ldT, acol, row0, NW, warp, lane);
-      return;
-    }
-  }
-
-  constexpr int P = T == 1 ? 2 : 1;
-  float acc[2][T][4], tmp[P][2][T][4];
-#pragma unroll
-  for (int nt = 0; nt < 2; nt++)
-#pragma unroll
-    for (int t = 0; t < T; t++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        acc[nt][t][e] = 0.f;
-#pragma unroll
-        for (int pp = 0; pp < P; pp++) tmp[pp][nt][t][e] = 0.f;
-      }
-  if (!copier) {
-    float sc[4] = {0.f, 0.f, 0.f, 0.f};
-    unsigned nz[4];
-    sym_terms<BITS>(symZero, nz);
-    int curG = -1;
-    const int c4 = lane & 3;
-    auto loadGroup = [&](unsigned wslot, int j) {
-      scale_terms(lds64(wslot + Q::kScaleOff + (j * 8 + g) * 8), sc);
-      if (zeros) zero_terms<BITS>(lds32(wslot + Q::kZeroOff + (j * 8 + g) * 4), nz);
-    };
-    auto block = [&](unsigned wslot, unsigned xs, int j) {
-      unsigned w[BITS];
-      block_words<BITS>(wslot, lane, j, w);
-      uint4 xv[T];
-#pragma unroll
-      for (int t = 0; t < T; t++) xv[t] = lds128(xs + (unsigned)((8 * t + g) * kWsXPitch + 64 * j + 16 * c4));
-      block_mma<BITS, T, P>(w, xv, nz, tmp);
-    };
-    int uGi = min((u0 * 128) / gs, G - 1);
-    int uNext = (uGi + 1) * gs;
-    for (int it = 0; it < nU; it++) {
-      const int slot = it % R, k0 = (u0 + it) * 128;
-      while (k0 >= uNext && uGi < G - 1) {
-        uGi++;
-        uNext += gs;
-      }
-      const unsigned st = ring + (unsigned)(slot * kStage);
-      const unsigned wslot = st + (unsigned)(W::kXBytes + warp * Q::kWarpBytes);
-      mbar_wait(full(slot), (unsigned)((it / R) & 1));
-      if (active) {
-        if (uGi == G - 1 || k0 + 96 < uNext) {
-          if (uGi != curG) {
-            if (curG >= 0) fold_group<T, P>(acc, tmp, sc);
-            loadGroup(wslot, 0);
-            curG = uGi;
-          }
-#pragma unroll
-          for (int j = 0; j < 4; j++) block(wslot, st, j);
-        } else {
-#pragma unroll
-          for (int j = 0; j < 4; j++) {
-            const int gi = min((k0 + j * 32) / gs, G - 1);
-            if (gi != curG) {
-              if (curG >= 0) fold_group<T, P>(acc, tmp, sc);
-              loadGroup(wslot, j);
-              curG = gi;
-            }
-            block(wslot, st, j);
-          }
-        }
-      }
-      __syncwarp();
-      if (lane == 0) mbar_arrive(empty(slot));
-    }
-    if (curG >= 0) fold_group<T, P>(acc, tmp, sc);
-  }
   store_tile<T, C>(acc, out, bias, rows, N, col, active, row0, warp, lane, s);
 }
 
@@ -1085,50 +769,24 @@ QGEMM_SPLIT(4, 4, 2, 2)
 QGEMM_SPLIT(4, 4, 4, 2)
 QGEMM_SPLIT(4, 4, 8, 2)
 
-// Experimental (INLAID_QGEMM_T4=p|r; not measured yet): 4-bit, four token tiles, for launches of
-// 4 warps only, with launch bounds for three 4-warp CTAs per SM (up to 168 registers: the
-// 128-register cap of the kernels above spills 8 bytes at T = 4), t4p also with PAR. The
-// session-9 ncu reading of quant_gemm_b4_t4_c4 at 32 rows: 2.65 warps per scheduler, the top
-// stall a fixed-latency dependency; these test whether longer independent chains per warp help.
-#define QGEMM_W4(SUF, PAR, NS, CLUSTER)                                                                                                \
-  extern "C" __global__ void CLUSTER __launch_bounds__(128, 3) quant_gemm_b4_t4##SUF##_c##NS(               \
+// 4-bit, four token tiles, launches of 4 warps (the tuner's pick for most decode shapes at 32
+// rows): launch bounds for three 4-warp CTAs per SM, so up to 168 registers, where the kernels
+// above cap T = 4 at 128 and spill. The same loop; on an H100 the 4-bit Llama-2-7B decode step
+// (B = 32, 8 adapters) took 5.88 ms with these against 6.38 ms without (session 10,
+// docs/performance-log.md). quant_ops.ts launches them for every 4-bit, T = 4, 4-warp plan.
+#define QGEMM_B4T4W4(NS, CLUSTER)                                                                                             \
+  extern "C" __global__ void CLUSTER __launch_bounds__(128, 3) quant_gemm_b4_t4_w4_c##NS(                                      \
       float* out, const bf16* x, const uint4* qw, const uint2* scales, const unsigned* zeros, const float* bias, const int* live, int rows, int K, int N, int gs, int G, int symZero) {\
-    quant_gemm<4, 4, NS, false, PAR>(out, x, qw, scales, zeros, bias, live, rows, K, N, gs, G, symZero, nullptr, nullptr, 0, 0);\
+    quant_gemm<4, 4, NS, false>(out, x, qw, scales, zeros, bias, live, rows, K, N, gs, G, symZero, nullptr, nullptr, 0, 0);   \
   }                                                                                                                           \
-  extern "C" __global__ void CLUSTER __launch_bounds__(128, 3) quant_gemm_lora_b4_t4##SUF##_c##NS(          \
+  extern "C" __global__ void CLUSTER __launch_bounds__(128, 3) quant_gemm_lora_b4_t4_w4_c##NS(                                 \
       float* out, const bf16* x, const uint4* qw, const uint2* scales, const unsigned* zeros, const float* bias, const int* live, int rows, int K, int N, int gs, int G, int symZero, const bf16* la, float* lt, int NA, int ldT) {\
-    quant_gemm<4, 4, NS, true, PAR>(out, x, qw, scales, zeros, bias, live, rows, K, N, gs, G, symZero, la, lt, NA, ldT);      \
+    quant_gemm<4, 4, NS, true>(out, x, qw, scales, zeros, bias, live, rows, K, N, gs, G, symZero, la, lt, NA, ldT);            \
   }
-QGEMM_W4(p, true, 1, )
-QGEMM_W4(p, true, 2, __cluster_dims__(1, 1, 2))
-QGEMM_W4(p, true, 4, __cluster_dims__(1, 1, 4))
-QGEMM_W4(p, true, 8, __cluster_dims__(1, 1, 8))
-QGEMM_W4(r, false, 1, )
-QGEMM_W4(r, false, 2, __cluster_dims__(1, 1, 2))
-QGEMM_W4(r, false, 4, __cluster_dims__(1, 1, 4))
-QGEMM_W4(r, false, 8, __cluster_dims__(1, 1, 8))
-// The warp-specialized kernels (INLAID_QGEMM_WS=1): 4 column warps + 1 copy warp, three CTAs per SM.
-#define QGEMM_WS(T, NS, CLUSTER)                                                                                                \
-  extern "C" __global__ void CLUSTER __launch_bounds__(160, 3) quant_gemm_ws_b4_t##T##_c##NS(                                   \
-      float* out, const bf16* x, const uint4* qw, const uint2* scales, const unsigned* zeros, const float* bias, const int* live, int rows, int K, int N, int gs, int G, int symZero) {\
-    quant_gemm_ws<T, NS, false>(out, x, qw, scales, zeros, bias, live, rows, K, N, gs, G, symZero, nullptr, nullptr, 0, 0);  \
-  }                                                                                                                           \
-  extern "C" __global__ void CLUSTER __launch_bounds__(160, 3) quant_gemm_lora_ws_b4_t##T##_c##NS(                              \
-      float* out, const bf16* x, const uint4* qw, const uint2* scales, const unsigned* zeros, const float* bias, const int* live, int rows, int K, int N, int gs, int G, int symZero, const bf16* la, float* lt, int NA, int ldT) {\
-    quant_gemm_ws<T, NS, true>(out, x, qw, scales, zeros, bias, live, rows, K, N, gs, G, symZero, la, lt, NA, ldT);           \
-  }
-QGEMM_WS(1, 1, )
-QGEMM_WS(1, 2, __cluster_dims__(1, 1, 2))
-QGEMM_WS(1, 4, __cluster_dims__(1, 1, 4))
-QGEMM_WS(1, 8, __cluster_dims__(1, 1, 8))
-QGEMM_WS(2, 1, )
-QGEMM_WS(2, 2, __cluster_dims__(1, 1, 2))
-QGEMM_WS(2, 4, __cluster_dims__(1, 1, 4))
-QGEMM_WS(2, 8, __cluster_dims__(1, 1, 8))
-QGEMM_WS(4, 1, )
-QGEMM_WS(4, 2, __cluster_dims__(1, 1, 2))
-QGEMM_WS(4, 4, __cluster_dims__(1, 1, 4))
-QGEMM_WS(4, 8, __cluster_dims__(1, 1, 8))
+QGEMM_B4T4W4(1, )
+QGEMM_B4T4W4(2, __cluster_dims__(1, 1, 2))
+QGEMM_B4T4W4(4, __cluster_dims__(1, 1, 4))
+QGEMM_B4T4W4(8, __cluster_dims__(1, 1, 8))
 QGEMM(8, 1, 3)
 QGEMM_SPLIT(8, 1, 2, 3)
 QGEMM_SPLIT(8, 1, 4, 3)
