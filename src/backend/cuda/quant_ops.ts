@@ -12,7 +12,8 @@
 //
 // The fused kernel's launch: grid (m-blocks, ceil(N / 32 / warps), splits), 32 x warps
 // threads (warps = 4 or 8 columns of 32 outputs per CTA, sharing one x tile in shared
-// memory), kernel quant_gemm_b{B}_t{T}_c{splits}: with splits > 1 the k splits of a column
+// memory), kernel quant_gemm_b{B}_t{T}_c{splits} (4-bit, T = 4, 4 warps: quant_gemm_b4_t4_w4_c{splits},
+// launch bounds for three CTAs per SM): with splits > 1 the k splits of a column
 // tile are one thread-block cluster and meet in its distributed shared memory (no global
 // scratch). Every launch parameter depends on the weight's shape and the launch's row
 // capacity only, so a captured graph replays any step of its bucket. fusedPlan says how the
