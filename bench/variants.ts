@@ -17,7 +17,8 @@
 //
 // Prints, per run: {"variant","round","config","adapters","env","decode_step_ms",
 // "output_tokens_per_s","host_us_per_decode_step","device_idle_us_per_decode_step",
-// "roofline_ratio","graph_launch","host_p50_us"}; a failed run prints {"variant","error"}.
+// "roofline_ratio","graph_launch","host_p50_us","host_phase_p50_us"} (the p50 of each host phase
+// of a decode step: where a slow run's host time went); a failed run prints {"variant","error"}.
 
 import { spawnSync } from "node:child_process";
 import { fileURLToPath } from "node:url";
@@ -102,6 +103,7 @@ function main(argv: string[]): void {
         decode_step_ms: b.decode_step_ms?.mean ?? null, output_tokens_per_s: b.output_tokens_per_s,
         host_us_per_decode_step: b.host_us_per_decode_step, device_idle_us_per_decode_step: b.device_idle_us_per_decode_step,
         roofline_ratio: b.roofline.ratio, graph_launch: b.graph_launch, host_p50_us: b.host_phases_us?.host?.p50 ?? null,
+        host_phase_p50_us: b.host_phases_us ? Object.fromEntries(Object.entries(b.host_phases_us).map(([k, v]) => [k, v.p50])) : null,
       }));
     }
   }
