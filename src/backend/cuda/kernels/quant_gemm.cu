@@ -771,10 +771,11 @@ QGEMM_SPLIT(4, 4, 4, 2)
 QGEMM_SPLIT(4, 4, 8, 2)
 
 // 4-bit, four token tiles, launches of 4 warps (the tuner's pick for most decode shapes at 32
-// rows): launch bounds for three 4-warp CTAs per SM, so up to 168 registers (143-159 used), where the kernels
-// above cap T = 4 at 128 (all used; _c2 and _c4 spill 8 bytes). The same loop; on an H100 the 4-bit Llama-2-7B decode step
-// (B = 32, 8 adapters) took 5.88 ms with these against 6.38 ms without (session 10,
-// docs/performance-log.md). quant_ops.ts launches them for every 4-bit, T = 4, 4-warp plan.
+// rows): launch bounds for three 4-warp CTAs per SM, so up to 168 registers (143-159 used),
+// where the kernels above cap T = 4 at 128 (all used; _c2 and _c4 spill 8 bytes). The same
+// loop; on an H100 the 4-bit Llama-2-7B decode step (B = 32, 8 adapters) took 5.88 ms with
+// these against 6.38 ms without (session 10, docs/performance-log.md). quant_ops.ts launches
+// them for every 4-bit, T = 4, 4-warp plan.
 #define QGEMM_B4T4W4(NS, CLUSTER)                                                                                             \
   extern "C" __global__ void CLUSTER __launch_bounds__(128, 3) quant_gemm_b4_t4_w4_c##NS(                                      \
       float* out, const bf16* x, const uint4* qw, const uint2* scales, const unsigned* zeros, const float* bias, const int* live, int rows, int K, int N, int gs, int G, int symZero) {\
