@@ -149,7 +149,7 @@ describe.skipIf(reason !== null)(`low-bit GEMM on CUDA vs the CPU reference${rea
         const scale = absSums(x, rows, W, 2048, 1056);
         // A warp's column sums do not depend on its CTA's width (at 32 rows, 4 warps run
         // quant_gemm_b4_t4_w4_*, other launch bounds, the same loop).
-        const byWarps = new Map<string, number[]>();
+        const byWarps = new Map<number, number[]>();
         for (const warps of ["4", "8"]) {
           process.env.INLAID_QGEMM_WARPS = warps;
           for (const splits of [1, 8, null]) {
@@ -160,9 +160,9 @@ describe.skipIf(reason !== null)(`low-bit GEMM on CUDA vs the CPU reference${rea
             expect(Array.from(b), `${label}: deterministic`).toEqual(Array.from(a));
             expectWithin(label, a, ref, scale, fusedTol(2048));
             if (splits !== null) {
-              const other = byWarps.get(`${splits}`);
+              const other = byWarps.get(splits);
               if (other) expect(Array.from(a), `${label}: bitwise the other width's`).toEqual(other);
-              else byWarps.set(`${splits}`, Array.from(a));
+              else byWarps.set(splits, Array.from(a));
             }
           }
         }

@@ -12,10 +12,10 @@
 //
 // The fused kernel's launch: grid (m-blocks, ceil(N / 32 / warps), splits), 32 x warps
 // threads (warps = 4 or 8 columns of 32 outputs per CTA, sharing one x tile in shared
-// memory), kernel quant_gemm_b{B}_t{T}_c{splits} (4-bit, T = 4, 4 warps: quant_gemm_b4_t4_w4_c{splits},
-// launch bounds for three CTAs per SM): with splits > 1 the k splits of a column
-// tile are one thread-block cluster and meet in its distributed shared memory (no global
-// scratch). Every launch parameter depends on the weight's shape and the launch's row
+// memory), kernel quant_gemm_b{B}_t{T}_c{splits} (4-bit, T = 4, 4 warps:
+// quant_gemm_b4_t4_w4_c{splits}, launch bounds for three CTAs per SM): with splits > 1 the k
+// splits of a column tile are one thread-block cluster and meet in its distributed shared
+// memory (no global scratch). Every launch parameter depends on the weight's shape and the launch's row
 // capacity only, so a captured graph replays any step of its bucket. fusedPlan says how the
 // warps and splits are chosen; CudaBackend.quantSplits (INLAID_QGEMM_SPLITS),
 // INLAID_QGEMM_WARPS and INLAID_QGEMM_TILES (token tiles per m-block) fix them, for tuning
@@ -117,8 +117,8 @@ export interface FusedShrink {
 /**
  * Whether a launch runs quant_gemm_b4_t4_w4_* (quant_gemm.cu): 4-bit, four token tiles, 4 warps.
  * Those kernels have launch bounds for three 4-warp CTAs per SM (up to 168 registers) where the
- * 8-warp-bounds kernels cap four tiles at 128 registers (used to the cap; the c2 / c4 ones spill 8 bytes); measured faster end to end
- * (the 4-bit decode step 5.88 against 6.38 ms, H100, session 10).
+ * 8-warp-bounds kernels cap four tiles at 128 registers (all used; _c2 and _c4 spill 8 bytes);
+ * measured faster end to end (the 4-bit decode step 5.88 against 6.38 ms, H100, session 10).
  */
 function b4t4FourWarps(bits: QuantBits, T: number, warps: number): boolean {
   return bits === 4 && T === 4 && warps === 4;

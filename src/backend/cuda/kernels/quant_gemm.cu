@@ -34,10 +34,10 @@
 // matmul input) and f32 accumulation: closer to the f32 dequantized reference than a
 // dense bf16 weight is (that one rounds every weight to bf16).
 //
-// quant_gemm_b{B}_t{T}_c{S} (and quant_gemm_b4_t4_w4_c{S}, the same loop for 4-warp launches with
-// other launch bounds; at the end of the file) (decode shapes: rows <= 32, T = token tiles of 8 rows; larger
-// row counts run m-blocks of 32 rows, T = 4): grid (m-blocks, ceil(N/32/NW), S), NW = 4 or
-// 8 warps (the launch's block size), one 32-output column per warp. A CTA streams its
+// quant_gemm_b{B}_t{T}_c{S}, and quant_gemm_b4_t4_w4_c{S} (the same loop with launch bounds for
+// 4-warp CTAs; instantiated at the end of the file). Decode shapes: rows <= 32, T = token tiles
+// of 8 rows; larger row counts run m-blocks of 32 rows, T = 4. Launch: grid (m-blocks,
+// ceil(N/32/NW), S), NW = 4 or 8 warps (the launch's block size), one 32-output column per warp. A CTA streams its
 // columns' units of its k range through a ring of R (3) stages in shared memory with cp.async
 // (R - 1 units in flight while one is computed: the bytes in flight hide the memory
 // latency); a stage holds every warp's weight words and scale / zero entries and ONE x
