@@ -562,58 +562,51 @@ if (reason !== null) {
     // one-phase expand writes base + term; other steps decline (the caller's usual path).
     // Against the CPU's GEMM-then-add, out starting as garbage; then a slot rewritten after
     // the move must land in the moved A.
-    // Each also with the slot-major expand (INLAID_EXPAND_BY_SLOT, kernels/lora.cu lora_bgmv_expand_by_slot).
-    for (const bySlot of [false, true]) for (const c of LORA_CASES) {
-      it(`attached linearLora${bySlot ? ", slot-major expand" : ""}: ${c.label}`, () => {
-        const was = cuda.expandBySlot;
-        cuda.expandBySlot = bySlot;
-        try {
-          const dims = c.dims ?? [c.N];
-          const { stack, step, w, ov, xv, free, termSize } = linearLoraCase(c);
-          const small = c.maxRank % 8 === 0 && c.ranks.length * dims.length * c.maxRank <= 1024;
-          expect(cuda.attachLoraStack!(stack.gpu, w.gpu), "the stack attaches").toBe(c.maxRank % 8 === 0 && process.env.INLAID_LORA_SLOTS !== "0");
-          const decodeOnly = c.seqs.every((q) => q.q === 1);
-          // Rounds 2 and 3: only slot 0 in use (the GEMM covers one slot), then no adapter at
-          // all (the plain GEMM).
-          const only = (keep: (slot: number) => boolean): StepBatch =>
-            makeStep(c.seqs.map((q) => ({ ...q, slot: keep(q.slot ?? -1) ? q.slot : -1 })), paging(c.seqs.map((q) => Math.max(1, q.ctx)), 16, 6));
-          const steps = [step, step, only((sl) => sl === 0), only(() => false)];
-          for (const round of [0, 1, 2, 3]) {
-            const st = steps[round]!;
-            if (round === 1) {
-              // Slot 0 rewritten with other (bf16-exact, as the device keeps them) values, rank 8
-              // or the max rank when smaller.
-              const r = Math.min(8, c.maxRank);
-              for (let j = 0; j < dims.length; j++) {
-                const a = bf16Values(r * c.K, 31 + j, 0.05), bb = bf16Values(dims[j]! * r, 37 + j, 0.05);
-                b.cpu.writeLoraSlot(stack.cpu, 0, r, 0.75, a, bb, j);
-                b.gpu.writeLoraSlot(stack.gpu, 0, r, 0.75, a, bb, j);
-              }
+    for (const c of LORA_CASES) {
+      it(`attached linearLora: ${c.label}`, () => {
+        const dims = c.dims ?? [c.N];
+        const { stack, step, w, ov, xv, free, termSize } = linearLoraCase(c);
+        const small = c.maxRank % 8 === 0 && c.ranks.length * dims.length * c.maxRank <= 1024;
+        expect(cuda.attachLoraStack!(stack.gpu, w.gpu), "the stack attaches").toBe(c.maxRank % 8 === 0 && process.env.INLAID_LORA_SLOTS !== "0");
+        const decodeOnly = c.seqs.every((q) => q.q === 1);
+        // Rounds 2 and 3: only slot 0 in use (the GEMM covers one slot), then no adapter at
+        // all (the plain GEMM).
+        const only = (keep: (slot: number) => boolean): StepBatch =>
+          makeStep(c.seqs.map((q) => ({ ...q, slot: keep(q.slot ?? -1) ? q.slot : -1 })), paging(c.seqs.map((q) => Math.max(1, q.ctx)), 16, 6));
+        const steps = [step, step, only((sl) => sl === 0), only(() => false)];
+        for (const round of [0, 1, 2, 3]) {
+          const st = steps[round]!;
+          if (round === 1) {
+            // Slot 0 rewritten with other (bf16-exact, as the device keeps them) values, rank 8
+            // or the max rank when smaller.
+            const r = Math.min(8, c.maxRank);
+            for (let j = 0; j < dims.length; j++) {
+              const a = bf16Values(r * c.K, 31 + j, 0.05), bb = bf16Values(dims[j]! * r, 37 + j, 0.05);
+              b.cpu.writeLoraSlot(stack.cpu, 0, r, 0.75, a, bb, j);
+              b.gpu.writeLoraSlot(stack.gpu, 0, r, 0.75, a, bb, j);
             }
-            const cpuStep = b.cpu.prepare(st), gpuStep = b.gpu.prepare(st);
-            b.cpu.linear(ov.cpu, xv.cpu, w.cpu);
-            b.cpu.lora(ov.cpu, xv.cpu, stack.cpu, cpuStep);
-            const took = cuda.linearLora!(ov.gpu, xv.gpu, w.gpu, stack.gpu, gpuStep);
-            expect(took, "linearLora takes the attached decode-only steps").toBe(small && decodeOnly && process.env.INLAID_LORA_SLOTS !== "0");
-            if (!took) {
-              b.gpu.linear(ov.gpu, xv.gpu, w.gpu);
-              b.gpu.lora(ov.gpu, xv.gpu, stack.gpu, gpuStep);
-            }
-            const r = b.read(ov);
-            let maxAbs = 0;
-            for (const v of r.cpu) maxAbs = Math.max(maxAbs, Math.abs(v));
-            const tol = 1e-4 * maxAbs + (decodeOnly ? 0 : 2 ** -8 * maxAbs);
-            // The LoRA term must stand well above the tolerance, or a missing term would pass.
-            const maxDelta = termSize(r.cpu);
-            // (Prefill steps are the usual path's, tested above, with SGMV's looser tolerance.)
-            if (round === 3) expect(maxDelta, "no adapter rows: the plain GEMM").toBe(0);
-            else if (decodeOnly) expect(maxDelta, `linearLora ${c.label}: the LoRA term is visible at this tolerance`).toBeGreaterThan(20 * tol);
-            expectClose(`linearLora ${c.label} (round ${round})`, r.gpu, r.cpu, tol, 0);
           }
-          free();
-        } finally {
-          cuda.expandBySlot = was;
+          const cpuStep = b.cpu.prepare(st), gpuStep = b.gpu.prepare(st);
+          b.cpu.linear(ov.cpu, xv.cpu, w.cpu);
+          b.cpu.lora(ov.cpu, xv.cpu, stack.cpu, cpuStep);
+          const took = cuda.linearLora!(ov.gpu, xv.gpu, w.gpu, stack.gpu, gpuStep);
+          expect(took, "linearLora takes the attached decode-only steps").toBe(small && decodeOnly && process.env.INLAID_LORA_SLOTS !== "0");
+          if (!took) {
+            b.gpu.linear(ov.gpu, xv.gpu, w.gpu);
+            b.gpu.lora(ov.gpu, xv.gpu, stack.gpu, gpuStep);
+          }
+          const r = b.read(ov);
+          let maxAbs = 0;
+          for (const v of r.cpu) maxAbs = Math.max(maxAbs, Math.abs(v));
+          const tol = 1e-4 * maxAbs + (decodeOnly ? 0 : 2 ** -8 * maxAbs);
+          // The LoRA term must stand well above the tolerance, or a missing term would pass.
+          const maxDelta = termSize(r.cpu);
+          // (Prefill steps are the usual path's, tested above, with SGMV's looser tolerance.)
+          if (round === 3) expect(maxDelta, "no adapter rows: the plain GEMM").toBe(0);
+          else if (decodeOnly) expect(maxDelta, `linearLora ${c.label}: the LoRA term is visible at this tolerance`).toBeGreaterThan(20 * tol);
+          expectClose(`linearLora ${c.label} (round ${round})`, r.gpu, r.cpu, tol, 0);
         }
+        free();
       });
     }
 
@@ -621,13 +614,12 @@ if (reason !== null) {
     // the shrink of the step's slots (quant_gemm_lora_*), then the expand in place. Against the
     // CPU's dequantized matmul then `lora`; bit widths vary by case (2 and 3 bits at 4 warps per
     // CTA decline: their stages are too small for a unit of A).
-    for (const bySlot of [false, true]) LORA_CASES.forEach((c, ci) => {
+    LORA_CASES.forEach((c, ci) => {
       const bits = ([4, 8, 2, 3] as const)[ci % 4]!;
-      it(`linearQuantizedLora, ${bits}-bit${bySlot ? ", slot-major expand" : ""}: ${c.label}`, () => {
+      it(`linearQuantizedLora, ${bits}-bit: ${c.label}`, () => {
         const dims = c.dims ?? [c.N];
-        const was = cuda.quantLoraFused, wasBySlot = cuda.expandBySlot;
+        const was = cuda.quantLoraFused;
         cuda.quantLoraFused = true;
-        cuda.expandBySlot = bySlot;
         const q = randomQuantized({ bits, groupSize: 64, sym: ci % 2 === 0, descAct: false }, c.K, c.N, 400 + ci);
         const qc = b.cpu.uploadQuantized!(q), qg = cuda.uploadQuantized(q);
         try {
@@ -662,7 +654,6 @@ if (reason !== null) {
           free();
         } finally {
           cuda.quantLoraFused = was;
-          cuda.expandBySlot = wasBySlot;
           b.cpu.freeQuantized!(qc);
           cuda.freeQuantized(qg);
         }

@@ -1002,16 +1002,9 @@ export class CudaBackend implements Backend {
     if (n * ld * 4 > wide.bytes) return false;
     this.#blas.matmul(wide.ptr, "f32", xo.ptr, w.ptr, n, ld, K, 0n, ld, null);
     const base: Operand = { ptr: wide.ptr, dtype: "f32", cols: ld, rowsCap: n, liveRows: o.liveRows };
-    this.#ops.loraExpandSlots(o, base, wide.ptr + BigInt(N * 4), ld, dl, p.run, this.expandBySlot ? slots : undefined);
+    this.#ops.loraExpandSlots(o, base, wide.ptr + BigInt(N * 4), ld, dl, p.run);
     return true;
   }
-
-  /**
-   * The all-slots expand slot-major (INLAID_EXPAND_BY_SLOT=1; experimental, not measured yet):
-   * kernels/lora.cu lora_bgmv_expand_by_slot, one CTA per (512 outputs, slot) with its slot's B
-   * loaded in the same round as the rows' slots, instead of one per (512 outputs, row).
-   */
-  expandBySlot = process.env.INLAID_EXPAND_BY_SLOT === "1";
 
   /**
    * Whether `linearQuantizedLora` takes decode steps (INLAID_QGEMM_LORA=0: the per-row LoRA
@@ -1057,7 +1050,7 @@ export class CudaBackend implements Backend {
     if (!fusedCarriesShrink(q.bits, plan.warps)) return false;
     this.#quant.fused(o.ptr, xi.ptr, live, n, q, b, 0n, 0n, plan, shrink);
     const oo = this.#operand(out);
-    this.#ops.loraExpandSlots(oo, oo, t.ptr, cols, dl, p.run, this.expandBySlot ? slots : undefined);
+    this.#ops.loraExpandSlots(oo, oo, t.ptr, cols, dl, p.run);
     return true;
   }
 

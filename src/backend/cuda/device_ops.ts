@@ -133,9 +133,8 @@ export interface DeviceOps {
    * (s * splits + j) * maxRank + r) and loraExpandSlots. */
   loraSlotsPath(stack: DeviceLora, run: StepRun, slots: number): boolean;
   /** out[i] = base[i] + scale_s * B_s t[i, s] on rows with an adapter slot s (base may be
-   * out: rows without one are then untouched; base may be wider than out, ld = its cols).
-   * bySlot: the slots t holds, for the slot-major kernel (INLAID_EXPAND_BY_SLOT). */
-  loraExpandSlots(out: Operand, base: Operand, t: bigint, ldT: number, stack: DeviceLora, run: StepRun, bySlot?: number): void;
+   * out: rows without one are then untouched; base may be wider than out, ld = its cols). */
+  loraExpandSlots(out: Operand, base: Operand, t: bigint, ldT: number, stack: DeviceLora, run: StepRun): void;
   rope(q: Operand, k: Operand, v: Operand, qkv: Operand, invFreq: Operand, headDim: number, run: StepRun): void;
   attention(out: Operand, q: Operand, k: Operand, v: Operand, kv: DeviceKv, scale: number, run: StepRun, scratch: Scratch): void;
   /** Scratch `attention` needs at a capacity of `seqs` sequences (split-K partials). */

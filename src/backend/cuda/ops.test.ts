@@ -14,7 +14,7 @@ import type { DeviceKv, DeviceLora, DeviceStep, Operand, StepRun } from "./devic
 import type { Dim3, KernelArg, Launcher } from "./launch.js";
 import {
   CudaOps, CudaOpsError, KERNEL_FILES, SUPPORTED_HEAD_DIMS, attentionScratchBytes, decodeCounterOffset, decodeSmemBytes, decodeSplit,
-  bySlotSmemBytes, dummyWeightValue, kernelNames, PDL_KERNELS,
+  dummyWeightValue, kernelNames, PDL_KERNELS,
   type StepKinds,
 } from "./ops.js";
 import { QuantOps, dequantChunkCols, fusedCarriesShrink, fusedSmemBytes, quantKernelNames, type DeviceQuantWeight } from "./quant_ops.js";
@@ -94,7 +94,6 @@ function parseSources(): { kinds: Map<string, Kind[]>; bodies: Map<string, strin
 // an activation an earlier kernel writes (kernels/common.cuh).
 const PRE_WAIT_READS: Record<string, readonly string[]> = {
   lora_bgmv_expand_slots: ["B", "ranks", "scales", "loraSlots", "counts"],
-  lora_bgmv_expand_by_slot: ["B", "ranks", "scales", "loraSlots", "counts"],
   lora_bgmv_fused: ["ranks", "loraSlots", "queryStart", "counts"],
   quant_gemm: ["qw", "scales", "zeros", "la"],
 };
@@ -174,10 +173,6 @@ function exerciseAll(ops: CudaOps, o: { T: number; S: number; H: number; nH: num
     const ld = st.outDim + st.numSlots * st.outDims.length * st.maxRank;
     const wide = operand("f32", o.T, ld);
     ops.loraExpandSlots(operand("f32", o.T, st.outDim), wide, wide.ptr + BigInt(4 * st.outDim), ld, st, r);
-    // Slot-major (INLAID_EXPAND_BY_SLOT): copying from the wide row, and in place.
-    ops.loraExpandSlots(operand("f32", o.T, st.outDim), wide, wide.ptr + BigInt(4 * st.outDim), ld, st, r, st.numSlots);
-    const t = operand("f32", o.T, st.numSlots * st.outDims.length * st.maxRank), own = operand("f32", o.T, st.outDim);
-    ops.loraExpandSlots(own, own, t.ptr, t.cols, st, r, st.numSlots);
   }
   const last = operand("bf16", o.S, o.H);
   ops.gatherRows(last, normed, r);
@@ -271,11 +266,6 @@ describe("CUDA ops seam (CPU checks)", () => {
         for (const l of rec.launches.filter((x) => x.name === "lora_bgmv_fused")) expect(l.grid[0] % 8).toBe(0);
         if (clusters && shape.R <= 64) expect(rec.launches.some((x) => x.name === "lora_bgmv_fused")).toBe(true);
         if (kinds.hasPrefill === false) expect(rec.launches.some((x) => x.name === "lora_bgmv_expand_slots"), "decode-only: the all-slots expand").toBe(true);
-        if (kinds.hasPrefill === false) {
-          // Slot-major: one CTA row per slot (4), plus the copy group only when copying.
-          const groups = new Set(rec.launches.filter((x) => x.name === "lora_bgmv_expand_by_slot").map((x) => x.grid[1]));
-          expect([...groups].sort()).toEqual([4, 5]);
-        }
         expect(rec.launches.length).toBeGreaterThan(10);
         for (const l of rec.launches) {
           const params = kernels.get(l.name);
@@ -296,11 +286,6 @@ describe("CUDA ops seam (CPU checks)", () => {
             expect(l.smem).toBeLessThanOrEqual(227 * 1024);
             expect(l.smem).toBe(decodeSmemBytes(shape.D, shape.S));
             if (shape.S <= 256) expect(2 * (l.smem + 128 + 1024)).toBeLessThanOrEqual(228 * 1024);
-          } else if (l.name === "lora_bgmv_expand_by_slot") {
-            // Its rows and t tile are all its shared memory (a 4-byte counter aside): within 48 KB.
-            const [rows, , , , R, S] = l.args.slice(8, 14).map((a) => ("i32" in a ? a.i32 : NaN));
-            expect(l.smem).toBe(bySlotSmemBytes(rows!, S!, R!));
-            expect(l.smem).toBeLessThanOrEqual(48 * 1024 - 16);
           } else {
             // Static tiles use up to ~39 KB; dynamic shared memory must leave them room in 48 KB.
             expect(l.smem).toBeLessThanOrEqual(9 * 1024);

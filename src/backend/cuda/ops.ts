@@ -69,7 +69,7 @@ export const PDL_KERNELS: ReadonlySet<string> = new Set([
   "embedding_bf16_f32", "gather_rows_bf16", "rmsnorm_f32_bf16", "add_rmsnorm_f32_bf16", "rope_qkv_f32",
   "kv_cache_write_f32", "silu_mul_f32_bf16", "sample_rows",
   ...[32, 64, 80, 96, 128].flatMap((d) => [`attn_prefill_d${d}`, `attn_decode_d${d}`]),
-  "lora_bgmv_fused", "lora_bgmv_shrink", "lora_bgmv_expand", "lora_bgmv_expand_slots", "lora_bgmv_expand_by_slot", "lora_sgmv_expand",
+  "lora_bgmv_fused", "lora_bgmv_shrink", "lora_bgmv_expand", "lora_bgmv_expand_slots", "lora_sgmv_expand",
   ...[16, 32, 64].map((r) => `lora_sgmv_shrink_r${r}`),
   // The fused low-bit GEMMs request their first units of weights before the wait.
   ...quantKernelNames().filter((n) => n.startsWith("quant_gemm_")),
@@ -119,7 +119,7 @@ export function kernelNames(): string[] {
   return [
     "embedding_bf16_f32", "gather_rows_bf16", "rmsnorm_f32_bf16", "add_rmsnorm_f32_bf16", "rope_qkv_f32", "silu_mul_f32_bf16",
     "kv_cache_write_f32", ...attn,
-    "lora_bgmv_fused", "lora_bgmv_shrink", "lora_bgmv_expand", "lora_bgmv_expand_slots", "lora_bgmv_expand_by_slot", "lora_sgmv_shrink_r16", "lora_sgmv_shrink_r32", "lora_sgmv_shrink_r64", "lora_sgmv_expand",
+    "lora_bgmv_fused", "lora_bgmv_shrink", "lora_bgmv_expand", "lora_bgmv_expand_slots", "lora_sgmv_shrink_r16", "lora_sgmv_shrink_r32", "lora_sgmv_shrink_r64", "lora_sgmv_expand",
     "sample_rows",
     "convert_f32_to_bf16", "convert_bf16_to_f32", "convert_f16_to_bf16", "convert_f16_to_f32", "fill_u32", "fill_u16",
     "fill_random_bf16", "fill_random_f32",
@@ -205,16 +205,6 @@ function splitBounds(stack: DeviceLora): [number, number, number] {
   const at = (j: number): number => (j < starts.length ? starts[j]! : stack.outDim);
   return [at(1), at(2), at(3)];
 }
-/** Rows of t lora_bgmv_expand_by_slot stages at once (kernels/lora.cu kBySlotRows). */
-const BY_SLOT_ROWS = 8;
-/** Dynamic shared memory the by-slot expand may take without an opt-in. */
-const BY_SLOT_MAX_SMEM = 48 * 1024 - 16;
-
-/** Dynamic shared memory of lora_bgmv_expand_by_slot: its rows (i32, 16-byte padded), then t of BY_SLOT_ROWS rows. */
-export function bySlotSmemBytes(rows: number, splits: number, maxRank: number): number {
-  return ((rows * 4 + 15) & ~15) + BY_SLOT_ROWS * splits * maxRank * 4;
-}
-
 /** splitBounds as kernel arguments. */
 const splitBoundArgs = (stack: DeviceLora): KernelArg[] => splitBounds(stack).map(i32);
 /** Threads for `work` items: a multiple of 32 in [32, max]. */
@@ -439,7 +429,7 @@ export class CudaOps implements DeviceOps {
   }
 
   /** out[i] = base[i] + scale_s * B_s t[i, s] for decode rows with a slot s; t from the all-slots shrink (kernels/lora.cu lora_bgmv_expand_slots). */
-  loraExpandSlots(out: Operand, base: Operand, t: DevicePtr, ldT: number, stack: DeviceLora, run: StepRun, bySlot?: number): void {
+  loraExpandSlots(out: Operand, base: Operand, t: DevicePtr, ldT: number, stack: DeviceLora, run: StepRun): void {
     const op = "loraExpandSlots";
     need((run as StepRun & StepKinds).hasPrefill === false && stack.maxRank % 8 === 0, op, "step",
       "only decode-only steps with ranks in 8-wide vectors take the all-slots path (loraSlotsPath)");
@@ -453,19 +443,6 @@ export class CudaOps implements DeviceOps {
     // ldT covers at least the slots the step's rows use (the caller's GEMM made those).
     need(ldT >= S * R && ldT % 4 === 0, op, "t", `t's row stride ${ldT} must hold a slot's ranks and keep 16-byte rows`);
     // 512 outputs of a row per 128-thread CTA (kernels/lora.cu kExpandPer).
-    if (bySlot !== undefined) {
-      need(Number.isInteger(bySlot) && bySlot >= 1 && bySlot * S * R <= ldT, op, "slots", `${bySlot} slots of ${S * R} columns must fit t's row stride ${ldT}`);
-      const smem = bySlotSmemBytes(rows, S, R);
-      if (smem <= BY_SLOT_MAX_SMEM) {
-        const copy = out.ptr === base.ptr ? 0 : 1;
-        need(copy === 1 || base.cols === N, op, "base", "in place, base must be out itself");
-        this.#launch("lora_bgmv_expand_by_slot", [cdiv(N, 512), bySlot + copy, 1], [128, 1, 1], smem, [
-          ptr(out.ptr), ptr(base.ptr), ptr(t), ptr(stack.b), ptr(stack.ranks), ptr(stack.scales), ptr(run.step.loraSlots),
-          ptr(run.step.counts), i32(rows), i32(N), i32(base.cols), i32(ldT), i32(R), i32(S), ...splitBoundArgs(stack), i32(bySlot),
-        ]);
-        return;
-      }
-    }
     this.#launch("lora_bgmv_expand_slots", [cdiv(N, 512), rows, 1], [128, 1, 1], 0, [
       ptr(out.ptr), ptr(base.ptr), ptr(t), ptr(stack.b), ptr(stack.ranks), ptr(stack.scales), ptr(run.step.loraSlots),
       ptr(run.step.counts), i32(rows), i32(N), i32(base.cols), i32(ldT), i32(R), i32(S), ...splitBoundArgs(stack),

@@ -429,7 +429,7 @@ extern "C" __global__ void __launch_bounds__(128) lora_bgmv_expand(float* __rest
 namespace {
 constexpr int kExpandPer = 4;  // outputs per thread, 128 apart
 
-// What a thread of either all-slots expand loads before the PDL wait for its outputs n0 +
+// What a thread of lora_bgmv_expand_slots loads before the PDL wait for its outputs n0 +
 // 128e of slot `slot` (< 0: none, all zero): each output's split, that split's rank and scale,
 // and B's first 16 ranks (B rows hold maxRank entries, so those loads are in bounds; ranks
 // past an adapter's own are masked by expand_dot).
@@ -462,7 +462,7 @@ __device__ __forceinline__ ExpandHead expand_head(int slot, int n0, int N, const
 }
 
 // B's row (b0, b1: its first 16 ranks, already loaded; bb: the whole row) dotted with t over
-// `rank` ranks: t16 holds t's first 16 (registers or shared memory), tj the row's t from rank 0
+// `rank` ranks: t16 holds t's first 16 (registers), tj the row's t from rank 0
 // (16-byte aligned; read past rank 16 only). Masked, not multiplied by zero: values past the
 // rank could hold NaN bits.
 template <typename T16>
@@ -527,90 +527,6 @@ extern "C" __global__ void __launch_bounds__(128)
     } else {
       dstRow[n] = rank > 0 ? v[e] + h.sc[e] * acc : v[e];
     }
-  }
-}
-
-// The same expand, slot-major (INLAID_EXPAND_BY_SLOT=1; experimental, not measured yet): grid
-// (ceil(N / 512), numSlots + copy), CTA (x, s) serves the outputs x*512 .. of every row whose
-// slot is s, and with copy (base is not out) CTA (x, numSlots) copies base to out for the rows
-// without a slot (or past the live count). A CTA knows its slot before loading anything, so
-// B's first 16 ranks, the ranks and scales load in the same round as the live count and the
-// rows' slots (one round before the PDL wait where the row-major kernel has two dependent
-// ones). After the wait the CTA stages t of up to kBySlotRows of its rows in shared memory
-// (t[row, s*S*maxRank .. + S*maxRank)) with each thread's base values, then adds
-// scale * B t per row; in place as one red.global.add per element (deterministic).
-// Shared memory (dynamic, ops.ts bySlotSmemBytes): rows i32 [cap] padded to 16 bytes, then
-// t f32 [kBySlotRows][S * maxRank]. Rows are served in the order the CTA found them (an
-// atomic counter); each output still gets exactly one add.
-namespace {
-constexpr int kBySlotRows = 8;
-}  // namespace
-
-extern "C" __global__ void __launch_bounds__(128)
-    lora_bgmv_expand_by_slot(float* __restrict__ out, const float* base, const float* __restrict__ t, const bf16* __restrict__ B,
-                             const int* __restrict__ ranks, const float* __restrict__ scales, const int* __restrict__ loraSlots,
-                             const int* __restrict__ counts, int cap, int N, int ldBase, int ldT, int maxRank, int S, int o1,
-                             int o2, int o3, int numSlots) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ int found;
-  const int g = blockIdx.y;  // a slot, or numSlots: the rows without one
-  const int n0 = blockIdx.x * (128 * kExpandPer) + threadIdx.x;
-  const int SR = S * maxRank;
-  int* rowsOf = reinterpret_cast<int*>(smem);
-  float* tS = reinterpret_cast<float*>(smem + ((cap * 4 + 15) & ~15));
-  if (threadIdx.x == 0) found = 0;
-  const ExpandHead h = expand_head(g < numSlots ? g : -1, n0, N, B, ranks, scales, maxRank, S, o1, o2, o3);
-  __syncthreads();  // found = 0 before anyone counts
-  const int live = min(counts[0], cap);
-  for (int r = threadIdx.x; r < cap; r += blockDim.x) {
-    const int sr = loraSlots[r];
-    const bool mine = g < numSlots ? r < live && sr == g : r >= live || sr < 0 || sr >= numSlots;
-    if (mine) rowsOf[atomicAdd(&found, 1)] = r;
-  }
-  __syncthreads();
-  pdl_wait();
-  const int m = found;
-  const bool inPlace = base == out;
-  for (int c0 = 0; c0 < m; c0 += kBySlotRows) {
-    const int mc = min(kBySlotRows, m - c0);
-    if (g < numSlots) {
-      const int q4 = SR / 4;  // float4s of one row's t slice (S * maxRank is a multiple of 8)
-      for (int i = threadIdx.x; i < mc * q4; i += blockDim.x) {
-        const int k = i / q4, q = i - k * q4;
-        reinterpret_cast<float4*>(tS)[i] = reinterpret_cast<const float4*>(t + (long long)rowsOf[c0 + k] * ldT + g * SR)[q];
-      }
-    }
-    float v[kBySlotRows][kExpandPer];
-#pragma unroll
-    for (int k = 0; k < kBySlotRows; k++) {
-      const int row = k < mc ? rowsOf[c0 + k] : 0;
-#pragma unroll
-      for (int e = 0; e < kExpandPer; e++) {
-        const int n = n0 + e * 128;
-        v[k][e] = k < mc && n < N && !inPlace ? base[(long long)row * ldBase + n] : 0.f;
-      }
-    }
-    __syncthreads();  // t staged
-#pragma unroll
-    for (int k = 0; k < kBySlotRows; k++) {
-      if (k >= mc) break;
-      float* dstRow = out + (long long)rowsOf[c0 + k] * N;
-#pragma unroll
-      for (int e = 0; e < kExpandPer; e++) {
-        const int n = n0 + e * 128, rank = h.rk[e];
-        if (n >= N) continue;
-        if (rank <= 0) {
-          if (!inPlace) dstRow[n] = v[k][e];  // the copy group, or a split without an adapter
-          continue;
-        }
-        const float* tr = tS + k * SR + h.js[e] * maxRank;
-        const uint4* bb = reinterpret_cast<const uint4*>(B + ((long long)g * N + n) * maxRank);
-        const float acc = expand_dot(h.b0[e], h.b1[e], bb, rank, tr, tr);
-        if (inPlace) atomicAdd(dstRow + n, h.sc[e] * acc);
-        else dstRow[n] = v[k][e] + h.sc[e] * acc;
-      }
-    }
-    __syncthreads();  // before the next chunk's t overwrites this one's
   }
 }
 
