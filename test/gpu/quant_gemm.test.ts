@@ -175,44 +175,6 @@ describe.skipIf(reason !== null)(`low-bit GEMM on CUDA vs the CPU reference${rea
     }
   });
 
-  it("register-streamed kernel (INLAID_QGEMV=only): bitwise the ring kernel at the same split count, within the bound of the CPU; 2/3/4/8 bits, groups 128 and one, rows 1, 5, 8, splits 1/2/4/8", () => {
-    const prevSplits = gpu.quantSplits, prevMode = process.env.INLAID_QGEMV;
-    try {
-      for (const bits of [2, 3, 4, 8] as QuantBits[]) {
-        for (const [groupSize, sym, descAct] of [[128, false, false], [-1, true, true]] as const) {
-          const K = 2176, N = 416; // 17 units (uneven splits), 13 columns (idle warps in the last CTA)
-          const q = randomQuantized({ bits, groupSize, sym, descAct }, K, N, 300 + bits + (sym ? 1 : 0));
-          const qg = gpu.uploadQuantized(q);
-          const W = dequantize(q);
-          const bias = Float32Array.from({ length: N }, (_, n) => ((n % 5) - 2) * 0.25);
-          try {
-            for (const rows of [1, 5, 8]) {
-              const x = bf16Values(rows * K, 40 + rows + bits);
-              const scale = absSums(x, rows, W, K, N);
-              for (let i = 0; i < scale.length; i++) scale[i]! += Math.abs(bias[i % N]!);
-              for (const splits of [1, 2, 4, 8]) {
-                gpu.quantSplits = splits;
-                delete process.env.INLAID_QGEMV;
-                const [ring, ref] = both(q, qg, x, rows, bias);
-                process.env.INLAID_QGEMV = "only";
-                const [v] = both(q, qg, x, rows, bias);
-                const label = `${bits}-bit group ${groupSize} rows ${rows} splits ${splits}`;
-                expectWithin(label, v, ref, scale, fusedTol(K));
-                expect(Array.from(v), `${label}: bitwise the ring kernel's`).toEqual(Array.from(ring));
-              }
-            }
-          } finally {
-            gpu.freeQuantized(qg);
-          }
-        }
-      }
-    } finally {
-      gpu.quantSplits = prevSplits;
-      if (prevMode === undefined) delete process.env.INLAID_QGEMV;
-      else process.env.INLAID_QGEMV = prevMode;
-    }
-  });
-
   it("token tiles: 13, 24 and 32 rows in m-blocks of 8, 16 and 32 rows (the tuner's candidates) agree within the bound", () => {
     const q = randomQuantized({ bits: 4, groupSize: 64, sym: false, descAct: false }, 1056, 1056, 91);
     const qg = gpu.uploadQuantized(q);

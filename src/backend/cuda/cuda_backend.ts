@@ -84,7 +84,7 @@ import { KernelLauncher } from "./launcher.js";
 import { DeviceGraphLauncher } from "./device_graph.js";
 import { CudaOps, KERNEL_FILES, LORA_SLOTS_MAX_COLS, PDL_KERNELS } from "./ops.js";
 import { packQuantLayout, randomQuantLayout, type QuantLayout } from "./quant_layout.js";
-import { QuantOps, dequantChunkCols, fusedCandidates, fusedCarriesShrink, fusedLaunchName, fusedPlan, gemvApplies, gemvCandidates, gemvLike, gemvMode, splitsFromEnv, tilesFromEnv, type DeviceQuantWeight, type FusedPlan } from "./quant_ops.js";
+import { QuantOps, dequantChunkCols, fusedCandidates, fusedCarriesShrink, fusedLaunchName, fusedPlan, ringDepthOne, splitsFromEnv, tilesFromEnv, type DeviceQuantWeight, type FusedPlan } from "./quant_ops.js";
 import {
   bucketRows, capacityShortfall, packStep, stagingViews, stepLayout,
   type PackedStep, type StagingViews, type StepCapacity, type StepLayout,
@@ -158,12 +158,9 @@ class CudaKvCache implements KvCache {
   }
 }
 
-/**
- * #quantPlans' key: a weight's shape and bits, the launch rows, and whether the register-streamed
- * kernel is a candidate (it depends on the group size and INLAID_QGEMV).
- */
+/** #quantPlans' key: a weight's shape and bits, and the launch rows. */
 function quantPlanKey(q: DeviceQuantWeight, rows: number): string {
-  return `${q.bits},${q.K},${q.N},${rows},${gemvApplies(q, rows) ? gemvMode() : "off"}`;
+  return `${q.bits},${q.K},${q.N},${rows}`;
 }
 
 /** Slots the all-slots LoRA GEMM covers for a step whose highest slot in use is span - 1: a power of two (0 when none). */
@@ -455,6 +452,7 @@ export class CudaBackend implements Backend {
           // their wait unless told not to (kernels/common.cuh).
           extraOptions: [
             ...(process.env.INLAID_PDL_TRIGGER === "0" ? ["-DINLAID_PDL_TRIGGER=0"] : []),
+            ...(ringDepthOne() !== 3 ? [`-DINLAID_QGEMM_RING1=${ringDepthOne()}`] : []),
           ],
         })
         : [];
@@ -1047,9 +1045,7 @@ export class CudaBackend implements Backend {
     const cols = slots * s.outDims.length * s.maxRank;
     if (!t || n * cols * 4 > t.bytes) return false;
     const live = this.#liveRows(xi);
-    const kept = this.#quantPlan(q, n, o.ptr, xi.ptr, live, b);
-    // The register-streamed kernel carries no shrink: the rule's ring-kernel launch instead.
-    const plan = kept.gemv ? this.#quant.plan(q, n) : kept;
+    const plan = this.#quantPlan(q, n, o.ptr, xi.ptr, live, b);
     // A is [numSlots][splits][maxRank][K]: its first `slots` slots are a [cols, K] weight.
     const shrink = { a: s.a, t: t.ptr, cols, ldT: cols };
     if (!fusedCarriesShrink(q.bits, plan.warps)) return false;
@@ -1293,24 +1289,17 @@ export class CudaBackend implements Backend {
    * to 6% on an H100 sweep (bench/quant_gemm.ts --sweep: K 4096 N 11008 at 1 and 8 rows took
    * 8 splits where 4 ran 14.3 against 14.8 µs). While capturing, or with tuning off, the
    * rule's plan. A forced split, warp or token-tile count (quantSplits, INLAID_QGEMM_WARPS,
-   * INLAID_QGEMM_TILES) is followed and not kept. INLAID_QGEMV (quant_ops.ts gemvMode) adds the
-   * register-streamed kernel's launches to the candidates, or runs only it, where it applies.
+   * INLAID_QGEMM_TILES) is followed and not kept.
    */
   #quantPlan(q: DeviceQuantWeight, rows: number, out: bigint, x: bigint, live: bigint, bias: bigint): FusedPlan {
-    const gemv = gemvApplies(q, rows) ? gemvMode() : "off";
-    if (this.quantSplits !== null || process.env.INLAID_QGEMM_WARPS || tilesFromEnv(rows) !== null) {
-      const p = this.#quant.plan(q, rows, this.quantSplits);
-      return gemv === "only" ? gemvLike(q.bits, q.K, q.N, p.splits) : p;
-    }
+    if (this.quantSplits !== null || process.env.INLAID_QGEMM_WARPS || tilesFromEnv(rows) !== null) return this.#quant.plan(q, rows, this.quantSplits);
     const key = quantPlanKey(q, rows);
     const have = this.#quantPlans.get(key);
     if (have) return have;
-    const rule = this.#quant.plan(q, rows);
-    let plan = gemv === "only" ? gemvLike(q.bits, q.K, q.N, rule.splits) : rule;
+    let plan = this.#quant.plan(q, rows);
     const tuner = this.#tuner;
     if (!this.#capturing && tuner !== null && tuner.canTune()) {
-      const gemvs = gemv === "off" ? [] : gemvCandidates(q.bits, q.K, q.N);
-      const candidates = gemv === "only" ? gemvs : [...fusedCandidates(q.bits, q.K, q.N, rows), ...gemvs];
+      const candidates = fusedCandidates(q.bits, q.K, q.N, rows);
       plan = candidates[timeCandidates(tuner, candidates.length, (i) => {
         this.#quant.fused(out, x, live, rows, q, bias, 0n, 0n, candidates[i]!);
         return true;

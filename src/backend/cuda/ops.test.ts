@@ -17,7 +17,7 @@ import {
   dummyWeightValue, kernelNames, PDL_KERNELS,
   type StepKinds,
 } from "./ops.js";
-import { GEMV_MAX_UNITS, QuantOps, dequantChunkCols, fusedCarriesShrink, fusedSmemBytes, gemvApplies, gemvCandidates, gemvLike, quantKernelNames, type DeviceQuantWeight } from "./quant_ops.js";
+import { QuantOps, dequantChunkCols, fusedCarriesShrink, fusedSmemBytes, quantKernelNames, type DeviceQuantWeight } from "./quant_ops.js";
 import type { QuantBits } from "../../quant/types.js";
 
 const KERNEL_DIR = dirname(KERNEL_FILES[0]!);
@@ -96,7 +96,6 @@ const PRE_WAIT_READS: Record<string, readonly string[]> = {
   lora_bgmv_expand_slots: ["B", "ranks", "scales", "loraSlots", "counts"],
   lora_bgmv_fused: ["ranks", "loraSlots", "queryStart", "counts"],
   quant_gemm: ["qw", "scales", "zeros", "la"],
-  quant_gemv: ["qw", "scales", "zeros"],
 };
 
 /** A __device__ function's parameter list and body (for kernels that only call one). */
@@ -407,12 +406,6 @@ describe("CUDA ops seam (CPU checks)", () => {
             }
             // Same capacities, same launch (graph replay of any step of the bucket).
             expect(ops.plan(w, rows)).toEqual(plan);
-            // The register-streamed kernel's launches (INLAID_QGEMV), where it applies; never with a shrink.
-            if (gemvApplies(w, rows)) {
-              for (const g of gemvCandidates(bits, K, N)) ops.fused(0x8000n, 0x9000n, 0xa000n, rows, w, 0xb000n, 0n, 0n, g);
-              expect(() => ops.fused(0x8000n, 0x9000n, 0xa000n, rows, w, 0xb000n, 0n, 0n, gemvLike(bits, K, N, plan.splits), { a: 0xf000n, t: 0xf800n, cols: 384, ldT: 384 }))
-                .toThrow(/does not carry/);
-            }
           }
           for (let c0 = 0; c0 < N / 32; c0 += dequantChunkCols(K, N)) ops.dequant(0xe000n, w, c0, Math.min(dequantChunkCols(K, N), N / 32 - c0));
         }
@@ -421,7 +414,6 @@ describe("CUDA ops seam (CPU checks)", () => {
     const names = new Set(rec.launches.map((l) => l.name));
     for (const b of [2, 3, 4, 8]) for (const n of [`quant_gemm_b${b}_t1_c2`, `quant_gemm_b${b}_t4_c1`, `quant_gemm_b${b}_t1_c8`, `quant_dequant_b${b}`]) expect(names.has(n), n).toBe(true);
     for (const n of ["quant_gemm_lora_b4_t1_c2", "quant_gemm_lora_b4_t4_c1", "quant_gemm_lora_b2_t4_c1"]) expect(names.has(n), n).toBe(true);
-    for (const b of [2, 3, 4, 8]) for (const c of [1, 2, 4, 8]) expect(names.has(`quant_gemm_v_b${b}_c${c}`), `quant_gemm_v_b${b}_c${c}`).toBe(true);
     for (const n of quantKernelNames()) expect(kernels.has(n), `quant_gemm.cu defines ${n}`).toBe(true);
     expect(names.has("quant_gather_cols")).toBe(true);
     for (const l of rec.launches) {
@@ -440,13 +432,6 @@ describe("CUDA ops seam (CPU checks)", () => {
         expect(l.smem).toBe(fusedSmemBytes(Number(fused[1]) as QuantBits, Number(fused[2]), l.block[0] / 32));
         expect(2 * (l.smem + 1024)).toBeLessThanOrEqual(228 * 1024);
         expect(l.grid[2]).toBe(Number(fused[3]));
-      } else if (/^quant_gemm_v_/.test(l.name)) {
-        // x of a split's units (at most GEMV_MAX_UNITS of 2 KiB), or the split merge's partials.
-        const units = Math.ceil((l.args[8] as { i32: number }).i32 / 128), splits = l.grid[2];
-        expect(l.smem).toBe(Math.max(Math.ceil(units / splits) * 2048, 4096));
-        expect(l.smem).toBeLessThanOrEqual(GEMV_MAX_UNITS * 2048);
-        expect(l.block[0]).toBe(128);
-        expect(Number(/_c(\d)$/.exec(l.name)![1])).toBe(splits);
       } else {
         expect(l.smem).toBe(0);
       }

@@ -5,8 +5,7 @@
 //   rows <= fusedMaxRows (default 128, INLAID_QUANT_FUSED_MAX_ROWS): quant_gemm_b{B}_t{T}_c{S}, the
 //     fused kernel. T = 1, 2, 4 token tiles of 8 rows for up to 8, 16, 32 rows; more rows run
 //     m-blocks of 32 (the same weights re-read, mostly from L2, by the m-blocks of a column,
-//     which the grid launches next to each other). Up to 8 rows, with INLAID_QGEMV, also
-//     quant_gemm_v_b{B}_c{S}: the same math with the weights streamed into registers (gemvLaunch).
+//     which the grid launches next to each other).
 //   more rows: per chunk of columns, quant_dequant_b{B} expands the weights to bf16 in a
 //     scratch buffer and cuBLASLt multiplies (the GEMM is compute-bound there).
 // Act-order weights first gather x's columns into the kernel's k order (quant_gather_cols).
@@ -82,8 +81,18 @@ function stageBytes(bits: QuantBits, T: number, warps: number): number {
   return warps * (bits * 512 + 384) + 2048 * T;
 }
 
+/** Experiment: the ring depth of one token tile at 2-4 bits (INLAID_QGEMM_RING1, compiled in by cuda_backend.ts). */
+export function ringDepthOne(): number {
+  const v = process.env.INLAID_QGEMM_RING1;
+  if (v === undefined || v === "") return 3;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 2 || n > 8) throw new Error(`INLAID_QGEMM_RING1 must be an integer from 2 to 8 (got "${v}")`);
+  return n;
+}
+
 /** Ring stages of quant_gemm_b{B}_t{T} (quant_gemm.cu QCfg::kRing): 3, or 2 where three 8-warp stages pass the budget. */
 export function ringSlots(bits: QuantBits, T: number): number {
+  if (T === 1 && bits <= 4) return ringDepthOne();
   return Math.floor(RING_BUDGET / stageBytes(bits, T, 8)) >= 3 ? 3 : 2;
 }
 
@@ -149,8 +158,6 @@ export interface FusedPlan {
   /** Global scratch a launch needs: none (the splits meet in the cluster); kept at 0 for CudaBackend's sizing. */
   readonly partialBytes: 0;
   readonly counterBytes: 0;
-  /** quant_gemm_v_*: the register-streamed kernel for up to 8 rows (gemvLaunch). */
-  readonly gemv?: true;
 }
 
 /** A positive integer from the environment, or null (unset, empty or not a positive integer). */
@@ -245,77 +252,9 @@ export function fusedCandidates(bits: QuantBits, K: number, N: number, rows: num
   return FUSED_WARPS.flatMap((w) => FUSED_SPLITS.filter((s) => s <= units).map((s) => fusedLaunch(bits, N, rows, w, s)));
 }
 
-/**
- * A fused launch as the tuner's choice is reported: "w{warps}s{splits}" ("v{warps}s{splits}" for
- * the register-streamed kernel), then "t{T}" where T is not tokenTiles(rows).
- */
+/** A fused launch as the tuner's choice is reported: "w{warps}s{splits}", then "t{T}" where T is not tokenTiles(rows). */
 export function fusedLaunchName(p: FusedPlan, rows: number): string {
-  return `${p.gemv ? "v" : "w"}${p.warps}s${p.splits}${p.T === tokenTiles(rows) ? "" : `t${p.T}`}`;
-}
-
-/** Warps per CTA of quant_gemm_v_* (its launch bounds: three 4-warp CTAs per SM). */
-const GEMV_WARPS = 4;
-/** Most units of 128 k one split of quant_gemm_v_* stages x for (2 KiB each in shared memory). */
-export const GEMV_MAX_UNITS = 48;
-
-/**
- * INLAID_QGEMV: whether the tuner also times the register-streamed kernel (quant_gemm_v_*) for
- * launches of up to 8 rows ("tune"), uses only it where it applies ("only"), or leaves it out
- * (unset or "0", for now the default: not yet measured on a GPU).
- */
-export function gemvMode(): "off" | "tune" | "only" {
-  const v = process.env.INLAID_QGEMV;
-  if (v === "only" || v === "tune") return v;
-  if (v === undefined || v === "" || v === "0" || v === "off") return "off";
-  throw new Error(`INLAID_QGEMV=${v}: expected tune, only or 0`);
-}
-
-/**
- * Whether quant_gemm_v_* can run a launch: up to 8 rows (one token tile), every unit of 128 k in
- * one group (a group size that is a multiple of 128, or one group), so a unit's scales and zeros
- * ride with its words, and a split count that stages at most GEMV_MAX_UNITS units of x.
- */
-export function gemvApplies(w: { readonly K: number; readonly groupSize: number; readonly groups: number }, rows: number): boolean {
-  return rows <= 8 && (w.groups === 1 || w.groupSize % UNIT_K === 0) && gemvSplits(w.K).length > 0;
-}
-
-/** quant_gemm_v_b{B}_c{splits}'s launch (kernels/quant_gemm.cu quant_gemv): grid (1, ceil(N / 32 / 4), splits). */
-export function gemvLaunch(bits: QuantBits, K: number, N: number, splits: number): FusedPlan {
-  const units = Math.ceil(K / UNIT_K), per = Math.ceil(units / splits);
-  if (!FUSED_SPLITS.includes(splits) || per > GEMV_MAX_UNITS) {
-    throw new Error(`quant_gemm_v: ${splits} splits of ${units} units (at most ${GEMV_MAX_UNITS} per split, splits ${FUSED_SPLITS.join("/")})`);
-  }
-  return {
-    kernel: `quant_gemm_v_b${bits}_c${splits}`,
-    T: 1,
-    mBlocks: 1,
-    warps: GEMV_WARPS,
-    splits,
-    grid: [1, Math.ceil(N / COL_N / GEMV_WARPS), splits],
-    block: [32 * GEMV_WARPS, 1, 1],
-    // x of the split's units; the split merge's partials (store_tile) reuse it.
-    smem: Math.max(per * 2048, GEMV_WARPS * 32 * 8 * 4),
-    partialBytes: 0,
-    counterBytes: 0,
-    gemv: true,
-  };
-}
-
-/** Every split count quant_gemm_v_* can run K with (per split at most GEMV_MAX_UNITS units). */
-export function gemvSplits(K: number): number[] {
-  const units = Math.ceil(K / UNIT_K);
-  return FUSED_SPLITS.filter((s) => s <= units && Math.ceil(units / s) <= GEMV_MAX_UNITS);
-}
-
-/** quant_gemm_v_*'s launches the tuner times (gemvApplies first). */
-export function gemvCandidates(bits: QuantBits, K: number, N: number): FusedPlan[] {
-  return gemvSplits(K).map((s) => gemvLaunch(bits, K, N, s));
-}
-
-/** The quant_gemm_v_* launch nearest a fused plan's split count (the same, or the fewest splits that fit). */
-export function gemvLike(bits: QuantBits, K: number, N: number, splits: number): FusedPlan {
-  const ok = gemvSplits(K);
-  return gemvLaunch(bits, K, N, ok.includes(splits) ? splits : ok.find((s) => s > splits) ?? ok[ok.length - 1]!);
+  return `w${p.warps}s${p.splits}${p.T === tokenTiles(rows) ? "" : `t${p.T}`}`;
 }
 
 /** Columns of 32 outputs per chunk of the prefill path. */
@@ -331,7 +270,6 @@ export function quantKernelNames(): string[] {
     names.push(`quant_dequant_b${b}`);
   }
   for (const c of FUSED_SPLITS) names.push(`quant_gemm_b4_t4_w4_c${c}`, `quant_gemm_lora_b4_t4_w4_c${c}`);
-  for (const b of QUANT_BITS_WITH_KERNELS) for (const c of FUSED_SPLITS) names.push(`quant_gemm_v_b${b}_c${c}`);
   names.push("quant_gather_cols");
   return names;
 }
@@ -372,7 +310,6 @@ export class QuantOps {
         _counters: DevicePtr, plan: FusedPlan = this.plan(w, rows), shrink?: FusedShrink): void {
     if (rows === 0) return;
     const args = gemmArgs(out, x, live, rows, w, bias);
-    if (plan.gemv && shrink && shrink.cols > 0) throw new Error("fused LoRA shrink: quant_gemm_v_* does not carry it (launch a quant_gemm_* plan)");
     if (!shrink || shrink.cols === 0) {
       this.#l.launch(plan.kernel, plan.grid, plan.block, plan.smem, args);
       return;

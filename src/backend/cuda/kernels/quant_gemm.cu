@@ -97,6 +97,10 @@ constexpr unsigned kOne2 = 0x3f803f80u;   // bf16x2 {1, 1}
 // quant_ops.ts ringSlots mirrors kRing.
 constexpr int kMaxWarps = 8;
 constexpr int kRingBudget = 112 * 1024;
+// Experiment (INLAID_QGEMM_RING1, cuda_backend.ts): the ring's depth for one token tile.
+#ifndef INLAID_QGEMM_RING1
+#define INLAID_QGEMM_RING1 3
+#endif
 template <int BITS, int T>
 struct QCfg {
   static constexpr int kWarpBytes = BITS * 512 + 384;
@@ -104,7 +108,7 @@ struct QCfg {
   static constexpr int kZeroOff = BITS * 512 + 256;
   static constexpr int kXBytes = 2048 * T;
   static constexpr int kStageMax = kMaxWarps * kWarpBytes + kXBytes;
-  static constexpr int kRing = kRingBudget / kStageMax >= 3 ? 3 : 2;
+  static constexpr int kRing = T == 1 && BITS <= 4 ? INLAID_QGEMM_RING1 : kRingBudget / kStageMax >= 3 ? 3 : 2;
 };
 
 __device__ __forceinline__ void cp_async8(unsigned dst, const void* src) {
@@ -646,118 +650,6 @@ __device__ __forceinline__ void quant_gemm(float* __restrict__ out, const bf16* 
   store_tile<T, C>(acc, out, bias, rows, N, col, active, row0, warp, lane, s);
 }
 
-// quant_gemm_v_b{B}_c{S} (INLAID_QGEMV): the fused kernel's math for up to 8 rows (one token
-// tile) without the shared-memory ring. Each warp streams its column's weights from global
-// memory straight into registers, D units ahead (D = 16 / B, at least 2: 64 registers of
-// words at 2, 3 and 4 bits), so no barrier couples the warps of a CTA and the per-unit path
-// is a register read instead of a cp.async wait, a barrier and a shared-memory load: at one
-// row the ring's per-unit latency, not the bytes, set the fused kernel's time (~5.7 us of
-// fixed cost at 1 row, docs/performance-log.md). x of the CTA's k range is staged in shared
-// memory once (2 KiB per unit, the ring's x tile layout), after the PDL wait; the weights of
-// the first D units are requested before it. Units must each lie in one group (gs a multiple
-// of 128, or one group; the host checks), so a group's scale and zeros ride with its unit's
-// words. Each warp runs exactly the fused kernel's mma sequence (block_mma, fold_group) and
-// split merge (store_tile), so its outputs are bitwise those of quant_gemm_b{B}_t1_c{S} at the
-// same split count. Launch: grid (1, ceil(N / 32 / NW), S), NW warps (the host: 4), dynamic
-// shared memory max(ceil(KU / S) * 2048, NW * 1024).
-template <int BITS, int C>
-__device__ __forceinline__ void quant_gemv(float* __restrict__ out, const bf16* __restrict__ x, const uint4* __restrict__ qw,
-                                           const uint2* __restrict__ scales, const unsigned* __restrict__ zeros,
-                                           const float* __restrict__ bias, const int* __restrict__ live, int rows, int K, int N,
-                                           int gs, int G, int symZero) {
-  constexpr int D = 16 / BITS < 2 ? 2 : 16 / BITS;  // units of words in registers per warp
-  constexpr int W = 4 * BITS;                        // a lane's words of one unit
-  extern __shared__ __align__(16) unsigned char qsmem[];
-  const int NW = (int)(blockDim.x >> 5);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2;
-  const int NC = N >> 5, KU = (K + 127) >> 7;
-  const int col = blockIdx.y * NW + warp;
-  const bool active = col < NC;  // warps past the last column meet the split merge's barriers only
-  const int s = blockIdx.z;      // the k split, = the CTA's rank in its cluster (1, 1, C)
-  const int u0 = (s * KU) / C, u1 = ((s + 1) * KU) / C;
-  const int upg = max(gs >> 7, 1);  // units per group (one group: never reached, the clamp holds)
-  // Unit u's words: BITS 16-byte planes of 32 lanes at wsrc + u * BITS * 32 (word w of the lane:
-  // plane w / 4, component w % 4, as block_words reads a stage). Its group's scale / zero entry
-  // for the lane's rows: (gi, col, g). The copies' group is tracked incrementally (iGi, iNext).
-  const uint4* wsrc = qw + (long long)(active ? col : 0) * KU * (BITS * 32) + lane;
-  const int eBase = (active ? col : 0) * 8 + g;
-  unsigned wr[D][W];
-  uint2 sr[D];
-  unsigned zr[D];
-  int iGi = min(u0 / upg, G - 1), iNext = (iGi + 1) * upg;
-  auto issue = [&](int d, int u) {
-    if (!active || u >= u1) return;
-    const uint4* src = wsrc + (long long)u * (BITS * 32);
-#pragma unroll
-    for (int p = 0; p < BITS; p++) {
-      const uint4 v = ldg_stream(src + p * 32);
-      wr[d][4 * p] = v.x, wr[d][4 * p + 1] = v.y, wr[d][4 * p + 2] = v.z, wr[d][4 * p + 3] = v.w;
-    }
-    while (u >= iNext && iGi < G - 1) {
-      iGi++;
-      iNext += upg;
-    }
-    const long long e = (long long)iGi * (NC * 8) + eBase;
-    sr[d] = ldg_v2(scales + e);
-    zr[d] = zeros ? ldg_u32(zeros + e) : 0u;
-  };
-#pragma unroll
-  for (int d = 0; d < D; d++) issue(d, u0 + d);  // weights are fixed during a step: before the wait
-  pdl_wait<false>();
-  const int xRows = min(live_rows(live, rows), 8);
-  if (xRows <= 0) return;  // the whole cluster sees the same count and returns as one
-
-  // x of units u0 .. u1: 16-byte chunk q = (u - u0) * 128 + 32j + L holds what lane L feeds the
-  // token tile in 32-k block j: x[L/4, 128u + 32j + 8(L%4) .. + 7] (rows past xRows and k past K
-  // zero-filled).
-  const unsigned xs = smem_addr(qsmem);
-  for (int q = threadIdx.x; q < (u1 - u0) * 128; q += blockDim.x) {
-    const int L = q & 31, r = L >> 2, k = (u0 + (q >> 7)) * 128 + 32 * ((q >> 5) & 3) + 8 * (L & 3);
-    const bool ok = r < xRows && k < K;
-    cp_async16(xs + (unsigned)(q * 16), ok ? x + (long long)r * K + k : x, ok);
-  }
-  cp_async_commit();
-  cp_async_wait<0>();
-  __syncthreads();
-
-  float acc[2][1][4], tmp[2][2][1][4];
-#pragma unroll
-  for (int nt = 0; nt < 2; nt++)
-#pragma unroll
-    for (int e = 0; e < 4; e++) acc[nt][0][e] = tmp[0][nt][0][e] = tmp[1][nt][0][e] = 0.f;
-  float sc[4] = {0.f, 0.f, 0.f, 0.f};
-  unsigned nz[4];
-  sym_terms<BITS>(symZero, nz);
-  int curG = -1, cGi = min(u0 / upg, G - 1), cNext = (cGi + 1) * upg;
-  for (int ub = u0; ub < u1; ub += D) {
-#pragma unroll
-    for (int d = 0; d < D; d++) {
-      const int u = ub + d;
-      if (u >= u1) break;
-      while (u >= cNext && cGi < G - 1) {
-        cGi++;
-        cNext += upg;
-      }
-      if (active) {
-        if (cGi != curG) {
-          if (curG >= 0) fold_group<1, 2>(acc, tmp, sc);
-          scale_terms(sr[d], sc);
-          if (zeros) zero_terms<BITS>(zr[d], nz);
-          curG = cGi;
-        }
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-          const uint4 xv = lds128(xs + (unsigned)((((u - u0) * 4 + j) * 32 + lane) * 16));
-          block_mma<BITS, 1, 2>(&wr[d][j * BITS], &xv, nz, tmp);
-        }
-      }
-      issue(d, u + D);
-    }
-  }
-  if (curG >= 0) fold_group<1, 2>(acc, tmp, sc);
-  store_tile<1, C>(acc, out, bias, rows, N, col, active, 0, warp, lane, s);
-}
-
 constexpr int kLdTile = 136;  // dequant tile row pitch (bf16): 128 + 8 keeps rows 16-byte aligned
 
 template <int BITS>
@@ -901,30 +793,6 @@ QGEMM_B4T4W4(1, )
 QGEMM_B4T4W4(2, __cluster_dims__(1, 1, 2))
 QGEMM_B4T4W4(4, __cluster_dims__(1, 1, 4))
 QGEMM_B4T4W4(8, __cluster_dims__(1, 1, 8))
-
-// The register-streamed decode kernel (quant_gemv above): 4-warp CTAs, launch bounds for three
-// per SM (up to 168 registers).
-#define QGEMV(B, NS, CLUSTER)                                                                                                 \
-  extern "C" __global__ void CLUSTER __launch_bounds__(128, 3) quant_gemm_v_b##B##_c##NS(                                    \
-      float* out, const bf16* x, const uint4* qw, const uint2* scales, const unsigned* zeros, const float* bias, const int* live, int rows, int K, int N, int gs, int G, int symZero) {\
-    quant_gemv<B, NS>(out, x, qw, scales, zeros, bias, live, rows, K, N, gs, G, symZero);                                     \
-  }
-QGEMV(2, 1, )
-QGEMV(2, 2, __cluster_dims__(1, 1, 2))
-QGEMV(2, 4, __cluster_dims__(1, 1, 4))
-QGEMV(2, 8, __cluster_dims__(1, 1, 8))
-QGEMV(3, 1, )
-QGEMV(3, 2, __cluster_dims__(1, 1, 2))
-QGEMV(3, 4, __cluster_dims__(1, 1, 4))
-QGEMV(3, 8, __cluster_dims__(1, 1, 8))
-QGEMV(4, 1, )
-QGEMV(4, 2, __cluster_dims__(1, 1, 2))
-QGEMV(4, 4, __cluster_dims__(1, 1, 4))
-QGEMV(4, 8, __cluster_dims__(1, 1, 8))
-QGEMV(8, 1, )
-QGEMV(8, 2, __cluster_dims__(1, 1, 2))
-QGEMV(8, 4, __cluster_dims__(1, 1, 4))
-QGEMV(8, 8, __cluster_dims__(1, 1, 8))
 QGEMM(8, 1, 3)
 QGEMM_SPLIT(8, 1, 2, 3)
 QGEMM_SPLIT(8, 1, 4, 3)
