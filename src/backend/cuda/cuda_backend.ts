@@ -453,6 +453,7 @@ export class CudaBackend implements Backend {
           extraOptions: [
             ...(process.env.INLAID_PDL_TRIGGER === "0" ? ["-DINLAID_PDL_TRIGGER=0"] : []),
             ...(ringDepthOne() !== 3 ? [`-DINLAID_QGEMM_RING1=${ringDepthOne()}`] : []),
+            ...(process.env.INLAID_QGEMM_PF === "1" ? ["-DINLAID_QGEMM_PF=1"] : []),
           ],
         })
         : [];

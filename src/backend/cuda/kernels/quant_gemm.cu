@@ -111,6 +111,17 @@ struct QCfg {
   static constexpr int kRing = T == 1 && BITS <= 4 ? INLAID_QGEMM_RING1 : kRingBudget / kStageMax >= 3 ? 3 : 2;
 };
 
+// Experiment (INLAID_QGEMM_PF, cuda_backend.ts): weight copies ask L2 to fetch 256 bytes at a time.
+#ifndef INLAID_QGEMM_PF
+#define INLAID_QGEMM_PF 0
+#endif
+__device__ __forceinline__ void cp_async16_w(unsigned dst, const void* src) {
+#if INLAID_QGEMM_PF
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
+#else
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
+#endif
+}
 __device__ __forceinline__ void cp_async8(unsigned dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src));
 }
@@ -465,7 +476,7 @@ __device__ __forceinline__ void quant_gemm(float* __restrict__ out, const bf16* 
     const unsigned dst = ring + (unsigned)(slot * stageBytes) + wdst;
     const uint4* src = wsrc + (long long)(u - u0) * (BITS * 32);
 #pragma unroll
-    for (int p = 0; p < BITS; p++) cp_async16(dst + (unsigned)((p * 32 + lane) * 16), src + p * 32, true);
+    for (int p = 0; p < BITS; p++) cp_async16_w(dst + (unsigned)((p * 32 + lane) * 16), src + p * 32);
     const int k = u * 128 + ckOff;
     while (k >= cNext && cGi < G - 1) {
       cGi++;
