@@ -81,18 +81,8 @@ function stageBytes(bits: QuantBits, T: number, warps: number): number {
   return warps * (bits * 512 + 384) + 2048 * T;
 }
 
-/** Experiment: the ring depth of one token tile at 2-4 bits (INLAID_QGEMM_RING1, compiled in by cuda_backend.ts). */
-export function ringDepthOne(): number {
-  const v = process.env.INLAID_QGEMM_RING1;
-  if (v === undefined || v === "") return 3;
-  const n = Number(v);
-  if (!Number.isInteger(n) || n < 2 || n > 8) throw new Error(`INLAID_QGEMM_RING1 must be an integer from 2 to 8 (got "${v}")`);
-  return n;
-}
-
 /** Ring stages of quant_gemm_b{B}_t{T} (quant_gemm.cu QCfg::kRing): 3, or 2 where three 8-warp stages pass the budget. */
 export function ringSlots(bits: QuantBits, T: number): number {
-  if (T === 1 && bits <= 4) return ringDepthOne();
   return Math.floor(RING_BUDGET / stageBytes(bits, T, 8)) >= 3 ? 3 : 2;
 }
 

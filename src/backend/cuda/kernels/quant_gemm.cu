@@ -97,10 +97,6 @@ constexpr unsigned kOne2 = 0x3f803f80u;   // bf16x2 {1, 1}
 // quant_ops.ts ringSlots mirrors kRing.
 constexpr int kMaxWarps = 8;
 constexpr int kRingBudget = 112 * 1024;
-// Experiment (INLAID_QGEMM_RING1, cuda_backend.ts): the ring's depth for one token tile.
-#ifndef INLAID_QGEMM_RING1
-#define INLAID_QGEMM_RING1 3
-#endif
 template <int BITS, int T>
 struct QCfg {
   static constexpr int kWarpBytes = BITS * 512 + 384;
@@ -108,20 +104,9 @@ struct QCfg {
   static constexpr int kZeroOff = BITS * 512 + 256;
   static constexpr int kXBytes = 2048 * T;
   static constexpr int kStageMax = kMaxWarps * kWarpBytes + kXBytes;
-  static constexpr int kRing = T == 1 && BITS <= 4 ? INLAID_QGEMM_RING1 : kRingBudget / kStageMax >= 3 ? 3 : 2;
+  static constexpr int kRing = kRingBudget / kStageMax >= 3 ? 3 : 2;
 };
 
-// Experiment (INLAID_QGEMM_PF, cuda_backend.ts): weight copies ask L2 to fetch 256 bytes at a time.
-#ifndef INLAID_QGEMM_PF
-#define INLAID_QGEMM_PF 0
-#endif
-__device__ __forceinline__ void cp_async16_w(unsigned dst, const void* src) {
-#if INLAID_QGEMM_PF
-  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
-#else
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
-#endif
-}
 __device__ __forceinline__ void cp_async8(unsigned dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src));
 }
@@ -476,7 +461,7 @@ __device__ __forceinline__ void quant_gemm(float* __restrict__ out, const bf16* 
     const unsigned dst = ring + (unsigned)(slot * stageBytes) + wdst;
     const uint4* src = wsrc + (long long)(u - u0) * (BITS * 32);
 #pragma unroll
-    for (int p = 0; p < BITS; p++) cp_async16_w(dst + (unsigned)((p * 32 + lane) * 16), src + p * 32);
+    for (int p = 0; p < BITS; p++) cp_async16(dst + (unsigned)((p * 32 + lane) * 16), src + p * 32, true);
     const int k = u * 128 + ckOff;
     while (k >= cNext && cGi < G - 1) {
       cGi++;
