@@ -12,6 +12,8 @@
 #             llama-2-7b-gptq4; 8 adapters, prompt 16, 8 tokens, eager decode steps), one CSV;
 #             bench/kernel_profile.ts sums it
 #   qgemm     ncu's throughput, stall and occupancy sections of one 4-bit GEMM (up) at 32 and 1 rows
+#   qgemm1    the same sections for one 4-bit GEMM (up) at 1 row, ours and torch's int4 kernel
+#             (tinygemm), side by side
 # SUITE_TIMEOUT / VARIANTS_TIMEOUT (seconds, default 330 / 300) bound those stages.
 # A stage that fails does not stop the others; the exit status is the number that failed.
 set -uo pipefail
@@ -77,7 +79,23 @@ for stage in "$@"; do
           node --import tsx bench/quant_gemm.ts --bits 4 --rows "$r" --shapes up --no-cublas --no-memory --reps 2 --iters 1
         grep -E "Duration|stalled_(wait|math|long|short|barrier|not_sel|mio|no_inst|dispatch)|hmma|bytes|Eligible|Issued|Occupancy|Grid Size|Block Size" "$out/qgemm-ncu-r$r.log" | head -40
       done ;;
-    *) echo "unknown stage $stage (suite, variants, lora, quantize, profile, qgemm)" >&2; failed=$((failed + 1)) ;;
+    qgemm1)
+      # Why torch's int4 kernel has ~2.8 us of fixed cost per call where ours has ~6.6 (a fit of
+      # time = fixed + bytes / rate over the five decode shapes, H100, session 12): launch,
+      # occupancy, DRAM throughput and stalls of one launch each at one row. The first launch
+      # of each is a warm-up. torch_int4.py runs every shape; its first (up, 1 row) is profiled.
+      sections=(--clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats
+        --section SchedulerStats --section MemoryWorkloadAnalysis)
+      INLAID_QGEMM_WARPS=4 INLAID_QGEMM_SPLITS=4 run qgemm1-ours 150 "$ncu" "${sections[@]}" -k regex:quant_gemm_b4 --launch-skip 1 \
+        --launch-count 1 node --import tsx bench/quant_gemm.ts --bits 4 --rows 1 --shapes up --no-cublas --no-memory --reps 2 --iters 1
+      run qgemm1-torch 150 "$ncu" "${sections[@]}" -k regex:tinygemm --launch-skip 1 --launch-count 1 \
+        python3 bench/peers/torch_int4.py --rows 1 --reps 2 --iters 1
+      for who in ours torch; do
+        echo "-- $who"
+        grep -E "Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Grid Size|Block Size|Eligible Warps|Warp Cycles Per Issued|Dynamic Shared" \
+          "$out/qgemm1-$who.log" | head -12
+      done ;;
+    *) echo "unknown stage $stage (suite, variants, lora, quantize, profile, qgemm, qgemm1)" >&2; failed=$((failed + 1)) ;;
   esac
 done
 exit $failed
