@@ -198,6 +198,8 @@ if (only.has("lora")) {
         entry.attached = {
           gemm_us: +baseUs.toFixed(2), gemm_wide_us: +wideUs.toFixed(2), gemm_lora_us: +bothUs.toFixed(2),
           lora_us: +loraUs.toFixed(2), gbs: +(stackBytes / loraUs / 1e3).toFixed(0),
+          // The two parts: the shrink's columns in the widened GEMM, then the expand kernel.
+          shrink_us: +(wideUs - baseUs).toFixed(2), expand_us: +(bothUs - wideUs).toFixed(2),
         };
         for (const w of [...ws, ...wides, outWide]) gpu.free(w);
       }
