@@ -12,8 +12,8 @@
 #             llama-2-7b-gptq4; 8 adapters, prompt 16, 8 tokens, eager decode steps), one CSV;
 #             bench/kernel_profile.ts sums it
 #   qgemm     ncu's throughput, stall and occupancy sections of one 4-bit GEMM (up) at 32 and 1 rows
-#   qgemm1    the same sections for one 4-bit GEMM (up) at 1 row, ours and torch's int4 kernel
-#             (tinygemm), side by side
+#             ($QGEMM_ROWS: other row counts)
+#   qgemm-torch  the same for torch's int4 kernel (tinygemm) at 1 row
 # SUITE_TIMEOUT / VARIANTS_TIMEOUT (seconds, default 330 / 300) bound those stages.
 # A stage that fails does not stop the others; the exit status is the number that failed.
 set -uo pipefail
@@ -33,6 +33,11 @@ run() { # name, timeout seconds, command...
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # Nsight Compute, for the profile and qgemm stages (on PATH or in its install folder).
 ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+# The qgemm stages' ncu sections and metrics, and the lines of their reports they print.
+qgemm_ncu=(--clock-control none --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy
+  --section LaunchStats --section MemoryWorkloadAnalysis
+  --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio',sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,lts__t_bytes.sum,dram__bytes_read.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum)
+qgemm_lines="Duration|stalled_(wait|math|long|short|barrier|not_sel|mio|no_inst|dispatch)|hmma|bytes|Eligible|Issued|Occupancy|Grid Size|Block Size"
 for stage in "$@"; do
   case $stage in
     suite)
@@ -68,34 +73,24 @@ for stage in "$@"; do
       grep -c '"gpu__time_duration.sum"' "$out/profile-$cfg.log" ;;
     qgemm)
       # Why the 4-bit GEMM at 32 rows takes ~2.7x its byte floor: ncu's stall and throughput
-      # sections for one launch of the up projection (4096 -> 11008) at 32 and 1 rows. The launch
-      # is fixed (4 warps x 4 splits, the tuner's pick at both) so no tuning candidate is the
-      # one profiled; the first launch is the eager warm-up.
-      for r in 32 1; do
-        INLAID_QGEMM_WARPS=4 INLAID_QGEMM_SPLITS=4 run "qgemm-ncu-r$r" 100 "$ncu" --clock-control none --section SpeedOfLight \
-          --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
-          --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio',sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,lts__t_bytes.sum,dram__bytes_read.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum \
-          -k regex:quant_gemm_b4 --launch-skip 1 --launch-count 1 \
-          node --import tsx bench/quant_gemm.ts --bits 4 --rows "$r" --shapes up --no-cublas --no-memory --reps 2 --iters 1
-        grep -E "Duration|stalled_(wait|math|long|short|barrier|not_sel|mio|no_inst|dispatch)|hmma|bytes|Eligible|Issued|Occupancy|Grid Size|Block Size" "$out/qgemm-ncu-r$r.log" | head -40
+      # sections for one launch of the up projection (4096 -> 11008) at $QGEMM_ROWS rows (default
+      # 32 and 1). The launch is fixed (4 warps x 4 splits, the tuner's pick at both) so no tuning
+      # candidate is the one profiled; the first launch is the eager warm-up.
+      for r in ${QGEMM_ROWS:-32 1}; do
+        INLAID_QGEMM_WARPS=4 INLAID_QGEMM_SPLITS=4 run "qgemm-ncu-r$r" 100 "$ncu" "${qgemm_ncu[@]}" -k regex:quant_gemm_b4 --launch-skip 1 \
+          --launch-count 1 node --import tsx bench/quant_gemm.ts --bits 4 --rows "$r" --shapes up --no-cublas --no-memory --reps 2 --iters 1
+        grep -E "$qgemm_lines" "$out/qgemm-ncu-r$r.log" | head -40
       done ;;
-    qgemm1)
-      # Why torch's int4 kernel has ~2.8 us of fixed cost per call where ours has ~6.6 (a fit of
-      # time = fixed + bytes / rate over the five decode shapes, H100, session 12): launch,
-      # occupancy, DRAM throughput and stalls of one launch each at one row. The first launch
-      # of each is a warm-up. torch_int4.py runs every shape; its first (up, 1 row) is profiled.
-      sections=(--clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats
-        --section SchedulerStats --section MemoryWorkloadAnalysis)
-      INLAID_QGEMM_WARPS=4 INLAID_QGEMM_SPLITS=4 run qgemm1-ours 150 "$ncu" "${sections[@]}" -k regex:quant_gemm_b4 --launch-skip 1 \
-        --launch-count 1 node --import tsx bench/quant_gemm.ts --bits 4 --rows 1 --shapes up --no-cublas --no-memory --reps 2 --iters 1
-      run qgemm1-torch 150 "$ncu" "${sections[@]}" -k regex:tinygemm --launch-skip 1 --launch-count 1 \
+    qgemm-torch)
+      # The same sections for torch's int4 kernel (tinygemm) at one row, beside ours:
+      # `QGEMM_ROWS=1 scripts/gpu-checks.sh qgemm qgemm-torch`. A fit of time = fixed + bytes /
+      # rate over the five decode shapes gave torch ~2.8 us of fixed cost per call, ours ~6.6
+      # (H100, session 12). torch_int4.py runs every shape; its first (up, 1 row) is profiled,
+      # after one warm-up launch.
+      run qgemm-ncu-torch-r1 150 "$ncu" "${qgemm_ncu[@]}" -k regex:tinygemm --launch-skip 1 --launch-count 1 \
         python3 bench/peers/torch_int4.py --rows 1 --reps 2 --iters 1
-      for who in ours torch; do
-        echo "-- $who"
-        grep -E "Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Grid Size|Block Size|Eligible Warps|Warp Cycles Per Issued|Dynamic Shared" \
-          "$out/qgemm1-$who.log" | head -12
-      done ;;
-    *) echo "unknown stage $stage (suite, variants, lora, quantize, profile, qgemm, qgemm1)" >&2; failed=$((failed + 1)) ;;
+      grep -E "$qgemm_lines" "$out/qgemm-ncu-torch-r1.log" | head -40 ;;
+    *) echo "unknown stage $stage (suite, variants, lora, quantize, profile, qgemm, qgemm-torch)" >&2; failed=$((failed + 1)) ;;
   esac
 done
 exit $failed
