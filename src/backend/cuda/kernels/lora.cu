@@ -437,16 +437,6 @@ constexpr int kExpandPer = 4;  // outputs per thread, 128 apart
 #define INLAID_EXPAND_RMW 0
 #endif
 constexpr bool kExpandRmw = INLAID_EXPAND_RMW != 0;
-__device__ __forceinline__ float mul_rn(float a, float b) {
-  float d;
-  asm("mul.rn.f32 %0, %1, %2;\n" : "=f"(d) : "f"(a), "f"(b));
-  return d;
-}
-__device__ __forceinline__ float add_rn(float a, float b) {
-  float d;
-  asm("add.rn.f32 %0, %1, %2;\n" : "=f"(d) : "f"(a), "f"(b));
-  return d;
-}
 
 // What a thread of lora_bgmv_expand_slots loads before the PDL wait for its outputs n0 +
 // 128e of slot `slot` (< 0: none, all zero): each output's split, that split's rank and scale,
@@ -544,7 +534,7 @@ extern "C" __global__ void __launch_bounds__(128)
     if (inPlace && !kExpandRmw) {
       atomicAdd(dstRow + n, h.sc[e] * acc);
     } else if (inPlace) {
-      dstRow[n] = add_rn(v[e], mul_rn(h.sc[e], acc));  // the reduction's arithmetic: no FMA contraction
+      dstRow[n] = __fadd_rn(v[e], __fmul_rn(h.sc[e], acc));  // the reduction's arithmetic: no FMA contraction
     } else {
       dstRow[n] = rank > 0 ? v[e] + h.sc[e] * acc : v[e];
     }
