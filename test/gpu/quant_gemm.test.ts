@@ -29,6 +29,7 @@ import { CudaBackend } from "../../src/backend/cuda/cuda_backend.js";
 import { bf16ToF32, f32ToBf16 } from "../../src/backend/tensor.js";
 import { createEngine, type Engine } from "../../src/engine/engine.js";
 import { readEvalJsonl, runExactMatch } from "../../src/eval/exact_match.js";
+import { kSplitCandidates } from "../../src/backend/cuda/quant_ops.js";
 import { dequantize, type QuantBits, type QuantizedWeight, type QuantSpec } from "../../src/quant/types.js";
 import { DEMO, DEMO_ADAPTERS, DEMO_BASE, DEMO_TASKS } from "../helpers/demo.js";
 import { GREEDY, collect } from "../helpers/collect.js";
@@ -172,6 +173,39 @@ describe.skipIf(reason !== null)(`low-bit GEMM on CUDA vs the CPU reference${rea
       if (prevWarps === undefined) delete process.env.INLAID_QGEMM_WARPS;
       else process.env.INLAID_QGEMM_WARPS = prevWarps;
       gpu.freeQuantized(qg);
+    }
+  });
+
+  it("K-split kernel (quant_gemm_k_*, every warps x depth): within the bound of the CPU; 2/3/4/8 bits, groups 128 and one, rows 1, 5, 8, a padded last unit and warps without units", () => {
+    const prev = gpu.quantKSplit;
+    try {
+      for (const bits of [2, 3, 4, 8] as QuantBits[]) {
+        for (const [groupSize, sym, descAct] of [[128, false, false], [-1, true, true]] as const) {
+          // 17.25 units (a padded last unit, uneven warp ranges); 256: two units (idle warps at 4 and more)
+          for (const [K, N] of [[2208, 416], [256, 64]] as const) {
+            const q = randomQuantized({ bits, groupSize, sym, descAct }, K, N, 500 + bits + K + (sym ? 1 : 0));
+            const qg = gpu.uploadQuantized(q);
+            const W = dequantize(q);
+            const bias = Float32Array.from({ length: N }, (_, n) => ((n % 5) - 2) * 0.25);
+            try {
+              for (const rows of [1, 5, 8]) {
+                const x = bf16Values(rows * K, 60 + rows + bits);
+                const scale = absSums(x, rows, W, K, N);
+                for (let i = 0; i < scale.length; i++) scale[i]! += Math.abs(bias[i % N]!);
+                for (const p of kSplitCandidates(bits, K, N, rows)) {
+                  gpu.quantKSplit = { warps: p.warps, depth: p.kDepth! };
+                  const [got, ref] = both(q, qg, x, rows, bias);
+                  expectWithin(`${bits}-bit group ${groupSize} K ${K} rows ${rows} k${p.warps}d${p.kDepth}`, got, ref, scale, fusedTol(K));
+                }
+              }
+            } finally {
+              gpu.freeQuantized(qg);
+            }
+          }
+        }
+      }
+    } finally {
+      gpu.quantKSplit = prev;
     }
   });
 

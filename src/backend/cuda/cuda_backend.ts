@@ -84,7 +84,7 @@ import { KernelLauncher } from "./launcher.js";
 import { DeviceGraphLauncher } from "./device_graph.js";
 import { CudaOps, KERNEL_FILES, LORA_SLOTS_MAX_COLS, PDL_KERNELS } from "./ops.js";
 import { packQuantLayout, randomQuantLayout, type QuantLayout } from "./quant_layout.js";
-import { QuantOps, dequantChunkCols, fusedCandidates, fusedCarriesShrink, fusedLaunchName, fusedPlan, splitsFromEnv, tilesFromEnv, type DeviceQuantWeight, type FusedPlan } from "./quant_ops.js";
+import { QuantOps, dequantChunkCols, fusedCandidates, fusedCarriesShrink, fusedLaunchName, fusedPlan, kSplitApplies, kSplitCandidates, kSplitLaunch, kSplitMode, splitsFromEnv, tilesFromEnv, type DeviceQuantWeight, type FusedPlan } from "./quant_ops.js";
 import {
   bucketRows, capacityShortfall, packStep, stagingViews, stepLayout,
   type PackedStep, type StagingViews, type StepCapacity, type StepLayout,
@@ -158,9 +158,13 @@ class CudaKvCache implements KvCache {
   }
 }
 
-/** #quantPlans' key: a weight's shape and bits, and the launch rows. */
-function quantPlanKey(q: DeviceQuantWeight, rows: number): string {
-  return `${q.bits},${q.K},${q.N},${rows}`;
+/**
+ * #quantPlans' key: a weight's shape and bits, the launch rows, whether the K-split kernel is a
+ * candidate (it depends on the group size and INLAID_QGEMM_KSPLIT) and whether the launch must
+ * carry a LoRA shrink (which only the ring kernel does).
+ */
+function quantPlanKey(q: DeviceQuantWeight, rows: number, shrink = false): string {
+  return `${q.bits},${q.K},${q.N},${rows},${kSplitApplies(q, rows) ? kSplitMode() : "off"}${shrink ? ",lora" : ""}`;
 }
 
 /** Slots the all-slots LoRA GEMM covers for a step whose highest slot in use is span - 1: a power of two (0 when none). */
@@ -286,6 +290,11 @@ export class CudaBackend implements Backend {
   quantFusedMaxRows = Number(process.env.INLAID_QUANT_FUSED_MAX_ROWS ?? 128);
   /** Fixed split-K count of the fused low-bit kernel (null: chosen per shape; default INLAID_QGEMM_SPLITS). */
   quantSplits: number | null = splitsFromEnv();
+  /**
+   * Fixed launch of the K-split low-bit kernel (quant_ops.ts kSplitLaunch) wherever it applies and
+   * no LoRA shrink rides along (null: the tuner's or the rule's plan). For tests.
+   */
+  quantKSplit: { warps: number; depth: number } | null = null;
   /** GEMM and low-bit launch tuning (null with INLAID_GEMM_TUNE=0). */
   #tuner: GemmTuner | null = null;
   /** Fused low-bit launches by weight shape and rows (#quantPlan). */
@@ -1045,7 +1054,9 @@ export class CudaBackend implements Backend {
     const cols = slots * s.outDims.length * s.maxRank;
     if (!t || n * cols * 4 > t.bytes) return false;
     const live = this.#liveRows(xi);
-    const plan = this.#quantPlan(q, n, o.ptr, xi.ptr, live, b);
+    // The plain launch's plan, unless that is the K-split kernel (no shrink): then the ring kernel's.
+    const kept = this.#quantPlan(q, n, o.ptr, xi.ptr, live, b);
+    const plan = kept.kDepth === undefined ? kept : this.#quantPlan(q, n, o.ptr, xi.ptr, live, b, true);
     // A is [numSlots][splits][maxRank][K]: its first `slots` slots are a [cols, K] weight.
     const shrink = { a: s.a, t: t.ptr, cols, ldT: cols };
     if (!fusedCarriesShrink(q.bits, plan.warps)) return false;
@@ -1289,17 +1300,25 @@ export class CudaBackend implements Backend {
    * to 6% on an H100 sweep (bench/quant_gemm.ts --sweep: K 4096 N 11008 at 1 and 8 rows took
    * 8 splits where 4 ran 14.3 against 14.8 µs). While capturing, or with tuning off, the
    * rule's plan. A forced split, warp or token-tile count (quantSplits, INLAID_QGEMM_WARPS,
-   * INLAID_QGEMM_TILES) is followed and not kept.
+   * INLAID_QGEMM_TILES) is followed and not kept. INLAID_QGEMM_KSPLIT (quant_ops.ts kSplitMode)
+   * adds the K-split kernel's launches to the candidates, or times only them, where they apply;
+   * `shrink`: a launch that carries the LoRA shrink (the ring kernel's candidates only).
    */
-  #quantPlan(q: DeviceQuantWeight, rows: number, out: bigint, x: bigint, live: bigint, bias: bigint): FusedPlan {
+  #quantPlan(q: DeviceQuantWeight, rows: number, out: bigint, x: bigint, live: bigint, bias: bigint, shrink = false): FusedPlan {
+    const kMode = !shrink && kSplitApplies(q, rows) ? kSplitMode() : "off";
+    const kFixed = this.quantKSplit;
+    if (kFixed !== null && !shrink && kSplitApplies(q, rows)) return kSplitLaunch(q.bits, q.K, q.N, rows, kFixed.warps, kFixed.depth);
     if (this.quantSplits !== null || process.env.INLAID_QGEMM_WARPS || tilesFromEnv(rows) !== null) return this.#quant.plan(q, rows, this.quantSplits);
-    const key = quantPlanKey(q, rows);
+    const key = quantPlanKey(q, rows, shrink);
     const have = this.#quantPlans.get(key);
     if (have) return have;
-    let plan = this.#quant.plan(q, rows);
+    const ks = kMode === "off" ? [] : kSplitCandidates(q.bits, q.K, q.N, rows);
+    // "only": the K-split launches alone (the rule's pick among them: 8 warps, the shallowest depth).
+    let plan = kMode === "only" ? ks.find((p) => p.warps === 8) ?? ks[0]! : this.#quant.plan(q, rows);
     const tuner = this.#tuner;
     if (!this.#capturing && tuner !== null && tuner.canTune()) {
-      const candidates = fusedCandidates(q.bits, q.K, q.N, rows);
+      const ring = kMode === "only" ? [] : fusedCandidates(q.bits, q.K, q.N, rows);
+      const candidates = [...ring, ...ks];
       plan = candidates[timeCandidates(tuner, candidates.length, (i) => {
         this.#quant.fused(out, x, live, rows, q, bias, 0n, 0n, candidates[i]!);
         return true;

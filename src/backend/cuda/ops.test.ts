@@ -17,7 +17,10 @@ import {
   dummyWeightValue, kernelNames, PDL_KERNELS,
   type StepKinds,
 } from "./ops.js";
-import { QuantOps, dequantChunkCols, fusedCarriesShrink, fusedSmemBytes, quantKernelNames, type DeviceQuantWeight } from "./quant_ops.js";
+import {
+  QuantOps, dequantChunkCols, fusedCarriesShrink, fusedSmemBytes, kSplitApplies, kSplitCandidates, kSplitLaunch, kSplitSmem, quantKernelNames,
+  type DeviceQuantWeight,
+} from "./quant_ops.js";
 import type { QuantBits } from "../../quant/types.js";
 
 const KERNEL_DIR = dirname(KERNEL_FILES[0]!);
@@ -96,6 +99,7 @@ const PRE_WAIT_READS: Record<string, readonly string[]> = {
   lora_bgmv_expand_slots: ["B", "ranks", "scales", "loraSlots", "counts"],
   lora_bgmv_fused: ["ranks", "loraSlots", "queryStart", "counts"],
   quant_gemm: ["qw", "scales", "zeros", "la"],
+  quant_gemm_k: ["qw", "scales", "zeros"],
 };
 
 /** A __device__ function's parameter list and body (for kernels that only call one). */
@@ -406,13 +410,22 @@ describe("CUDA ops seam (CPU checks)", () => {
             }
             // Same capacities, same launch (graph replay of any step of the bucket).
             expect(ops.plan(w, rows)).toEqual(plan);
+            // The K-split kernel's launches (INLAID_QGEMM_KSPLIT), where they apply; never with a shrink.
+            if (kSplitApplies(w, rows)) {
+              const ks = kSplitCandidates(bits, K, N, rows);
+              expect(ks.length).toBeGreaterThan(0);
+              for (const k of ks) ops.fused(0x8000n, 0x9000n, 0xa000n, rows, w, 0xb000n, 0n, 0n, k);
+              expect(() => ops.fused(0x8000n, 0x9000n, 0xa000n, rows, w, 0xb000n, 0n, 0n, ks[0]!, { a: 0xf000n, t: 0xf800n, cols: 384, ldT: 384 }))
+                .toThrow(/does not carry/);
+            }
           }
           for (let c0 = 0; c0 < N / 32; c0 += dequantChunkCols(K, N)) ops.dequant(0xe000n, w, c0, Math.min(dequantChunkCols(K, N), N / 32 - c0));
         }
       }
     }
     const names = new Set(rec.launches.map((l) => l.name));
-    for (const b of [2, 3, 4, 8]) for (const n of [`quant_gemm_b${b}_t1_c2`, `quant_gemm_b${b}_t4_c1`, `quant_gemm_b${b}_t1_c8`, `quant_dequant_b${b}`]) expect(names.has(n), n).toBe(true);
+    for (const b of [2, 3, 4, 8]) for (const n of [`quant_gemm_b${b}_t1_c2`, `quant_gemm_b${b}_t4_c1`, `quant_gemm_b${b}_t1_c8`, `quant_dequant_b${b}`, `quant_gemm_k_b${b}_d2`]) expect(names.has(n), n).toBe(true);
+    for (const b of [2, 3, 4]) expect(names.has(`quant_gemm_k_b${b}_d4`), `quant_gemm_k_b${b}_d4`).toBe(true);
     for (const n of ["quant_gemm_lora_b4_t1_c2", "quant_gemm_lora_b4_t4_c1", "quant_gemm_lora_b2_t4_c1"]) expect(names.has(n), n).toBe(true);
     for (const n of quantKernelNames()) expect(kernels.has(n), `quant_gemm.cu defines ${n}`).toBe(true);
     expect(names.has("quant_gather_cols")).toBe(true);
@@ -424,7 +437,7 @@ describe("CUDA ops seam (CPU checks)", () => {
       expect(l.grid[0]).toBeLessThan(2 ** 31);
       expect(l.grid[1]).toBeLessThanOrEqual(65535);
       expect(l.grid[2]).toBeLessThanOrEqual(16);
-      expect(l.block[0] === 128 || l.block[0] === 256).toBe(true);
+      expect(l.block[0] === 128 || l.block[0] === 256 || (l.block[0] === 512 && l.name.startsWith("quant_gemm_k_")), `${l.name} block`).toBe(true);
       // The fused kernel's ring (two CTAs per SM; the launcher opts in past 48 KB); its grid
       // is whole clusters of _c{C} CTAs along z. The dequant kernel's 34 KB tile is static.
       const fused = /^quant_gemm_(?:lora_)?b(\d)_t(\d)(?:_w4)?_c(\d)$/.exec(l.name);
@@ -432,10 +445,25 @@ describe("CUDA ops seam (CPU checks)", () => {
         expect(l.smem).toBe(fusedSmemBytes(Number(fused[1]) as QuantBits, Number(fused[2]), l.block[0] / 32));
         expect(2 * (l.smem + 1024)).toBeLessThanOrEqual(228 * 1024);
         expect(l.grid[2]).toBe(Number(fused[3]));
+      } else if (l.name.startsWith("quant_gemm_k_")) {
+        // One column per CTA; x of the launch's rows over the padded K, then the warps' sums: two CTAs per SM.
+        const [rows, K, N] = [7, 8, 9].map((i) => (l.args[i] as { i32: number }).i32) as [number, number, number];
+        expect(l.grid).toEqual([1, N / 32, 1]);
+        expect(l.smem).toBe(kSplitSmem(K, rows, l.block[0] / 32));
+        expect(2 * (l.smem + 1024)).toBeLessThanOrEqual(228 * 1024);
       } else {
         expect(l.smem).toBe(0);
       }
     }
+    // Where it does not apply: more than one token tile, a group that splits a unit, too many k for shared memory.
+    const w4 = (K: number, groupSize: number) => ({ K, groupSize, groups: Math.ceil(K / groupSize) });
+    expect(kSplitApplies(w4(4096, 128), 8)).toBe(true);
+    expect(kSplitApplies(w4(4096, 128), 9)).toBe(false);
+    expect(kSplitApplies(w4(4096, 64), 1)).toBe(false);
+    expect(kSplitApplies(w4(4160, 4160), 1)).toBe(true);
+    expect(kSplitApplies(w4(11008, 128), 8)).toBe(false);
+    expect(() => kSplitLaunch(8, 4096, 4096, 1, 8, 4)).toThrow(/depth 4/);
+    expect(() => kSplitLaunch(4, 4096, 4096, 9, 8, 2)).toThrow(/9 rows/);
   });
 
   const nvcc = spawnSync("nvcc", ["--version"], { encoding: "utf8" });

@@ -5,7 +5,8 @@
 //   rows <= fusedMaxRows (default 128, INLAID_QUANT_FUSED_MAX_ROWS): quant_gemm_b{B}_t{T}_c{S}, the
 //     fused kernel. T = 1, 2, 4 token tiles of 8 rows for up to 8, 16, 32 rows; more rows run
 //     m-blocks of 32 (the same weights re-read, mostly from L2, by the m-blocks of a column,
-//     which the grid launches next to each other).
+//     which the grid launches next to each other). Up to 8 rows, with INLAID_QGEMM_KSPLIT, also
+//     quant_gemm_k_b{B}_d{D}: the same math with K split across one CTA's warps (kSplitLaunch).
 //   more rows: per chunk of columns, quant_dequant_b{B} expands the weights to bf16 in a
 //     scratch buffer and cuBLASLt multiplies (the GEMM is compute-bound there).
 // Act-order weights first gather x's columns into the kernel's k order (quant_gather_cols).
@@ -148,6 +149,8 @@ export interface FusedPlan {
   /** Global scratch a launch needs: none (the splits meet in the cluster); kept at 0 for CudaBackend's sizing. */
   readonly partialBytes: 0;
   readonly counterBytes: 0;
+  /** quant_gemm_k_*: K split across the CTA's warps (kSplitLaunch); its register depth in units. */
+  readonly kDepth?: number;
 }
 
 /** A positive integer from the environment, or null (unset, empty or not a positive integer). */
@@ -242,9 +245,73 @@ export function fusedCandidates(bits: QuantBits, K: number, N: number, rows: num
   return FUSED_WARPS.flatMap((w) => FUSED_SPLITS.filter((s) => s <= units).map((s) => fusedLaunch(bits, N, rows, w, s)));
 }
 
-/** A fused launch as the tuner's choice is reported: "w{warps}s{splits}", then "t{T}" where T is not tokenTiles(rows). */
+/**
+ * A fused launch as the tuner's choice is reported: "w{warps}s{splits}", then "t{T}" where T is
+ * not tokenTiles(rows); the K-split kernel's "k{warps}d{depth}".
+ */
 export function fusedLaunchName(p: FusedPlan, rows: number): string {
+  if (p.kDepth !== undefined) return `k${p.warps}d${p.kDepth}`;
   return `w${p.warps}s${p.splits}${p.T === tokenTiles(rows) ? "" : `t${p.T}`}`;
+}
+
+/** Warps per CTA the K-split kernel (quant_gemm_k_*) may be launched with (its launch bounds: 512 threads). */
+export const KSPLIT_WARPS: readonly number[] = [4, 8, 16];
+/** Register depths (units of words per warp) it is instantiated for, by bit width (quant_gemm.cu QGEMMK). */
+export const KSPLIT_DEPTHS: Readonly<Record<QuantBits, readonly number[]>> = { 2: [2, 4], 3: [2, 4], 4: [2, 4], 8: [2] };
+/** Most dynamic shared memory a K-split launch may take (x of its rows, all of K): two CTAs per SM. */
+const KSPLIT_MAX_SMEM = 96 * 1024;
+
+/**
+ * INLAID_QGEMM_KSPLIT: whether the tuner also times the K-split kernel's launches where it
+ * applies ("tune"), times only them there ("only"), or leaves them out (unset or "0": the
+ * default until it is measured on a GPU).
+ */
+export function kSplitMode(): "off" | "tune" | "only" {
+  const v = process.env.INLAID_QGEMM_KSPLIT;
+  if (v === "only" || v === "tune") return v;
+  if (v === undefined || v === "" || v === "0" || v === "off") return "off";
+  throw new Error(`INLAID_QGEMM_KSPLIT=${v}: expected tune, only or 0`);
+}
+
+/** Dynamic shared memory of a K-split launch: x's rows over the padded K (pitch 2 Kpad + 64 bytes), then the warps' sums. */
+export function kSplitSmem(K: number, rows: number, warps: number): number {
+  return rows * (Math.ceil(K / UNIT_K) * 256 + 64) + warps * 32 * 8 * 4;
+}
+
+/**
+ * Whether quant_gemm_k_* can run a launch: up to 8 rows (one token tile), every unit of 128 k in
+ * one group (a group size that is a multiple of 128, or one group) so a unit's scale and zeros
+ * ride with its words, and x's rows within KSPLIT_MAX_SMEM at the fewest warps.
+ */
+export function kSplitApplies(w: { readonly K: number; readonly groupSize: number; readonly groups: number }, rows: number): boolean {
+  return rows >= 1 && rows <= 8 && (w.groups === 1 || w.groupSize % UNIT_K === 0) && kSplitSmem(w.K, rows, KSPLIT_WARPS[0]!) <= KSPLIT_MAX_SMEM;
+}
+
+/** quant_gemm_k_b{B}_d{depth}'s launch (kernels/quant_gemm.cu quant_gemm_k): grid (1, N / 32, 1), one column of 32 outputs per CTA. */
+export function kSplitLaunch(bits: QuantBits, K: number, N: number, rows: number, warps: number, depth: number): FusedPlan {
+  if (!KSPLIT_WARPS.includes(warps) || !KSPLIT_DEPTHS[bits].includes(depth)) {
+    throw new Error(`quant_gemm_k: no ${bits}-bit kernel of depth ${depth} at ${warps} warps (warps ${KSPLIT_WARPS.join("/")}, depths ${KSPLIT_DEPTHS[bits].join("/")})`);
+  }
+  if (rows < 1 || rows > 8) throw new Error(`quant_gemm_k: ${rows} rows (one token tile: 1 to 8)`);
+  return {
+    kernel: `quant_gemm_k_b${bits}_d${depth}`,
+    T: 1,
+    mBlocks: 1,
+    warps,
+    splits: 1,
+    grid: [1, N / COL_N, 1],
+    block: [32 * warps, 1, 1],
+    smem: kSplitSmem(K, rows, warps),
+    partialBytes: 0,
+    counterBytes: 0,
+    kDepth: depth,
+  };
+}
+
+/** quant_gemm_k_*'s launches the tuner times (kSplitApplies first): every warps x depth within the shared-memory cap. */
+export function kSplitCandidates(bits: QuantBits, K: number, N: number, rows: number): FusedPlan[] {
+  return KSPLIT_WARPS.filter((w) => kSplitSmem(K, rows, w) <= KSPLIT_MAX_SMEM)
+    .flatMap((w) => KSPLIT_DEPTHS[bits].map((d) => kSplitLaunch(bits, K, N, rows, w, d)));
 }
 
 /** Columns of 32 outputs per chunk of the prefill path. */
@@ -260,6 +327,7 @@ export function quantKernelNames(): string[] {
     names.push(`quant_dequant_b${b}`);
   }
   for (const c of FUSED_SPLITS) names.push(`quant_gemm_b4_t4_w4_c${c}`, `quant_gemm_lora_b4_t4_w4_c${c}`);
+  for (const b of QUANT_BITS_WITH_KERNELS) for (const d of KSPLIT_DEPTHS[b]) names.push(`quant_gemm_k_b${b}_d${d}`);
   names.push("quant_gather_cols");
   return names;
 }
@@ -300,6 +368,7 @@ export class QuantOps {
         _counters: DevicePtr, plan: FusedPlan = this.plan(w, rows), shrink?: FusedShrink): void {
     if (rows === 0) return;
     const args = gemmArgs(out, x, live, rows, w, bias);
+    if (plan.kDepth !== undefined && shrink && shrink.cols > 0) throw new Error("fused LoRA shrink: quant_gemm_k_* does not carry it (launch a quant_gemm_* plan)");
     if (!shrink || shrink.cols === 0) {
       this.#l.launch(plan.kernel, plan.grid, plan.block, plan.smem, args);
       return;

@@ -646,6 +646,123 @@ __device__ __forceinline__ void quant_gemm(float* __restrict__ out, const bf16* 
   store_tile<T, C>(acc, out, bias, rows, N, col, active, row0, warp, lane, s);
 }
 
+// quant_gemm_k_b{B}_d{D}: up to 8 rows (one token tile), K split across the warps of one CTA
+// instead of across a cluster. At one row the ring kernel's cost is per call, not per byte (a
+// fit over the five Llama-2-7B decode shapes on an H100: ~6.6 us fixed + 2.9 TB/s, torch's
+// tinygemm ~2.8 us + 2.1 TB/s; docs/performance-log.md, session 12): per 128-k unit a barrier
+// and a ring refill, and at the end a two-barrier merge through distributed shared memory. Here
+// a CTA owns one 32-output column over all of K; warp w sums the contiguous units [w KU / NW,
+// (w + 1) KU / NW), streaming its words from global memory into registers D units ahead (the
+// first D requested before the PDL wait: weights are fixed during a step), with no barrier
+// between warps until one shared-memory reduction (in warp order: deterministic). x (the launch's
+// rows, all of K) is staged once per CTA in shared memory, row pitch 2 Kpad + 64 bytes so the
+// two rows a quarter-warp reads fall in different banks. Units must each lie in one group (gs a
+// multiple of 128, or one group; the host checks), so a group's scale / zero entry rides with
+// its unit's words. The per-unit math is the ring kernel's (block_mma, fold_group).
+// Launch: grid (1, N / 32, 1), NW warps (up to 16), dynamic shared memory
+// rows (2 Kpad + 64) + NW * 1024 (quant_ops.ts kSplitLaunch).
+template <int BITS, int D>
+__device__ __forceinline__ void quant_gemm_k(float* __restrict__ out, const bf16* __restrict__ x, const uint4* __restrict__ qw,
+                                             const uint2* __restrict__ scales, const unsigned* __restrict__ zeros,
+                                             const float* __restrict__ bias, const int* __restrict__ live, int rows, int K, int N,
+                                             int gs, int G, int symZero) {
+  constexpr int W = 4 * BITS;  // a lane's words of one unit
+  extern __shared__ __align__(16) unsigned char qsmem[];
+  const int NW = (int)(blockDim.x >> 5);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c4 = lane & 3;
+  const int NC = N >> 5, KU = (K + 127) >> 7;
+  const int col = blockIdx.y;
+  const int u0 = (warp * KU) / NW, u1 = ((warp + 1) * KU) / NW;
+  const int upg = G == 1 ? KU : max(gs >> 7, 1);  // units per group
+  // Unit u's words: BITS 16-byte planes of 32 lanes at wsrc + u * BITS * 32 (word w of the lane:
+  // plane w / 4, component w % 4, as block_words reads a ring stage). Its group's scale / zero
+  // entry for the lane's rows: (gi, col, g).
+  const uint4* wsrc = qw + (long long)col * KU * (BITS * 32) + lane;
+  const int eBase = col * 8 + g;
+  unsigned wr[D][W];
+  uint2 sr[D];
+  unsigned zr[D];
+  auto issue = [&](int d, int u) {
+    if (u >= u1) return;
+    const uint4* src = wsrc + (long long)u * (BITS * 32);
+#pragma unroll
+    for (int p = 0; p < BITS; p++) {
+      const uint4 v = ldg_stream(src + p * 32);
+      wr[d][4 * p] = v.x, wr[d][4 * p + 1] = v.y, wr[d][4 * p + 2] = v.z, wr[d][4 * p + 3] = v.w;
+    }
+    const long long e = (long long)min(u / upg, G - 1) * (NC * 8) + eBase;
+    sr[d] = ldg_v2(scales + e);
+    zr[d] = zeros ? ldg_u32(zeros + e) : 0u;
+  };
+#pragma unroll
+  for (int d = 0; d < D; d++) issue(d, u0 + d);
+  pdl_wait<false>();
+  const int xRows = min(live_rows(live, rows), 8);
+  if (xRows <= 0) return;  // every thread of the CTA: no barrier is left waiting
+
+  // x rows [0, rows) of k [0, Kpad): 16-byte chunks; rows past the live ones and k past K zero-filled.
+  const int pitch = KU * 256 + 64;
+  const unsigned xs = smem_addr(qsmem);
+  const int rowChunks = KU * 16;
+  for (int q = threadIdx.x; q < rows * rowChunks; q += blockDim.x) {
+    const int r = q / rowChunks, k = (q - r * rowChunks) * 8;
+    const bool ok = r < xRows && k < K;
+    cp_async16(xs + (unsigned)(r * pitch + k * 2), ok ? x + (long long)r * K + k : x, ok);
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+
+  float acc[2][1][4], tmp[2][2][1][4];
+#pragma unroll
+  for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) acc[nt][0][e] = tmp[0][nt][0][e] = tmp[1][nt][0][e] = 0.f;
+  float sc[4] = {0.f, 0.f, 0.f, 0.f};
+  unsigned nz[4];
+  sym_terms<BITS>(symZero, nz);
+  // Lanes of rows past the launch's read nothing (their x fragment is zero).
+  const bool xLane = g < rows;
+  const unsigned xl = xs + (unsigned)(g * pitch + c4 * 16);
+  int curG = -1;
+  for (int ub = u0; ub < u1; ub += D) {
+#pragma unroll
+    for (int d = 0; d < D; d++) {
+      const int u = ub + d;
+      if (u >= u1) break;
+      const int gi = min(u / upg, G - 1);
+      if (gi != curG) {
+        if (curG >= 0) fold_group<1, 2>(acc, tmp, sc);
+        scale_terms(sr[d], sc);
+        if (zeros) zero_terms<BITS>(zr[d], nz);
+        curG = gi;
+      }
+#pragma unroll
+      for (int j = 0; j < 4; j++) {
+        const uint4 xv = xLane ? lds128(xl + (unsigned)((u * 128 + j * 32) * 2)) : make_uint4(0u, 0u, 0u, 0u);
+        block_mma<BITS, 1, 2>(&wr[d][j * BITS], &xv, nz, tmp);
+      }
+      issue(d, u + D);
+    }
+  }
+  if (curG >= 0) fold_group<1, 2>(acc, tmp, sc);
+
+  // The warps' sums in warp order: part[warp][v = nt * 4 + e][lane], after x.
+  float* part = reinterpret_cast<float*>(qsmem + rows * pitch);
+#pragma unroll
+  for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) part[(warp * 8 + nt * 4 + e) * 32 + lane] = acc[nt][0][e];
+  __syncthreads();
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+    const int v = i >> 5, ln = i & 31, e = v & 3, nt = v >> 2;
+    const int n = col * 32 + nt * 16 + (ln >> 2) + 8 * (e >> 1), row = 2 * (ln & 3) + (e & 1);
+    float sum = 0.f;
+    for (int w = 0; w < NW; w++) sum += part[(w * 8 + v) * 32 + ln];
+    if (row < rows) out[(long long)row * N + n] = sum + (bias ? bias[n] : 0.f);
+  }
+}
+
 constexpr int kLdTile = 136;  // dequant tile row pitch (bf16): 128 + 8 keeps rows 16-byte aligned
 
 template <int BITS>
@@ -801,6 +918,20 @@ QGEMM(8, 4, 2)
 QGEMM_SPLIT(8, 4, 2, 2)
 QGEMM_SPLIT(8, 4, 4, 2)
 QGEMM_SPLIT(8, 4, 8, 2)
+
+// The K-split one-tile kernel (quant_gemm_k above): up to 16 warps, so up to 128 registers.
+#define QGEMMK(B, D)                                                                                                          \
+  extern "C" __global__ void __launch_bounds__(512) quant_gemm_k_b##B##_d##D(                                                 \
+      float* out, const bf16* x, const uint4* qw, const uint2* scales, const unsigned* zeros, const float* bias, const int* live, int rows, int K, int N, int gs, int G, int symZero) {\
+    quant_gemm_k<B, D>(out, x, qw, scales, zeros, bias, live, rows, K, N, gs, G, symZero);                                    \
+  }
+QGEMMK(2, 2)
+QGEMMK(2, 4)
+QGEMMK(3, 2)
+QGEMMK(3, 4)
+QGEMMK(4, 2)
+QGEMMK(4, 4)
+QGEMMK(8, 2)
 
 #define QDEQUANT(B)                                                                                                            \
   extern "C" __global__ void __launch_bounds__(128) quant_dequant_b##B(bf16* w, const uint4* qw, const uint2* scales,          \
