@@ -22,7 +22,6 @@ const SETTINGS = {
   INLAID_UPLOAD_IN_GRAPH: "1", // the step's metadata upload inside its graph
   INLAID_LORA_SKIP_IDLE: "1", // graphs without adapter rows leave out the per-row LoRA kernels
   INLAID_EXPAND_RMW: "1", // the in-place all-slots expand reads, adds and stores instead of red.global.add
-  INLAID_EXPAND_PREFETCH: "1", // the all-slots path asks L2 for its slots' B before the GEMM
 } as const;
 const SWITCHES = Object.keys(SETTINGS) as (keyof typeof SETTINGS)[];
 for (const k of SWITCHES) process.env[k] = SETTINGS[k];

@@ -295,8 +295,6 @@ export class CudaBackend implements Backend {
    * no LoRA shrink rides along (null: the tuner's or the rule's plan). For tests.
    */
   quantKSplit: { warps: number; depth: number } | null = null;
-  /** Experiment, not measured yet: the all-slots LoRA path's L2 prefetch of B before its GEMM (INLAID_EXPAND_PREFETCH=1). */
-  readonly #expandPrefetch = process.env.INLAID_EXPAND_PREFETCH === "1";
   /** GEMM and low-bit launch tuning (null with INLAID_GEMM_TUNE=0). */
   #tuner: GemmTuner | null = null;
   /** Fused low-bit launches by weight shape and rows (#quantPlan). */
@@ -1012,7 +1010,6 @@ export class CudaBackend implements Backend {
     }
     const ld = N + slots * s.outDims.length * s.maxRank;
     if (n * ld * 4 > wide.bytes) return false;
-    if (this.#expandPrefetch) this.#ops.loraPrefetchB(dl, slots);
     this.#blas.matmul(wide.ptr, "f32", xo.ptr, w.ptr, n, ld, K, 0n, ld, null);
     const base: Operand = { ptr: wide.ptr, dtype: "f32", cols: ld, rowsCap: n, liveRows: o.liveRows };
     this.#ops.loraExpandSlots(o, base, wide.ptr + BigInt(N * 4), ld, dl, p.run);
@@ -1063,7 +1060,6 @@ export class CudaBackend implements Backend {
     // A is [numSlots][splits][maxRank][K]: its first `slots` slots are a [cols, K] weight.
     const shrink = { a: s.a, t: t.ptr, cols, ldT: cols };
     if (!fusedCarriesShrink(q.bits, plan.warps)) return false;
-    if (this.#expandPrefetch) this.#ops.loraPrefetchB(dl, slots);
     this.#quant.fused(o.ptr, xi.ptr, live, n, q, b, 0n, 0n, plan, shrink);
     const oo = this.#operand(out);
     this.#ops.loraExpandSlots(oo, oo, t.ptr, cols, dl, p.run);

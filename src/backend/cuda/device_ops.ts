@@ -135,8 +135,6 @@ export interface DeviceOps {
   /** out[i] = base[i] + scale_s * B_s t[i, s] on rows with an adapter slot s (base may be
    * out: rows without one are then untouched; base may be wider than out, ld = its cols). */
   loraExpandSlots(out: Operand, base: Operand, t: bigint, ldT: number, stack: DeviceLora, run: StepRun): void;
-  /** Experiment (INLAID_EXPAND_PREFETCH=1): ask L2 for slots [0, slots)'s B ahead of loraExpandSlots. */
-  loraPrefetchB(stack: DeviceLora, slots: number): void;
   rope(q: Operand, k: Operand, v: Operand, qkv: Operand, invFreq: Operand, headDim: number, run: StepRun): void;
   attention(out: Operand, q: Operand, k: Operand, v: Operand, kv: DeviceKv, scale: number, run: StepRun, scratch: Scratch): void;
   /** Scratch `attention` needs at a capacity of `seqs` sequences (split-K partials). */
@@ -166,7 +164,6 @@ export function unavailableOps(reason: string): DeviceOps {
     loraWrites: () => false,
     loraSlotsPath: () => false,
     loraExpandSlots: fail("loraExpandSlots"),
-    loraPrefetchB: fail("loraPrefetchB"),
     rope: fail("rope"),
     attention: fail("attention"),
     attentionScratchBytes: () => 0,

@@ -97,7 +97,6 @@ function parseSources(): { kinds: Map<string, Kind[]>; bodies: Map<string, strin
 // an activation an earlier kernel writes (kernels/common.cuh).
 const PRE_WAIT_READS: Record<string, readonly string[]> = {
   lora_bgmv_expand_slots: ["B", "ranks", "scales", "loraSlots", "counts"],
-  lora_prefetch_b: ["B"],
   lora_bgmv_fused: ["ranks", "loraSlots", "queryStart", "counts"],
   quant_gemm: ["qw", "scales", "zeros", "la"],
   quant_gemm_k: ["qw", "scales", "zeros"],
@@ -177,7 +176,6 @@ function exerciseAll(ops: CudaOps, o: { T: number; S: number; H: number; nH: num
     if (!ops.loraSlotsPath(st, r, st.numSlots)) continue;
     const ld = st.outDim + st.numSlots * st.outDims.length * st.maxRank;
     const wide = operand("f32", o.T, ld);
-    ops.loraPrefetchB(st, st.numSlots);
     ops.loraExpandSlots(operand("f32", o.T, st.outDim), wide, wide.ptr + BigInt(4 * st.outDim), ld, st, r);
   }
   const last = operand("bf16", o.S, o.H);

@@ -69,7 +69,7 @@ export const PDL_KERNELS: ReadonlySet<string> = new Set([
   "embedding_bf16_f32", "gather_rows_bf16", "rmsnorm_f32_bf16", "add_rmsnorm_f32_bf16", "rope_qkv_f32",
   "kv_cache_write_f32", "silu_mul_f32_bf16", "sample_rows",
   ...[32, 64, 80, 96, 128].flatMap((d) => [`attn_prefill_d${d}`, `attn_decode_d${d}`]),
-  "lora_bgmv_fused", "lora_bgmv_shrink", "lora_bgmv_expand", "lora_bgmv_expand_slots", "lora_sgmv_expand", "lora_prefetch_b",
+  "lora_bgmv_fused", "lora_bgmv_shrink", "lora_bgmv_expand", "lora_bgmv_expand_slots", "lora_sgmv_expand",
   ...[16, 32, 64].map((r) => `lora_sgmv_shrink_r${r}`),
   // The fused low-bit GEMMs request their first units of weights before the wait.
   ...quantKernelNames().filter((n) => n.startsWith("quant_gemm_")),
@@ -119,7 +119,7 @@ export function kernelNames(): string[] {
   return [
     "embedding_bf16_f32", "gather_rows_bf16", "rmsnorm_f32_bf16", "add_rmsnorm_f32_bf16", "rope_qkv_f32", "silu_mul_f32_bf16",
     "kv_cache_write_f32", ...attn,
-    "lora_bgmv_fused", "lora_bgmv_shrink", "lora_bgmv_expand", "lora_bgmv_expand_slots", "lora_prefetch_b", "lora_sgmv_shrink_r16", "lora_sgmv_shrink_r32", "lora_sgmv_shrink_r64", "lora_sgmv_expand",
+    "lora_bgmv_fused", "lora_bgmv_shrink", "lora_bgmv_expand", "lora_bgmv_expand_slots", "lora_sgmv_shrink_r16", "lora_sgmv_shrink_r32", "lora_sgmv_shrink_r64", "lora_sgmv_expand",
     "sample_rows",
     "convert_f32_to_bf16", "convert_bf16_to_f32", "convert_f16_to_bf16", "convert_f16_to_f32", "fill_u32", "fill_u16",
     "fill_random_bf16", "fill_random_f32",
@@ -447,16 +447,6 @@ export class CudaOps implements DeviceOps {
       ptr(out.ptr), ptr(base.ptr), ptr(t), ptr(stack.b), ptr(stack.ranks), ptr(stack.scales), ptr(run.step.loraSlots),
       ptr(run.step.counts), i32(rows), i32(N), i32(base.cols), i32(ldT), i32(R), i32(S), ...splitBoundArgs(stack),
     ]);
-  }
-
-  /**
-   * Experiment (INLAID_EXPAND_PREFETCH=1, not measured yet): L2 prefetch of slots [0, slots)'s B,
-   * launched before the all-slots path's GEMM (kernels/lora.cu lora_prefetch_b).
-   */
-  loraPrefetchB(stack: DeviceLora, slots: number): void {
-    if (slots <= 0) return;
-    need(slots <= stack.numSlots, "loraPrefetchB", "slots", `${slots} slots of a pool of ${stack.numSlots}`);
-    this.#launch("lora_prefetch_b", [slots, 1, 1], [32, 1, 1], 0, [ptr(stack.b), i32(stack.outDim * stack.maxRank * 2)]);
   }
 
   /** out[i] (f32) += scale_s * B_s (A_s x[i]) (x bf16) for rows with an adapter slot s >= 0 (see kernels/lora.cu). */

@@ -541,27 +541,6 @@ extern "C" __global__ void __launch_bounds__(128)
   }
 }
 
-// Experiment, not measured yet (INLAID_EXPAND_PREFETCH=1, ops.ts loraPrefetchB): launched just
-// before the all-slots path's GEMM, it asks L2 for the B of the slots that GEMM covers
-// (cp.async.bulk.prefetch.L2: nothing returns to the SM), so the expand after the GEMM may find
-// B in L2 instead of HBM. The expand streams B at ~1.73 TB/s after ~2.2 us of fixed cost (H100,
-// session 12), and every one of its rounds is on the step's critical path (the GEMM before it
-// does not trigger early). Grid (slots), 32 threads: lane l asks for the l-th 32nd of slot
-// blockIdx.x's B ([N][maxRank] bf16, slotBytes a multiple of 16). A PDL kernel: the requests
-// go out while the kernel before it runs; it writes nothing and waits at the end, so the GEMM
-// after it (a plain launch) still starts after that kernel's completion.
-extern "C" __global__ void __launch_bounds__(32) lora_prefetch_b(const bf16* __restrict__ B, int slotBytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const char* base = reinterpret_cast<const char*>(B) + (long long)blockIdx.x * slotBytes;
-  const int per = ((slotBytes + 31) / 32 + 15) & ~15;
-  const int off = (int)threadIdx.x * per;
-  if (off < slotBytes) {
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(base + off), "r"(min(per, slotBytes - off)) : "memory");
-  }
-#endif
-  pdl_wait();
-}
-
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 || !defined(__CUDA_ARCH__)
 namespace {
 constexpr int kCluster = 8;
