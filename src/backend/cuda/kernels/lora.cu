@@ -428,15 +428,6 @@ extern "C" __global__ void __launch_bounds__(128) lora_bgmv_expand(float* __rest
 // rounds before the wait, one after); the 7B decode step unchanged (7.628 against 7.635 ms).
 namespace {
 constexpr int kExpandPer = 4;  // outputs per thread, 128 apart
-// Experiment, not measured yet (INLAID_EXPAND_RMW=1, compiled in by cuda_backend.ts): in place,
-// read out with t (the same round after the wait), add, and store, instead of red.global.add
-// (L2 atomic throughput may be what holds the expand to ~1.7 TB/s at 32 rows x 32 adapters:
-// time = ~2.2 us + B's bytes / 1.73 TB/s over o, up and gate/up, H100, session 12). The same
-// single add per element as the reduction, so the outputs are bitwise the same.
-#ifndef INLAID_EXPAND_RMW
-#define INLAID_EXPAND_RMW 0
-#endif
-constexpr bool kExpandRmw = INLAID_EXPAND_RMW != 0;
 
 // What a thread of lora_bgmv_expand_slots loads before the PDL wait for its outputs n0 +
 // 128e of slot `slot` (< 0: none, all zero): each output's split, that split's rank and scale,
@@ -513,7 +504,7 @@ extern "C" __global__ void __launch_bounds__(128)
 #pragma unroll
   for (int e = 0; e < kExpandPer; e++) {
     const int n = n0 + e * 128;
-    v[e] = n < N && (!inPlace || (kExpandRmw && h.rk[e] > 0)) ? srcRow[n] : 0.f;
+    v[e] = n < N && !inPlace ? srcRow[n] : 0.f;
     const float4* t4 = reinterpret_cast<const float4*>(t + (long long)row * ldT + (max(slot, 0) * S + h.js[e]) * maxRank);
 #pragma unroll
     for (int q = 0; q < 4; q++) {
@@ -531,10 +522,8 @@ extern "C" __global__ void __launch_bounds__(128)
       const uint4* bb = reinterpret_cast<const uint4*>(B + ((long long)slot * N + n) * maxRank);
       acc = expand_dot(h.b0[e], h.b1[e], bb, rank, tt[e], tj);
     }
-    if (inPlace && !kExpandRmw) {
+    if (inPlace) {
       atomicAdd(dstRow + n, h.sc[e] * acc);
-    } else if (inPlace) {
-      dstRow[n] = __fadd_rn(v[e], __fmul_rn(h.sc[e], acc));  // the reduction's arithmetic: no FMA contraction
     } else {
       dstRow[n] = rank > 0 ? v[e] + h.sc[e] * acc : v[e];
     }
