@@ -4,6 +4,7 @@
 //
 // Semantics:
 //   quant_gemm_b{B}_t{T}_c{S}: out[m, n] (f32) = sum_k x[m, k] * W[n, k] (+ bias[n])
+//   quant_gemm_k_b{B}_d{D}:    the same for up to 8 rows, K split across one CTA's warps
 //   quant_dequant_b{B}:        w[n - 32*col0, k] (bf16) = bf16(W[n, k]) for the chunk's columns
 //   quant_gather_cols:         xp[m, i] = x[m, perm[i]]       (act-order: x in the weights' k order)
 // with W[n, k] = s[g(k), n] * (q[k, n] - z[g(k), n]) in the kernel's k order (the host
