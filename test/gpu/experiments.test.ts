@@ -21,7 +21,6 @@ import { HAS_GPU, NO_GPU_REASON } from "./gpu.js";
 const SETTINGS = {
   INLAID_UPLOAD_IN_GRAPH: "1", // the step's metadata upload inside its graph
   INLAID_LORA_SKIP_IDLE: "1", // graphs without adapter rows leave out the per-row LoRA kernels
-  INLAID_EXPAND_EARLY_WAIT: "1", // the all-slots expand waits for its predecessor before loading B, and loads t in the same round
 } as const;
 const SWITCHES = Object.keys(SETTINGS) as (keyof typeof SETTINGS)[];
 for (const k of SWITCHES) process.env[k] = SETTINGS[k];

@@ -461,7 +461,6 @@ export class CudaBackend implements Backend {
           // their wait unless told not to (kernels/common.cuh).
           extraOptions: [
             ...(process.env.INLAID_PDL_TRIGGER === "0" ? ["-DINLAID_PDL_TRIGGER=0"] : []),
-            ...(process.env.INLAID_EXPAND_EARLY_WAIT === "1" ? ["-DINLAID_EXPAND_EARLY_WAIT=1"] : []),
           ],
         })
         : [];

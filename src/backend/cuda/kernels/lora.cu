@@ -428,15 +428,6 @@ extern "C" __global__ void __launch_bounds__(128) lora_bgmv_expand(float* __rest
 // rounds before the wait, one after); the 7B decode step unchanged (7.628 against 7.635 ms).
 namespace {
 constexpr int kExpandPer = 4;  // outputs per thread, 128 apart
-// Experiment, not measured yet (INLAID_EXPAND_EARLY_WAIT=1, compiled in by cuda_backend.ts): the
-// PDL wait right after round (1), so that B, the ranks and scales, and t's row all load in ONE
-// round after it. Neither kernel this one follows (the cuBLASLt GEMM, quant_gemm_lora_*)
-// triggers early, so it launches only once its predecessor has ended and the wait costs
-// nothing; the load of t then need not wait for B's round.
-#ifndef INLAID_EXPAND_EARLY_WAIT
-#define INLAID_EXPAND_EARLY_WAIT 0
-#endif
-constexpr bool kExpandEarlyWait = INLAID_EXPAND_EARLY_WAIT != 0;
 
 // What a thread of lora_bgmv_expand_slots loads before the PDL wait for its outputs n0 +
 // 128e of slot `slot` (< 0: none, all zero): each output's split, that split's rank and scale,
@@ -504,9 +495,8 @@ extern "C" __global__ void __launch_bounds__(128)
   const int n0 = blockIdx.x * (128 * kExpandPer) + threadIdx.x;
   const int live = counts[0], rowSlot = loraSlots[row];
   const int slot = row < min(live, cap) ? rowSlot : -1;
-  if constexpr (kExpandEarlyWait) pdl_wait();
   const ExpandHead h = expand_head(slot, n0, N, B, ranks, scales, maxRank, S, o1, o2, o3);
-  if constexpr (!kExpandEarlyWait) pdl_wait();
+  pdl_wait();
   float* dstRow = out + (long long)row * N;
   const float* srcRow = base + (long long)row * ldBase;
   const bool inPlace = srcRow == dstRow;
