@@ -14,6 +14,7 @@
 #   qgemm     ncu's throughput, stall and occupancy sections of one 4-bit GEMM (up) at 32 and 1 rows
 #             ($QGEMM_ROWS: other row counts)
 #   qgemm-torch  the same for torch's int4 kernel (tinygemm) at 1 row
+#   expand    the same for one launch of the all-slots decode LoRA expand (o, 32 rows x 32 adapters)
 # SUITE_TIMEOUT / VARIANTS_TIMEOUT (seconds, default 330 / 300) bound those stages.
 # A stage that fails does not stop the others; the exit status is the number that failed.
 set -uo pipefail
@@ -33,11 +34,12 @@ run() { # name, timeout seconds, command...
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # Nsight Compute, for the profile and qgemm stages (on PATH or in its install folder).
 ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-# The qgemm stages' ncu sections and metrics, and the lines of their reports they print.
-qgemm_ncu=(--clock-control none --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy
+# The ncu sections and metrics of the one-kernel profile stages (qgemm, qgemm-torch, expand),
+# and the lines of their reports they print.
+kernel_ncu=(--clock-control none --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy
   --section LaunchStats --section MemoryWorkloadAnalysis
   --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio',sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,lts__t_bytes.sum,dram__bytes_read.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum)
-qgemm_lines="Duration|stalled_(wait|math|long|short|barrier|not_sel|mio|no_inst|dispatch)|hmma|bytes|Eligible|Issued|Occupancy|Grid Size|Block Size"
+kernel_lines="Duration|stalled_(wait|math|long|short|barrier|not_sel|mio|no_inst|dispatch)|hmma|bytes|Eligible|Issued|Occupancy|Grid Size|Block Size"
 for stage in "$@"; do
   case $stage in
     suite)
@@ -77,9 +79,9 @@ for stage in "$@"; do
       # 32 and 1). The launch is fixed (4 warps x 4 splits, the tuner's pick at both) so no tuning
       # candidate is the one profiled; the first launch is the eager warm-up.
       for r in ${QGEMM_ROWS:-32 1}; do
-        INLAID_QGEMM_WARPS=4 INLAID_QGEMM_SPLITS=4 run "qgemm-ncu-r$r" 100 "$ncu" "${qgemm_ncu[@]}" -k regex:quant_gemm_b4 --launch-skip 1 \
+        INLAID_QGEMM_WARPS=4 INLAID_QGEMM_SPLITS=4 run "qgemm-ncu-r$r" 100 "$ncu" "${kernel_ncu[@]}" -k regex:quant_gemm_b4 --launch-skip 1 \
           --launch-count 1 node --import tsx bench/quant_gemm.ts --bits 4 --rows "$r" --shapes up --no-cublas --no-memory --reps 2 --iters 1
-        grep -E "$qgemm_lines" "$out/qgemm-ncu-r$r.log" | head -40
+        grep -E "$kernel_lines" "$out/qgemm-ncu-r$r.log" | head -40
       done ;;
     qgemm-torch)
       # The same sections for torch's int4 kernel (tinygemm) at one row, beside ours:
@@ -87,10 +89,19 @@ for stage in "$@"; do
       # rate over the five decode shapes gave torch ~2.8 us of fixed cost per call, ours ~6.6
       # (H100, session 12). torch_int4.py runs every shape; its first (up, 1 row) is profiled,
       # after one warm-up launch.
-      run qgemm-ncu-torch-r1 150 "$ncu" "${qgemm_ncu[@]}" -k regex:tinygemm --launch-skip 1 --launch-count 1 \
+      run qgemm-ncu-torch-r1 150 "$ncu" "${kernel_ncu[@]}" -k regex:tinygemm --launch-skip 1 --launch-count 1 \
         python3 bench/peers/torch_int4.py --rows 1 --reps 2 --iters 1
-      grep -E "$qgemm_lines" "$out/qgemm-ncu-torch-r1.log" | head -40 ;;
-    *) echo "unknown stage $stage (suite, variants, lora, quantize, profile, qgemm, qgemm-torch)" >&2; failed=$((failed + 1)) ;;
+      grep -E "$kernel_lines" "$out/qgemm-ncu-torch-r1.log" | head -40 ;;
+    expand)
+      # Where the o projection's LoRA time goes (issue 3's open line: ~6.2 us over the GEMM, the
+      # expand ~4.6 of it, in graph replays): the expand kernel alone under ncu. Its duration
+      # there against the replayed figure separates the kernel's own latency from the launch
+      # boundary after the cuBLASLt GEMM. bench/kernels.ts runs o first; the first launch is
+      # its eager warm-up.
+      run expand-ncu 150 "$ncu" "${kernel_ncu[@]}" -k regex:lora_bgmv_expand_slots --launch-skip 1 --launch-count 1 \
+        node --import tsx bench/kernels.ts --only lora --lora-cases 32x32x16 --reps 2 --iters 1
+      grep -E "$kernel_lines" "$out/expand-ncu.log" | head -40 ;;
+    *) echo "unknown stage $stage (suite, variants, lora, quantize, profile, qgemm, qgemm-torch, expand)" >&2; failed=$((failed + 1)) ;;
   esac
 done
 exit $failed
