@@ -82,7 +82,7 @@ import { buildKernels, type KernelImage } from "./ffi/nvrtc.js";
 import type { Launcher } from "./launch.js";
 import { KernelLauncher } from "./launcher.js";
 import { DeviceGraphLauncher } from "./device_graph.js";
-import { CudaOps, KERNEL_FILES, LORA_SLOTS_MAX_COLS, PDL_KERNELS } from "./ops.js";
+import { CudaOps, KERNEL_FILES, LORA_SLOTS_MAX_COLS, PDL_KERNELS, expandPerThread } from "./ops.js";
 import { packQuantLayout, randomQuantLayout, type QuantLayout } from "./quant_layout.js";
 import { QuantOps, dequantChunkCols, fusedCandidates, fusedCarriesShrink, fusedLaunchName, fusedPlan, kSplitApplies, kSplitCandidates, kSplitLaunch, kSplitMode, splitsFromEnv, tilesFromEnv, type DeviceQuantWeight, type FusedPlan } from "./quant_ops.js";
 import {
@@ -461,6 +461,7 @@ export class CudaBackend implements Backend {
           // their wait unless told not to (kernels/common.cuh).
           extraOptions: [
             ...(process.env.INLAID_PDL_TRIGGER === "0" ? ["-DINLAID_PDL_TRIGGER=0"] : []),
+            ...(expandPerThread() !== 4 ? [`-DINLAID_EXPAND_PER=${expandPerThread()}`] : []),
           ],
         })
         : [];

@@ -14,7 +14,7 @@ import type { DeviceKv, DeviceLora, DeviceStep, Operand, StepRun } from "./devic
 import type { Dim3, KernelArg, Launcher } from "./launch.js";
 import {
   CudaOps, CudaOpsError, KERNEL_FILES, SUPPORTED_HEAD_DIMS, attentionScratchBytes, decodeCounterOffset, decodeSmemBytes, decodeSplit,
-  dummyWeightValue, kernelNames, PDL_KERNELS,
+  dummyWeightValue, expandPerThread, kernelNames, PDL_KERNELS,
   type StepKinds,
 } from "./ops.js";
 import {
@@ -346,6 +346,30 @@ describe("CUDA ops seam (CPU checks)", () => {
     expect(strip(a.launches)).toEqual(strip(b.launches));
   });
 
+  it("the all-slots expand's grid covers N at INLAID_EXPAND_PER outputs per thread (4 by default)", () => {
+    const saved = process.env.INLAID_EXPAND_PER;
+    try {
+      for (const [v, per] of [[undefined, 4], ["4", 4], ["2", 2], ["1", 1]] as const) {
+        if (v === undefined) delete process.env.INLAID_EXPAND_PER;
+        else process.env.INLAID_EXPAND_PER = v;
+        expect(expandPerThread()).toBe(per);
+        const rec = new RecordingLauncher();
+        exerciseAll(new CudaOps(rec), { ...SHAPES[2]!, kinds: { hasPrefill: false, hasDecode: true } });
+        const expands = rec.launches.filter((l) => l.name === "lora_bgmv_expand_slots");
+        expect(expands.length).toBeGreaterThan(0);
+        for (const l of expands) {
+          const N = (l.args[9] as { i32: number }).i32;
+          expect(l.grid[0]).toBe(Math.ceil(N / (128 * per)));
+        }
+      }
+      process.env.INLAID_EXPAND_PER = "3";
+      expect(() => expandPerThread()).toThrow(/expected 1, 2 or 4/);
+    } finally {
+      if (saved === undefined) delete process.env.INLAID_EXPAND_PER;
+      else process.env.INLAID_EXPAND_PER = saved;
+    }
+  });
+
   it("rejects shapes the kernels do not handle, naming the limit", () => {
     const ops = new CudaOps(new RecordingLauncher());
     const r = run(8, 8);
@@ -474,6 +498,12 @@ describe("CUDA ops seam (CPU checks)", () => {
       for (const f of KERNEL_FILES) {
         const res = spawnSync("nvcc", ["-arch=sm_90", "-std=c++17", "-cubin", "-DINLAID_NVRTC=1", "-o", join(dir, `${basename(f)}.cubin`), f], { encoding: "utf8" });
         expect(res.status, `${basename(f)}:\n${res.stderr}`).toBe(0);
+      }
+      // The experiment switches compiled in by environment (cuda_backend.ts) build as well.
+      for (const [file, define] of [["lora.cu", "-DINLAID_EXPAND_PER=1"], ["lora.cu", "-DINLAID_EXPAND_PER=2"]] as const) {
+        const f = KERNEL_FILES.find((k) => basename(k) === file)!;
+        const res = spawnSync("nvcc", ["-arch=sm_90", "-std=c++17", "-cubin", "-DINLAID_NVRTC=1", define, "-o", join(dir, `switch-${file}.cubin`), f], { encoding: "utf8" });
+        expect(res.status, `${file} ${define}:\n${res.stderr}`).toBe(0);
       }
     } finally {
       rmSync(dir, { recursive: true, force: true });

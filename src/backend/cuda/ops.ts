@@ -75,6 +75,17 @@ export const PDL_KERNELS: ReadonlySet<string> = new Set([
   ...quantKernelNames().filter((n) => n.startsWith("quant_gemm_")),
 ]);
 
+/**
+ * Outputs per thread of lora_bgmv_expand_slots (kernels/lora.cu kExpandPer): 4, or 1 / 2 with
+ * the experiment INLAID_EXPAND_PER (not measured yet; cuda_backend.ts compiles the kernel to match).
+ */
+export function expandPerThread(): 1 | 2 | 4 {
+  const v = process.env.INLAID_EXPAND_PER;
+  if (v === undefined || v === "" || v === "4") return 4;
+  if (v === "1" || v === "2") return Number(v) as 1 | 2;
+  throw new Error(`INLAID_EXPAND_PER=${v}: expected 1, 2 or 4`);
+}
+
 /** Most heads sharing one KV head in the prefill kernel (its 64-row tile holds at least one token). */
 export const MAX_GQA_GROUP = 64;
 
@@ -442,8 +453,8 @@ export class CudaOps implements DeviceOps {
     const rows = Math.min(out.rowsCap, base.rowsCap);
     // ldT covers at least the slots the step's rows use (the caller's GEMM made those).
     need(ldT >= S * R && ldT % 4 === 0, op, "t", `t's row stride ${ldT} must hold a slot's ranks and keep 16-byte rows`);
-    // 512 outputs of a row per 128-thread CTA (kernels/lora.cu kExpandPer).
-    this.#launch("lora_bgmv_expand_slots", [cdiv(N, 512), rows, 1], [128, 1, 1], 0, [
+    // 128 x expandPerThread() outputs of a row per 128-thread CTA (kernels/lora.cu kExpandPer).
+    this.#launch("lora_bgmv_expand_slots", [cdiv(N, 128 * expandPerThread()), rows, 1], [128, 1, 1], 0, [
       ptr(out.ptr), ptr(base.ptr), ptr(t), ptr(stack.b), ptr(stack.ranks), ptr(stack.scales), ptr(run.step.loraSlots),
       ptr(run.step.counts), i32(rows), i32(N), i32(base.cols), i32(ldT), i32(R), i32(S), ...splitBoundArgs(stack),
     ]);

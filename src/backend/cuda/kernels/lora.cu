@@ -427,7 +427,15 @@ extern "C" __global__ void __launch_bounds__(128) lora_bgmv_expand(float* __rest
 // 6.19 us with 32 adapters, 5.22 -> 4.09 us with 8, against the session-5 schedule (four
 // rounds before the wait, one after); the 7B decode step unchanged (7.628 against 7.635 ms).
 namespace {
-constexpr int kExpandPer = 4;  // outputs per thread, 128 apart
+// Outputs per thread, 128 apart. Experiment, not measured yet (INLAID_EXPAND_PER=1 or 2, compiled
+// in by cuda_backend.ts; ops.ts expandPerThread sizes the grid to match): fewer outputs per
+// thread, more CTAs. One output per thread measured faster with adapters and slower without
+// when rows without one were copied (above); the copy is now only out of place (the bf16
+// attached path), and the o projection at 32 rows x 32 adapters is issue 3's open line.
+#ifndef INLAID_EXPAND_PER
+#define INLAID_EXPAND_PER 4
+#endif
+constexpr int kExpandPer = INLAID_EXPAND_PER;
 
 // What a thread of lora_bgmv_expand_slots loads before the PDL wait for its outputs n0 +
 // 128e of slot `slot` (< 0: none, all zero): each output's split, that split's rank and scale,
