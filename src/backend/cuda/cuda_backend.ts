@@ -1305,9 +1305,10 @@ export class CudaBackend implements Backend {
    * `shrink`: a launch that carries the LoRA shrink (the ring kernel's candidates only).
    */
   #quantPlan(q: DeviceQuantWeight, rows: number, out: bigint, x: bigint, live: bigint, bias: bigint, shrink = false): FusedPlan {
-    const kMode = !shrink && kSplitApplies(q, rows) ? kSplitMode() : "off";
+    const kApplies = !shrink && kSplitApplies(q, rows);
     const kFixed = this.quantKSplit;
-    if (kFixed !== null && !shrink && kSplitApplies(q, rows)) return kSplitLaunch(q.bits, q.K, q.N, rows, kFixed.warps, kFixed.depth);
+    if (kFixed !== null && kApplies) return kSplitLaunch(q.bits, q.K, q.N, rows, kFixed.warps, kFixed.depth);
+    const kMode = kApplies ? kSplitMode() : "off";
     if (this.quantSplits !== null || process.env.INLAID_QGEMM_WARPS || tilesFromEnv(rows) !== null) return this.#quant.plan(q, rows, this.quantSplits);
     const key = quantPlanKey(q, rows, shrink);
     const have = this.#quantPlans.get(key);

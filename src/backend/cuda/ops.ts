@@ -239,6 +239,8 @@ export class CudaOps implements DeviceOps {
   readonly #l: Launcher;
   readonly #sm: number;
   readonly #clusters: boolean;
+  /** Read once, as cuda_backend.ts does when it compiles lora.cu, so the grid matches the kernel. */
+  readonly #expandPer = expandPerThread();
 
   constructor(launcher: Launcher, device: DeviceInfo = { smCount: 132 }) {
     this.#l = launcher;
@@ -453,8 +455,8 @@ export class CudaOps implements DeviceOps {
     const rows = Math.min(out.rowsCap, base.rowsCap);
     // ldT covers at least the slots the step's rows use (the caller's GEMM made those).
     need(ldT >= S * R && ldT % 4 === 0, op, "t", `t's row stride ${ldT} must hold a slot's ranks and keep 16-byte rows`);
-    // 128 x expandPerThread() outputs of a row per 128-thread CTA (kernels/lora.cu kExpandPer).
-    this.#launch("lora_bgmv_expand_slots", [cdiv(N, 128 * expandPerThread()), rows, 1], [128, 1, 1], 0, [
+    // 128 x #expandPer outputs of a row per 128-thread CTA (kernels/lora.cu kExpandPer).
+    this.#launch("lora_bgmv_expand_slots", [cdiv(N, 128 * this.#expandPer), rows, 1], [128, 1, 1], 0, [
       ptr(out.ptr), ptr(base.ptr), ptr(t), ptr(stack.b), ptr(stack.ranks), ptr(stack.scales), ptr(run.step.loraSlots),
       ptr(run.step.counts), i32(rows), i32(N), i32(base.cols), i32(ldT), i32(R), i32(S), ...splitBoundArgs(stack),
     ]);
