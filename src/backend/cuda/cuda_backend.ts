@@ -80,7 +80,7 @@ import {
 } from "./ffi/driver.js";
 import { buildKernels, type KernelImage } from "./ffi/nvrtc.js";
 import type { Launcher } from "./launch.js";
-import { KernelLauncher } from "./launcher.js";
+import { gemmEarlyMode, KernelLauncher } from "./launcher.js";
 import { DeviceGraphLauncher } from "./device_graph.js";
 import { CudaOps, KERNEL_FILES, LORA_SLOTS_MAX_COLS, PDL_KERNELS, expandPerThread } from "./ops.js";
 import { packQuantLayout, randomQuantLayout, type QuantLayout } from "./quant_layout.js";
@@ -357,6 +357,9 @@ export class CudaBackend implements Backend {
     this.#initialCapacity = init.capacity;
     this.#quant = new QuantOps(init.launcher, init.device.smCount);
     CudaBackend.#active = this;
+    this.#blas.onEnqueue = () => {
+      if (this.#capturing) this.#launcher.noteLibraryKernel();
+    };
     if (process.env.INLAID_GEMM_TUNE !== "0") {
       this.#tuner = this.#gemmTuner();
       this.#blas.setTuner(this.#tuner);
@@ -468,7 +471,7 @@ export class CudaBackend implements Backend {
       d.ctxSetCurrent(ctx); // the awaits above ran on this thread, but keep the invariant explicit
       // Programmatic dependent launch needs sm_90 (the kernels' griddepcontrol.wait).
       const pdl = major >= 9 && process.env.INLAID_PDL !== "0" ? PDL_KERNELS : new Set<string>();
-      const launcher = new KernelLauncher(d, stream, images, device.maxSharedPerBlockOptin, pdl);
+      const launcher = new KernelLauncher(d, stream, images, device.maxSharedPerBlockOptin, pdl, pdl.size > 0 ? gemmEarlyMode() : 0);
       undo.push(() => launcher.dispose());
 
       const wsBytes = opts.workspaceBytes ?? DEFAULT_WORKSPACE;

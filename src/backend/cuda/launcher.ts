@@ -20,6 +20,16 @@
 //     hStream (u64 at 32), attrs (pointer at 40), numAttrs (u32 at 48)
 //   CUlaunchAttribute (72 bytes, at 56): id (u32 at 0), value (union at 8; here the int
 //     programmaticStreamSerializationAllowed = 1)
+//
+// After a library's kernel (cuBLASLt: its launches carry no PDL attribute and never trigger
+// early), a PDL kernel would start only once that kernel's last block exits, so whatever it
+// does before its wait (a LoRA expand's slot lookup and B loads) adds to the step. With
+// `afterLibrary` on (INLAID_GEMM_EARLY, experimental), a PDL kernel captured right after one
+// hangs off that kernel's launch-order port instead (ffi/driver.ts
+// captureDependOnLaunchOrder): it may launch once every block of the GEMM has begun, does
+// its pre-wait work alongside it, and its griddepcontrol.wait still waits for the GEMM to
+// complete. Mode 1 launches it without the PDL attribute (the edge alone says programmatic),
+// mode 2 with it.
 
 import koffi from "koffi";
 import { CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, type CudaDriver } from "./ffi/driver.js";
@@ -32,6 +42,14 @@ const CONFIG_BYTES = 56;
 const ATTR_BYTES = 72;
 /** Default per-block dynamic shared memory; more needs cuFuncSetAttribute first. */
 const DEFAULT_MAX_DYNAMIC_SMEM = 48 * 1024;
+
+/** INLAID_GEMM_EARLY (header): unset or 0 off, 1 or 2 on. Throws on anything else. */
+export function gemmEarlyMode(): 0 | 1 | 2 {
+  const v = process.env.INLAID_GEMM_EARLY;
+  if (v === undefined || v === "" || v === "0") return 0;
+  if (v === "1" || v === "2") return Number(v) as 1 | 2;
+  throw new Error(`INLAID_GEMM_EARLY=${v}: expected 0, 1 or 2`);
+}
 
 interface Kernel {
   readonly fn: bigint;
@@ -58,6 +76,10 @@ export class KernelLauncher implements Launcher {
   readonly #configU32: Uint32Array;
   /** Launches issued (diagnostics: launches per step). */
   launches = 0;
+  /** Launches captured on a library kernel's launch-order port (afterLibrary; diagnostics and tests). */
+  launchOrderEdges = 0;
+  readonly #afterLibrary: 0 | 1 | 2;
+  #libraryLast = false;
 
   constructor(
     driver: CudaDriver,
@@ -66,7 +88,10 @@ export class KernelLauncher implements Launcher {
     readonly maxSharedOptin: number,
     /** Kernels to launch with programmatic dependent launch (empty: none). */
     pdlKernels: ReadonlySet<string> = new Set(),
+    /** INLAID_GEMM_EARLY (header): 0 off, 1 or 2 on. */
+    afterLibrary: 0 | 1 | 2 = 0,
   ) {
+    this.#afterLibrary = afterLibrary;
     this.#driver = driver;
     this.#stream = stream;
     this.#pdlKernels = pdlKernels;
@@ -104,6 +129,11 @@ export class KernelLauncher implements Launcher {
   /** Kernel files loaded, in order. */
   get files(): string[] {
     return this.#modules.map((m) => m.file);
+  }
+
+  /** The backend calls this after a library (cuBLASLt) enqueued kernels on the stream while capturing a graph. */
+  noteLibraryKernel(): void {
+    this.#libraryLast = this.#afterLibrary !== 0;
   }
 
   /** Whether some loaded module defines `name`. */
@@ -146,7 +176,11 @@ export class KernelLauncher implements Launcher {
       else this.#slotsU32[2 * i] = a.u32;
     }
     this.launches++;
-    if (k.pdl) {
+    const afterLibrary = this.#libraryLast;
+    this.#libraryLast = false;
+    const hung = k.pdl && afterLibrary && this.#driver.captureDependOnLaunchOrder(this.#stream);
+    if (hung) this.launchOrderEdges++;
+    if (k.pdl && (!hung || this.#afterLibrary === 2)) {
       const c = this.#configU32;
       c[0] = grid[0];
       c[1] = grid[1];

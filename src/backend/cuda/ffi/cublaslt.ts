@@ -322,6 +322,7 @@ export class CublasLt {
     const rc = this.#f.cublasLtMatmul(this.#handle, p.desc, this.#alpha, w, p.a, x, p.b, beta, out, p.d, out, p.d,
       p.algo, this.#workspace, this.#workspaceBytes, this.#stream) as number;
     if (rc !== CUBLAS_STATUS_SUCCESS) this.#check("cublasLtMatmul", rc, `n=${n} N=${N} K=${K} out=${outDtype}${acc ? " accumulate" : ""}`);
+    this.onEnqueue?.();
   }
 
   /**
@@ -365,7 +366,11 @@ export class CublasLt {
     const rc = this.#f.cublasLtMatmul(this.#handle, p.desc, this.#gramAlpha, x, p.a, x, p.b, accumulate ? this.#one : this.#beta, out, p.d, out, p.d,
       p.algo, this.#workspace, this.#workspaceBytes, this.#stream) as number;
     if (rc !== CUBLAS_STATUS_SUCCESS) this.#check("cublasLtMatmul", rc, `gram n=${n} K=${K}`);
+    this.onEnqueue?.();
   }
+
+  /** Called after each matmul is enqueued (the backend tells its launcher: launcher.ts afterLibrary). */
+  onEnqueue: (() => void) | null = null;
 
   /** Number of cached plans (for tests and diagnostics). */
   get planCount(): number {

@@ -40,6 +40,11 @@ export const CU_STREAM_CAPTURE_MODE_RELAXED = 2;
 export const CU_STREAM_CAPTURE_STATUS_NONE = 0;
 export const CU_STREAM_CAPTURE_STATUS_ACTIVE = 1;
 export const CU_STREAM_CAPTURE_STATUS_INVALIDATED = 2;
+const CU_STREAM_SET_CAPTURE_DEPENDENCIES = 1;
+const CU_GRAPH_NODE_TYPE_KERNEL = 0;
+/** CUgraphEdgeData (8 bytes: from_port, to_port, type, 5 reserved): a programmatic edge
+ * (CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC = 1) from CU_GRAPH_KERNEL_NODE_PORT_LAUNCH_ORDER (2). */
+const LAUNCH_ORDER_EDGE = [2, 0, 1, 0, 0, 0, 0, 0];
 /** cuGraphInstantiateWithFlags: the executable graph may be launched from the device as well. */
 export const CUDA_GRAPH_INSTANTIATE_FLAG_DEVICE_LAUNCH = 4n;
 /** CUjitInputType for cuLinkAddData / cuLinkAddFile. */
@@ -121,12 +126,24 @@ interface Fns {
   cuGraphExecDestroy: KoffiFn;
   cuGraphDestroy: KoffiFn;
   cuGraphGetNodes: KoffiFn;
+  cuGraphNodeGetType: KoffiFn;
+  /** CUDA 12.3+ (dependencies with edge data); null where the driver lacks them. */
+  cuStreamGetCaptureInfo: KoffiFn | null;
+  cuStreamUpdateCaptureDependencies: KoffiFn | null;
   cuEventCreate: KoffiFn;
   cuEventRecord: KoffiFn;
   cuEventSynchronize: KoffiFn;
   cuEventQuery: KoffiFn;
   cuEventElapsedTime: KoffiFn;
   cuEventDestroy: KoffiFn;
+}
+
+function optional(bindIt: () => KoffiFn): KoffiFn | null {
+  try {
+    return bindIt();
+  } catch {
+    return null;
+  }
 }
 
 function bindAll(lib: Parameters<typeof bind>[0]): Fns {
@@ -195,6 +212,11 @@ function bindAll(lib: Parameters<typeof bind>[0]): Fns {
     cuGraphExecDestroy: b("cuGraphExecDestroy", "int cuGraphExecDestroy(uint64_t exec)"),
     cuGraphDestroy: b("cuGraphDestroy", "int cuGraphDestroy(uint64_t graph)"),
     cuGraphGetNodes: b("cuGraphGetNodes", "int cuGraphGetNodes(uint64_t graph, void *nodes, void *numNodes)"),
+    cuGraphNodeGetType: b("cuGraphNodeGetType", "int cuGraphNodeGetType(uint64_t node, void *type)"),
+    cuStreamGetCaptureInfo: optional(() => b("cuStreamGetCaptureInfo",
+      "int cuStreamGetCaptureInfo_v3(uint64_t stream, void *status, void *id, void *graph, _Out_ void **deps, _Out_ void **edgeData, void *num)")),
+    cuStreamUpdateCaptureDependencies: optional(() => b("cuStreamUpdateCaptureDependencies",
+      "int cuStreamUpdateCaptureDependencies_v2(uint64_t stream, void *deps, void *edgeData, size_t num, uint32_t flags)")),
     cuEventCreate: b("cuEventCreate", "int cuEventCreate(void *event, uint32_t flags)"),
     cuEventRecord: b("cuEventRecord", "int cuEventRecord(uint64_t event, uint64_t stream)"),
     cuEventSynchronize: b("cuEventSynchronize", "int cuEventSynchronize(uint64_t event)"),
@@ -211,6 +233,8 @@ export class CudaDriver {
   // Output slots, reused by every call (calls are synchronous and never re-entrant).
   readonly #u64 = new BigUint64Array(1);
   readonly #u64b = new BigUint64Array(1);
+  readonly #u64c = new BigUint64Array(1);
+  readonly #edge = new Uint8Array(8);
   readonly #i32 = new Int32Array(1);
   readonly #f32 = new Float32Array(1);
   readonly #strOut: (string | null)[] = [null];
@@ -449,6 +473,35 @@ export class CudaDriver {
       throw this.error("cuStreamEndCapture", rc);
     }
     return graph;
+  }
+
+  /**
+   * While `stream` is capturing and the next captured node would depend on one kernel node
+   * only, by an ordinary edge: makes that edge programmatic from the kernel's launch-order
+   * port, so the next kernel may launch once every block of that one has begun (it must
+   * griddepcontrol.wait before touching what that one writes; the wait still covers its
+   * completion). Returns whether it did: false when not capturing, for another dependency
+   * set, or on a driver without the CUDA 12.3 capture calls.
+   */
+  captureDependOnLaunchOrder(stream: CuHandle): boolean {
+    const info = this.#f.cuStreamGetCaptureInfo, update = this.#f.cuStreamUpdateCaptureDependencies;
+    if (!info || !update) return false;
+    const deps: unknown[] = [null], edges: unknown[] = [null];
+    this.#u64c[0] = 0n;
+    this.#check("cuStreamGetCaptureInfo_v3", info(stream, this.#i32, this.#u64, this.#u64b, deps, edges, this.#u64c));
+    if (this.#i32[0] !== CU_STREAM_CAPTURE_STATUS_ACTIVE || this.#u64c[0] !== 1n || !deps[0]) return false;
+    if (edges[0]) {
+      const e = koffi.decode(edges[0], "uint8_t", 8) as number[];
+      if (e[0] !== 0 || e[2] !== 0) return false;
+    }
+    const node = koffi.decode(deps[0], "uint64_t") as bigint;
+    const type = new Int32Array(1);
+    this.#check("cuGraphNodeGetType", this.#f.cuGraphNodeGetType(node, type));
+    if (type[0] !== CU_GRAPH_NODE_TYPE_KERNEL) return false;
+    this.#u64c[0] = node;
+    this.#edge.set(LAUNCH_ORDER_EDGE);
+    this.#check("cuStreamUpdateCaptureDependencies_v2", update(stream, this.#u64c, this.#edge, 1, CU_STREAM_SET_CAPTURE_DEPENDENCIES));
+    return true;
   }
 
   streamCaptureStatus(stream: CuHandle): number {
