@@ -210,6 +210,8 @@ if (only.has("lora")) {
     }
   }
   result.lora = lora;
+  // Launches captured on a cuBLASLt GEMM's launch-order port (INLAID_GEMM_EARLY; 0 when off).
+  result.launch_order_edges = gpu.launcher.launchOrderEdges;
 }
 
 // ---------------------------------------------------------------- host costs
