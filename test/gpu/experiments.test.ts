@@ -21,8 +21,6 @@ import { HAS_GPU, NO_GPU_REASON } from "./gpu.js";
 const SETTINGS = {
   INLAID_UPLOAD_IN_GRAPH: "1", // the step's metadata upload inside its graph
   INLAID_LORA_SKIP_IDLE: "1", // graphs without adapter rows leave out the per-row LoRA kernels
-  INLAID_EXPAND_PER: "1", // the all-slots expand makes one output per thread (4x the CTAs)
-  INLAID_GEMM_EARLY: "1", // a PDL kernel after a cuBLASLt GEMM hangs off the GEMM's launch-order port
 } as const;
 const SWITCHES = Object.keys(SETTINGS) as (keyof typeof SETTINGS)[];
 for (const k of SWITCHES) process.env[k] = SETTINGS[k];

@@ -80,9 +80,9 @@ import {
 } from "./ffi/driver.js";
 import { buildKernels, type KernelImage } from "./ffi/nvrtc.js";
 import type { Launcher } from "./launch.js";
-import { gemmEarlyMode, KernelLauncher } from "./launcher.js";
+import { gemmEarly, KernelLauncher } from "./launcher.js";
 import { DeviceGraphLauncher } from "./device_graph.js";
-import { CudaOps, KERNEL_FILES, LORA_SLOTS_MAX_COLS, PDL_KERNELS, expandPerThread } from "./ops.js";
+import { CudaOps, EARLY_AFTER_LIBRARY, KERNEL_FILES, LORA_SLOTS_MAX_COLS, PDL_KERNELS, expandPerThread } from "./ops.js";
 import { packQuantLayout, randomQuantLayout, type QuantLayout } from "./quant_layout.js";
 import { QuantOps, dequantChunkCols, fusedCandidates, fusedCarriesShrink, fusedLaunchName, fusedPlan, kSplitApplies, kSplitCandidates, kSplitLaunch, kSplitMode, splitsFromEnv, tilesFromEnv, type DeviceQuantWeight, type FusedPlan } from "./quant_ops.js";
 import {
@@ -464,14 +464,14 @@ export class CudaBackend implements Backend {
           // their wait unless told not to (kernels/common.cuh).
           extraOptions: [
             ...(process.env.INLAID_PDL_TRIGGER === "0" ? ["-DINLAID_PDL_TRIGGER=0"] : []),
-            ...(expandPerThread() !== 4 ? [`-DINLAID_EXPAND_PER=${expandPerThread()}`] : []),
+            ...(expandPerThread() !== 1 ? [`-DINLAID_EXPAND_PER=${expandPerThread()}`] : []),
           ],
         })
         : [];
       d.ctxSetCurrent(ctx); // the awaits above ran on this thread, but keep the invariant explicit
       // Programmatic dependent launch needs sm_90 (the kernels' griddepcontrol.wait).
       const pdl = major >= 9 && process.env.INLAID_PDL !== "0" ? PDL_KERNELS : new Set<string>();
-      const launcher = new KernelLauncher(d, stream, images, device.maxSharedPerBlockOptin, pdl, pdl.size > 0 ? gemmEarlyMode() : 0);
+      const launcher = new KernelLauncher(d, stream, images, device.maxSharedPerBlockOptin, pdl, pdl.size > 0 && gemmEarly() ? EARLY_AFTER_LIBRARY : undefined);
       undo.push(() => launcher.dispose());
 
       const wsBytes = opts.workspaceBytes ?? DEFAULT_WORKSPACE;

@@ -114,9 +114,9 @@ describe.skipIf(!linux)("KernelLauncher", () => {
     l.dispose();
   });
 
-  it("after a library kernel (INLAID_GEMM_EARLY), asks the driver for a launch-order edge for the next PDL launch only", () => {
+  it("after a library kernel, asks the driver for a launch-order edge for the next early kernel only, and launches it plainly", () => {
     const seen: Seen[] = [];
-    const d = fakeDriver({ p: 0x22n, q: 0x33n }, () => 0, seen, []);
+    const d = fakeDriver({ p: 0x22n, q: 0x33n, e: 0x44n }, () => 0, seen, []);
     const ex: bigint[] = [], asked: bigint[] = [];
     let capturing = true;
     const fake = d as unknown as { launchKernelEx: unknown; captureDependOnLaunchOrder: unknown };
@@ -126,31 +126,29 @@ describe.skipIf(!linux)("KernelLauncher", () => {
       return capturing;
     };
     const image = [{ file: "k.cu", image: new Uint8Array(1), cached: true, ms: 0 }];
-    for (const mode of [1, 2] as const) {
-      seen.length = ex.length = asked.length = 0;
-      capturing = true;
-      const l = new KernelLauncher(d, 0x77n, image, 0, new Set(["p"]), mode);
-      l.launch("p", [1, 1, 1], [32, 1, 1], 0, []); // no library kernel before: not asked
-      l.noteLibraryKernel();
-      l.launch("q", [1, 1, 1], [32, 1, 1], 0, []); // not a PDL kernel: not asked, and the note is spent
-      l.launch("p", [1, 1, 1], [32, 1, 1], 0, []);
-      expect(asked).toEqual([]);
-      l.noteLibraryKernel();
-      l.launch("p", [1, 1, 1], [32, 1, 1], 0, []); // asked; hung on the edge
-      capturing = false;
-      l.noteLibraryKernel();
-      l.launch("p", [1, 1, 1], [32, 1, 1], 0, []); // asked; declined: the usual PDL launch
-      expect(asked).toEqual([0x77n, 0x77n]);
-      expect(l.launchOrderEdges).toBe(1);
-      // Mode 1 launches the hung kernel plainly (the edge says programmatic), mode 2 keeps the attribute.
-      expect(ex).toHaveLength(mode === 1 ? 3 : 4);
-      expect(seen.map((x) => x.fn)).toEqual(mode === 1 ? [0x33n, 0x22n] : [0x33n]);
-      l.dispose();
-    }
-    const off = new KernelLauncher(d, 0x77n, image, 0, new Set(["p"]));
+    const l = new KernelLauncher(d, 0x77n, image, 0, new Set(["p", "e"]), new Set(["e"]));
+    l.launch("e", [1, 1, 1], [32, 1, 1], 0, []); // no library kernel before: not asked
+    l.noteLibraryKernel();
+    l.launch("q", [1, 1, 1], [32, 1, 1], 0, []); // not a PDL kernel: not asked, and the note is spent
+    l.launch("e", [1, 1, 1], [32, 1, 1], 0, []);
+    l.noteLibraryKernel();
+    l.launch("p", [1, 1, 1], [32, 1, 1], 0, []); // a PDL kernel not named early: not asked
+    expect(asked).toEqual([]);
+    l.noteLibraryKernel();
+    l.launch("e", [1, 1, 1], [32, 1, 1], 0, []); // asked; hung on the edge: plain launch
+    capturing = false;
+    l.noteLibraryKernel();
+    l.launch("e", [1, 1, 1], [32, 1, 1], 0, []); // asked; declined: the usual PDL launch
+    expect(asked).toEqual([0x77n, 0x77n]);
+    expect(l.launchOrderEdges).toBe(1);
+    expect(ex).toEqual([0x44n, 0x44n, 0x22n, 0x44n]);
+    expect(seen.map((x) => x.fn)).toEqual([0x33n, 0x44n]);
+    l.dispose();
+    // With no kernel named (INLAID_GEMM_EARLY=0) the note does nothing.
+    const off = new KernelLauncher(d, 0x77n, image, 0, new Set(["p", "e"]));
     asked.length = 0;
     off.noteLibraryKernel();
-    off.launch("p", [1, 1, 1], [32, 1, 1], 0, []);
+    off.launch("e", [1, 1, 1], [32, 1, 1], 0, []);
     expect(asked).toEqual([]);
     off.dispose();
   });

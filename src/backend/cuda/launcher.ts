@@ -23,13 +23,15 @@
 //
 // After a library's kernel (cuBLASLt: its launches carry no PDL attribute and never trigger
 // early), a PDL kernel would start only once that kernel's last block exits, so whatever it
-// does before its wait (a LoRA expand's slot lookup and B loads) adds to the step. With
-// `afterLibrary` on (INLAID_GEMM_EARLY, experimental), a PDL kernel captured right after one
-// hangs off that kernel's launch-order port instead (ffi/driver.ts
+// does before its wait (a LoRA expand's slot lookup and B loads) adds to the step. A kernel
+// named in `afterLibrary` (ops.ts EARLY_AFTER_LIBRARY; INLAID_GEMM_EARLY=0: none) captured
+// right after one hangs off that kernel's launch-order port instead (ffi/driver.ts
 // captureDependOnLaunchOrder): it may launch once every block of the GEMM has begun, does
 // its pre-wait work alongside it, and its griddepcontrol.wait still waits for the GEMM to
-// complete. Mode 1 launches it without the PDL attribute (the edge alone says programmatic),
-// mode 2 with it.
+// complete. It is launched without the PDL attribute: the edge alone makes it programmatic
+// (with the attribute as well, the capture's own programmatic edge seems to win: on an H100
+// bench/kernels.ts o measured 5.79 / 5.48 us against 4.90 / 4.62 without it, at 4 / 1
+// outputs per thread, and 6.22 / 5.95 with the usual launch).
 
 import koffi from "koffi";
 import { CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, type CudaDriver } from "./ffi/driver.js";
@@ -43,18 +45,17 @@ const ATTR_BYTES = 72;
 /** Default per-block dynamic shared memory; more needs cuFuncSetAttribute first. */
 const DEFAULT_MAX_DYNAMIC_SMEM = 48 * 1024;
 
-/** INLAID_GEMM_EARLY (header): unset or 0 off, 1 or 2 on. Throws on anything else. */
-export function gemmEarlyMode(): 0 | 1 | 2 {
-  const v = process.env.INLAID_GEMM_EARLY;
-  if (v === undefined || v === "" || v === "0") return 0;
-  if (v === "1" || v === "2") return Number(v) as 1 | 2;
-  throw new Error(`INLAID_GEMM_EARLY=${v}: expected 0, 1 or 2`);
+/** INLAID_GEMM_EARLY (header): on unless 0. */
+export function gemmEarly(): boolean {
+  return process.env.INLAID_GEMM_EARLY !== "0";
 }
 
 interface Kernel {
   readonly fn: bigint;
   /** Launched with programmatic stream serialization. */
   readonly pdl: boolean;
+  /** Hung off a library kernel's launch-order port when captured right after one. */
+  readonly early: boolean;
   /** Largest dynamic shared memory this function has been allowed so far. */
   smemLimit: number;
 }
@@ -78,7 +79,7 @@ export class KernelLauncher implements Launcher {
   launches = 0;
   /** Launches captured on a library kernel's launch-order port (afterLibrary; diagnostics and tests). */
   launchOrderEdges = 0;
-  readonly #afterLibrary: 0 | 1 | 2;
+  readonly #afterLibrary: ReadonlySet<string>;
   #libraryLast = false;
 
   constructor(
@@ -88,8 +89,8 @@ export class KernelLauncher implements Launcher {
     readonly maxSharedOptin: number,
     /** Kernels to launch with programmatic dependent launch (empty: none). */
     pdlKernels: ReadonlySet<string> = new Set(),
-    /** INLAID_GEMM_EARLY (header): 0 off, 1 or 2 on. */
-    afterLibrary: 0 | 1 | 2 = 0,
+    /** PDL kernels to hang off a library kernel's launch-order port (header). */
+    afterLibrary: ReadonlySet<string> = new Set(),
   ) {
     this.#afterLibrary = afterLibrary;
     this.#driver = driver;
@@ -133,7 +134,7 @@ export class KernelLauncher implements Launcher {
 
   /** The backend calls this after a library (cuBLASLt) enqueued kernels on the stream while capturing a graph. */
   noteLibraryKernel(): void {
-    this.#libraryLast = this.#afterLibrary !== 0;
+    this.#libraryLast = this.#afterLibrary.size > 0;
   }
 
   /** Whether some loaded module defines `name`. */
@@ -147,7 +148,8 @@ export class KernelLauncher implements Launcher {
     for (const m of this.#modules) {
       const fn = this.#driver.moduleGetFunction(m.mod, name);
       if (fn !== null) {
-        const kernel = { fn, pdl: this.#pdlKernels.has(name), smemLimit: DEFAULT_MAX_DYNAMIC_SMEM };
+        const pdl = this.#pdlKernels.has(name);
+        const kernel = { fn, pdl, early: pdl && this.#afterLibrary.has(name), smemLimit: DEFAULT_MAX_DYNAMIC_SMEM };
         this.#kernels.set(name, kernel);
         return kernel;
       }
@@ -178,9 +180,9 @@ export class KernelLauncher implements Launcher {
     this.launches++;
     const afterLibrary = this.#libraryLast;
     this.#libraryLast = false;
-    const hung = k.pdl && afterLibrary && this.#driver.captureDependOnLaunchOrder(this.#stream);
+    const hung = k.early && afterLibrary && this.#driver.captureDependOnLaunchOrder(this.#stream);
     if (hung) this.launchOrderEdges++;
-    if (k.pdl && (!hung || this.#afterLibrary === 2)) {
+    if (k.pdl && !hung) {
       const c = this.#configU32;
       c[0] = grid[0];
       c[1] = grid[1];

@@ -346,10 +346,10 @@ describe("CUDA ops seam (CPU checks)", () => {
     expect(strip(a.launches)).toEqual(strip(b.launches));
   });
 
-  it("the all-slots expand's grid covers N at INLAID_EXPAND_PER outputs per thread (4 by default)", () => {
+  it("the all-slots expand's grid covers N at INLAID_EXPAND_PER outputs per thread (1 by default)", () => {
     const saved = process.env.INLAID_EXPAND_PER;
     try {
-      for (const [v, per] of [[undefined, 4], ["4", 4], ["2", 2], ["1", 1]] as const) {
+      for (const [v, per] of [[undefined, 1], ["4", 4], ["2", 2], ["1", 1]] as const) {
         if (v === undefined) delete process.env.INLAID_EXPAND_PER;
         else process.env.INLAID_EXPAND_PER = v;
         expect(expandPerThread()).toBe(per);
@@ -500,7 +500,7 @@ describe("CUDA ops seam (CPU checks)", () => {
         expect(res.status, `${basename(f)}:\n${res.stderr}`).toBe(0);
       }
       // The experiment switches compiled in by environment (cuda_backend.ts) build as well.
-      for (const [file, define] of [["lora.cu", "-DINLAID_EXPAND_PER=1"], ["lora.cu", "-DINLAID_EXPAND_PER=2"]] as const) {
+      for (const [file, define] of [["lora.cu", "-DINLAID_EXPAND_PER=2"], ["lora.cu", "-DINLAID_EXPAND_PER=4"]] as const) {
         const f = KERNEL_FILES.find((k) => basename(k) === file)!;
         const res = spawnSync("nvcc", ["-arch=sm_90", "-std=c++17", "-cubin", "-DINLAID_NVRTC=1", define, "-o", join(dir, `switch-${file}.cubin`), f], { encoding: "utf8" });
         expect(res.status, `${file} ${define}:\n${res.stderr}`).toBe(0);

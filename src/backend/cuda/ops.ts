@@ -76,13 +76,28 @@ export const PDL_KERNELS: ReadonlySet<string> = new Set([
 ]);
 
 /**
- * Outputs per thread of lora_bgmv_expand_slots (kernels/lora.cu kExpandPer): 4, or 1 / 2 with
- * the experiment INLAID_EXPAND_PER (not measured yet; cuda_backend.ts compiles the kernel to match).
+ * PDL kernels that, captured right after a cuBLASLt GEMM, hang off its launch-order port
+ * (launcher.ts, INLAID_GEMM_EARLY=0 turns it off): those whose pre-wait work is worth
+ * overlapping with the GEMM. The all-slots expand loads its rows' slots and B (4 MiB at 32
+ * rows x 32 adapters of rank 16 on the o projection) before its wait. H100, session 14:
+ * bench/kernels.ts o at 32 rows x 32 adapters 5.95 -> 4.62 us of LoRA time over the GEMM;
+ * the bf16 Llama-2-7B decode step with 8 adapters 7.679 -> 7.431 ms. With every PDL kernel
+ * after a GEMM hung there (rope, add + RMSNorm, silu-mul too), the step without adapters
+ * measured slower (6.889 -> 7.108 ms), so the others keep their usual launch.
+ */
+export const EARLY_AFTER_LIBRARY: ReadonlySet<string> = new Set(["lora_bgmv_expand_slots"]);
+
+/**
+ * Outputs per thread of lora_bgmv_expand_slots (kernels/lora.cu kExpandPer): 1, or 2 / 4 with
+ * INLAID_EXPAND_PER (cuda_backend.ts compiles the kernel to match). H100, session 14,
+ * bench/kernels.ts, o at 32 rows x 32 adapters: the LoRA time over the GEMM 4.62 us at one
+ * output per thread against 4.90 / 4.91 at four (both with the expand on the GEMM's
+ * launch-order port), 5.95 / 5.96 against 5.84-6.26 without.
  */
 export function expandPerThread(): 1 | 2 | 4 {
   const v = process.env.INLAID_EXPAND_PER;
-  if (v === undefined || v === "" || v === "4") return 4;
-  if (v === "1" || v === "2") return Number(v) as 1 | 2;
+  if (v === undefined || v === "" || v === "1") return 1;
+  if (v === "2" || v === "4") return Number(v) as 2 | 4;
   throw new Error(`INLAID_EXPAND_PER=${v}: expected 1, 2 or 4`);
 }
 

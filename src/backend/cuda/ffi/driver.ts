@@ -494,7 +494,7 @@ export class CudaDriver {
       const e = koffi.decode(edges[0], "uint8_t", 8) as number[];
       if (e[0] !== 0 || e[2] !== 0) return false;
     }
-    const node = koffi.decode(deps[0], "uint64_t") as bigint;
+    const node = BigInt(koffi.decode(deps[0], "uint64_t") as bigint | number);
     const type = new Int32Array(1);
     this.#check("cuGraphNodeGetType", this.#f.cuGraphNodeGetType(node, type));
     if (type[0] !== CU_GRAPH_NODE_TYPE_KERNEL) return false;

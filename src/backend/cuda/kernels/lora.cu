@@ -407,33 +407,35 @@ extern "C" __global__ void __launch_bounds__(128) lora_bgmv_expand(float* __rest
 // slot at once is part of the base GEMM (cuda_backend.ts linearLora: the pool's A rows sit
 // after the weight's), t f32 [cap, ldT] with row i's (slot s, split j, rank r) value at
 // t[i * ldT + (s * S + j) * maxRank + r]; this kernel is the expand. A CTA of 128 threads
-// covers 512 outputs of one row, grid (ceil(N / 512), rows); thread x takes outputs
-// x, x + 128, x + 256, x + 384 of the CTA's span, so a warp's loads of B read 32
+// covers 128 * kExpandPer outputs of one row, grid (ceil(N / (128 * kExpandPer)), rows);
+// thread x takes outputs x, x + 128, ... of the CTA's span, so a warp's loads of B read 32
 // consecutive B rows (each thread its output's 2 * maxRank contiguous bytes): coalesced,
 // with no reduction and no cluster barrier (the per-row kernel's chain of dependent loads
 // made it latency-bound). Measured on an H100 (bench/kernels.ts, 32 rows): one output per
 // thread was faster with adapters and slower without (the copy of rows without one, with
 // 4x the CTAs); 8 contiguous outputs per thread was slower with adapters.
 // out[i] = base[i] + scale * B t (base may be out itself: rows without an adapter are then
-// left untouched; otherwise they copy base). After a cuBLASLt GEMM (no early trigger) this
-// kernel starts only when the GEMM has ended, so each round of dependent loads is on the
-// step's critical path; there are two: (1) the live count and the row's slot (row < cap, so
-// loraSlots[row] is in bounds), before the PDL wait with (2a) the ranks, scales and B's first
-// 16 ranks (adapter weights are fixed during a step; B rows hold maxRank entries, so those
-// loads are in bounds, and ranks past an adapter's own are masked), then after the wait
+// left untouched; otherwise they copy base). A cuBLASLt GEMM never triggers early, so after
+// one this kernel would start only when the GEMM has ended; in a captured graph it hangs off
+// the GEMM's launch-order port instead (launcher.ts, ops.ts EARLY_AFTER_LIBRARY), so its
+// rounds before the wait run alongside the GEMM. There are two rounds: (1) the live count
+// and the row's slot (row < cap, so loraSlots[row] is in bounds), before the PDL wait with
+// (2a) the ranks, scales and B's first 16 ranks (adapter weights are fixed during a step; B
+// rows hold maxRank entries, so those loads are in bounds, and ranks past an adapter's own
+// are masked), then after the wait
 // (2b) t's row and (copying only) base. In place, the sum goes out as one reduction
 // (red.global.add: no read of out, still one add per element, so deterministic). H100,
 // bench/kernels.ts, 32 rows, rank 16, o 4096 -> 4096: the LoRA time over the GEMM 7.14 ->
 // 6.19 us with 32 adapters, 5.22 -> 4.09 us with 8, against the session-5 schedule (four
 // rounds before the wait, one after); the 7B decode step unchanged (7.628 against 7.635 ms).
 namespace {
-// Outputs per thread, 128 apart. Experiment, not measured yet (INLAID_EXPAND_PER=1 or 2, compiled
-// in by cuda_backend.ts; ops.ts expandPerThread sizes the grid to match): fewer outputs per
-// thread, more CTAs. One output per thread measured faster with adapters and slower without
-// when rows without one were copied (above); the copy is now only out of place (the bf16
-// attached path), and the o projection at 32 rows x 32 adapters is issue 3's open line.
+// Outputs per thread, 128 apart: 1 (INLAID_EXPAND_PER=2 or 4 compiles 2 or 4 in; ops.ts
+// expandPerThread sizes the grid to match). H100, session 14, bench/kernels.ts, o at 32 rows
+// x 32 adapters: 4.62 us of LoRA time over the GEMM at one output per thread against 4.90 /
+// 4.91 at four (the expand on the GEMM's launch-order port), 5.95 / 5.96 against 5.84-6.26
+// on the usual launch.
 #ifndef INLAID_EXPAND_PER
-#define INLAID_EXPAND_PER 4
+#define INLAID_EXPAND_PER 1
 #endif
 constexpr int kExpandPer = INLAID_EXPAND_PER;
 
