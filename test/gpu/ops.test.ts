@@ -605,6 +605,25 @@ if (reason !== null) {
           if (round === 3) expect(maxDelta, "no adapter rows: the plain GEMM").toBe(0);
           else if (decodeOnly) expect(maxDelta, `linearLora ${c.label}: the LoRA term is visible at this tolerance`).toBeGreaterThan(20 * tol);
           expectClose(`linearLora ${c.label} (round ${round})`, r.gpu, r.cpu, tol, 0);
+          if (round === 0 && took) {
+            // The same call captured in a graph and replayed onto garbage: bit for bit the eager
+            // result. In the graph the expand hangs off the GEMM's launch-order port
+            // (launcher.ts; INLAID_GEMM_EARLY=0 or INLAID_PDL=0 leave it on the usual launch),
+            // so it runs alongside the GEMM and must still read the GEMM's finished output.
+            const eager = Float32Array.from(r.gpu);
+            const edges = cuda.launcher.launchOrderEdges;
+            const fwd = (): Tensor => {
+              cuda.linearLora!(ov.gpu, xv.gpu, w.gpu, stack.gpu, gpuStep);
+              return ov.gpu;
+            };
+            const key = `attached linearLora ${c.label}`;
+            cuda.replay(key, fwd); // eager, then captured
+            cuda.fillRandom(ov.gpu, 99, 1e3);
+            cuda.replay(key, fwd); // the graph
+            expect(Array.from(b.read(ov).gpu), "replayed graph against eager").toEqual(Array.from(eager));
+            const hung = cuda.device.computeCapability[0] >= 9 && ["INLAID_PDL", "INLAID_GEMM_EARLY", "INLAID_CUDA_GRAPHS"].every((k) => process.env[k] !== "0");
+            expect(cuda.launcher.launchOrderEdges - edges, "expands captured on the GEMM's launch-order port").toBe(hung ? 1 : 0);
+          }
         }
         free();
       });
