@@ -21,6 +21,7 @@ import { HAS_GPU, NO_GPU_REASON } from "./gpu.js";
 const SETTINGS = {
   INLAID_UPLOAD_IN_GRAPH: "1", // the step's metadata upload inside its graph
   INLAID_LORA_SKIP_IDLE: "1", // graphs without adapter rows leave out the per-row LoRA kernels
+  INLAID_QGEMM_EARLY: "1", // the expand after the fused low-bit GEMM on that GEMM's launch-order port
 } as const;
 const SWITCHES = Object.keys(SETTINGS) as (keyof typeof SETTINGS)[];
 for (const k of SWITCHES) process.env[k] = SETTINGS[k];

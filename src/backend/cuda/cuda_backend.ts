@@ -358,7 +358,7 @@ export class CudaBackend implements Backend {
     this.#quant = new QuantOps(init.launcher, init.device.smCount);
     CudaBackend.#active = this;
     this.#blas.onEnqueue = () => {
-      if (this.#capturing) this.#launcher.noteLibraryKernel();
+      if (this.#capturing) this.#launcher.noteUntriggered();
     };
     if (process.env.INLAID_GEMM_TUNE !== "0") {
       this.#tuner = this.#gemmTuner();
@@ -1028,6 +1028,13 @@ export class CudaBackend implements Backend {
   quantLoraFused = process.env.INLAID_QGEMM_LORA !== "0";
 
   /**
+   * INLAID_QGEMM_EARLY=1 (experimental, not measured): in captured graphs the expand after the
+   * fused low-bit GEMM hangs off that GEMM's launch-order port (launcher.ts), as it does after
+   * a cuBLASLt GEMM by default. Needs INLAID_GEMM_EARLY on.
+   */
+  readonly #quantEarly = process.env.INLAID_QGEMM_EARLY === "1";
+
+  /**
    * backend.ts linearQuantizedLora: on decode-only steps, the low-bit GEMM's launch also makes
    * the LoRA shrink of every slot the step uses (quant_gemm_lora_*: more CTAs, each 32 rows of
    * the stack's A against the same x tiles), then lora_bgmv_expand_slots adds each row's term
@@ -1064,6 +1071,9 @@ export class CudaBackend implements Backend {
     const shrink = { a: s.a, t: t.ptr, cols, ldT: cols };
     if (!fusedCarriesShrink(q.bits, plan.warps)) return false;
     this.#quant.fused(o.ptr, xi.ptr, live, n, q, b, 0n, 0n, plan, shrink);
+    // The fused GEMM never triggers early (its dependents launch as it exits); with the
+    // experiment the expand hangs off its launch-order port as after a cuBLASLt GEMM.
+    if (this.#capturing && this.#quantEarly) this.#launcher.noteUntriggered();
     const oo = this.#operand(out);
     this.#ops.loraExpandSlots(oo, oo, t.ptr, cols, dl, p.run);
     return true;

@@ -128,16 +128,16 @@ describe.skipIf(!linux)("KernelLauncher", () => {
     const image = [{ file: "k.cu", image: new Uint8Array(1), cached: true, ms: 0 }];
     const l = new KernelLauncher(d, 0x77n, image, 0, new Set(["p", "e"]), new Set(["e"]));
     l.launch("e", [1, 1, 1], [32, 1, 1], 0, []); // no library kernel before: not asked
-    l.noteLibraryKernel();
+    l.noteUntriggered();
     l.launch("q", [1, 1, 1], [32, 1, 1], 0, []); // not a PDL kernel: not asked, and the note is spent
     l.launch("e", [1, 1, 1], [32, 1, 1], 0, []);
-    l.noteLibraryKernel();
+    l.noteUntriggered();
     l.launch("p", [1, 1, 1], [32, 1, 1], 0, []); // a PDL kernel not named early: not asked
     expect(asked).toEqual([]);
-    l.noteLibraryKernel();
+    l.noteUntriggered();
     l.launch("e", [1, 1, 1], [32, 1, 1], 0, []); // asked; hung on the edge: plain launch
     capturing = false;
-    l.noteLibraryKernel();
+    l.noteUntriggered();
     l.launch("e", [1, 1, 1], [32, 1, 1], 0, []); // asked; declined: the usual PDL launch
     expect(asked).toEqual([0x77n, 0x77n]);
     expect(l.launchOrderEdges).toBe(1);
@@ -147,7 +147,7 @@ describe.skipIf(!linux)("KernelLauncher", () => {
     // With no kernel named (INLAID_GEMM_EARLY=0) the note does nothing.
     const off = new KernelLauncher(d, 0x77n, image, 0, new Set(["p", "e"]));
     asked.length = 0;
-    off.noteLibraryKernel();
+    off.noteUntriggered();
     off.launch("e", [1, 1, 1], [32, 1, 1], 0, []);
     expect(asked).toEqual([]);
     off.dispose();

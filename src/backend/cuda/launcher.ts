@@ -132,8 +132,12 @@ export class KernelLauncher implements Launcher {
     return this.#modules.map((m) => m.file);
   }
 
-  /** The backend calls this after a library (cuBLASLt) enqueued kernels on the stream while capturing a graph. */
-  noteLibraryKernel(): void {
+  /**
+   * The backend calls this, while capturing a graph, after enqueueing a kernel that never
+   * triggers its dependents early: a library's (cuBLASLt), or with INLAID_QGEMM_EARLY the
+   * fused low-bit GEMM (kernels/common.cuh pdl_wait<false>).
+   */
+  noteUntriggered(): void {
     this.#libraryLast = this.#afterLibrary.size > 0;
   }
 
