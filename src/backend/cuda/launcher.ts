@@ -28,7 +28,9 @@
 // right after one hangs off that kernel's launch-order port instead (ffi/driver.ts
 // captureDependOnLaunchOrder): it may launch once every block of the GEMM has begun, does
 // its pre-wait work alongside it, and its griddepcontrol.wait still waits for the GEMM to
-// complete. It is launched without the PDL attribute: the edge alone makes it programmatic
+// complete (noteUntriggered marks such a kernel; the fused low-bit GEMM, which never triggers
+// early either, is marked only with INLAID_QGEMM_EARLY=1). It is launched without the PDL
+// attribute: the edge alone makes it programmatic
 // (with the attribute as well, the capture's own programmatic edge seems to win: on an H100
 // bench/kernels.ts o measured 5.79 / 5.48 us against 4.90 / 4.62 without it, at 4 / 1
 // outputs per thread, and 6.22 / 5.95 with the usual launch).
@@ -80,7 +82,7 @@ export class KernelLauncher implements Launcher {
   /** Launches captured on a library kernel's launch-order port (afterLibrary; diagnostics and tests). */
   launchOrderEdges = 0;
   readonly #afterLibrary: ReadonlySet<string>;
-  #libraryLast = false;
+  #untriggeredLast = false;
 
   constructor(
     driver: CudaDriver,
@@ -138,7 +140,7 @@ export class KernelLauncher implements Launcher {
    * fused low-bit GEMM (kernels/common.cuh pdl_wait<false>).
    */
   noteUntriggered(): void {
-    this.#libraryLast = this.#afterLibrary.size > 0;
+    this.#untriggeredLast = this.#afterLibrary.size > 0;
   }
 
   /** Whether some loaded module defines `name`. */
@@ -182,9 +184,9 @@ export class KernelLauncher implements Launcher {
       else this.#slotsU32[2 * i] = a.u32;
     }
     this.launches++;
-    const afterLibrary = this.#libraryLast;
-    this.#libraryLast = false;
-    const hung = k.early && afterLibrary && this.#driver.captureDependOnLaunchOrder(this.#stream);
+    const afterUntriggered = this.#untriggeredLast;
+    this.#untriggeredLast = false;
+    const hung = k.early && afterUntriggered && this.#driver.captureDependOnLaunchOrder(this.#stream);
     if (hung) this.launchOrderEdges++;
     if (k.pdl && !hung) {
       const c = this.#configU32;
