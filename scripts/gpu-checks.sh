@@ -16,6 +16,8 @@
 #   qgemm-torch  the same for torch's int4 kernel (tinygemm) at 1 row
 #   expand    the same for one launch of the all-slots decode LoRA expand (o, 32 rows x 32 adapters)
 # SUITE_TIMEOUT / VARIANTS_TIMEOUT (seconds, default 330 / 300) bound those stages.
+# PIN_CPUS (e.g. 2-3): the variants stage runs on those cores only (taskset; its runs inherit
+# the affinity), to see whether the host time per step varies with the core a run lands on.
 # A stage that fails does not stop the others; the exit status is the number that failed.
 set -uo pipefail
 out=${OUT:-gpu-checks-out}
@@ -46,8 +48,12 @@ for stage in "$@"; do
       run suite "${SUITE_TIMEOUT:-330}" node node_modules/vitest/vitest.mjs run --project gpu
       grep -E "Test Files|Tests  | FAIL |×" "$out/suite.log" | head -30 ;;
     variants)
+      pin=()
+      if [ -n "${PIN_CPUS:-}" ]; then
+        if command -v taskset >/dev/null; then pin=(taskset -c "$PIN_CPUS"); else echo "PIN_CPUS: taskset is not installed; running unpinned" >&2; fi
+      fi
       # shellcheck disable=SC2086
-      run variants "${VARIANTS_TIMEOUT:-300}" node --import tsx bench/variants.ts ${VARIANTS:-a8 a0@llama-2-7b/0 q8@llama-2-7b-gptq4 q0@llama-2-7b-gptq4/0}
+      run variants "${VARIANTS_TIMEOUT:-300}" "${pin[@]}" node --import tsx bench/variants.ts ${VARIANTS:-a8 a0@llama-2-7b/0 q8@llama-2-7b-gptq4 q0@llama-2-7b-gptq4/0}
       grep '^{' "$out/variants.log" ;;
     lora)
       # shellcheck disable=SC2086
