@@ -159,12 +159,12 @@ class CudaKvCache implements KvCache {
 }
 
 /**
- * #quantPlans' key: a weight's shape and bits, the launch rows, whether the K-split kernel is a
- * candidate (it depends on the group size and INLAID_QGEMM_KSPLIT) and whether the launch must
- * carry a LoRA shrink (which only the ring kernel does).
+ * #quantPlans' key: a weight's shape and bits, the launch rows, the K-split kernel's mode for
+ * them (INLAID_QGEMM_KSPLIT where it applies, else "off", as for a launch that carries a LoRA
+ * shrink, which only the ring kernel does) and whether the launch carries that shrink.
  */
-function quantPlanKey(q: DeviceQuantWeight, rows: number, shrink = false): string {
-  return `${q.bits},${q.K},${q.N},${rows},${kSplitApplies(q, rows) ? kSplitMode() : "off"}${shrink ? ",lora" : ""}`;
+function quantPlanKey(q: DeviceQuantWeight, rows: number, kMode: ReturnType<typeof kSplitMode>, shrink = false): string {
+  return `${q.bits},${q.K},${q.N},${rows},${kMode}${shrink ? ",lora" : ""}`;
 }
 
 /** Slots the all-slots LoRA GEMM covers for a step whose highest slot in use is span - 1: a power of two (0 when none). */
@@ -1266,7 +1266,7 @@ export class CudaBackend implements Backend {
   /** The fused launch kept for `rows` rows of w (#quantPlan), as quant_ops.ts fusedLaunchName, or null before its first call. */
   quantLaunch(w: QuantizedTensor, rows: number): string | null {
     const q = this.#q(w).dev;
-    const p = this.#quantPlans.get(quantPlanKey(q, rows));
+    const p = this.#quantPlans.get(quantPlanKey(q, rows, kSplitApplies(q, rows) ? kSplitMode() : "off"));
     return p ? fusedLaunchName(p, rows) : null;
   }
 
@@ -1323,7 +1323,7 @@ export class CudaBackend implements Backend {
     if (kFixed !== null && kApplies) return kSplitLaunch(q.bits, q.K, q.N, rows, kFixed.warps, kFixed.depth);
     const kMode = kApplies ? kSplitMode() : "off";
     if (this.quantSplits !== null || process.env.INLAID_QGEMM_WARPS || tilesFromEnv(rows) !== null) return this.#quant.plan(q, rows, this.quantSplits);
-    const key = quantPlanKey(q, rows, shrink);
+    const key = quantPlanKey(q, rows, kMode, shrink);
     const have = this.#quantPlans.get(key);
     if (have) return have;
     const ks = kMode === "off" ? [] : kSplitCandidates(q.bits, q.K, q.N, rows);

@@ -30,10 +30,10 @@
 // its pre-wait work alongside it, and its griddepcontrol.wait still waits for the GEMM to
 // complete (noteUntriggered marks such a kernel; the fused low-bit GEMM, which never triggers
 // early either, is marked only with INLAID_QGEMM_EARLY=1). It is launched without the PDL
-// attribute: the edge alone makes it programmatic
-// (with the attribute as well, the capture's own programmatic edge seems to win: on an H100
-// bench/kernels.ts o measured 5.79 / 5.48 us against 4.90 / 4.62 without it, at 4 / 1
-// outputs per thread, and 6.22 / 5.95 with the usual launch).
+// attribute: the edge alone makes it programmatic (with the attribute as well, the capture's
+// own programmatic edge seems to win: on an H100 bench/kernels.ts o measured 5.79 / 5.48 us
+// against 4.90 / 4.62 without it, at 4 / 1 outputs per thread, and 6.22 / 5.95 with the
+// usual launch).
 
 import koffi from "koffi";
 import { CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, type CudaDriver } from "./ffi/driver.js";

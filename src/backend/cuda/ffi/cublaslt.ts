@@ -369,7 +369,7 @@ export class CublasLt {
     this.onEnqueue?.();
   }
 
-  /** Called after each matmul is enqueued (the backend tells its launcher: launcher.ts afterLibrary). */
+  /** Called after each matmul is enqueued (the backend tells its launcher: launcher.ts noteUntriggered). */
   onEnqueue: (() => void) | null = null;
 
   /** Number of cached plans (for tests and diagnostics). */

@@ -422,9 +422,9 @@ extern "C" __global__ void __launch_bounds__(128) lora_bgmv_expand(float* __rest
 // and the row's slot (row < cap, so loraSlots[row] is in bounds), before the PDL wait with
 // (2a) the ranks, scales and B's first 16 ranks (adapter weights are fixed during a step; B
 // rows hold maxRank entries, so those loads are in bounds, and ranks past an adapter's own
-// are masked), then after the wait
-// (2b) t's row and (copying only) base. In place, the sum goes out as one reduction
-// (red.global.add: no read of out, still one add per element, so deterministic). H100,
+// are masked), then after the wait (2b) t's row and (copying only) base. In place, the sum
+// goes out as one reduction (red.global.add: no read of out, still one add per element, so
+// deterministic). H100,
 // bench/kernels.ts, 32 rows, rank 16, o 4096 -> 4096: the LoRA time over the GEMM 7.14 ->
 // 6.19 us with 32 adapters, 5.22 -> 4.09 us with 8, against the session-5 schedule (four
 // rounds before the wait, one after); the 7B decode step unchanged (7.628 against 7.635 ms).
