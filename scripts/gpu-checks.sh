@@ -6,6 +6,7 @@
 # Stages:
 #   suite     npm run test:gpu (vitest's gpu project)
 #   variants  bench/variants.ts over $VARIANTS (default: bf16 and 4-bit, 8 and 0 adapters)
+#   pinsweep  $VARIANTS (default a8) pinned to each CPU pair in turn ($PIN_SWEEP), compact lines
 #   lora      bench/kernels.ts --only lora (decode LoRA microbenchmarks)
 #   quantize  the `inlaid quantize` CLI itself on the demo, on the GPU, then its eval
 #   profile   ncu's duration of every kernel of a short `inlaid bench` ($PROFILE_CONFIG, default
@@ -55,6 +56,24 @@ for stage in "$@"; do
       # shellcheck disable=SC2086
       run variants "${VARIANTS_TIMEOUT:-300}" "${pin[@]}" node --import tsx bench/variants.ts ${VARIANTS:-a8 a0@llama-2-7b/0 q8@llama-2-7b-gptq4 q0@llama-2-7b-gptq4/0}
       grep '^{' "$out/variants.log" ;;
+    pinsweep)
+      # The host-time spread against the cores a run is pinned to: $VARIANTS (default a8) once
+      # per CPU set of $PIN_SWEEP (default the pairs 0-1 2-3 ... of this machine), $SWEEP_ROUNDS
+      # times (default 2), one compact line per run (all in pinsweep.log).
+      ncpu=$(nproc)
+      sets=${PIN_SWEEP:-$(for ((c = 0; c + 1 < ncpu; c += 2)); do printf '%s ' "$c-$((c + 1))"; done)}
+      command -v lscpu >/dev/null && lscpu -e=CPU,CORE,SOCKET,NODE,MAXMHZ 2>/dev/null | head -40 >"$out/topology.txt"
+      nvidia-smi topo -m >>"$out/topology.txt" 2>&1
+      : >"$out/pinsweep.log"
+      for ((round = 1; round <= ${SWEEP_ROUNDS:-2}; round++)); do
+        for set in $sets; do
+          # shellcheck disable=SC2086
+          timeout 120 taskset -c "$set" node --import tsx bench/variants.ts ${VARIANTS:-a8} 2>/dev/null |
+            grep '^{' | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{for(const l of s.trim().split("\n").filter(Boolean)){const j=JSON.parse(l);console.log(JSON.stringify({pin:process.argv[1],round:+process.argv[2],variant:j.variant,step_ms:j.decode_step_ms,host_us:j.host_us_per_decode_step,host_p50:j.host_p50_us,idle_us:j.device_idle_us_per_decode_step,ph:j.host_phase_p50_us&&{pr:j.host_phase_p50_us.prepare,fw:j.host_phase_p50_us.forward,tk:j.host_phase_p50_us.tokens,sc:j.host_phase_p50_us.schedule}}))}})' "$set" "$round" |
+            tee -a "$out/pinsweep.log"
+        done
+      done
+      grep -c . "$out/pinsweep.log" ;;
     lora)
       # shellcheck disable=SC2086
       run lora 90 node --import tsx bench/kernels.ts --only lora ${LORA_CASES:+--lora-cases $LORA_CASES}

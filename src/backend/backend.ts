@@ -85,6 +85,12 @@ export interface PendingSample {
   wait(): SampleResult;
 }
 
+/** Several decode steps issued at once (Backend.decodeSteps), their results not yet read back. */
+export interface PendingSteps {
+  /** One result per step, in order. */
+  wait(): readonly SampleResult[];
+}
+
 /** Backend-side copy of a step's metadata (device buffers on a GPU). */
 export interface PreparedStep {
   readonly batch: StepBatch;
@@ -279,6 +285,16 @@ export interface Backend {
    * backend may fold the step's upload into the replayed graph too. Same promise as `replay`.
    */
   prepareReplaySample?(batch: StepBatch, key: string, forward: (step: PreparedStep) => Tensor): { step: PreparedStep; pending: PendingSample };
+  /**
+   * Optional: `n` decode steps from one call (multi-step scheduling): the step prepared in
+   * `step` (decode-only: one token per sequence, every sequence sampled), then n - 1 more,
+   * each feeding every sequence the token it just sampled (nextDecodeBatch, decode_steps.ts:
+   * positions, context lengths and sampling counters + 1, KV slots from the block tables,
+   * which must already hold blocks for the n tokens). The backend does this without the
+   * host between the steps (on a GPU: one graph of n steps); the host's work per step is
+   * then shared by n. Same promise for `key` as `replay`.
+   */
+  decodeSteps?(n: number, key: string, forward: (step: PreparedStep) => Tensor, step: PreparedStep, blockSize: number): PendingSteps;
   /** Nodes of each captured graph, by key (diagnostics). */
   graphNodes?(): Record<string, number>;
   /** Who launches replayed graphs: the host, or the device (a one-node host graph's kernel). */

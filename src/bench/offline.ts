@@ -53,6 +53,8 @@ export interface OfflineBenchOptions {
   readonly adapterCache?: string;
   /** Seed of the random prompts (default 0). */
   readonly seed?: number;
+  /** Decode steps per scheduling round (EngineOptions.schedulerSteps; default INLAID_SCHEDULER_STEPS or 1). */
+  readonly schedulerSteps?: number;
 }
 
 export interface ProgressSink {
@@ -69,6 +71,9 @@ export interface OfflineBenchResult {
   readonly backend: string;
   /** Who launched the replayed decode graphs ("host", "device", "tail"; null without graphs). */
   readonly graph_launch: string | null;
+  /** Decode steps per scheduling round (multi-step; 1 = one step per round). Above 1 the tokens
+   * arrive in bursts, so decode_step_ms's p50 / p99 describe the bursts; its mean is the step. */
+  readonly scheduler_steps: number;
   readonly model: string;
   readonly load_format: "safetensors" | "dummy";
   readonly shape: {
@@ -281,8 +286,11 @@ export async function runOfflineBench(opts: OfflineBenchOptions, progress: Progr
     kvCacheBytes: kvCacheBytes(config, kvBlocks, blockSize, probe.activationDtype),
     maxLoras: Math.max(1, K),
     maxLoraRank: Math.max(1, r),
+    ...(opts.schedulerSteps !== undefined && { schedulerSteps: opts.schedulerSteps }),
     onProgress: (m) => progress.note(m),
   });
+  // The warm-up must also run a multi-step round twice (capture, then replay).
+  const warmupGen = Math.min(G, Math.max(WARMUP_GEN, 2 * engine.schedulerSteps + 1));
 
   let timed: RunTimes;
   let hostPhases: ReturnType<typeof engine.hostPhases> = null;
@@ -295,8 +303,8 @@ export async function runOfflineBench(opts: OfflineBenchOptions, progress: Progr
     const prompts = randomPrompts(B, P, config.vocabSize, opts.seed ?? 0);
     if (opts.warmup) {
       const t = performance.now();
-      await runBatch(engine, prompts, names, Math.min(G, WARMUP_GEN));
-      progress.note(`warm-up (${B} requests, ${Math.min(G, WARMUP_GEN)} tokens) in ${((performance.now() - t) / 1000).toFixed(2)} s`);
+      await runBatch(engine, prompts, names, warmupGen);
+      progress.note(`warm-up (${B} requests, ${warmupGen} tokens) in ${((performance.now() - t) / 1000).toFixed(2)} s`);
     }
     engine.hostPhases(true); // the timed run's phases only
     progress.start(`bench ${B}x(${P}+${G})`, B * G, "tokens");
@@ -344,6 +352,7 @@ export async function runOfflineBench(opts: OfflineBenchOptions, progress: Progr
     device: probe.name,
     backend,
     graph_launch: graphLaunch,
+    scheduler_steps: engine.schedulerSteps,
     model: opts.modelName ?? basename(dir),
     load_format: opts.loadFormat,
     shape: {

@@ -6,7 +6,7 @@ import { join } from "node:path";
 import { Command, InvalidArgumentError, Option } from "commander";
 import type { DeviceName } from "../backend/select.js";
 import type { OfflineBenchResult } from "../bench/offline.js";
-import { deviceOption, parsePositiveInt, UsageError } from "./options.js";
+import { deviceOption, parsePositiveInt, schedulerStepsOption, UsageError } from "./options.js";
 import { PACKAGE_ROOT } from "./paths.js";
 import { createProgress } from "./progress.js";
 
@@ -31,6 +31,7 @@ interface BenchFlags {
   maxBatchedTokens?: number;
   adapterCache?: string;
   seed: number;
+  numSchedulerSteps?: number;
   json?: boolean;
 }
 
@@ -72,6 +73,7 @@ export function addBenchCommand(program: Command): Command {
     .addOption(new Option("--max-batched-tokens <n>", "prompt tokens prefilled per step (default: all prompts at once, at most 8192)").argParser(parsePositiveInt("--max-batched-tokens")))
     .option("--adapter-cache <dir>", "where synthetic adapters are written and reused (default: $TMPDIR/inlaid-bench-adapters)")
     .addOption(new Option("--seed <n>", "seed of the random prompts").argParser(parseNonNegativeInt("--seed")).default(0))
+    .addOption(schedulerStepsOption())
     .option("--json", "print one JSON object on stdout instead of the summary")
     .action(async (flags: BenchFlags) => {
       await bench(flags);
@@ -127,6 +129,7 @@ async function bench(flags: BenchFlags): Promise<void> {
       ...(flags.maxBatchedTokens !== undefined && { maxBatchedTokens: flags.maxBatchedTokens }),
       ...(flags.adapterCache !== undefined && { adapterCache: flags.adapterCache }),
       seed: flags.seed,
+      ...(flags.numSchedulerSteps !== undefined && { schedulerSteps: flags.numSchedulerSteps }),
     },
     progress,
   );

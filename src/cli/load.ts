@@ -17,6 +17,7 @@ export interface LoadOptions {
   readonly modelId?: string;
   readonly maxLoras?: number;
   readonly maxLoraRank?: number;
+  readonly schedulerSteps?: number;
 }
 
 /** Raised for problems in what the user passed (missing folders...): printed as one line, exit 1. */
@@ -54,6 +55,7 @@ export async function loadEngine(opts: LoadOptions, progress: ProgressReporter):
     ...(opts.modelId !== undefined && { modelId: opts.modelId }),
     ...(opts.maxLoras !== undefined && { maxLoras: opts.maxLoras }),
     ...(opts.maxLoraRank !== undefined && { maxLoraRank: opts.maxLoraRank }),
+    ...(opts.schedulerSteps !== undefined && { schedulerSteps: opts.schedulerSteps }),
     onProgress: (msg) => progress.note(msg),
   });
   const secs = ((performance.now() - t0) / 1000).toFixed(1);

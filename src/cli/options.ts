@@ -73,6 +73,14 @@ export function maxBatchOption(defaultNote = "default 256"): Option {
   return new Option("--max-batch <n>", `most sequences in one engine step (${defaultNote})`).argParser(parsePositiveInt("--max-batch"));
 }
 
+/** --num-scheduler-steps (vLLM's name): decode steps per scheduling round. */
+export function schedulerStepsOption(): Option {
+  return new Option(
+    "--num-scheduler-steps <n>",
+    "decode steps run per scheduling round when every running request has room (host work shared by n steps; tokens stream n at a time; default 1)",
+  ).argParser(intParser("--num-scheduler-steps", 1, 64)).env("INLAID_SCHEDULER_STEPS");
+}
+
 /** One `inlaid quantize --task`: NAME=ADAPTER_DIR:CALIB.jsonl (ADAPTER_DIR may be empty: no adapter). */
 export interface TaskSpec {
   readonly name: string;

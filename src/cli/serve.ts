@@ -13,6 +13,7 @@ import {
   maxBatchOption,
   parsePort,
   parsePositiveInt,
+  schedulerStepsOption,
 } from "./options.js";
 import { DEMO_ADAPTERS, DEMO_BASE, DEMO_PROMPT } from "./paths.js";
 import { createProgress } from "./progress.js";
@@ -31,6 +32,7 @@ interface ServeFlags {
   servedModelName?: string;
   maxLoras?: number;
   maxLoraRank?: number;
+  numSchedulerSteps?: number;
 }
 
 /** A second signal while shutting down gives up waiting after this long. */
@@ -55,6 +57,7 @@ export function addServeCommand(program: Command): Command {
     .option("--served-model-name <name>", "the `model` name that selects the base model (default: the model folder's name)")
     .addOption(new Option("--max-loras <n>", "adapter slots resident at once; others wait in host memory (LRU)").argParser(parsePositiveInt("--max-loras")))
     .addOption(new Option("--max-lora-rank <n>", "largest adapter rank accepted (default 64)").argParser(parsePositiveInt("--max-lora-rank")))
+    .addOption(schedulerStepsOption())
     .action(async (flags: ServeFlags) => {
       await serve(flags);
     });
@@ -76,6 +79,7 @@ async function serve(flags: ServeFlags): Promise<void> {
       ...(flags.servedModelName !== undefined && { modelId: flags.servedModelName }),
       ...(flags.maxLoras !== undefined && { maxLoras: flags.maxLoras }),
       ...(flags.maxLoraRank !== undefined && { maxLoraRank: flags.maxLoraRank }),
+      ...(flags.numSchedulerSteps !== undefined && { schedulerSteps: flags.numSchedulerSteps }),
     },
     progress,
   );

@@ -5,7 +5,7 @@
 
 import { randomInt } from "node:crypto";
 import { basename, resolve } from "node:path";
-import type { Backend, KvCache, PendingSample, PreparedStep, SampleResult, SamplingBatch, StepBatch, Tensor } from "../backend/backend.js";
+import type { Backend, KvCache, PendingSample, PendingSteps, PreparedStep, SampleResult, SamplingBatch, StepBatch, Tensor } from "../backend/backend.js";
 import { createBackend, type DeviceName } from "../backend/select.js";
 import { bytesPerElement } from "../backend/tensor.js";
 import { AdapterPool } from "../lora/adapter_pool.js";
@@ -47,6 +47,10 @@ interface LaunchedStep {
   logits: Tensor | null;
   prepared: PreparedStep | null;
   pending: PendingSample | null;
+  /** Decode steps issued by one call (Backend.decodeSteps) when `steps` > 1, else null. */
+  pendingSteps: PendingSteps | null;
+  /** How many decode steps this launch runs (1 unless multi-step). */
+  steps: number;
   /** performance.now() at: start, after scheduling, after the batch, after prepare, after the
    * forward (a graph replay, for decode steps), after issuing the sampling (tA..tC and tE only
    * with INLAID_PROFILE_STEPS=1, else 0). */
@@ -138,8 +142,21 @@ export interface EngineOptions {
   /** Serve a GPTQ checkpoint's linears with the backend's low-bit kernels (default: on CUDA,
    * unless INLAID_QUANT_KERNELS=0); off, they are dequantized at load (as on the CPU). */
   readonly quantKernels?: boolean;
+  /** Decode steps run per scheduling round when the batch allows it (multi-step scheduling,
+   * vLLM's --num-scheduler-steps; default INLAID_SCHEDULER_STEPS or 1): the host's work per
+   * step is shared by that many steps, and tokens stream in bursts of that many. */
+  readonly schedulerSteps?: number;
   /** Progress while loading. */
   readonly onProgress?: (message: string) => void;
+}
+
+/** The default of EngineOptions.schedulerSteps: INLAID_SCHEDULER_STEPS, else 1. */
+export function defaultSchedulerSteps(): number {
+  const v = process.env.INLAID_SCHEDULER_STEPS;
+  if (v === undefined || v === "") return 1;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 1 || n > 64) throw new Error(`INLAID_SCHEDULER_STEPS=${v}: expected an integer from 1 to 64`);
+  return n;
 }
 
 export class Engine implements ServingEngine {
@@ -148,6 +165,8 @@ export class Engine implements ServingEngine {
   readonly maxBatch: number;
   readonly maxWaiting: number;
   readonly maxBatchedTokens: number;
+  /** Decode steps per scheduling round, when the batch allows (EngineOptions.schedulerSteps). */
+  readonly schedulerSteps: number;
 
   readonly #backend: Backend;
   readonly #model: LlamaModel;
@@ -182,7 +201,7 @@ export class Engine implements ServingEngine {
   #outputs = new OutputQueue();
   #flushing = new OutputQueue();
   readonly #launched: LaunchedStep = {
-    running: [], nTop: 0, decodeOnly: false, logits: null, prepared: null, pending: null,
+    running: [], nTop: 0, decodeOnly: false, logits: null, prepared: null, pending: null, pendingSteps: null, steps: 1,
     t0: 0, tA: 0, tB: 0, tC: 0, tE: 0, tD: 0, t1: 0, tF: 0,
   };
   /** The forward of the step being launched, made once (a closure per step is garbage per step). */
@@ -226,6 +245,7 @@ export class Engine implements ServingEngine {
     registry: AdapterRegistry,
     pool: AdapterPool,
     opts: Required<Pick<EngineOptions, "maxBatch" | "maxWaiting" | "maxModelLen" | "maxBatchedTokens" | "blockSize">> & {
+      schedulerSteps?: number;
       numBlocks: number;
       modelId: string;
       policy: SchedulingPolicy;
@@ -241,6 +261,9 @@ export class Engine implements ServingEngine {
     this.maxBatch = opts.maxBatch;
     this.maxWaiting = opts.maxWaiting;
     this.maxBatchedTokens = opts.maxBatchedTokens;
+    const steps = opts.schedulerSteps ?? defaultSchedulerSteps();
+    if (!Number.isInteger(steps) || steps < 1 || steps > 64) throw new Error(`scheduler steps must be an integer from 1 to 64 (got ${steps})`);
+    this.schedulerSteps = steps;
     this.#blocks = new BlockManager(opts.numBlocks, opts.blockSize);
     this.#maxBlocksPerSeq = Math.ceil(opts.maxModelLen / opts.blockSize);
     const T = model.limits.maxTokens, S = model.limits.maxSeqs;
@@ -515,6 +538,7 @@ export class Engine implements ServingEngine {
     }
     const l = this.#launched;
     l.t0 = t0;
+    const steps = admitted.size === 0 ? this.#multiSteps() : 1;
     l.tA = profile ? performance.now() : 0;
     const running = this.#running;
     const batch = this.#buildBatch(running);
@@ -523,7 +547,18 @@ export class Engine implements ServingEngine {
     // a backend with graphs replays them (keyed further by its own batch buckets).
     const decodeOnly = batch.numTokens === batch.numSeqs;
     const b = this.#backend;
-    if (decodeOnly && b.prepareReplaySample) {
+    l.steps = 1;
+    l.pendingSteps = null;
+    if (steps > 1 && decodeOnly && b.decodeSteps) {
+      const prepared = b.prepare(batch);
+      l.tC = profile ? performance.now() : 0;
+      l.prepared = prepared;
+      l.logits = null;
+      l.pending = null;
+      l.steps = steps;
+      l.pendingSteps = b.decodeSteps(steps, "decode", this.#forwardStep, prepared, this.#blocks.blockSize);
+      l.tE = profile ? performance.now() : 0;
+    } else if (decodeOnly && b.prepareReplaySample) {
       // Preparing and replaying in one call (the backend may upload inside its graph): the
       // profile's `prepare` phase then holds the launch, `forward` nothing.
       const r = b.prepareReplaySample(batch, "decode", this.#forwardStep);
@@ -560,32 +595,41 @@ export class Engine implements ServingEngine {
   /** Waits for a launched step's tokens and takes them (see #launchStep). */
   #finishStep(l: LaunchedStep): void {
     const t2 = this.#phases ? performance.now() : 0;
-    let result: SampleResult;
+    let result: SampleResult | null = null;
+    let results: readonly SampleResult[] | null = null;
     try {
-      result = l.pending ? l.pending.wait() : this.#backend.sample(l.logits!, l.prepared!);
+      if (l.pendingSteps) results = l.pendingSteps.wait();
+      else result = l.pending ? l.pending.wait() : this.#backend.sample(l.logits!, l.prepared!);
     } finally {
       this.#inFlight = false;
       l.pending = null;
+      l.pendingSteps = null;
     }
     const t3 = performance.now();
-    this.#steps++;
+    const n = l.steps;
+    this.#steps += n;
     const { running, nTop } = l;
     let finished = 0;
-    for (let r = 0; r < running.length; r++) {
-      const s = running[r]!;
-      s.computed = s.totalTokens;
-      const tok = result.tokens[r]!;
-      s.outputIds.push(tok);
-      if (s.outputIds.length === 1) s.firstTokenAt = t3;
-      let lps = NO_LOGPROBS;
-      if (s.logprobs >= 0) {
-        const top = [];
-        for (let i = 0; i < Math.min(s.logprobs, nTop); i++) {
-          top.push({ tokenId: result.topIds[r * nTop + i]!, logprob: result.topLogprobs[r * nTop + i]! });
+    for (let j = 0; j < n; j++) {
+      const res = results ? results[j]! : result!;
+      for (let r = 0; r < running.length; r++) {
+        const s = running[r]!;
+        // A sequence that ended within a multi-step round ignores the round's later tokens.
+        if (s.done) continue;
+        s.computed = s.totalTokens;
+        const tok = res.tokens[r]!;
+        s.outputIds.push(tok);
+        if (s.outputIds.length === 1) s.firstTokenAt = t3;
+        let lps = NO_LOGPROBS;
+        if (s.logprobs >= 0) {
+          const top = [];
+          for (let i = 0; i < Math.min(s.logprobs, nTop); i++) {
+            top.push({ tokenId: res.topIds[r * nTop + i]!, logprob: res.topLogprobs[r * nTop + i]! });
+          }
+          lps = [{ tokenId: tok, logprob: res.logprobs[r]!, top }];
         }
-        lps = [{ tokenId: tok, logprob: result.logprobs[r]!, top }];
+        if (this.#onToken(s, tok, lps)) finished++;
       }
-      if (this.#onToken(s, tok, lps)) finished++;
     }
     if (finished > 0) {
       for (const s of running) if (s.done) this.#free(s);
@@ -595,31 +639,32 @@ export class Engine implements ServingEngine {
     if (this.#running.length === 0) this.flushOutputs();
     if (l.decodeOnly) {
       const t4 = performance.now();
-      this.#decodeSteps++;
+      this.#decodeSteps += n;
       // Host time: everything but the wait for the device (the event-loop turn while it
       // computes is not counted: that time belongs to the streams' consumers). Device idle:
       // from the previous step's tokens being taken to this step's sampling being issued,
-      // plus taking this step's tokens.
+      // plus taking this step's tokens. A multi-step round's are shared by its n steps
+      // (the profile's phases too: each is per decode step).
       const host = l.tD - l.t0 + (l.tF - l.t1) + (t4 - t3);
       this.#decodeHostMs += host;
       const idle = this.#lastTokensAt > 0 ? l.tD - this.#lastTokensAt + (t4 - t3) : -1;
       if (idle >= 0) {
         this.#decodeIdleMs += idle;
-        this.#decodeIdleSteps++;
+        this.#decodeIdleSteps += n;
       }
       if (this.#phases) {
-        const p = this.#phases;
-        p.schedule.push((l.tA - l.t0) * 1000);
-        p.buildBatch.push((l.tB - l.tA) * 1000);
-        p.prepare.push((l.tC - l.tB) * 1000);
-        p.forward.push((l.tE - l.tC) * 1000);
-        p.sampleIssue.push((l.tD - l.tE) * 1000);
-        p.outputs.push((l.tF - l.t1) * 1000);
-        p.eventLoop.push((t2 - l.tF) * 1000);
-        p.wait.push((t3 - t2) * 1000);
-        p.tokens.push((t4 - t3) * 1000);
-        p.host.push(host * 1000);
-        if (idle >= 0) p.idle.push(idle * 1000);
+        const p = this.#phases, us = 1000 / n;
+        p.schedule.push((l.tA - l.t0) * us);
+        p.buildBatch.push((l.tB - l.tA) * us);
+        p.prepare.push((l.tC - l.tB) * us);
+        p.forward.push((l.tE - l.tC) * us);
+        p.sampleIssue.push((l.tD - l.tE) * us);
+        p.outputs.push((l.tF - l.t1) * us);
+        p.eventLoop.push((t2 - l.tF) * us);
+        p.wait.push((t3 - t2) * us);
+        p.tokens.push((t4 - t3) * us);
+        p.host.push(host * us);
+        if (idle >= 0) p.idle.push(idle * us);
       }
       this.#lastTokensAt = t4;
     } else this.#lastTokensAt = 0;
@@ -717,6 +762,30 @@ export class Engine implements ServingEngine {
         if (victim === s) break;
       }
     }
+  }
+
+  /**
+   * How many decode steps this round runs: schedulerSteps when every running sequence is
+   * decoding, none is waiting (a round delays admissions by its length), each may take that
+   * many more tokens, and free KV blocks cover them (they are then reserved); else 1.
+   * All or one keeps the graphs to two per batch bucket.
+   */
+  #multiSteps(): number {
+    const n = this.schedulerSteps;
+    if (n <= 1 || !this.#backend.decodeSteps || this.#waiting.length > 0 || this.#running.length === 0) return 1;
+    let missing = 0;
+    for (let i = 0; i < this.#running.length; i++) {
+      const s = this.#running[i]!;
+      if (s.computed !== s.totalTokens - 1) return 1;
+      if (s.maxTokens - s.outputIds.length < n || this.maxModelLen - s.totalTokens < n) return 1;
+      missing += this.#blocks.missing(s.blocks, s.totalTokens + n - 1);
+    }
+    if (missing > this.#blocks.freeBlocks) return 1;
+    for (let i = 0; i < this.#running.length; i++) {
+      const s = this.#running[i]!;
+      this.#blocks.grow(s.blocks, s.totalTokens + n - 1);
+    }
+    return n;
   }
 
   /** Gives a sequence's blocks back; it is recomputed from its tokens when readmitted. */
@@ -901,6 +970,7 @@ export async function createEngine(opts: EngineOptions): Promise<Engine> {
     maxModelLen,
     maxBatchedTokens,
     blockSize,
+    ...(opts.schedulerSteps !== undefined && { schedulerSteps: opts.schedulerSteps }),
     numBlocks,
     modelId: opts.modelId ?? basename(dir),
     policy: createPolicy(opts.policy ?? "fcfs"),

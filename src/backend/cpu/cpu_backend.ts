@@ -3,8 +3,9 @@
 // except in the matmul, which dominates and is blocked (matmul.ts).
 
 import type {
-  Backend, HostTensor, KvCache, KvCacheSpec, LoraStack, PreparedStep, QuantizedTensor, SampleResult, StepBatch, Tensor,
+  Backend, HostTensor, KvCache, KvCacheSpec, LoraStack, PendingSteps, PreparedStep, QuantizedTensor, SampleResult, StepBatch, Tensor,
 } from "../backend.js";
+import { nextDecodeBatch } from "../decode_steps.js";
 import { dequantize, type QuantBits, type QuantizedWeight } from "../../quant/types.js";
 import { loraOutDims, numel, toF32, type DType, type Shape } from "../tensor.js";
 import { uniform } from "../rng.js";
@@ -297,6 +298,18 @@ export class CpuBackend implements Backend {
     const o = cpu(out).f32, xv = cpu(x).f32;
     const rows = step.batch.sampleRows;
     for (let r = 0; r < rows.length; r++) o.set(xv.subarray(rows[r]! * H, (rows[r]! + 1) * H), r * H);
+  }
+
+  /** The n steps one after another (the reference for the CUDA backend's graph of n steps). */
+  decodeSteps(n: number, _key: string, forward: (step: PreparedStep) => Tensor, step: PreparedStep, blockSize: number): PendingSteps {
+    if (!Number.isInteger(n) || n < 1) throw new Error(`decodeSteps: n must be a positive integer (got ${n})`);
+    const results: SampleResult[] = [];
+    let cur = step;
+    for (let j = 0; j < n; j++) {
+      if (j > 0) cur = this.prepare(nextDecodeBatch(cur.batch, results[j - 1]!.tokens, blockSize));
+      results.push(this.sample(forward(cur), cur));
+    }
+    return { wait: () => results };
   }
 
   sample(logits: Tensor, step: PreparedStep): SampleResult {

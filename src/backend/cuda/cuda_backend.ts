@@ -64,7 +64,7 @@
 // unusable: the backend then refuses all further work with that first error.
 
 import type {
-  Backend, HostTensor, KvCache, KvCacheSpec, LoraStack, PendingSample, PreparedStep, QuantizedTensor, SampleResult, StepBatch, Tensor,
+  Backend, HostTensor, KvCache, KvCacheSpec, LoraStack, PendingSample, PendingSteps, PreparedStep, QuantizedTensor, SampleResult, StepBatch, Tensor,
 } from "../backend.js";
 import type { QuantBits, QuantizedWeight, QuantSpec } from "../../quant/types.js";
 import { uniform } from "../rng.js";
@@ -1470,10 +1470,13 @@ export class CudaBackend implements Backend {
    * [cap], logprobs [cap], topIds [cap*K], topLogprobs [cap*K]), so that every address and
    * size is the same on every step of a graph bucket: `replaySample` captures this.
    */
-  #issueSample(lg: CudaTensor, run: StepRun, K: number): void {
+  #issueSample(lg: CudaTensor, run: StepRun, K: number, multi?: { block: number; blocks: number; advanceBlockSize: number }): void {
     if (lg.dtype !== "f32") throw new Error("sample: logits must be f32");
     const cap = lg.capRows;
-    const { out, scratch } = this.#ensureSampleBuffers(lg.cols, K, cap);
+    // Sized for every step of a multi-step call at its first (growing it later would free
+    // the buffer the earlier steps' copies went to).
+    const { out, scratch } = this.#ensureSampleBuffers(lg.cols, K, cap, multi?.blocks ?? 1);
+    const hostBlock = multi?.block ?? 0, advanceBlockSize = multi?.advanceBlockSize ?? 0;
     const base = out.ptr;
     this.#ops.sample(this.#operand(lg), run, {
       tokens: base,
@@ -1484,7 +1487,11 @@ export class CudaBackend implements Backend {
       scratch: scratch.ptr,
       scratchBytes: scratch.bytes,
     });
-    this.#d.memcpyDtoHAsyncPinned(this.#sampleHost!.addr, base, cap * (2 + 2 * K) * 4, this.#stream);
+    // Multi-step (decodeSteps): the next step's metadata from these tokens, before the copy,
+    // so that the next step's first kernel follows a copy node (kernels/step.cu says why).
+    if (advanceBlockSize > 0) this.#ops.advanceDecode(run, base, advanceBlockSize);
+    const bytes = cap * (2 + 2 * K) * 4;
+    this.#d.memcpyDtoHAsyncPinned(this.#sampleHost!.addr + BigInt(hostBlock * bytes), base, bytes, this.#stream);
   }
 
   #recordSampleEvent(): void {
@@ -1498,47 +1505,62 @@ export class CudaBackend implements Backend {
     const ticket = ++this.#sampleTicket;
     return {
       wait: (): SampleResult => {
-        if (ticket !== this.#sampleTicket) throw new Error("a pending sample was overtaken by a later one; wait() for each before sampling again");
-        try {
-          if (this.syncMode === "poll" && this.#sampleEvent !== 0n) {
-            // The event follows everything issued so far (nothing is issued before wait()).
-            while (!this.#d.eventQuery(this.#sampleEvent));
-          } else this.#d.streamSynchronize(this.#stream);
-        } catch (e) {
-          this.#note(e);
-          throw e;
-        }
-        // Everything issued is done, the staging upload included: the next prepare() need
-        // not wait on its event (one driver call less per step).
-        this.#stagingBusy = false;
-        const host = this.#sampleHost!;
-        const i32 = new Int32Array(host.buffer, 0, cap * (2 + 2 * K));
-        const f32 = new Float32Array(host.buffer, 0, cap * (2 + 2 * K));
-        const topIds = new Int32Array(m * K), topLogprobs = new Float32Array(m * K);
-        // Top entries are [cap, K] rows: the first m rows are live and contiguous.
-        if (K > 0) {
-          topIds.set(i32.subarray(2 * cap, 2 * cap + m * K));
-          topLogprobs.set(f32.subarray(2 * cap + cap * K, 2 * cap + cap * K + m * K));
-        }
-        return { tokens: i32.slice(0, m), logprobs: f32.slice(cap, cap + m), topIds, topLogprobs };
+        this.#waitSample(ticket);
+        return this.#readSample(m, K, cap, 0);
       },
     };
   }
 
-  /** Sampling outputs (device and pinned host, `rows` (default capSeqs) rows of 2 + 2*numTop words) and the sampler's scratch. */
-  #ensureSampleBuffers(vocab: number, numTop: number, rows?: number): { out: Scratch; scratch: Scratch } {
+  /** Waits for the sampling issued last (its ticket) to reach the host. */
+  #waitSample(ticket: number): void {
+    if (ticket !== this.#sampleTicket) throw new Error("a pending sample was overtaken by a later one; wait() for each before sampling again");
+    try {
+      if (this.syncMode === "poll" && this.#sampleEvent !== 0n) {
+        // The event follows everything issued so far (nothing is issued before wait()).
+        while (!this.#d.eventQuery(this.#sampleEvent));
+      } else this.#d.streamSynchronize(this.#stream);
+    } catch (e) {
+      this.#note(e);
+      throw e;
+    }
+    // Everything issued is done, the staging upload included: the next prepare() need
+    // not wait on its event (one driver call less per step).
+    this.#stagingBusy = false;
+  }
+
+  /** Step `block`'s sampling outputs in the pinned host buffer (m live rows of a `cap`-row layout). */
+  #readSample(m: number, K: number, cap: number, block: number): SampleResult {
+    const host = this.#sampleHost!;
+    const words = cap * (2 + 2 * K);
+    const i32 = new Int32Array(host.buffer, block * words * 4, words);
+    const f32 = new Float32Array(host.buffer, block * words * 4, words);
+    const topIds = new Int32Array(m * K), topLogprobs = new Float32Array(m * K);
+    // Top entries are [cap, K] rows: the first m rows are live and contiguous.
+    if (K > 0) {
+      topIds.set(i32.subarray(2 * cap, 2 * cap + m * K));
+      topLogprobs.set(f32.subarray(2 * cap + cap * K, 2 * cap + cap * K + m * K));
+    }
+    return { tokens: i32.slice(0, m), logprobs: f32.slice(cap, cap + m), topIds, topLogprobs };
+  }
+
+  /**
+   * Sampling outputs (device, and `hostBlocks` (default 1: one per step of a multi-step
+   * graph) copies in pinned host memory; `rows` (default capSeqs) rows of 2 + 2*numTop words)
+   * and the sampler's scratch.
+   */
+  #ensureSampleBuffers(vocab: number, numTop: number, rows?: number, hostBlocks = 1): { out: Scratch; scratch: Scratch } {
     const cap = Math.max(rows ?? 0, this.#layout?.capacity.seqs ?? 1);
     const bytes = cap * (2 + 2 * numTop) * 4;
     const out = this.#ensureScratch("sample", bytes);
     const scratch = this.#ensureScratch("sampler", this.#ops.sampleScratchBytes(cap, vocab));
-    if (!this.#sampleHost || bytes > this.#sampleHost.bytes) {
+    if (!this.#sampleHost || hostBlocks * bytes > this.#sampleHost.bytes) {
       if (this.#capturing) throw new Error(`the sampling host buffer would have to grow to ${bytes} bytes while capturing a CUDA graph; call reserve() first`);
       if (this.#sampleHost) {
         this.#dropGraphs(); // captured copies point at the old buffer
         this.#d.streamSynchronize(this.#stream);
         this.#d.memFreeHost(this.#sampleHost);
       }
-      this.#sampleHost = this.#d.memAllocHost(Math.max(bytes, 4096));
+      this.#sampleHost = this.#d.memAllocHost(Math.max(hostBlocks * bytes, 4096));
     }
     return { out, scratch };
   }
@@ -1611,6 +1633,63 @@ export class CudaBackend implements Backend {
     }
     this.#recordSampleEvent();
     return this.#pendingSample(p.batch.sampleRows.length, K, g.out.capRows);
+  }
+
+  /**
+   * `n` decode steps in one graph (Backend.decodeSteps): each step's forward and sampling,
+   * then (all but the last) advance_decode_step, which makes the next step's metadata from
+   * the sampled tokens on the device, then the copy of the step's outputs to its own block
+   * of the pinned host buffer. Launched when the key has a graph, else run eagerly and
+   * captured; without graphs (INLAID_GRAPHS=0, INLAID_SAMPLE_IN_GRAPH=0) issued eagerly.
+   */
+  decodeSteps(n: number, key: string, forward: (step: PreparedStep) => Tensor, step: PreparedStep, blockSize: number): PendingSteps {
+    this.#enter();
+    if (this.#capturing) throw new Error("decodeSteps() inside a capture");
+    if (!Number.isInteger(n) || n < 1) throw new Error(`decodeSteps: n must be a positive integer (got ${n})`);
+    const p = this.#prep(step);
+    const b = p.batch, m = b.sampleRows.length;
+    if (b.numTokens !== b.numSeqs || m !== b.numSeqs || p.run.hasPrefill) {
+      throw new Error("decodeSteps: the step is not decode-only (one token per sequence, each sampled)");
+    }
+    if (this.#kvBlockSize !== 0 && blockSize !== this.#kvBlockSize) {
+      throw new Error(`decodeSteps: block size ${blockSize} differs from the KV cache's ${this.#kvBlockSize}`);
+    }
+    const K = b.sampling.numTopLogprobs, run = p.run;
+    const issue = (): CudaTensor => {
+      let out: CudaTensor | null = null;
+      for (let j = 0; j < n; j++) {
+        out = this.#t(forward(p));
+        this.#issueSample(out, run, K, { block: j, blocks: n, advanceBlockSize: j < n - 1 ? blockSize : 0 });
+      }
+      return out!;
+    };
+    let cap: number;
+    try {
+      if (!this.#graphsEnabled || !this.#sampleInGraph) {
+        cap = issue().capRows;
+      } else {
+        const k = `${this.#graphKey(key, p)}|k${K}|sampled|x${n}`;
+        let g = this.#graphs.get(k);
+        if (g) this.#launchGraph(g);
+        else {
+          const eager = issue();
+          g = this.#capture(issue, eager);
+          this.#graphs.set(k, g);
+        }
+        cap = g.out.capRows;
+      }
+      this.#recordSampleEvent();
+    } catch (e) {
+      this.#note(e);
+      throw e;
+    }
+    const ticket = ++this.#sampleTicket;
+    return {
+      wait: (): readonly SampleResult[] => {
+        this.#waitSample(ticket);
+        return Array.from({ length: n }, (_, j) => this.#readSample(m, K, cap, j));
+      },
+    };
   }
 
   /**

@@ -144,6 +144,9 @@ export interface DeviceOps {
   sample(logits: Operand, run: StepRun, out: SampleOutputs): void;
   /** Device scratch `sample` needs for `rows` x `vocab` logits (allocated once, outside graphs). */
   sampleScratchBytes(rows: number, vocab: number): number;
+  /** The step's metadata becomes the next decode step's, each sequence fed the token at
+   * sampled[i] (i32; decode_steps.ts nextDecodeBatch). Decode-only steps. */
+  advanceDecode(run: StepRun, sampled: bigint, blockSize: number): void;
   /**
    * Optional: t[i] = std * sqrt(3) * (2 * uniform(seed, i) - 1) over all elements
    * (rng.ts's hash), on the device. Without it the backend fills on the host and uploads.
@@ -171,5 +174,6 @@ export function unavailableOps(reason: string): DeviceOps {
     gatherRows: fail("gatherRows"),
     sample: fail("sample"),
     sampleScratchBytes: () => 0,
+    advanceDecode: fail("advanceDecode"),
   };
 }

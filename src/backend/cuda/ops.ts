@@ -44,7 +44,7 @@ import { quantKernelNames } from "./quant_ops.js";
 // ------------------------------------------------------------------ files and names
 
 // gptq.cu is launched by gptq_ops.ts (the GPTQ solver, quant/gpu_gptq_cuda.ts), not by CudaOps.
-const FILES = ["activation.cu", "attention.cu", "embedding.cu", "gptq.cu", "lora.cu", "norm.cu", "quant_gemm.cu", "rope.cu", "sample.cu", "utility.cu"] as const;
+const FILES = ["activation.cu", "attention.cu", "embedding.cu", "gptq.cu", "lora.cu", "norm.cu", "quant_gemm.cu", "rope.cu", "sample.cu", "step.cu", "utility.cu"] as const;
 
 /** The kernels folder: beside this module in the source tree; from dist/, the source tree's. */
 function kernelsFolder(): string {
@@ -148,7 +148,7 @@ export function kernelNames(): string[] {
     "embedding_bf16_f32", "gather_rows_bf16", "rmsnorm_f32_bf16", "add_rmsnorm_f32_bf16", "rope_qkv_f32", "silu_mul_f32_bf16",
     "kv_cache_write_f32", ...attn,
     "lora_bgmv_fused", "lora_bgmv_shrink", "lora_bgmv_expand", "lora_bgmv_expand_slots", "lora_sgmv_shrink_r16", "lora_sgmv_shrink_r32", "lora_sgmv_shrink_r64", "lora_sgmv_expand",
-    "sample_rows",
+    "sample_rows", "advance_decode_step",
     "convert_f32_to_bf16", "convert_bf16_to_f32", "convert_f16_to_bf16", "convert_f16_to_f32", "fill_u32", "fill_u16",
     "fill_random_bf16", "fill_random_f32",
     ...quantKernelNames(), // launched by quant_ops.ts (CudaBackend.linearQuantized)
@@ -571,6 +571,20 @@ export class CudaOps implements DeviceOps {
 
   sampleScratchBytes(_rows: number, _vocab: number): number {
     return 0; // the sampler works in shared memory
+  }
+
+  /** The next decode step's metadata from this one's and the sampled tokens (kernels/step.cu). */
+  advanceDecode(run: StepRun, sampled: DevicePtr, blockSize: number): void {
+    const op = "advanceDecode";
+    need(Number.isInteger(blockSize) && blockSize >= 1, op, "block size", `block size must be a positive integer (got ${blockSize})`);
+    need(run.hasPrefill !== true, op, "decode-only", "the step has prefill rows; only decode-only steps advance on the device");
+    const st = run.step;
+    // Decode steps keep their token rows in the compact regions (step_layout.ts) when the
+    // layout has them; StepRun.step already points there.
+    this.#launch("advance_decode_step", [cdiv(run.padSeqs, 256), 1, 1], [threadsFor(run.padSeqs, 256), 1, 1], 0, [
+      ptr(st.tokenIds), ptr(st.positions), ptr(st.slotMapping), ptr(st.contextLens), ptr(st.counters),
+      ptr(st.blockTables), ptr(st.counts), ptr(sampled), i32(run.padSeqs), i32(st.blocksPerSeq), i32(blockSize),
+    ]);
   }
 
   /** t[i] = f32(std * sqrt(3) * (2 * uniform(seed, i) - 1)) (then bf16 for bf16 tensors), as the CPU's fillRandom. */
