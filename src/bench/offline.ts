@@ -289,8 +289,11 @@ export async function runOfflineBench(opts: OfflineBenchOptions, progress: Progr
     ...(opts.schedulerSteps !== undefined && { schedulerSteps: opts.schedulerSteps }),
     onProgress: (m) => progress.note(m),
   });
-  // The warm-up must also run a multi-step round twice (capture, then replay).
-  const warmupGen = Math.min(G, Math.max(WARMUP_GEN, 2 * engine.schedulerSteps + 1));
+  // With multi-step rounds of n the warm-up runs two rounds (capture, replay) and then two
+  // single steps (the timed run's tail, when G - 1 is not a multiple of n): a graph captured
+  // in the timed run would count its capture as host time.
+  const n = engine.schedulerSteps;
+  const warmupGen = Math.min(G, n > 1 ? Math.max(WARMUP_GEN, 2 * n + 3) : WARMUP_GEN);
 
   let timed: RunTimes;
   let hostPhases: ReturnType<typeof engine.hostPhases> = null;

@@ -17,7 +17,8 @@
 // Runs only on the GPU machine (`npm run test:gpu`); skips with the reason elsewhere.
 
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import type { Backend, KvCache, LoraStack, SamplingBatch, StepBatch, Tensor } from "../../src/backend/backend.js";
+import type { Backend, KvCache, LoraStack, SampleResult, SamplingBatch, StepBatch, Tensor } from "../../src/backend/backend.js";
+import { nextDecodeBatch } from "../../src/backend/decode_steps.js";
 import { CpuBackend } from "../../src/backend/cpu/cpu_backend.js";
 import { CudaBackend } from "../../src/backend/cuda/cuda_backend.js";
 import { bf16ToF32, f32ToBf16 } from "../../src/backend/tensor.js";
@@ -859,6 +860,62 @@ if (reason !== null) {
       }
       // One graph for the four decode steps (none when INLAID_CUDA_GRAPHS=0 runs them eagerly).
       expect(cuda.graphCount).toBe(before + (process.env.INLAID_CUDA_GRAPHS === "0" ? 0 : 1));
+    });
+
+    it("decodeSteps: n steps from one call (advance_decode_step between them) equal the steps the host builds with nextDecodeBatch", () => {
+      const nH = 4, D = 64, H = nH * D, V = 512, cap = 1024, bs = 16, n = 4;
+      // Contexts that cross a block boundary within the n steps (14 + 4 > 16, 31 + 4 > 32).
+      const prompt = [14, 31, 5, 9, 16, 3, 22, 40, 12, 7, 27, 1];
+      const pg = paging(prompt.map((p) => p + 2 * n + 1), bs, 321);
+      const inv = Float32Array.from({ length: D / 2 }, (_, i) => 1 / 1e4 ** ((2 * i) / D));
+      const be = b.gpu;
+      const up = (shape: number[], data: Float32Array, dtype: "bf16" | "f32") => be.upload({ shape, dtype: "f32", data }, dtype);
+      const stack = be.createLoraStack(2, 16, H, [H, H, H]);
+      for (let j = 0; j < 3; j++) be.writeLoraSlot(stack, 0, 16, 2, bf16Values(16 * H, 70 + j, 0.05), bf16Values(H * 16, 80 + j, 0.05), j);
+      const e = (cols: number, dtype: "bf16" | "f32", rows = cap) => be.empty([rows, cols], dtype);
+      const t: Mini = {
+        table: up([V, H], bf16Values(V * H, 11), "bf16"), w1: up([H], bf16Values(H, 12, 1.5), "bf16"),
+        w2: up([H], bf16Values(H, 13, 1.5), "bf16"), wqkv: up([3 * H, H], bf16Values(3 * H * H, 14, 0.1), "bf16"),
+        wgu: up([2 * H, H], bf16Values(2 * H * H, 15, 0.1), "bf16"), wo: up([H, H], bf16Values(H * H, 16, 0.1), "bf16"),
+        bqkv: up([3 * H], f32Values(3 * H, 17, 0.5), "f32"), invFreq: up([D / 2], inv, "f32"),
+        kv: be.createKvCache({ numLayers: 1, numBlocks: pg.numBlocks, blockSize: bs, numKvHeads: nH, headDim: D }),
+        stack, res: e(H, "f32"), normed: e(H, "bf16"), qkv: e(3 * H, "f32"), qx: e(H, "f32"), kx: e(H, "f32"), vx: e(H, "f32"),
+        att: e(H, "bf16"), hid: e(H, "f32"), gu: e(2 * H, "f32"), act: e(H, "bf16"), last: e(H, "bf16", 64), logits: e(V, "f32", 64),
+      };
+      const slotOf = (i: number) => (i % 3 === 1 ? -1 : 0);
+      const forward = (ps: ReturnType<Backend["prepare"]>) => miniForward(be, t, ps, D);
+      // The prompts, eagerly (their KV is what the decode steps attend to).
+      const pre = be.prepare(makeStep(prompt.map((p, i) => ({ q: p, ctx: p, slot: slotOf(i) })), pg));
+      be.sample(forward(pre), pre);
+      const m = prompt.length;
+      // Seeded draws (the counters must advance), greedy rows, and top logprobs.
+      const sampling: SamplingBatch = {
+        temperature: Float32Array.from({ length: m }, (_, i) => (i % 4 === 0 ? 0 : 0.9)), topP: new Float32Array(m).fill(0.95),
+        topK: new Int32Array(m).fill(50), seeds: Uint32Array.from({ length: m }, (_, i) => 1000 + i),
+        counters: Uint32Array.from({ length: m }, (_, i) => 3 + i), numTopLogprobs: 3,
+      };
+      const first = makeStep(prompt.map((p, i) => ({ q: 1, ctx: p + 1, slot: slotOf(i) })), pg, sampling, 99);
+      // The host's steps: one at a time, each built from the last one's tokens by nextDecodeBatch.
+      const want: SampleResult[] = [];
+      let s = first;
+      for (let j = 0; j < n; j++) {
+        if (j > 0) s = nextDecodeBatch(s, want[j - 1]!.tokens, bs);
+        const ps = be.prepare(s);
+        want.push(be.sample(forward(ps), ps));
+      }
+      // The same n steps from one call, three times: eager (and captured), then replayed twice.
+      for (const round of [0, 1, 2]) {
+        const got = be.decodeSteps!(n, "ops-mini-steps", forward, be.prepare(first), bs).wait();
+        expect(got.length).toBe(n);
+        for (let j = 0; j < n; j++) {
+          const label = `round ${round} step ${j}`;
+          expect(Array.from(got[j]!.tokens), `${label} tokens`).toEqual(Array.from(want[j]!.tokens));
+          expectClose(`${label} logprobs`, got[j]!.logprobs, want[j]!.logprobs, 1e-4, 0);
+          expect(Array.from(got[j]!.topIds), `${label} top ids`).toEqual(Array.from(want[j]!.topIds));
+        }
+      }
+      be.freeKvCache(t.kv);
+      be.freeLoraStack(stack);
     });
 
     it("timing: BGMV LoRA on decode shapes (32 rows, one adapter each, rank 16), replayed graphs", () => {
