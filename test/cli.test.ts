@@ -19,7 +19,7 @@ describe("inlaid CLI", () => {
   });
 
   const flags: Record<string, string[]> = {
-    serve: ["--model", "--demo", "--adapter", "--host", "--port", "--device", "--api-key", "--max-batch", "--policy", "--max-model-len"],
+    serve: ["--model", "--demo", "--adapter", "--host", "--port", "--device", "--api-key", "--max-batch", "--policy", "--max-model-len", "--num-scheduler-steps"],
     generate: ["--model", "--adapter", "--prompt", "--max-tokens", "--temperature", "--top-p", "--top-k", "--seed", "--device"],
     eval: ["--model", "--adapter", "--data", "--limit", "--json", "--max-tokens", "--device", "--max-batch"],
   };
@@ -41,13 +41,14 @@ describe("inlaid CLI", () => {
   });
 
   it("usage errors exit 2 with a clear message", async () => {
-    const [badAdapter, unknownFlag, unknownCmd, badNumber, noModel, nothing] = await Promise.all([
+    const [badAdapter, unknownFlag, unknownCmd, badNumber, noModel, nothing, badSteps] = await Promise.all([
       inlaid("generate", "--model", DEMO_BASE, "--prompt", "x", "--adapter", "x"),
       inlaid("eval", "--model", DEMO_BASE, "--adapter", reverse, "--data", "x.jsonl", "--bogus"),
       inlaid("frobnicate"),
       inlaid("serve", "--demo", "--port", "http"),
       inlaid("serve"),
       inlaid(),
+      inlaid("serve", "--demo", "--num-scheduler-steps", "0"),
     ]);
     expect(badAdapter.code).toBe(2);
     expect(badAdapter.stderr).toContain("--adapter expects NAME=DIR, got 'x'");
@@ -61,6 +62,8 @@ describe("inlaid CLI", () => {
     expect(noModel.stderr).toContain("--model");
     expect(nothing.code).toBe(2);
     expect(nothing.stderr).toContain("Usage: inlaid");
+    expect(badSteps.code).toBe(2);
+    expect(badSteps.stderr).toContain("--num-scheduler-steps expects an integer in [1, 64], got '0'");
   });
 
   it("a missing model folder is a one-line error with exit code 1", async () => {
