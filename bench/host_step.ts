@@ -15,8 +15,11 @@
 //
 //   npx tsx bench/host_step.ts [--config DIR] [--batch 32] [--prompt-len 128] [--gen 128]
 //                              [--adapters 8] [--rounds 20] [--warmup-rounds 5] [--evict-kib 0]
-//                              [--compact 0|1]
+//                              [--compact 0|1] [--steps N]
 //
+// --steps N runs N decode steps per scheduling round (EngineOptions.schedulerSteps; the
+// stand-in's decodeSteps returns N results at once): the engine's host work per decode step
+// is then a round's share. Allocation figures are per prepare() call (per round).
 // --compact 1 packs with step_layout's compact layout (decode steps' token rows in
 // seqs-sized regions; a smaller upload), which CudaBackend does not use yet.
 // --evict-kib N walks N KiB of unrelated memory while each step "computes" (in the wait
@@ -32,7 +35,7 @@
 import { PerformanceObserver, constants as perfConstants } from "node:perf_hooks";
 import { resolve } from "node:path";
 import { getHeapStatistics } from "node:v8";
-import type { Backend, KvCache, KvCacheSpec, PendingSample, PreparedStep, SampleResult, StepBatch, Tensor } from "../src/backend/backend.js";
+import type { Backend, KvCache, KvCacheSpec, PendingSample, PendingSteps, PreparedStep, SampleResult, StepBatch, Tensor } from "../src/backend/backend.js";
 import { capacityShortfall, packStep, stagingViews, stepLayout, type StagingViews, type StepLayout } from "../src/backend/cuda/step_layout.js";
 import { Engine } from "../src/engine/engine.js";
 import type { GenerateRequest } from "../src/engine/types.js";
@@ -53,10 +56,11 @@ interface Options {
   warmupRounds: number;
   evictKib: number;
   compact: boolean;
+  steps: number;
 }
 
 function parseArgs(argv: string[]): Options {
-  const o: Options = { config: "bench/configs/llama-2-7b", batch: 32, promptLen: 128, gen: 128, adapters: 8, rounds: 20, warmupRounds: 5, evictKib: 0, compact: false };
+  const o: Options = { config: "bench/configs/llama-2-7b", batch: 32, promptLen: 128, gen: 128, adapters: 8, rounds: 20, warmupRounds: 5, evictKib: 0, compact: false, steps: 1 };
   for (let i = 0; i < argv.length; i += 2) {
     const k = argv[i]!, v = argv[i + 1];
     if (v === undefined) throw new Error(`${k} needs a value`);
@@ -71,6 +75,7 @@ function parseArgs(argv: string[]): Options {
       case "--warmup-rounds": o.warmupRounds = n; break;
       case "--evict-kib": o.evictKib = n; break;
       case "--compact": o.compact = n === 1; break;
+      case "--steps": o.steps = n; break;
       default: throw new Error(`unknown option ${k}`);
     }
   }
@@ -158,6 +163,28 @@ class HostOnlyBackend {
     return this.sampleAsync(logits, step).wait();
   }
 
+  /** n steps' pseudo-random tokens at once (Backend.decodeSteps), the caches walked once. */
+  decodeSteps(n: number, _key: string, _forward: unknown, step: PreparedStep): PendingSteps {
+    const m = step.batch.sampleRows.length;
+    const results: SampleResult[] = [];
+    let x = this.#rng;
+    for (let j = 0; j < n; j++) {
+      const tokens = new Int32Array(m);
+      for (let r = 0; r < m; r++) {
+        x = (Math.imul(x, 1103515245) + 12345) >>> 0;
+        tokens[r] = x % this.vocab;
+      }
+      results.push({ tokens, logprobs: new Float32Array(m), topIds: new Int32Array(0), topLogprobs: new Float32Array(0) });
+    }
+    this.#rng = x;
+    return {
+      wait: () => {
+        this.#pending.wait();
+        return results;
+      },
+    };
+  }
+
   createKvCache(spec: KvCacheSpec): KvCache {
     return { spec };
   }
@@ -186,6 +213,7 @@ function makeEngine(o: Options, config: ModelConfig, tokenizer: TextTokenizer, p
     {
       maxBatch: o.batch, maxWaiting: 4096, maxModelLen: maxLen, maxBatchedTokens, blockSize,
       numBlocks: o.batch * (Math.ceil((maxLen + 1) / blockSize) + 1) + 1, modelId: "bench", policy: createPolicy("fcfs"),
+      schedulerSteps: o.steps,
     },
   );
   if (prev === undefined) delete process.env.INLAID_PROFILE_STEPS;
@@ -269,7 +297,7 @@ async function main(): Promise<void> {
   console.log(JSON.stringify({
     bench: "host_step (engine + packStep JS host work on the CPU; no device, no FFI)",
     node: process.version,
-    workload: { config: o.config, batch: o.batch, prompt_len: o.promptLen, gen: o.gen, adapters: o.adapters, rounds: o.rounds, warmup_rounds: o.warmupRounds, evict_kib: o.evictKib, compact_layout: o.compact },
+    workload: { config: o.config, batch: o.batch, prompt_len: o.promptLen, gen: o.gen, adapters: o.adapters, rounds: o.rounds, warmup_rounds: o.warmupRounds, evict_kib: o.evictKib, compact_layout: o.compact, scheduler_steps: o.steps },
     decode_steps: s1.decodeSteps - s0.decodeSteps,
     phases_us: {
       schedule: us("schedule"),
