@@ -1640,7 +1640,7 @@ export class CudaBackend implements Backend {
    * then (all but the last) advance_decode_step, which makes the next step's metadata from
    * the sampled tokens on the device, then the copy of the step's outputs to its own block
    * of the pinned host buffer. Launched when the key has a graph, else run eagerly and
-   * captured; without graphs (INLAID_GRAPHS=0, INLAID_SAMPLE_IN_GRAPH=0) issued eagerly.
+   * captured; without graphs (INLAID_CUDA_GRAPHS=0, INLAID_SAMPLE_IN_GRAPH=0) issued eagerly.
    */
   decodeSteps(n: number, key: string, forward: (step: PreparedStep) => Tensor, step: PreparedStep, blockSize: number): PendingSteps {
     this.#enter();
