@@ -67,6 +67,7 @@ import type {
   Backend, HostTensor, KvCache, KvCacheSpec, LoraStack, PendingSample, PendingSteps, PreparedStep, QuantizedTensor, SampleResult, StepBatch, Tensor,
 } from "../backend.js";
 import type { QuantBits, QuantizedWeight, QuantSpec } from "../../quant/types.js";
+import { isDecodeOnly } from "../decode_steps.js";
 import { uniform } from "../rng.js";
 import { quietly } from "./ffi/errors.js";
 import { bf16ToF32, f16ToF32, f32ToBf16, loraOutDims, numel, toF32, type DType, type Shape } from "../tensor.js";
@@ -1554,7 +1555,7 @@ export class CudaBackend implements Backend {
     const out = this.#ensureScratch("sample", bytes);
     const scratch = this.#ensureScratch("sampler", this.#ops.sampleScratchBytes(cap, vocab));
     if (!this.#sampleHost || hostBlocks * bytes > this.#sampleHost.bytes) {
-      if (this.#capturing) throw new Error(`the sampling host buffer would have to grow to ${bytes} bytes while capturing a CUDA graph; call reserve() first`);
+      if (this.#capturing) throw new Error(`the sampling host buffer would have to grow to ${hostBlocks * bytes} bytes while capturing a CUDA graph; call reserve() first`);
       if (this.#sampleHost) {
         this.#dropGraphs(); // captured copies point at the old buffer
         this.#d.streamSynchronize(this.#stream);
@@ -1648,9 +1649,8 @@ export class CudaBackend implements Backend {
     if (!Number.isInteger(n) || n < 1) throw new Error(`decodeSteps: n must be a positive integer (got ${n})`);
     const p = this.#prep(step);
     const b = p.batch, m = b.sampleRows.length;
-    if (b.numTokens !== b.numSeqs || m !== b.numSeqs || p.run.hasPrefill) {
-      throw new Error("decodeSteps: the step is not decode-only (one token per sequence, each sampled)");
-    }
+    // advance_decode_step takes token row i as sequence i's, sampled as row i.
+    if (!isDecodeOnly(b)) throw new Error("decodeSteps: the step is not decode-only (one token per sequence, row i sampled as i)");
     if (this.#kvBlockSize !== 0 && blockSize !== this.#kvBlockSize) {
       throw new Error(`decodeSteps: block size ${blockSize} differs from the KV cache's ${this.#kvBlockSize}`);
     }
